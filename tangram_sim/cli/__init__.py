@@ -1,0 +1,68 @@
+"""`tangram-sim` command line.
+
+Each subcommand group lives in its own module `tangram_sim/cli/<group>_cmd.py` exposing
+`add_parser(subparsers)`, which adds the group's parser and sets `func(args) -> int | None` on every
+leaf parser via `set_defaults(func=...)`. Modules are discovered by name, so adding a group needs no
+edit here; keep heavy imports (torch, simpy, matplotlib) inside the command functions so that
+`--help` and the other groups stay fast and work without optional dependencies.
+
+User mistakes raise `TangramError`; `main` prints them as `error: <message>` and returns 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+
+from tangram_sim import __version__
+from tangram_sim.errors import TangramError
+
+# Groups listed first in `--help`, in this order; any other discovered `*_cmd` module follows.
+_PREFERRED_ORDER = ("run", "models", "trace", "plot", "real")
+
+
+def _command_modules() -> list[str]:
+    found = [m.name for m in pkgutil.iter_modules(__path__) if m.name.endswith("_cmd")]
+    rank = {f"{g}_cmd": i for i, g in enumerate(_PREFERRED_ORDER)}
+    return sorted(found, key=lambda name: (rank.get(name, len(rank)), name))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tangram-sim",
+        description="Simulate and measure serverless LLM cold starts with GPU memory reuse (Tangram).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name in _command_modules():
+        module = importlib.import_module(f"{__name__}.{name}")
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the process exit status instead of raising."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help/--version (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        result = func(args)
+    except TangramError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head`: stop quietly, as other CLI tools do
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+    return 0 if result is None else int(result)

@@ -1,0 +1,252 @@
+"""Retention scoring: which resident reuse units are worth keeping in idle GPU memory.
+
+Every policy answers one question, `value(region, now)`: how much is it worth to keep this unit
+resident? Eviction takes candidates in ascending value (ties by region offset, so runs are
+reproducible). Policies only keep their own small bookkeeping (access counts, times); they never touch
+the arena. The simulator calls `record_access` once per request and `value` once per candidate, so both
+are O(units of the request) and O(owners of the unit) respectively.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import ClassVar
+
+from tangram_sim.arena.arena import Key, Region
+from tangram_sim.errors import ConfigError
+from tangram_sim.registry import Registry
+
+__all__ = [
+    "RETENTION",
+    "BeladyRetention",
+    "DecayedFrequencyRetention",
+    "GdsfRetention",
+    "LfuRetention",
+    "LruRetention",
+    "NoRetention",
+    "RetentionPolicy",
+    "TangramRetention",
+]
+
+
+class RetentionPolicy:
+    """The one contract every retention policy honours (see the module docstring)."""
+
+    retains: ClassVar[bool] = True  # False: weights are discarded when an instance's keep-alive ends
+
+    def record_access(self, model: str, unit_keys: Sequence[Key], now: float) -> None:
+        """A request for `model`, whose weights are these reuse units, arrived at `now`."""
+
+    def on_evict(self, key: Key, now: float) -> None:
+        """The unit `key` was evicted at `now` (GDSF inflates its clock here)."""
+
+    def value(self, region: Region, now: float) -> float:
+        """Worth of keeping this resident unit at `now`; higher means keep longer."""
+        raise NotImplementedError
+
+    def eviction_order(self, candidates: Iterable[Region], now: float) -> list[Key]:
+        """Keys of `candidates` in ascending value; ties by offset, then input order (stable sort)."""
+        value = self.value
+        scored = [(value(r, now), r.offset, i, r) for i, r in enumerate(candidates)]
+        scored.sort(key=lambda t: (t[0], t[1], t[2]))  # never compares regions or keys
+        return [t[3].key for t in scored]
+
+
+def _positive(name: str, x: float) -> float:
+    if not (isinstance(x, int | float) and x > 0 and math.isfinite(x)):
+        raise ConfigError(f"retention parameter {name} must be a positive number, got {x!r}")
+    return float(x)
+
+
+def _sensitivity(sensitivity: Mapping[str, float] | None) -> dict[str, float]:
+    out = dict(sensitivity or {})
+    for model, s in out.items():
+        if not (isinstance(s, int | float) and s >= 0 and math.isfinite(s)):
+            raise ConfigError(f"retention sensitivity of {model!r} must be a number >= 0, got {s!r}")
+    return out
+
+
+RETENTION = Registry[RetentionPolicy]("retention policy")
+
+
+@RETENTION.register("tangram")
+class TangramRetention(RetentionPolicy):
+    """Tangram's rule: reload cost (size / PCIe bandwidth) weighted by how often its models are used.
+
+    value = size / host_to_gpu_bps * sum over owner models m of access_share(m) * sensitivity(m), with
+    all-time counts (no decay), so a unit shared by several models is worth the sum of their shares.
+    """
+
+    def __init__(self, host_to_gpu_bps: float = 25e9, sensitivity: Mapping[str, float] | None = None) -> None:
+        self.host_to_gpu_bps = _positive("host_to_gpu_bps", host_to_gpu_bps)
+        self.sensitivity = _sensitivity(sensitivity)  # model -> weight (default 1)
+        self.counts: dict[str, int] = {}  # model -> requests seen
+        self.total = 0  # requests seen, all models
+
+    def record_access(self, model: str, unit_keys: Sequence[Key], now: float) -> None:
+        self.counts[model] = self.counts.get(model, 0) + 1
+        self.total += 1
+
+    def access_share(self, model: str) -> float:
+        return self.counts.get(model, 0) / self.total if self.total else 0.0
+
+    def value(self, region: Region, now: float) -> float:
+        if not self.total:
+            return 0.0
+        counts, sens = self.counts, self.sensitivity
+        weight = sum(counts.get(m, 0) * sens.get(m, 1.0) for m in region.owners)
+        return region.size / self.host_to_gpu_bps * weight / self.total
+
+
+@RETENTION.register("decayed-frequency")
+class DecayedFrequencyRetention(TangramRetention):
+    """The Tangram rule with exponentially decayed counts, so a model that went quiet loses its share.
+
+    Counts are stored as (value at time t); reading them at `now` multiplies by 2 ** (-(now - t) / half
+    life). Model counts and the total decay alike, so only the share changes with recent traffic.
+    """
+
+    def __init__(
+        self,
+        host_to_gpu_bps: float = 25e9,
+        sensitivity: Mapping[str, float] | None = None,
+        half_life_s: float = 600.0,
+    ) -> None:
+        super().__init__(host_to_gpu_bps, sensitivity)
+        self.half_life_s = _positive("half_life_s", half_life_s)
+        self.decayed: dict[str, tuple[float, float]] = {}  # model -> (count, time it was valid at)
+        self.decayed_total = (0.0, 0.0)  # (count of all models, time it was valid at)
+
+    def _at(self, entry: tuple[float, float], now: float) -> float:
+        count, t = entry
+        return count * 2.0 ** (-(now - t) / self.half_life_s) if count else 0.0
+
+    def record_access(self, model: str, unit_keys: Sequence[Key], now: float) -> None:
+        super().record_access(model, unit_keys, now)
+        self.decayed[model] = (self._at(self.decayed.get(model, (0.0, now)), now) + 1.0, now)
+        self.decayed_total = (self._at(self.decayed_total, now) + 1.0, now)
+
+    def access_share(self, model: str, now: float | None = None) -> float:
+        if now is None:
+            now = self.decayed_total[1]
+        total = self._at(self.decayed_total, now)
+        entry = self.decayed.get(model)
+        return self._at(entry, now) / total if entry is not None and total > 0 else 0.0
+
+    def value(self, region: Region, now: float) -> float:
+        total = self._at(self.decayed_total, now)
+        if total <= 0.0:  # nothing seen yet, or everything decayed below float range
+            return 0.0
+        decayed, sens = self.decayed, self.sensitivity
+        weight = sum(self._at(decayed[m], now) * sens.get(m, 1.0) for m in region.owners if m in decayed)
+        return region.size / self.host_to_gpu_bps * weight / total
+
+
+@RETENTION.register("lru")
+class LruRetention(RetentionPolicy):
+    """Least recently used: a unit is as recent as the last request of any model that uses it."""
+
+    def __init__(self) -> None:
+        self.last: dict[Key, float] = {}  # unit key -> time of its last access
+
+    def record_access(self, model: str, unit_keys: Sequence[Key], now: float) -> None:
+        last = self.last
+        for key in unit_keys:
+            last[key] = now
+
+    def value(self, region: Region, now: float) -> float:
+        return self.last.get(region.key, -math.inf)
+
+
+@RETENTION.register("lfu")
+class LfuRetention(RetentionPolicy):
+    """Least frequently used, all-time counts per unit (a shared unit counts every owner's requests)."""
+
+    def __init__(self) -> None:
+        self.count: dict[Key, int] = {}  # unit key -> accesses
+
+    def record_access(self, model: str, unit_keys: Sequence[Key], now: float) -> None:
+        count = self.count
+        for key in unit_keys:
+            count[key] = count.get(key, 0) + 1
+
+    def value(self, region: Region, now: float) -> float:
+        return float(self.count.get(region.key, 0))
+
+
+@RETENTION.register("gdsf")
+class GdsfRetention(RetentionPolicy):
+    """GreedyDual-Size-Frequency: H = L + freq * cost / size, cost = 1, L = H of the last eviction.
+
+    L makes old, once-popular units age out: every eviction raises the floor that fresh accesses start
+    from. The size is only known to `value`, so H is computed there from the L snapshot taken at the
+    unit's last access; the last H computed for a unit is what `on_evict` inflates L to. Evicted units
+    forget their frequency, as in the original algorithm.
+    """
+
+    def __init__(self) -> None:
+        self.clock = 0.0  # L, the inflation value
+        self.freq: dict[Key, int] = {}  # unit key -> accesses since it was last evicted
+        self.base: dict[Key, float] = {}  # unit key -> L at its last access
+        self.last_h: dict[Key, float] = {}  # unit key -> H computed by the latest `value` call
+
+    def record_access(self, model: str, unit_keys: Sequence[Key], now: float) -> None:
+        freq, base, clock = self.freq, self.base, self.clock
+        for key in unit_keys:
+            freq[key] = freq.get(key, 0) + 1
+            base[key] = clock
+
+    def value(self, region: Region, now: float) -> float:
+        key = region.key
+        h = self.base.get(key, self.clock) + self.freq.get(key, 0) / region.size
+        self.last_h[key] = h
+        return h
+
+    def on_evict(self, key: Key, now: float) -> None:
+        h = self.last_h.pop(key, None)
+        if h is None:  # evicted without being scored: it had at least the floor value
+            h = self.base.get(key, self.clock)
+        self.clock = max(self.clock, h)
+        self.freq.pop(key, None)
+        self.base.pop(key, None)
+
+
+@RETENTION.register("belady")
+class BeladyRetention(RetentionPolicy):
+    """Offline oracle (simulation only): evict the unit whose next use is farthest in the future.
+
+    value = -(earliest next arrival after `now` of any owner model); -inf when never used again.
+    A cursor per model caches the answer, so scoring many candidates at one `now` is O(1) per owner;
+    only a new `now` costs one bisect per model.
+    """
+
+    def __init__(self, future: Mapping[str, Sequence[float]]) -> None:
+        self.future: dict[str, list[float]] = {m: sorted(ts) for m, ts in future.items()}
+        self._cursor: dict[str, int] = {}  # model -> index of its first arrival > last `now` asked
+
+    def next_access(self, model: str, now: float) -> float:
+        """First arrival of `model` strictly after `now` (inf when none)."""
+        times = self.future.get(model)
+        if not times:
+            return math.inf
+        i = self._cursor.get(model, 0)
+        if (i > 0 and times[i - 1] > now) or (i < len(times) and times[i] <= now):
+            i = bisect.bisect_right(times, now)  # time moved past the cursor (or went backwards)
+        self._cursor[model] = i
+        return times[i] if i < len(times) else math.inf
+
+    def value(self, region: Region, now: float) -> float:
+        nxt = min((self.next_access(m, now) for m in region.owners), default=math.inf)
+        return -nxt
+
+
+@RETENTION.register("none")
+class NoRetention(RetentionPolicy):
+    """ServerlessLLM's behaviour: nothing is retained, weights go when the keep-alive ends."""
+
+    retains: ClassVar[bool] = False
+
+    def value(self, region: Region, now: float) -> float:
+        return 0.0

@@ -1,0 +1,162 @@
+"""Placement: which GPU(s) start an instance for a request.
+
+The driver (simulator or real executor) describes every feasible placement as a `PlacementOption`
+(estimates only, no live objects) and the scheduler returns the index of the one to use. Keeping the
+inputs plain data lets the same scheduler run in simulation and on hardware and makes it testable
+with hand-made options. Ties are always broken by most free bytes, then lowest index, so runs repeat.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from tangram_sim.registry import Registry
+
+__all__ = [
+    "SCHEDULER",
+    "AffinityScheduler",
+    "LeastLoadedScheduler",
+    "PlacementOption",
+    "RandomScheduler",
+    "RoundRobinScheduler",
+    "Scheduler",
+    "StorageAwareScheduler",
+    "TtftAwareScheduler",
+    "estimated_load_s",
+    "missing_bytes",
+]
+
+
+@dataclass(slots=True, frozen=True)
+class PlacementOption:
+    """One feasible placement of an instance, with the driver's estimates for it."""
+
+    gpus: tuple[int, ...]  # the GPU(s) that would run the instance: N for tensor parallel
+    node: int  # server that holds those GPUs
+    queue_wait_s: float  # estimated seconds until these GPUs can start it
+    free_bytes: int  # free arena bytes on these GPUs (summed)
+    resident_bytes: int  # bytes of this model already resident on these GPUs
+    model_bytes: int  # bytes the model needs on these GPUs
+    in_host_cache: bool  # the node's DRAM holds the checkpoint
+    host_to_gpu_bps: float  # host -> GPU bandwidth (PCIe), bytes/s
+    storage_bps: float  # read bandwidth of where the checkpoint is when not in DRAM, bytes/s
+    prefill_s: float  # estimated prefill time of the request on these GPUs
+    load_overhead_s: float = 0.0  # fixed engine/instance start cost added to every load
+
+    def __post_init__(self) -> None:
+        if not self.gpus:
+            raise ValueError("a placement option needs at least one GPU")
+        if not (self.host_to_gpu_bps > 0 and self.storage_bps > 0):
+            raise ValueError(
+                f"bandwidths must be positive, got {self.host_to_gpu_bps} and {self.storage_bps}"
+            )
+        if self.model_bytes < 0 or self.resident_bytes < 0 or self.free_bytes < 0:
+            raise ValueError("byte counts of a placement option must be >= 0")
+        if self.queue_wait_s < 0 or self.prefill_s < 0 or self.load_overhead_s < 0:
+            raise ValueError("times of a placement option must be >= 0")
+
+
+def missing_bytes(option: PlacementOption) -> int:
+    """Bytes of the model that are not yet on these GPUs."""
+    return max(0, option.model_bytes - option.resident_bytes)
+
+
+def estimated_load_s(option: PlacementOption, *, reuse: bool = True) -> float:
+    """Seconds to bring the model onto these GPUs: overhead + bytes / bandwidth of the slowest tier.
+
+    From host DRAM the bytes cross PCIe; otherwise they stream storage -> DRAM -> GPU pipelined, so the
+    slower of the two links sets the pace. With `reuse` only the missing bytes move (Tangram); without
+    it the whole model does (ServerlessLLM's model-level loading).
+    """
+    nbytes = missing_bytes(option) if reuse else option.model_bytes
+    if option.in_host_cache:
+        bps = option.host_to_gpu_bps
+    else:
+        bps = min(option.host_to_gpu_bps, option.storage_bps)
+    return option.load_overhead_s + nbytes / bps
+
+
+def _argmin(options: Sequence[PlacementOption], cost: Callable[[PlacementOption], float]) -> int:
+    """Index of the lowest cost; ties: most free bytes, then lowest index."""
+    return min(range(len(options)), key=lambda i: (cost(options[i]), -options[i].free_bytes, i))
+
+
+class Scheduler:
+    """Picks one of the feasible placements for a request of `model`."""
+
+    def choose(self, model: str, options: Sequence[PlacementOption], rng: random.Random) -> int:
+        """Index into `options`. ValueError when there is none (the caller must queue the request)."""
+        if not options:
+            raise ValueError(f"no placement options for {model!r}")
+        return self._choose(model, options, rng)
+
+    def _choose(self, model: str, options: Sequence[PlacementOption], rng: random.Random) -> int:
+        raise NotImplementedError
+
+
+SCHEDULER = Registry[Scheduler]("scheduler")
+
+
+@SCHEDULER.register("random")
+class RandomScheduler(Scheduler):
+    """Uniform choice; the rng is passed in so a seed reproduces the run."""
+
+    def _choose(self, model: str, options: Sequence[PlacementOption], rng: random.Random) -> int:
+        return rng.randrange(len(options))
+
+
+@SCHEDULER.register("round-robin")
+class RoundRobinScheduler(Scheduler):
+    """Cycles through the options with one counter shared by all models."""
+
+    def __init__(self) -> None:
+        self.counter = 0  # choices made so far
+
+    def _choose(self, model: str, options: Sequence[PlacementOption], rng: random.Random) -> int:
+        i = self.counter % len(options)
+        self.counter += 1
+        return i
+
+
+@SCHEDULER.register("least-loaded")
+class LeastLoadedScheduler(Scheduler):
+    """Shortest estimated queue wait."""
+
+    def _choose(self, model: str, options: Sequence[PlacementOption], rng: random.Random) -> int:
+        return _argmin(options, lambda o: o.queue_wait_s)
+
+
+@SCHEDULER.register("sllm-storage-aware")
+class StorageAwareScheduler(Scheduler):
+    """ServerlessLLM: queue wait + whole-model load time from wherever the checkpoint is fastest."""
+
+    def _choose(self, model: str, options: Sequence[PlacementOption], rng: random.Random) -> int:
+        return _argmin(options, lambda o: o.queue_wait_s + estimated_load_s(o, reuse=False))
+
+
+@SCHEDULER.register("tangram-affinity")
+class AffinityScheduler(Scheduler):
+    """Tangram: the GPUs that already hold the largest share of the model's bytes."""
+
+    @staticmethod
+    def share(option: PlacementOption) -> float:
+        if option.model_bytes <= 0:
+            return 1.0
+        return min(1.0, option.resident_bytes / option.model_bytes)
+
+    def _choose(self, model: str, options: Sequence[PlacementOption], rng: random.Random) -> int:
+        return _argmin(options, lambda o: -self.share(o))
+
+
+@SCHEDULER.register("ttft-aware")
+class TtftAwareScheduler(Scheduler):
+    """Lowest estimated time to first token: queue wait + load of the missing bytes + prefill."""
+
+    @staticmethod
+    def estimated_ttft_s(option: PlacementOption) -> float:
+        return option.queue_wait_s + estimated_load_s(option) + option.prefill_s
+
+    def _choose(self, model: str, options: Sequence[PlacementOption], rng: random.Random) -> int:
+        return _argmin(options, self.estimated_ttft_s)

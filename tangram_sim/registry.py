@@ -1,0 +1,45 @@
+"""Named registries so that policies are chosen from config by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from tangram_sim.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Maps a config name to a factory. `create` raises ConfigError listing the known names."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._factories: dict[str, Callable[..., T]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        def decorator(factory: Callable[..., T]) -> Callable[..., T]:
+            if name in self._factories:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            self._factories[name] = factory
+            return factory
+
+        return decorator
+
+    def names(self) -> list[str]:
+        return sorted(self._factories)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._factories
+
+    def create(self, name: str, **params: object) -> T:
+        try:
+            factory = self._factories[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}; expected one of: {', '.join(self.names())}"
+            ) from None
+        try:
+            return factory(**params)
+        except TypeError as exc:
+            raise ConfigError(f"bad parameters for {self.kind} {name!r}: {exc}") from None

@@ -1,0 +1,707 @@
+"""The SimPy cluster: GPU workers running instances, node storage tiers, and request routing.
+
+Lifecycle of a request: arrival -> routing (an active instance of its model whose queue holds only
+that model, else the system's scheduler places a new instance) -> the GPU's queue -> when its
+model is not active there and it is the oldest queued request, a cold start (engine overhead, then
+the packing plan: evictions, device-to-device moves, loads of the missing units through the storage
+tiers) -> batched prefill (first token = TTFT) -> decode in a continuous batch, KV growing chunk by
+chunk -> completion.
+
+Each GPU runs one instance at a time and starts instances in FCFS order of the requests that need
+them. Queued requests of the active model join its batch even past an older request of another
+model, but only while that one has waited less than `fairness_window_s`; without this, interleaved
+models would force a switch per request, and without the bound a hot model would starve the rest.
+An idle instance stays active for `keep_alive_s` unless a request for another model is queued on its
+GPU, which ends it at once. When an
+instance ends, its weights are unpinned: retention systems keep them resident (evictable,
+reusable); `none` retention frees them as ServerlessLLM does.
+
+Decode is simulated as a fluid: between events (arrival that can join, completion, KV growth) every
+running sequence advances at one token per step, step time from the time model for the current
+batch and KV size. This keeps events per request O(1) instead of O(output tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import simpy
+
+from tangram_sim.arena import Arena, Key, State
+from tangram_sim.models.spec import ModelSpec
+from tangram_sim.models.units import ReuseUnit
+from tangram_sim.policies.kv import KvPolicy, KvPool, execute_kv_plan, kv_block_bytes, plan_kv
+from tangram_sim.policies.packing import PackingPolicy, execute_plan
+from tangram_sim.policies.retention import RetentionPolicy
+from tangram_sim.policies.scheduler import PlacementOption, Scheduler
+from tangram_sim.sim.hardware import GpuSpec, TierSpec
+from tangram_sim.sim.links import Fabric, Link
+from tangram_sim.sim.systems import SystemSpec
+from tangram_sim.sim.timemodel import TimeModel
+
+EPS_TOKENS = 1e-6
+
+
+class Request:
+    """One invocation and everything measured about it."""
+
+    __slots__ = (
+        "rid", "arrival", "model", "input_tokens", "output_tokens",
+        "gpu", "cold", "queue_s", "load_s", "bytes_needed", "bytes_loaded", "bytes_reused",
+        "bytes_moved", "ttft_s", "e2e_s", "waited_for_kv_s", "preemptions", "outcome", "reason",
+        "done_tokens", "kv_limit", "kv_bytes", "kv_keys", "kv_wait_since", "admitted_at",
+    )
+
+    def __init__(self, rid: int, arrival: float, model: str, input_tokens: int, output_tokens: int) -> None:
+        self.rid = rid  # row in the trace
+        self.arrival = arrival  # seconds
+        self.model = model  # model name
+        self.input_tokens = input_tokens  # prompt length
+        self.output_tokens = output_tokens  # tokens to generate (>= 1; the first comes from prefill)
+        self.gpu = -1  # GPU that served it (the leader of a tensor-parallel group)
+        self.cold = False  # it started its instance (paid the load)
+        self.queue_s = 0.0  # arrival -> start of its cold start or its admission to the batch
+        self.load_s = 0.0  # cold start duration (0 for warm requests)
+        self.bytes_needed = 0  # cold start: the model's bytes on the GPU(s)
+        self.bytes_loaded = 0  # cold start: bytes that crossed PCIe
+        self.bytes_reused = 0  # cold start: bytes already resident in the arena
+        self.bytes_moved = 0  # cold start: bytes compaction copied device-to-device
+        self.ttft_s = math.nan  # arrival -> first token
+        self.e2e_s = math.nan  # arrival -> last token
+        self.waited_for_kv_s = 0.0  # time it could not be admitted for lack of KV memory
+        self.preemptions = 0  # times it was evicted from the batch to free KV (recomputed later)
+        self.outcome = ""  # "completed" or "rejected"
+        self.reason = ""  # why rejected
+        self.done_tokens = 0.0  # tokens generated so far (fluid)
+        self.kv_limit = 0  # tokens whose KV is allocated
+        self.kv_bytes = 0  # bytes of KV held
+        self.kv_keys: list[Key] = []  # arena regions of its KV (on-demand KV)
+        self.kv_wait_since = -1.0  # when it first could not get KV (-1: not waiting)
+        self.admitted_at = 0.0  # when it joined the batch
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    spec: ModelSpec  # inventory and sizes
+    units: tuple[ReuseUnit, ...]  # reuse units at the system's granularity
+    unit_keys: tuple[Key, ...]  # their keys in the arena
+    unit_bytes: tuple[int, ...]  # their sizes
+    nbytes: int  # total bytes on one GPU
+    sensitivity: float  # retention weight from the experiment
+
+
+class Node:
+    """Host side of a machine: a pinned DRAM checkpoint cache (LRU over units), SSD and network."""
+
+    def __init__(self, node_id: int, tiers: TierSpec, key_owners: dict[Key, tuple[str, ...]]) -> None:
+        self.node_id = node_id
+        self.tiers = tiers
+        self.key_owners = key_owners  # unit key -> models whose weights include it
+        self.ssd = Link(f"node{node_id}.ssd", tiers.ssd_bps)
+        self.network = Link(f"node{node_id}.net", tiers.network_bps)
+        self.cache: OrderedDict[Key, int] = OrderedDict()  # unit key -> bytes, LRU first
+        self.cache_bytes = 0
+        self.on_ssd: set[Key] = set()  # units fetched from remote (when the SSD is not pre-filled)
+        self.cached_by_model: dict[str, int] = {}  # model -> bytes of its units in the cache
+
+    def cache_insert(self, key: Key, nbytes: int) -> None:
+        if nbytes > self.tiers.host_cache_bytes:
+            return
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return
+        by_model = self.cached_by_model
+        while self.cache_bytes + nbytes > self.tiers.host_cache_bytes:
+            old, size = self.cache.popitem(last=False)
+            self.cache_bytes -= size
+            for model in self.key_owners[old]:
+                by_model[model] -= size
+        self.cache[key] = nbytes
+        self.cache_bytes += nbytes
+        for model in self.key_owners[key]:
+            by_model[model] = by_model.get(model, 0) + nbytes
+
+    def holds(self, entry: ModelEntry, model: str) -> bool:
+        """The whole checkpoint of `model` is in this node's DRAM cache."""
+        return self.cached_by_model.get(model, 0) >= entry.nbytes
+
+
+class Instance:
+    __slots__ = ("model", "entry", "running", "pool", "pool_keys", "started")
+
+    def __init__(self, model: str, entry: ModelEntry, started: float) -> None:
+        self.model = model  # model it serves
+        self.entry = entry  # its units
+        self.running: list[Request] = []  # the continuous batch, in admission order
+        self.pool: KvPool | None = None  # static KV reservation (None with on-demand KV)
+        self.pool_keys: list[Key] = []  # arena regions holding that reservation
+        self.started = started  # sim time the cold start began
+
+
+class Recorder:
+    """Event log (optional) and memory timeline samples; tests assert on the log."""
+
+    def __init__(self, record_events: bool, sample_interval_s: float, check_invariants: bool) -> None:
+        self.events: list[tuple[float, int, str, int, str]] | None = [] if record_events else None
+        self.timeline: list[tuple] = []
+        self.sample_interval_s = sample_interval_s
+        self.check_invariants = check_invariants
+        self.samples_checked = 0
+
+    def log(self, now: float, gpu: int, kind: str, rid: int = -1, detail: str = "") -> None:
+        if self.events is not None:
+            self.events.append((now, gpu, kind, rid, detail))
+
+
+class GpuWorker:
+    """One GPU: its arena, FCFS queue and the instance it runs; `run` is its SimPy process."""
+
+    def __init__(self, cluster: Cluster, gpu_id: int, node: Node) -> None:
+        self.cluster = cluster
+        self.gpu_id = gpu_id
+        self.node = node
+        self.arena = Arena(cluster.gpu.memory_bytes, alignment=cluster.alignment)
+        self.pcie = Link(f"gpu{gpu_id}.pcie", cluster.gpu.pcie_bps)
+        self.queues: dict[str, deque[Request]] = {}  # per model, each in arrival order
+        self.queued = 0  # requests in all queues
+        self.instance: Instance | None = None
+        self.retention: RetentionPolicy = cluster.make_retention()
+        self.busy_until = 0.0  # scheduler's estimate of when queued work ends
+        self.tail_model: str | None = None  # model of the last queued request (for estimates)
+        self._wake: simpy.Event | None = None
+        self._wake_any = False  # idle: any arrival wakes; decoding: only an admissible one
+        self.busy_s = 0.0  # time spent loading, prefilling or decoding
+        self.compaction_bytes = 0
+        self.cold_starts = 0
+        self._last_sample = -math.inf
+
+    # ------------------------------------------------------------ routing support
+    def submit(self, req: Request) -> None:
+        queue = self.queues.get(req.model)
+        if queue is None:
+            queue = self.queues[req.model] = deque()
+        queue.append(req)
+        self.queued += 1
+        c = self.cluster
+        now = c.env.now
+        est = c.service_estimate(req, cold=self.tail_model != req.model, worker=self)
+        self.busy_until = max(self.busy_until, now) + est
+        self.tail_model = req.model
+        self.retention.record_access(req.model, c.entries[req.model].unit_keys, now)
+        wake = self._wake
+        if wake is not None and not wake.triggered:
+            inst = self.instance
+            if self._wake_any or (
+                inst is not None and inst.model == req.model and len(inst.running) < c.system.max_batch
+            ):
+                wake.succeed()
+
+    def resident_bytes(self, model: str) -> int:
+        return self.arena.model_bytes(model)
+
+    def queued_for(self, model: str) -> int:
+        queue = self.queues.get(model)
+        return len(queue) if queue else 0
+
+    def head(self) -> Request:
+        """The oldest queued request (FCFS order of instance starts)."""
+        best = None
+        for queue in self.queues.values():
+            if queue and (best is None or queue[0].rid < best.rid):
+                best = queue[0]
+        assert best is not None
+        return best
+
+    def _dequeue(self, model: str) -> Request:
+        req = self.queues[model].popleft()
+        self.queued -= 1
+        if not self.queued:
+            self.tail_model = self.instance.model if self.instance is not None else None
+        return req
+
+    # ------------------------------------------------------------ the process
+    def run(self):
+        env = self.cluster.env
+        while True:
+            if not self.queued:
+                self._wake = env.event()
+                self._wake_any = True
+                if self.instance is None:
+                    yield self._wake
+                else:
+                    timer = env.timeout(self.cluster.system.keep_alive_s)
+                    yield self._wake | timer
+                    if not self.queued:
+                        self.cluster.recorder.log(env.now, self.gpu_id, "keep_alive_expired", -1,
+                                                  self.instance.model)
+                        self._end_instance()
+                self._wake = None
+                continue
+            head = self.head()
+            if self.instance is None or self.instance.model != head.model:
+                if self.instance is not None:
+                    self._end_instance()
+                yield from self._cold_start(head)
+            yield from self._serve()
+
+    # ------------------------------------------------------------ instance start / end
+    def _cold_start(self, head: Request):
+        c = self.cluster
+        env = c.env
+        entry = c.entries[head.model]
+        arena = self.arena
+        t0 = env.now
+        head.cold = True
+        head.queue_s = t0 - head.arrival
+        head.gpu = self.gpu_id
+        self.instance = Instance(head.model, entry, t0)
+        c.warm_workers.setdefault(head.model, set()).add(self)
+        self.cold_starts += 1
+        c.recorder.log(t0, self.gpu_id, "cold_start", head.rid, head.model)
+
+        missing: list[tuple[Key, int]] = []
+        reused = 0
+        present = arena.lookup
+        for key, nbytes in zip(entry.unit_keys, entry.unit_bytes):
+            region = present(key)
+            if region is None:
+                missing.append((key, nbytes))
+            else:
+                reused += nbytes
+        reused_keys = {k for k, _ in zip(entry.unit_keys, entry.unit_bytes) if present(k) is not None}
+        packing = c.packing
+        plan = packing.plan(arena, missing, ())
+        if plan is None:
+            order = [k for k in self.retention.eviction_order(arena.evictable(), t0) if k not in reused_keys]
+            plan = packing.plan(arena, missing, order)
+        if plan is None:  # cannot happen for models validated to fit; never hang on it
+            raise RuntimeError(f"gpu {self.gpu_id}: no packing plan for {head.model}")
+        for key in plan.evictions:
+            self.retention.on_evict(key, t0)
+        execute_plan(arena, plan, owners=c.key_owners.__getitem__)
+        for key in entry.unit_keys:
+            if key not in reused_keys:
+                continue
+            arena.pin(key)
+        moved = plan.moved_bytes
+        loaded = sum(n for _, n in missing)
+        head.bytes_needed = entry.nbytes
+        head.bytes_reused = reused
+        head.bytes_loaded = loaded
+        head.bytes_moved = moved
+        self.compaction_bytes += moved
+
+        # Time: engine start, then compaction copies, then the loads through the tiers.
+        overhead = c.engine_overhead_s + moved / c.d2d_bps
+        if missing:
+            overhead += c.unit_overhead_s * len(missing)
+        yield env.timeout(overhead)
+        if missing:
+            yield from self._transfer(missing)
+        for key, _ in missing:
+            arena.finish_load(key)
+            arena.pin(key)
+        head.load_s = env.now - t0
+        self.busy_s += head.load_s
+        c.recorder.log(env.now, self.gpu_id, "loaded", head.rid,
+                       f"loaded={loaded} reused={reused} moved={moved} evicted={plan.evicted_bytes}")
+        kv: KvPolicy = c.kv
+        if not kv.on_demand:
+            self._reserve_static_kv()
+        self.sample(force=True)
+
+    def _transfer(self, missing: Sequence[tuple[Key, int]]):
+        """Missing units stream host->GPU; those not in the DRAM cache come from SSD or remote first."""
+        c = self.cluster
+        node = self.node
+        tiers = node.tiers
+        from_dram = from_ssd = from_remote = 0
+        for key, nbytes in missing:
+            if key in node.cache:
+                from_dram += nbytes
+                node.cache.move_to_end(key)
+            elif tiers.ssd_holds_all or key in node.on_ssd:
+                from_ssd += nbytes
+            else:
+                from_remote += nbytes
+        events = []
+        fabric = c.fabric
+        if from_dram:
+            events.append(fabric.transfer(from_dram, (self.pcie,)))
+        if from_ssd:
+            events.append(fabric.transfer(from_ssd, (node.ssd, self.pcie)))
+        if from_remote:
+            events.append(fabric.transfer(from_remote, (node.network, self.pcie)))
+        yield c.env.all_of(events)
+        for key, nbytes in missing:
+            if from_remote and not tiers.ssd_holds_all:
+                node.on_ssd.add(key)
+            node.cache_insert(key, nbytes)
+
+    def _reserve_static_kv(self):
+        """vLLM-style: reserve `fraction` of memory minus weights for KV when the instance starts."""
+        c = self.cluster
+        inst = self.instance
+        want = c.kv.reservation_bytes(self.arena.capacity, inst.entry.nbytes)
+        if want < self.arena.capacity - inst.entry.nbytes - want:
+            # The fraction leaves less KV than it leaves unused (a model near the GPU's size): like
+            # raising vLLM's gpu_memory_utilization, reserve everything the weights leave.
+            want = self.arena.capacity - inst.entry.nbytes
+        block = c.block_bytes[inst.model]
+        want -= want % block
+        plan = plan_kv(self.arena, want, block, ())
+        if plan.must_wait:
+            order = self.retention.eviction_order(self.arena.evictable(), c.env.now)
+            plan = plan_kv(self.arena, want, block, order)
+        if plan.must_wait:  # fragmentation: take what is free
+            plan = plan_kv(self.arena, self.arena.free_bytes - self.arena.free_bytes % block, block, ())
+        for key in plan.evictions:
+            self.retention.on_evict(key, c.env.now)
+        inst.pool_keys = execute_kv_plan(self.arena, plan, ("pool", self.gpu_id, inst.started))
+        inst.pool = KvPool(capacity=plan.nbytes)
+
+    def _end_instance(self) -> None:
+        inst = self.instance
+        assert inst is not None and not inst.running
+        arena = self.arena
+        c = self.cluster
+        for key in inst.pool_keys:
+            arena.release(key)
+        for key in inst.entry.unit_keys:
+            region = arena.lookup(key)
+            if region is None or region.pin_count == 0:
+                continue
+            arena.unpin(key)
+            if not self.retention.retains and region.pin_count == 0:
+                arena.evict(key)
+        c.warm_workers[inst.model].discard(self)
+        c.recorder.log(c.env.now, self.gpu_id, "instance_end", -1, inst.model)
+        self.instance = None
+        self.sample(force=True)
+
+    # ------------------------------------------------------------ KV
+    def _kv_take(self, req: Request, tokens: int) -> bool:
+        """Grow `req`'s KV to cover `tokens`; False when the memory is not there (caller decides)."""
+        c = self.cluster
+        inst = self.instance
+        block_tokens = c.system.kv_block_tokens
+        blocks_now = req.kv_limit // block_tokens
+        blocks_new = -(-tokens // block_tokens)
+        if blocks_new <= blocks_now:
+            return True
+        block = c.block_bytes[inst.model]
+        nbytes = (blocks_new - blocks_now) * block
+        if inst.pool is not None:
+            if not inst.pool.can_take(nbytes):
+                return False
+            inst.pool.take(nbytes)
+        else:
+            arena = self.arena
+            plan = plan_kv(arena, nbytes, block, ())
+            if plan.must_wait:
+                plan = plan_kv(arena, nbytes, block, self.retention.eviction_order(arena.evictable(), c.env.now))
+                if plan.must_wait:
+                    return False
+                for key in plan.evictions:
+                    self.retention.on_evict(key, c.env.now)
+            req.kv_keys += execute_kv_plan(arena, plan, ("kv", req.rid), first_index=len(req.kv_keys))
+        req.kv_bytes += nbytes
+        req.kv_limit = blocks_new * block_tokens
+        return True
+
+    def _kv_free(self, req: Request) -> None:
+        inst = self.instance
+        if inst.pool is not None:
+            inst.pool.give_back(req.kv_bytes)
+        else:
+            for key in req.kv_keys:
+                self.arena.release(key)
+        req.kv_keys = []
+        req.kv_bytes = 0
+        req.kv_limit = 0
+
+    def _want_tokens(self, req: Request, extra: int) -> int:
+        """KV tokens to hold: prompt + generated + one growth chunk, never past what it will need."""
+        need = req.input_tokens + req.output_tokens
+        have = req.input_tokens + int(req.done_tokens + EPS_TOKENS)
+        chunk = self.cluster.system.kv_block_tokens * self.cluster.system.kv_chunk_blocks
+        return min(need, have + extra if extra else have + chunk)
+
+    # ------------------------------------------------------------ serving
+    def _serve(self):
+        """Run the continuous batch of the active instance until it drains and cannot admit more."""
+        c = self.cluster
+        env = c.env
+        system = c.system
+        inst = self.instance
+        spec = inst.entry.spec
+        tm = c.time_model
+        tp = 1
+        running = inst.running
+        while True:
+            # Admit our queued requests in order while the batch, KV memory and fairness allow.
+            admitted: list[Request] = []
+            own = self.queues.get(inst.model)
+            while own and len(running) + len(admitted) < system.max_batch:
+                req = own[0]
+                head = self.head()
+                if head is not req and env.now - head.arrival >= system.fairness_window_s:
+                    break  # an older request of another model has waited long enough
+                if not self._kv_take(req, self._want_tokens(req, 0)):
+                    if not running and not admitted:
+                        self._dequeue(inst.model)
+                        self._reject(req, "kv-capacity")
+                        continue
+                    if req.kv_wait_since < 0:
+                        req.kv_wait_since = env.now
+                    break
+                self._dequeue(inst.model)
+                if req.kv_wait_since >= 0:
+                    req.waited_for_kv_s += env.now - req.kv_wait_since
+                    req.kv_wait_since = -1.0
+                if not req.cold:
+                    req.queue_s = env.now - req.arrival
+                    req.gpu = self.gpu_id
+                req.admitted_at = env.now
+                admitted.append(req)
+            if admitted:
+                tokens = sum(r.input_tokens for r in admitted)
+                dt = tm.prefill_s(spec, tokens, tp)
+                yield env.timeout(dt)
+                self.busy_s += dt
+                now = env.now
+                for req in admitted:
+                    req.done_tokens = 1.0
+                    if math.isnan(req.ttft_s):  # a preempted request keeps its first TTFT
+                        req.ttft_s = now - req.arrival
+                    c.recorder.log(now, self.gpu_id, "first_token", req.rid, "")
+                    if req.output_tokens <= 1:
+                        self._complete(req)
+                    else:
+                        running.append(req)
+                continue
+            if not running:
+                return
+            # Decode until the next completion or KV growth point, or an admissible arrival.
+            kv_tokens = 0.0
+            horizon = math.inf
+            for req in running:
+                kv_tokens += req.input_tokens + req.done_tokens
+                left = min(req.output_tokens, req.kv_limit - req.input_tokens) - req.done_tokens
+                if left < horizon:
+                    horizon = left
+            horizon = max(horizon, 0.0)
+            step = tm.decode_step_s(spec, len(running), kv_tokens, tp)
+            start = env.now
+            can_join = len(running) < system.max_batch
+            if can_join:
+                self._wake = env.event()
+                self._wake_any = False
+                yield self._wake | env.timeout(horizon * step)
+                self._wake = None
+            else:
+                yield env.timeout(horizon * step)
+            elapsed = env.now - start
+            self.busy_s += elapsed
+            progressed = min(horizon, elapsed / step) if step > 0 else horizon
+            for req in running:
+                req.done_tokens += progressed
+            # Completions first (they free KV), then growth.
+            still: list[Request] = []
+            for req in running:
+                if req.done_tokens >= req.output_tokens - EPS_TOKENS:
+                    self._complete(req)
+                else:
+                    still.append(req)
+            running[:] = still
+            for req in list(running):
+                if req not in running:
+                    continue  # preempted while growing another request
+                if req.input_tokens + req.done_tokens < req.kv_limit - EPS_TOKENS:
+                    continue
+                while not self._kv_take(req, self._want_tokens(req, 0)):
+                    victim = running[-1]
+                    if victim is req and len(running) == 1:
+                        running.remove(req)
+                        self._reject(req, "kv-capacity")
+                        break
+                    if victim is req:
+                        victim = running[-2]
+                    self._preempt(victim)
+
+    def _preempt(self, req: Request) -> None:
+        """Free a running request's KV and put it back at the queue head; it recomputes later."""
+        self.instance.running.remove(req)
+        self._kv_free(req)
+        req.preemptions += 1
+        req.done_tokens = 0.0
+        self.queues[req.model].appendleft(req)
+        self.queued += 1
+        self.cluster.recorder.log(self.cluster.env.now, self.gpu_id, "preempted", req.rid, "")
+
+    def _complete(self, req: Request) -> None:
+        now = self.cluster.env.now
+        self._kv_free(req)
+        req.e2e_s = now - req.arrival
+        req.outcome = "completed"
+        self.cluster.finished += 1
+        self.cluster.recorder.log(now, self.gpu_id, "completed", req.rid, "")
+        self.sample()
+
+    def _reject(self, req: Request, reason: str) -> None:
+        if req.kv_bytes:
+            self._kv_free(req)
+        req.outcome = "rejected"
+        req.reason = reason
+        req.gpu = self.gpu_id
+        self.cluster.finished += 1
+        self.cluster.recorder.log(self.cluster.env.now, self.gpu_id, "rejected", req.rid, reason)
+
+    # ------------------------------------------------------------ timeline
+    def sample(self, force: bool = False) -> None:
+        rec = self.cluster.recorder
+        now = self.cluster.env.now
+        if not force and now - self._last_sample < rec.sample_interval_s:
+            return
+        self._last_sample = now
+        arena = self.arena
+        if rec.check_invariants:
+            arena.check_invariants()
+            rec.samples_checked += 1
+        pinned = 0
+        for region in arena.regions():
+            if region.pin_count and region.state is State.RESIDENT:
+                pinned += region.size
+        resident = arena.bytes_in(State.RESIDENT)
+        rec.timeline.append((
+            now, self.gpu_id, self.instance.model if self.instance else "",
+            pinned, resident - pinned, arena.bytes_in(State.KV), arena.bytes_in(State.LOADING),
+            arena.free_bytes, arena.largest_free(), arena.fragmentation(),
+        ))
+
+
+class Cluster:
+    """Nodes x GPUs, the shared fabric, the system's policies, and the routing of arrivals."""
+
+    def __init__(
+        self,
+        env: simpy.Environment,
+        *,
+        nodes: int,
+        gpus_per_node: int,
+        gpu: GpuSpec,
+        tiers: TierSpec,
+        system: SystemSpec,
+        entries: dict[str, ModelEntry],
+        time_model: TimeModel,
+        make_retention: Callable[[], RetentionPolicy],
+        packing: PackingPolicy,
+        kv: KvPolicy,
+        scheduler: Scheduler,
+        rng: random.Random,
+        recorder: Recorder,
+        engine_overhead_s: float,
+        unit_overhead_s: float,
+        d2d_bps: float,
+        alignment: int = 512,
+    ) -> None:
+        self.env = env
+        self.gpu = gpu
+        self.system = system
+        self.entries = entries
+        self.time_model = time_model
+        self.make_retention = make_retention
+        self.packing = packing
+        self.kv = kv
+        self.scheduler = scheduler
+        self.rng = rng
+        self.recorder = recorder
+        self.engine_overhead_s = engine_overhead_s
+        self.unit_overhead_s = unit_overhead_s
+        self.d2d_bps = d2d_bps
+        self.alignment = alignment
+        self.fabric = Fabric(env)
+        self.block_bytes = {
+            name: kv_block_bytes(e.spec.kv_bytes_per_token, system.kv_block_tokens) for name, e in entries.items()
+        }
+        self.key_owners: dict[Key, tuple[str, ...]] = {}
+        for name, entry in entries.items():
+            for key in entry.unit_keys:
+                self.key_owners[key] = (*self.key_owners.get(key, ()), name)
+        self.nodes = [Node(n, tiers, self.key_owners) for n in range(nodes)]
+        self.workers = [
+            GpuWorker(self, n * gpus_per_node + g, self.nodes[n]) for n in range(nodes) for g in range(gpus_per_node)
+        ]
+        self.warm_workers: dict[str, set[GpuWorker]] = {}
+        self.finished = 0
+        self._estimates: dict[tuple[str, int, int], float] = {}
+        for w in self.workers:
+            env.process(w.run())
+
+    def service_estimate(self, req: Request, cold: bool, worker: GpuWorker) -> float:
+        """Rough busy time a request adds to a GPU, for queue-wait estimates (not the simulation)."""
+        key = (req.model, req.input_tokens, req.output_tokens)
+        est = self._estimates.get(key)
+        if est is None:
+            spec = self.entries[req.model].spec
+            tm = self.time_model
+            est = tm.prefill_s(spec, req.input_tokens) + (req.output_tokens - 1) * tm.decode_step_s(
+                spec, 1, req.input_tokens
+            )
+            if len(self._estimates) < 200_000:
+                self._estimates[key] = est
+        if cold:
+            entry = self.entries[req.model]
+            missing = entry.nbytes - worker.resident_bytes(req.model)
+            est += self.engine_overhead_s + missing / worker.pcie.bps
+        return est
+
+    def route(self, req: Request) -> None:
+        """Warm instance with a clean queue if any, else the scheduler's choice."""
+        best = None
+        best_load = 0
+        for w in self.warm_workers.get(req.model, ()):
+            queued = w.queued
+            if w.queued_for(req.model) != queued:
+                continue  # another model waits there: the request would queue behind a switch
+            load = queued + len(w.instance.running)
+            if best is None or load < best_load or (load == best_load and w.gpu_id < best.gpu_id):
+                best, best_load = w, load
+        if best is None or best_load >= self.system.max_batch:
+            options = self.placement_options(req)
+            choice = self.scheduler.choose(req.model, options, self.rng)
+            best = self.workers[options[choice].gpus[0]]
+        self.recorder.log(self.env.now, best.gpu_id, "routed", req.rid, req.model)
+        best.submit(req)
+
+    def placement_options(self, req: Request) -> list[PlacementOption]:
+        entry = self.entries[req.model]
+        now = self.env.now
+        spec = entry.spec
+        prefill = self.time_model.prefill_s(spec, req.input_tokens)
+        options = []
+        fractions: dict[int, bool] = {}
+        for w in self.workers:
+            node = w.node
+            if node.node_id not in fractions:
+                fractions[node.node_id] = node.holds(entry, req.model)
+            options.append(
+                PlacementOption(
+                    gpus=(w.gpu_id,),
+                    node=node.node_id,
+                    queue_wait_s=max(0.0, w.busy_until - now),
+                    free_bytes=w.arena.free_bytes,
+                    resident_bytes=w.resident_bytes(req.model),
+                    model_bytes=entry.nbytes,
+                    in_host_cache=fractions[node.node_id],
+                    host_to_gpu_bps=w.pcie.bps,
+                    storage_bps=node.ssd.bps if node.tiers.ssd_holds_all else node.network.bps,
+                    prefill_s=prefill,
+                    load_overhead_s=self.engine_overhead_s,
+                )
+            )
+        return options

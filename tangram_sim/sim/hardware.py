@@ -1,0 +1,64 @@
+"""GPU catalog and the node's storage tiers. Every figure can be overridden per experiment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from tangram_sim.errors import ConfigError
+
+GiB = 2**30
+
+
+@dataclass(slots=True, frozen=True)
+class GpuSpec:
+    name: str  # catalog name
+    memory_bytes: int  # device memory the arena may use
+    bf16_flops: float  # dense bf16 peak, FLOP/s
+    hbm_bps: float  # device memory bandwidth, bytes/s
+    pcie_bps: float  # achievable pinned host->device bandwidth, bytes/s
+    d2d_bps: float  # device-to-device copy bandwidth inside the GPU (compaction), bytes/s
+
+
+# Public datasheet peaks; pcie is what pinned copies reach in practice (Gen4 ~25, Gen5 ~50 GB/s);
+# d2d is roughly half the HBM bandwidth because a copy reads and writes.
+GPUS: dict[str, GpuSpec] = {
+    g.name: g
+    for g in [
+        GpuSpec("a100-40gb", 40 * GiB, 312e12, 1.555e12, 25e9, 0.7e12),
+        GpuSpec("a100-80gb", 80 * GiB, 312e12, 2.039e12, 25e9, 0.9e12),
+        GpuSpec("h100-80gb", 80 * GiB, 989e12, 3.35e12, 50e9, 1.5e12),
+        GpuSpec("h200-141gb", 141 * GiB, 989e12, 4.8e12, 50e9, 2.1e12),
+        GpuSpec("l40-48gb", 48 * GiB, 181e12, 0.864e12, 25e9, 0.4e12),
+        GpuSpec("rtx4090-24gb", 24 * GiB, 165e12, 1.008e12, 25e9, 0.45e12),
+        GpuSpec("a10-24gb", 24 * GiB, 125e12, 0.6e12, 25e9, 0.28e12),
+    ]
+}
+
+
+@dataclass(slots=True, frozen=True)
+class TierSpec:
+    host_cache_bytes: int = 256 * GiB  # pinned host-DRAM checkpoint cache per node (LRU over units)
+    ssd_bps: float = 6e9  # local NVMe read bandwidth per node, shared by its GPUs
+    network_bps: float = 1.25e9  # remote store link per node (10 Gb/s), shared by its GPUs
+    ssd_holds_all: bool = True  # every checkpoint starts on every node's SSD (else: remote only)
+    unit_overhead_s: float = 0.0  # fixed cost per loaded unit (allocation, descriptor setup)
+
+
+def gpu_spec(name: str, overrides: dict[str, Any] | None = None, memory_gib: float | None = None) -> GpuSpec:
+    """A catalog GPU with field overrides (e.g. {'pcie_bps': 20e9}); errors name the bad field."""
+    if name not in GPUS:
+        raise ConfigError(f"cluster.gpu: unknown GPU {name!r}; expected one of: {', '.join(GPUS)}")
+    spec = GPUS[name]
+    changes = dict(overrides or {})
+    if memory_gib is not None:
+        changes["memory_bytes"] = int(memory_gib * GiB)
+    valid = {f.name for f in fields(GpuSpec)} - {"name"}
+    for key, value in changes.items():
+        if key not in valid:
+            raise ConfigError(f"cluster.gpu_overrides.{key}: unknown field; expected one of {sorted(valid)}")
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"cluster.gpu_overrides.{key}: expected a positive number, got {value!r}")
+    if "memory_bytes" in changes:
+        changes["memory_bytes"] = int(changes["memory_bytes"])
+    return replace(spec, **changes)

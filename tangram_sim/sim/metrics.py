@@ -1,0 +1,77 @@
+"""Per-request records, memory timeline and the per-system summary."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+REQUEST_COLUMNS = [
+    "rid", "arrival_s", "model", "input_tokens", "output_tokens", "gpu", "cold", "queue_s", "load_s",
+    "bytes_needed", "bytes_loaded", "bytes_reused", "bytes_moved", "ttft_s", "e2e_s",
+    "waited_for_kv_s", "preemptions", "outcome", "reason",
+]
+TIMELINE_COLUMNS = [
+    "time_s", "gpu", "active_model", "active_bytes", "retained_bytes", "kv_bytes", "loading_bytes",
+    "free_bytes", "largest_free_bytes", "fragmentation",
+]
+SLO_TARGETS_S = (0.5, 1.0, 2.0, 5.0)
+
+
+def requests_frame(requests: list) -> pd.DataFrame:
+    rows = [
+        (
+            r.rid, r.arrival, r.model, r.input_tokens, r.output_tokens, r.gpu, r.cold, r.queue_s, r.load_s,
+            r.bytes_needed, r.bytes_loaded, r.bytes_reused, r.bytes_moved, r.ttft_s, r.e2e_s,
+            r.waited_for_kv_s, r.preemptions, r.outcome, r.reason,
+        )
+        for r in requests
+    ]
+    return pd.DataFrame(rows, columns=REQUEST_COLUMNS)
+
+
+def timeline_frame(samples: list[tuple]) -> pd.DataFrame:
+    return pd.DataFrame(samples, columns=TIMELINE_COLUMNS)
+
+
+def _pct(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else math.nan
+
+
+def summarize(requests: pd.DataFrame, gpu_busy_s: float, compaction_bytes: int) -> dict[str, Any]:
+    """One row of numbers per system; every figure derives from the request table."""
+    done = requests[requests["outcome"] == "completed"]
+    cold = requests[requests["cold"]]
+    ttft = done["ttft_s"].to_numpy()
+    load = cold["load_s"].to_numpy()
+    needed = int(cold["bytes_needed"].sum())
+    loaded = int(cold["bytes_loaded"].sum())
+    out: dict[str, Any] = {
+        "requests": len(requests),
+        "completed": len(done),
+        "rejected": int((requests["outcome"] == "rejected").sum()),
+        "cold_starts": len(cold),
+        "mean_ttft_s": float(ttft.mean()) if len(ttft) else math.nan,
+        "p50_ttft_s": _pct(ttft, 50),
+        "p90_ttft_s": _pct(ttft, 90),
+        "p99_ttft_s": _pct(ttft, 99),
+        "mean_load_s": float(load.mean()) if len(load) else 0.0,
+        "p99_load_s": _pct(load, 99) if len(load) else 0.0,
+        "mean_queue_s": float(requests["queue_s"].mean()) if len(requests) else math.nan,
+        "mean_e2e_s": float(done["e2e_s"].mean()) if len(done) else math.nan,
+        "bytes_needed": needed,
+        "bytes_loaded": loaded,
+        "bytes_reused": int(cold["bytes_reused"].sum()),
+        "io_reduction": 1.0 - loaded / needed if needed else 0.0,
+        "full_hit_ratio": float((cold["bytes_loaded"] == 0).mean()) if len(cold) else 0.0,
+        "compaction_bytes": int(compaction_bytes),
+        "gpu_busy_s": float(gpu_busy_s),
+        "waited_for_kv_s": float(requests["waited_for_kv_s"].sum()),
+        "preemptions": int(requests["preemptions"].sum()),
+    }
+    n = len(requests)
+    for target in SLO_TARGETS_S:
+        out[f"slo_ttft_{target:g}s"] = float((done["ttft_s"] <= target).sum() / n) if n else math.nan
+    return out

@@ -1,0 +1,118 @@
+"""Systems: named bundles of policy choices, with presets for the paper's comparisons."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from tangram_sim.errors import ConfigError
+
+MiB = 2**20
+
+
+@dataclass(slots=True, frozen=True)
+class SystemSpec:
+    name: str  # label in results
+    granularity: str = "group"  # reuse unit: model | tensor | group
+    min_unit_bytes: int = 8 * MiB  # group granularity: merge tensors until a unit is this large
+    retention: str = "tangram"  # retention policy name ("none" frees weights when an instance ends)
+    retention_params: dict[str, Any] = field(default_factory=dict)  # extra policy parameters
+    packing: str = "pbp"  # packing policy name
+    kv: str = "elastic"  # KV policy name
+    kv_fraction: float = 0.9  # static KV: share of GPU memory reserved for weights + KV at start
+    kv_block_tokens: int = 16  # tokens per KV block
+    kv_chunk_blocks: int = 16  # blocks a request's KV grows by at once (bounds simulator events)
+    scheduler: str = "tangram-affinity"  # placement of new instances
+    keep_alive_s: float = 30.0  # an idle instance stays active this long (unless its GPU is needed)
+    max_batch: int = 32  # continuous batching limit per instance
+    fairness_window_s: float = 5.0  # queued requests of the active model may overtake an older
+    # request of another model (joining the running batch) only while that one has waited less
+    engine_overhead_s: float = 0.2  # instance start cost before weights load (runtime init, graphs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ServerlessLLM: whole-model loads, weights discarded at instance end, vLLM-style static KV,
+    # storage-aware placement.
+    "serverlessllm": dict(
+        granularity="model", retention="none", packing="first-fit", kv="static", scheduler="sllm-storage-aware"
+    ),
+    "tangram": dict(
+        granularity="group", retention="tangram", packing="pbp", kv="elastic", scheduler="tangram-affinity"
+    ),
+    # The paper's breakdown, each stage adding one idea to the previous one.
+    "model-reuse": dict(
+        granularity="model", retention="tangram", packing="pbp", kv="static", scheduler="sllm-storage-aware"
+    ),
+    "tensor-reuse": dict(
+        granularity="group", retention="tangram", packing="pbp", kv="static", scheduler="sllm-storage-aware"
+    ),
+    "tensor-reuse+elastic-kv": dict(
+        granularity="group", retention="tangram", packing="pbp", kv="elastic", scheduler="sllm-storage-aware"
+    ),
+    "tensor-reuse+elastic-kv+affinity": dict(
+        granularity="group", retention="tangram", packing="pbp", kv="elastic", scheduler="tangram-affinity"
+    ),
+}
+
+_FIELD_TYPES = {
+    "granularity": str,
+    "min_unit_bytes": int,
+    "retention": str,
+    "retention_params": dict,
+    "packing": str,
+    "kv": str,
+    "kv_fraction": float,
+    "kv_block_tokens": int,
+    "kv_chunk_blocks": int,
+    "scheduler": str,
+    "keep_alive_s": float,
+    "max_batch": int,
+    "fairness_window_s": float,
+    "engine_overhead_s": float,
+}
+
+
+def make_system(name: str, preset: str = "tangram", overrides: dict[str, Any] | None = None,
+                where: str = "systems") -> SystemSpec:
+    """Preset + overrides, type-checked; errors name `<where>.overrides.<key>`."""
+    if preset not in PRESETS:
+        raise ConfigError(f"{where}.preset: unknown preset {preset!r}; expected one of: {', '.join(PRESETS)}")
+    values: dict[str, Any] = dict(PRESETS[preset])
+    for key, value in (overrides or {}).items():
+        if key not in _FIELD_TYPES:
+            raise ConfigError(
+                f"{where}.overrides.{key}: unknown system field; expected one of: {', '.join(_FIELD_TYPES)}"
+            )
+        want = _FIELD_TYPES[key]
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise ConfigError(f"{where}.overrides.{key}: expected {want.__name__}, got {value!r}")
+        values[key] = value
+    spec = replace(SystemSpec(name=name), **values)
+    _validate(spec, where)
+    return spec
+
+
+def _validate(spec: SystemSpec, where: str) -> None:
+    from tangram_sim.policies import KV, PACKING, RETENTION, SCHEDULER
+
+    for key, registry in (("retention", RETENTION), ("packing", PACKING), ("kv", KV), ("scheduler", SCHEDULER)):
+        if getattr(spec, key) not in registry:
+            raise ConfigError(
+                f"{where}.{key}: unknown {registry.kind} {getattr(spec, key)!r}; "
+                f"expected one of: {', '.join(registry.names())}"
+            )
+    if spec.granularity not in ("model", "tensor", "group"):
+        raise ConfigError(f"{where}.granularity: expected model, tensor or group, got {spec.granularity!r}")
+    for key in ("keep_alive_s", "engine_overhead_s", "fairness_window_s"):
+        if getattr(spec, key) < 0:
+            raise ConfigError(f"{where}.{key}: expected >= 0")
+    for key in ("max_batch", "kv_block_tokens", "kv_chunk_blocks", "min_unit_bytes"):
+        if getattr(spec, key) < 1:
+            raise ConfigError(f"{where}.{key}: expected >= 1")
+    if not 0 < spec.kv_fraction <= 1:
+        raise ConfigError(f"{where}.kv_fraction: expected a number in (0, 1]")

@@ -1,0 +1,145 @@
+"""How long prefill and decode take: a roofline by default, measured coefficients when calibrated.
+
+Both time models honour one contract (`prefill_s`, `decode_step_s`) and are costed per GPU of a
+tensor-parallel group (FLOPs and bytes divide by the TP degree; collective traffic is ignored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tangram_sim.errors import ConfigError
+from tangram_sim.models.spec import ModelSpec
+from tangram_sim.sim.hardware import GpuSpec
+
+
+class TimeModel:
+    """Contract of a time model; `prefill_s` covers one batched prefill iteration."""
+
+    def prefill_s(self, model: ModelSpec, tokens: int, tp: int = 1) -> float:
+        raise NotImplementedError
+
+    def decode_step_s(self, model: ModelSpec, batch: int, kv_tokens: float, tp: int = 1) -> float:
+        raise NotImplementedError
+
+
+@dataclass(slots=True, frozen=True)
+class Roofline(TimeModel):
+    gpu: GpuSpec  # peak FLOP/s and HBM bandwidth come from here
+    compute_efficiency: float = 0.5  # fraction of peak FLOP/s dense kernels reach
+    memory_efficiency: float = 0.7  # fraction of HBM bandwidth streaming kernels reach
+    prefill_overhead_s: float = 0.004  # launch/scheduling cost of one prefill iteration
+    step_overhead_s: float = 0.002  # launch/scheduling cost of one decode iteration
+
+    def _attn_dim(self, model: ModelSpec) -> int:
+        arch = model.arch
+        if arch is None or not arch.num_layers or not arch.num_heads or not arch.head_dim:
+            return 0
+        return arch.num_layers * arch.num_heads * arch.head_dim
+
+    def prefill_s(self, model: ModelSpec, tokens: int, tp: int = 1) -> float:
+        # FLOPs = 2 * params * tokens (matmuls) + 2 * layers * heads * head_dim * tokens^2 (causal
+        # QK^T and AV: 4*t^2*d halved by the mask). Prefill also reads every weight once.
+        flops = model.flops_per_token * tokens + 2.0 * self._attn_dim(model) * tokens * tokens
+        compute = flops / tp / (self.gpu.bf16_flops * self.compute_efficiency)
+        memory = model.weight_bytes / tp / (self.gpu.hbm_bps * self.memory_efficiency)
+        return max(compute, memory) + self.prefill_overhead_s
+
+    def decode_step_s(self, model: ModelSpec, batch: int, kv_tokens: float, tp: int = 1) -> float:
+        # One step produces one token per sequence: read all weights + every live KV byte once;
+        # compute is 2 * params FLOPs per sequence. Memory-bound until batches get large.
+        flops = model.flops_per_token * batch
+        compute = flops / tp / (self.gpu.bf16_flops * self.compute_efficiency)
+        bytes_read = model.weight_bytes + kv_tokens * model.kv_bytes_per_token
+        memory = bytes_read / tp / (self.gpu.hbm_bps * self.memory_efficiency)
+        return max(compute, memory) + self.step_overhead_s
+
+
+@dataclass(slots=True, frozen=True)
+class ModelCoefficients:
+    prefill_base_s: float  # fixed cost of a prefill iteration
+    prefill_per_token_s: float  # added per prompt token
+    decode_base_s: float  # one decode step at batch 1 with an empty KV cache
+    decode_per_seq_s: float = 0.0  # added per extra sequence in the batch
+    decode_per_kv_token_s: float = 0.0  # added per live KV token read by a step
+
+
+@dataclass(slots=True)
+class Calibration:
+    """Figures measured on a device by `tangram-sim real calibrate` (a YAML file)."""
+
+    device: str  # what it was measured on
+    h2d_bps: float | None = None  # pinned host->device bandwidth
+    d2d_bps: float | None = None  # device->device copy bandwidth
+    unit_overhead_s: float | None = None  # per loaded unit
+    engine_overhead_s: float | None = None  # instance start
+    models: dict[str, ModelCoefficients] | None = None  # per catalog model name
+
+    @staticmethod
+    def load(path: str | Path) -> Calibration:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: calibration file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        models = {}
+        for name, coeffs in (raw.get("models") or {}).items():
+            try:
+                models[name] = ModelCoefficients(**{k: float(v) for k, v in coeffs.items()})
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise ConfigError(f"{path}: models.{name}: bad coefficients ({exc})") from None
+
+        def num(key: str) -> float | None:
+            value = raw.get(key)
+            if value is None:
+                return None
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{path}: {key}: expected a non-negative number, got {value!r}")
+            return float(value)
+
+        return Calibration(
+            device=str(raw.get("device", "unknown")),
+            h2d_bps=num("h2d_bps"),
+            d2d_bps=num("d2d_bps"),
+            unit_overhead_s=num("unit_overhead_s"),
+            engine_overhead_s=num("engine_overhead_s"),
+            models=models,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"device": self.device}
+        for key in ("h2d_bps", "d2d_bps", "unit_overhead_s", "engine_overhead_s"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        out["models"] = {
+            name: {f: getattr(c, f) for f in c.__slots__} for name, c in (self.models or {}).items()
+        }
+        return out
+
+
+@dataclass(slots=True, frozen=True)
+class Calibrated(TimeModel):
+    """Measured per-model coefficients; models without them fall back to the roofline."""
+
+    calibration: Calibration
+    fallback: Roofline
+
+    def prefill_s(self, model: ModelSpec, tokens: int, tp: int = 1) -> float:
+        c = (self.calibration.models or {}).get(model.name)
+        if c is None:
+            return self.fallback.prefill_s(model, tokens, tp)
+        return c.prefill_base_s + c.prefill_per_token_s * tokens
+
+    def decode_step_s(self, model: ModelSpec, batch: int, kv_tokens: float, tp: int = 1) -> float:
+        c = (self.calibration.models or {}).get(model.name)
+        if c is None:
+            return self.fallback.decode_step_s(model, batch, kv_tokens, tp)
+        return c.decode_base_s + c.decode_per_seq_s * (batch - 1) + c.decode_per_kv_token_s * kv_tokens
