@@ -130,7 +130,14 @@ def test_tangram_affinity() -> None:
         opt(resident_bytes=12 * GB, free_bytes=GB, queue_wait_s=5.0),
         opt(resident_bytes=12 * GB, free_bytes=3 * GB, queue_wait_s=5.0),
     ]
-    assert choose("tangram-affinity", options) == 2  # largest share; tie: most free bytes
+    # only GPU 0 is available now: affinity ranks the available GPUs, busy ones wait their turn
+    assert choose("tangram-affinity", options) == 0
+    idle = [opt(resident_bytes=4 * GB, free_bytes=50 * GB), opt(resident_bytes=12 * GB, free_bytes=GB),
+            opt(resident_bytes=12 * GB, free_bytes=3 * GB)]
+    assert choose("tangram-affinity", idle) == 2  # largest share; tie: most free bytes
+    busy = [opt(resident_bytes=0, queue_wait_s=2.0), opt(resident_bytes=12 * GB, queue_wait_s=2.0),
+            opt(resident_bytes=16 * GB, queue_wait_s=3.0)]
+    assert choose("tangram-affinity", busy) == 1  # none available: shortest wait, then share
     assert AffinityScheduler.share(options[0]) == pytest.approx(0.25)
     assert AffinityScheduler.share(opt(model_bytes=0)) == 1.0
     assert choose("tangram-affinity", [opt(), opt()]) == 0  # nothing resident anywhere: index

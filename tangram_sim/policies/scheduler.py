@@ -138,7 +138,16 @@ class StorageAwareScheduler(Scheduler):
 
 @SCHEDULER.register("tangram-affinity")
 class AffinityScheduler(Scheduler):
-    """Tangram: the GPUs that already hold the largest share of the model's bytes."""
+    """Tangram: among the GPUs available now, the one holding the largest share of the model's bytes.
+
+    Available = no queued work ahead (queue_wait_s <= `idle_s`); an idle instance in keep-alive
+    does not count as work, since a new request ends it. Affinity alone would pile every request of
+    a model onto the one GPU that holds it while others sit idle, so when no GPU is available the
+    shortest wait wins (ties: largest share, then most free bytes).
+    """
+
+    def __init__(self, idle_s: float = 0.0) -> None:
+        self.idle_s = idle_s  # waits up to this count as available
 
     @staticmethod
     def share(option: PlacementOption) -> float:
@@ -147,7 +156,10 @@ class AffinityScheduler(Scheduler):
         return min(1.0, option.resident_bytes / option.model_bytes)
 
     def _choose(self, model: str, options: Sequence[PlacementOption], rng: random.Random) -> int:
-        return _argmin(options, lambda o: -self.share(o))
+        available = [i for i, o in enumerate(options) if o.queue_wait_s <= self.idle_s]
+        if available:
+            return min(available, key=lambda i: (-self.share(options[i]), -options[i].free_bytes, i))
+        return _argmin(options, lambda o: (o.queue_wait_s, -self.share(o)))
 
 
 @SCHEDULER.register("ttft-aware")

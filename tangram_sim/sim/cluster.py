@@ -52,7 +52,7 @@ class Request:
     __slots__ = (
         "rid", "arrival", "model", "input_tokens", "output_tokens",
         "gpu", "cold", "queue_s", "load_s", "bytes_needed", "bytes_loaded", "bytes_reused",
-        "bytes_moved", "ttft_s", "e2e_s", "waited_for_kv_s", "preemptions", "outcome", "reason",
+        "bytes_moved", "startup_s", "ttft_s", "e2e_s", "waited_for_kv_s", "preemptions", "outcome", "reason",
         "done_tokens", "kv_limit", "kv_bytes", "kv_keys", "kv_wait_since", "admitted_at",
     )
 
@@ -65,7 +65,8 @@ class Request:
         self.gpu = -1  # GPU that served it (the leader of a tensor-parallel group)
         self.cold = False  # it started its instance (paid the load)
         self.queue_s = 0.0  # arrival -> start of its cold start or its admission to the batch
-        self.load_s = 0.0  # cold start duration (0 for warm requests)
+        self.load_s = 0.0  # cold start: evictions, compaction and weight loading (0 when warm)
+        self.startup_s = 0.0  # cold start: engine overhead before weights load (0 when warm)
         self.bytes_needed = 0  # cold start: the model's bytes on the GPU(s)
         self.bytes_loaded = 0  # cold start: bytes that crossed PCIe
         self.bytes_reused = 0  # cold start: bytes already resident in the arena
@@ -272,9 +273,11 @@ class GpuWorker:
                 missing.append((key, nbytes))
             else:
                 reused += nbytes
-        reused_keys = {k for k, _ in zip(entry.unit_keys, entry.unit_bytes) if present(k) is not None}
+        reused_keys = {k for k in entry.unit_keys if present(k) is not None}
         packing = c.packing
-        plan = packing.plan(arena, missing, ())
+        plan = None
+        if arena.free_bytes >= sum(arena.align(n) for _, n in missing):
+            plan = packing.plan(arena, missing, ())  # no eviction needed: skip ranking candidates
         if plan is None:
             order = [k for k in self.retention.eviction_order(arena.evictable(), t0) if k not in reused_keys]
             plan = packing.plan(arena, missing, order)
@@ -296,23 +299,26 @@ class GpuWorker:
         self.compaction_bytes += moved
 
         # Time: engine start, then compaction copies, then the loads through the tiers.
-        overhead = c.engine_overhead_s + moved / c.d2d_bps
-        if missing:
-            overhead += c.unit_overhead_s * len(missing)
-        yield env.timeout(overhead)
+        if c.engine_overhead_s:
+            yield env.timeout(c.engine_overhead_s)
+        t_load = env.now
+        copy_s = moved / c.d2d_bps + c.unit_overhead_s * len(missing)
+        if copy_s:
+            yield env.timeout(copy_s)
         if missing:
             yield from self._transfer(missing)
         for key, _ in missing:
             arena.finish_load(key)
             arena.pin(key)
-        head.load_s = env.now - t0
-        self.busy_s += head.load_s
+        head.startup_s = t_load - t0
+        head.load_s = env.now - t_load
+        self.busy_s += env.now - t0
         c.recorder.log(env.now, self.gpu_id, "loaded", head.rid,
                        f"loaded={loaded} reused={reused} moved={moved} evicted={plan.evicted_bytes}")
         kv: KvPolicy = c.kv
         if not kv.on_demand:
             self._reserve_static_kv()
-        self.sample(force=True)
+        self.sample()
 
     def _transfer(self, missing: Sequence[tuple[Key, int]]):
         """Missing units stream host->GPU; those not in the DRAM cache come from SSD or remote first."""
@@ -357,8 +363,9 @@ class GpuWorker:
         if plan.must_wait:
             order = self.retention.eviction_order(self.arena.evictable(), c.env.now)
             plan = plan_kv(self.arena, want, block, order)
-        if plan.must_wait:  # fragmentation: take what is free
-            plan = plan_kv(self.arena, self.arena.free_bytes - self.arena.free_bytes % block, block, ())
+        if plan.must_wait:  # fragmentation: take the whole blocks the holes hold
+            fits = sum(r.size - r.size % block for r in self.arena.free_regions())
+            plan = plan_kv(self.arena, fits, block, ())
         for key in plan.evictions:
             self.retention.on_evict(key, c.env.now)
         inst.pool_keys = execute_kv_plan(self.arena, plan, ("pool", self.gpu_id, inst.started))
@@ -381,7 +388,7 @@ class GpuWorker:
         c.warm_workers[inst.model].discard(self)
         c.recorder.log(c.env.now, self.gpu_id, "instance_end", -1, inst.model)
         self.instance = None
-        self.sample(force=True)
+        self.sample()
 
     # ------------------------------------------------------------ KV
     def _kv_take(self, req: Request, tokens: int) -> bool:

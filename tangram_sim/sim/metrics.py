@@ -10,7 +10,7 @@ import pandas as pd
 
 REQUEST_COLUMNS = [
     "rid", "arrival_s", "model", "input_tokens", "output_tokens", "gpu", "cold", "queue_s", "load_s",
-    "bytes_needed", "bytes_loaded", "bytes_reused", "bytes_moved", "ttft_s", "e2e_s",
+    "bytes_needed", "bytes_loaded", "bytes_reused", "bytes_moved", "startup_s", "ttft_s", "e2e_s",
     "waited_for_kv_s", "preemptions", "outcome", "reason",
 ]
 TIMELINE_COLUMNS = [
@@ -24,7 +24,7 @@ def requests_frame(requests: list) -> pd.DataFrame:
     rows = [
         (
             r.rid, r.arrival, r.model, r.input_tokens, r.output_tokens, r.gpu, r.cold, r.queue_s, r.load_s,
-            r.bytes_needed, r.bytes_loaded, r.bytes_reused, r.bytes_moved, r.ttft_s, r.e2e_s,
+            r.bytes_needed, r.bytes_loaded, r.bytes_reused, r.bytes_moved, r.startup_s, r.ttft_s, r.e2e_s,
             r.waited_for_kv_s, r.preemptions, r.outcome, r.reason,
         )
         for r in requests

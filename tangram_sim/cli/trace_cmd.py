@@ -1,0 +1,223 @@
+"""`tangram-sim trace inspect|synth`: look at a trace file before an experiment uses it, or write one.
+
+`inspect` answers the questions that decide whether a trace suits an experiment (how many requests,
+over how long, at what rate, how long the prompts and answers are, which models) and shows how many
+bad rows `--skip-bad-rows` dropped. `synth` writes a canonical trace that any experiment can replay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tangram_sim.errors import TangramError, TraceError
+
+_TOP_MODELS = 15
+_SYNTH_OPTIONS = {
+    "rate": "--rate",
+    "n_requests": "--requests",
+    "duration_s": "--duration",
+    "cv": "--cv",
+    "zipf_alpha": "--alpha",
+    "input_mean": "--input-mean",
+    "output_mean": "--output-mean",
+}
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("trace", help="inspect a trace file or synthesize one")
+    sub = parser.add_subparsers(title="trace commands", metavar="ACTION")
+    parser.set_defaults(func=lambda args: _help(parser))
+
+    from tangram_sim.traces.formats import FORMATS  # light: numpy/pandas only
+
+    p_in = sub.add_parser("inspect", help="rows, duration, rate, token and model statistics of a trace")
+    p_in.add_argument("file", metavar="FILE", help="trace file (CSV, Parquet or ServeGen text)")
+    p_in.add_argument(
+        "--format", default="auto", choices=("auto",) + FORMATS, help="file format (default: detect)"
+    )
+    p_in.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of failing")
+    p_in.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p_in.set_defaults(func=cmd_inspect)
+
+    p_syn = sub.add_parser("synth", help="write a synthetic canonical trace (CSV or Parquet)")
+    p_syn.add_argument("--out", required=True, metavar="FILE", help="output file, .csv or .parquet")
+    p_syn.add_argument("--models", required=True, help="comma-separated model names, most popular first")
+    size = p_syn.add_mutually_exclusive_group(required=True)
+    size.add_argument("--requests", type=int, metavar="N", help="number of requests")
+    size.add_argument("--duration", type=float, metavar="S", help="length of the trace in seconds")
+    p_syn.add_argument("--rate", type=float, required=True, metavar="R", help="mean requests per second")
+    p_syn.add_argument("--arrival", default="poisson", choices=("poisson", "gamma"), help="inter-arrival law")
+    p_syn.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of gamma gaps")
+    p_syn.add_argument("--alpha", type=float, default=0.0, help="Zipf skew of model popularity (0: uniform)")
+    p_syn.add_argument("--diurnal-amplitude", type=float, default=None, help="sinusoidal rate amplitude 0..1")
+    p_syn.add_argument("--diurnal-period", type=float, default=86400.0, help="period of the rate cycle, s")
+    p_syn.add_argument("--input-mean", type=float, default=1024.0, help="mean input tokens (lognormal)")
+    p_syn.add_argument("--output-mean", type=float, default=256.0, help="mean output tokens (lognormal)")
+    p_syn.add_argument("--token-source", default=None, metavar="FILE",
+                       help="draw (input, output) token pairs from this trace instead")
+    p_syn.add_argument("--seed", type=int, default=0, help="random seed (same seed, same trace)")
+    p_syn.set_defaults(func=cmd_synth)
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def summarize(df: Any) -> dict[str, Any]:
+    """Statistics of a canonical trace, as printed by `inspect` (plain types, JSON-ready)."""
+    import numpy as np
+
+    n = len(df)
+    duration = float(df["arrival_s"].iloc[-1]) if n else 0.0
+    out: dict[str, Any] = {
+        "rows": n,
+        "duration_s": duration,
+        "mean_rate_rps": (n - 1) / duration if duration > 0 else None,
+    }
+    for col in ("input_tokens", "output_tokens"):
+        v = df[col].to_numpy()
+        out[col] = {
+            "mean": float(v.mean()),
+            "p50": float(np.percentile(v, 50)),
+            "p99": float(np.percentile(v, 99)),
+            "max": int(v.max()),
+        }
+    if df["model"].isna().all():
+        out["models"] = None
+    else:
+        counts = df["model"].value_counts(sort=False)
+        ordered = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
+        out["models"] = {str(k): int(v) for k, v in ordered}
+    return out
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from tangram_sim.traces.formats import read_trace
+
+    df = read_trace(args.file, args.format, skip_bad_rows=args.skip_bad_rows)
+    info = {
+        "file": str(args.file),
+        "format": df.attrs.get("format"),
+        **summarize(df),
+        "skipped_rows": int(df.attrs.get("skipped_rows", 0)),
+    }
+    for key in ("start_time", "functions"):
+        if key in df.attrs:
+            info[key] = df.attrs[key]
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(_text(info))
+    return 0
+
+
+def _text(info: dict[str, Any]) -> str:
+    rate = "n/a" if info["mean_rate_rps"] is None else f"{info['mean_rate_rps']:.3f} req/s"
+    lines = [
+        f"file:          {info['file']}",
+        f"format:        {info['format']}",
+        f"rows:          {info['rows']:,}",
+        f"skipped rows:  {info['skipped_rows']:,}",
+        f"duration:      {info['duration_s']:,.3f} s",
+        f"mean rate:     {rate}",
+    ]
+    if "start_time" in info:
+        lines.append(f"start time:    {info['start_time']}")
+    if "functions" in info:
+        lines.append(f"functions:     {info['functions']:,}")
+    lines.append(f"{'tokens':<14}{'mean':>10}{'p50':>10}{'p99':>10}{'max':>10}")
+    for col in ("input_tokens", "output_tokens"):
+        s = info[col]
+        lines.append(f"  {col.split('_')[0]:<12}{s['mean']:>10.1f}{s['p50']:>10.0f}{s['p99']:>10.0f}{s['max']:>10}")
+    models = info["models"]
+    if models is None:
+        lines.append("models:        none in the file (an experiment assigns them with trace.mapping)")
+    else:
+        lines.append(f"models:        {len(models)}")
+        width = min(max(len(m) for m in models), 64)
+        for name, count in list(models.items())[:_TOP_MODELS]:
+            lines.append(f"  {name[:64]:<{width}}  {count:>10,}  {100 * count / info['rows']:5.1f}%")
+        if len(models) > _TOP_MODELS:
+            rest = sum(list(models.values())[_TOP_MODELS:])
+            lines.append(f"  ... {len(models) - _TOP_MODELS:,} more with {rest:,} requests (see --json)")
+    return "\n".join(lines)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from tangram_sim.traces.formats import read_trace
+    from tangram_sim.traces.synthetic import Diurnal, synthesize
+
+    out = Path(args.out)
+    suffix = out.suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise TraceError(f"--out: expected a .csv or .parquet file name, got '{args.out}'")
+    models = [m.strip() for m in args.models.split(",")]
+    if not all(models):
+        raise TraceError(f"--models: expected comma-separated non-empty names, got '{args.models}'")
+    if len(set(models)) != len(models):
+        raise TraceError(f"--models: names must be distinct, got '{args.models}'")
+    if args.requests is not None and args.requests < 1:
+        raise TraceError(f"--requests: expected an integer >= 1, got {args.requests}")
+    diurnal = None
+    if args.diurnal_amplitude is not None:
+        diurnal = Diurnal.from_config(
+            {"amplitude": args.diurnal_amplitude, "period_s": args.diurnal_period}, "--diurnal"
+        )
+    tokens = None
+    if args.token_source:
+        tokens = read_trace(args.token_source)[["input_tokens", "output_tokens"]]
+    try:
+        df = synthesize(
+            models,
+            np.random.default_rng(args.seed),
+            rate=args.rate,
+            n_requests=args.requests,
+            duration_s=args.duration,
+            arrival=args.arrival,
+            cv=args.cv,
+            zipf_alpha=args.alpha,
+            diurnal=diurnal,
+            input_mean=args.input_mean,
+            output_mean=args.output_mean,
+            token_table=tokens,
+        )
+    except TraceError as exc:  # name the option, not the Python parameter
+        message = str(exc)
+        for param, option in _SYNTH_OPTIONS.items():
+            message = message.replace(f"synthesize.{param}:", f"{option}:")
+        raise TraceError(message) from None
+    if not out.parent.exists():
+        raise TraceError(f"--out: folder '{out.parent}' does not exist")
+    if suffix == ".csv":
+        df.to_csv(out, index=False)
+    else:
+        df.to_parquet(out, index=False)
+    print(f"wrote {len(df):,} requests over {df['arrival_s'].iloc[-1]:,.1f} s to {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `trace` group alone (`python -m tangram_sim.cli.trace_cmd inspect FILE`)."""
+    parser = argparse.ArgumentParser(prog="tangram-sim")
+    add_parser(parser.add_subparsers())
+    try:
+        args = parser.parse_args(["trace", *(sys.argv[1:] if argv is None else argv)])
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return int(args.func(args) or 0)
+    except TangramError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
