@@ -10,7 +10,13 @@ import pytest
 from tangram_sim.errors import CapacityError, ConfigError
 from tangram_sim.models import derive_model, get_model
 from tangram_sim.sim.hardware import TierSpec, gpu_spec
-from tangram_sim.sim.simulate import ClusterSpec, ModelChoice, SimulationInvariantError, _check_conservation, simulate
+from tangram_sim.sim.simulate import (
+    ClusterSpec,
+    ModelChoice,
+    SimulationInvariantError,
+    _check_conservation,
+    simulate,
+)
 from tangram_sim.sim.systems import make_system
 from tangram_sim.sim.timemodel import Roofline
 

@@ -571,7 +571,8 @@ def read_azure_functions(
     becomes a model label (its HashFunction) to be mapped onto models, or a model directly through
     `function_models` (which also selects those functions). `top_functions` keeps the N busiest,
     `minutes=(first, last)` only expands those minute columns (1-based, inclusive) to bound the size.
-    Token lengths are drawn from `token_table` (canonical columns) or fixed.
+    Token lengths are drawn from `token_table` (canonical columns) or fixed. `attrs["start_offset_s"]`
+    is the first request's time since the start of minute 1 (arrival_s counts from that request).
     """
     p = _check_file(path)
     if spread not in SPREADS:
@@ -614,7 +615,13 @@ def read_azure_functions(
     inputs, outputs = _sample_tokens(total, rng, token_table, input_tokens, output_tokens)
     df = _canonical(arrival, model, inputs, outputs)
     return _finish(
-        df, p, "azure-functions", skipped, models_are_labels=function_models is None, functions=len(order)
+        df,
+        p,
+        "azure-functions",
+        skipped,
+        models_are_labels=function_models is None,
+        functions=len(order),
+        start_offset_s=float(arrival.min()),
     )
 
 
@@ -652,6 +659,7 @@ def read_azure_functions_2021(
         skipped,
         models_are_labels=function_models is None,
         functions=len(order),
+        start_offset_s=float(arrival.min()),
     )
 
 

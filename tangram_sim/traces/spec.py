@@ -204,8 +204,8 @@ def load_trace(
 ) -> pd.DataFrame:
     """The canonical trace described by an experiment's `trace` section; same seed -> same table.
 
-    Steps: read or synthesize, map models (per request for traces without a model column, per label
-    for traces with function or service labels), check every model is one of `models`, then window
+    Steps: read or synthesize, map models (per request for traces without a model column and for
+    synthetic ones, per label for traces with function or service labels), check every model is one of `models`, then window
     (`start_s`, `duration_s`, `max_requests`) and compress time (`rate_scale`). `df.attrs` records the
     source, format and `skipped_rows`.
     """
@@ -230,7 +230,10 @@ def load_trace(
     mapping = spec.get("mapping")
     has_models = not df["model"].isna().all()
     if mapping is not None:
-        df = apply_mapping(df, models, mapping, _rng(seed, STREAM_MAPPING), where="trace.mapping")
+        if kind == "synthetic" and "alpha" in spec:
+            raise TraceError("trace.mapping: give either alpha or mapping for a synthetic trace, not both")
+        per = "request" if kind == "synthetic" else "auto"
+        df = apply_mapping(df, models, mapping, _rng(seed, STREAM_MAPPING), per=per, where="trace.mapping")
     elif not has_models:
         raise TraceError(
             f"trace.mapping: required, the {kind} trace has no model column; "

@@ -1,0 +1,398 @@
+"""Experiment YAML: schema, validation with dotted paths, sweep expansion, resolution to objects.
+
+An experiment is a plain dict (what the YAML holds) until `resolve` turns one sweep point into the
+objects the simulator takes. Keeping the raw dict lets a sweep or `--set` change any dotted key
+(`cluster.gpus_per_node`, `trace.mapping.alpha`, `systems.1.overrides.keep_alive_s`) before the
+point is validated, so every point gets the same checks and the same error messages.
+
+Schema (defaults in brackets):
+
+    name: str                              # required
+    seed: int [0]
+    description: str [""]
+    cluster:
+      nodes: int [1]
+      gpus_per_node: int [1]
+      gpu: a100-40gb | a100-80gb | h100-80gb | h200-141gb | l40-48gb | rtx4090-24gb | a10-24gb [a100-80gb]
+      gpu_memory_gib: number [the GPU's memory]
+      gpu_overrides: {memory_bytes|bf16_flops|hbm_bps|pcie_bps|d2d_bps: number} [{}]
+      tiers: {host_cache_gib: 256, ssd_gbps: 6, network_gbps: 1.25, ssd_holds_all: true,
+              unit_overhead_s: 0}
+      compute_efficiency: number [0.5]     # roofline
+      memory_efficiency: number [0.7]      # roofline
+    models:                                # at least one
+      - name: catalog name, or a config.json / .safetensors / checkpoint folder path
+        sensitivity: number [1]
+        tensor_parallel: int [1]
+        derive: {base: NAME, share: [fnmatch patterns]} or {base: NAME, share_first_layers: 0.5}
+    trace: {kind: ..., ...}                # see tangram_sim.traces.spec
+    systems:                               # at least one
+      - {name: str, preset: serverlessllm | tangram | model-reuse | ..., overrides: {...}}
+    sweep: {dotted.key: [values, ...]}     # optional grid
+    calibration: path                      # optional, from `tangram-sim real calibrate`
+    outputs: {requests: true, timeline: true, plots: true, sample_interval_s: auto}
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tangram_sim.errors import ConfigError, TangramError
+from tangram_sim.sim.hardware import GPUS, TierSpec, gpu_spec
+from tangram_sim.sim.systems import PRESETS, SystemSpec, make_system
+
+GiB = 2**30
+TOP_KEYS = ("name", "seed", "description", "cluster", "models", "trace", "systems", "sweep", "calibration",
+            "outputs")
+CLUSTER_KEYS = ("nodes", "gpus_per_node", "gpu", "gpu_memory_gib", "gpu_overrides", "tiers",
+                "compute_efficiency", "memory_efficiency")
+TIER_KEYS = ("host_cache_gib", "ssd_gbps", "network_gbps", "ssd_holds_all", "unit_overhead_s")
+MODEL_KEYS = ("name", "sensitivity", "tensor_parallel", "derive")
+SYSTEM_KEYS = ("name", "preset", "overrides")
+OUTPUT_KEYS = ("requests", "timeline", "plots", "sample_interval_s")
+
+
+def load_yaml(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """Read an experiment file; returns the raw dict and the folder relative paths resolve against."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: experiment file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: malformed YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of experiment keys at the top level")
+    return raw, path.resolve().parent
+
+
+# ------------------------------------------------------------------ dotted keys
+def _parse_key(dotted: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for part in dotted.split("."):
+        if not part:
+            raise ConfigError(f"bad dotted key {dotted!r}")
+        parts.append(int(part) if part.isdigit() else part)
+    return parts
+
+
+def set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.0.c` in a nested dict/list config, creating mappings on the way."""
+    parts = _parse_key(dotted)
+    node: Any = config
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        where = ".".join(map(str, parts[: i + 1]))
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise ConfigError(f"{dotted}: {where} is not an existing list item")
+            node = node[part]
+        else:
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted}: {where} is inside a value that is not a mapping")
+            if node.get(part) is None:
+                node[part] = [] if isinstance(nxt, int) else {}
+            node = node[part]
+    last = parts[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise ConfigError(f"{dotted}: not an existing list item")
+        node[last] = value
+    else:
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: the parent is not a mapping")
+        node[last] = value
+
+
+def parse_set(assignment: str) -> tuple[str, Any]:
+    """`key=value` from the command line; the value is parsed as YAML (numbers, lists, booleans)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
+    key, text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def sweep_points(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """The grid of the `sweep` section as a list of {dotted key: value} (one empty point if none)."""
+    sweep = raw.get("sweep") or {}
+    if not isinstance(sweep, dict):
+        raise ConfigError("sweep: expected a mapping of dotted keys to lists of values")
+    keys = list(sweep)
+    for key in keys:
+        values = sweep[key]
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep.{key}: expected a non-empty list of values")
+        if key.split(".")[0] not in TOP_KEYS or key.split(".")[0] in ("sweep", "name"):
+            raise ConfigError(f"sweep.{key}: not a key an experiment can vary")
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(sweep[k] for k in keys))]
+
+
+def apply_point(raw: dict[str, Any], point: Mapping[str, Any]) -> dict[str, Any]:
+    config = copy.deepcopy(raw)
+    config.pop("sweep", None)
+    for key, value in point.items():
+        set_dotted(config, key, value)
+    return config
+
+
+# ------------------------------------------------------------------ validation helpers
+def _check_keys(section: Any, allowed: tuple[str, ...], where: str) -> dict[str, Any]:
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(section).__name__}")
+    for key in section:
+        if key not in allowed:
+            raise ConfigError(f"{where}.{key}: unknown key; expected one of: {', '.join(allowed)}")
+    return section
+
+
+def _get(section: dict[str, Any], key: str, where: str, kind: type | tuple[type, ...], default: Any,
+         positive: bool = False) -> Any:
+    value = section.get(key, default)
+    if value is None:
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{where}.{key}: expected {_kind_name(kind)}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where}.{key}: expected {_kind_name(kind)}, got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(f"{where}.{key}: expected a positive value, got {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
+             list: "a list"}
+    if isinstance(kind, tuple):
+        return " or ".join(names.get(k, k.__name__) for k in kind)
+    return names.get(kind, kind.__name__)
+
+
+@dataclass(slots=True)
+class ResolvedPoint:
+    """One sweep point turned into simulator inputs (built in the process that simulates it)."""
+
+    name: str  # experiment name
+    seed: int  # experiment seed
+    config: dict[str, Any]  # the validated raw config of this point (defaults filled in)
+    base_dir: Path | None  # where relative paths resolve first
+
+
+def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    """Check every key and type of one (sweep-applied) config; returns it with defaults filled in."""
+    _check_keys(raw, TOP_KEYS, "experiment")
+    out: dict[str, Any] = {}
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("name: expected a non-empty string naming the experiment")
+    out["name"] = name
+    out["seed"] = _get(raw, "seed", "experiment", int, 0)
+    out["description"] = _get(raw, "description", "experiment", str, "")
+
+    cl = _check_keys(raw.get("cluster"), CLUSTER_KEYS, "cluster")
+    cluster = {
+        "nodes": _get(cl, "nodes", "cluster", int, 1, positive=True),
+        "gpus_per_node": _get(cl, "gpus_per_node", "cluster", int, 1, positive=True),
+        "gpu": _get(cl, "gpu", "cluster", str, "a100-80gb"),
+        "gpu_memory_gib": _get(cl, "gpu_memory_gib", "cluster", float, None, positive=True),
+        "gpu_overrides": _get(cl, "gpu_overrides", "cluster", dict, {}),
+        "compute_efficiency": _get(cl, "compute_efficiency", "cluster", float, 0.5, positive=True),
+        "memory_efficiency": _get(cl, "memory_efficiency", "cluster", float, 0.7, positive=True),
+    }
+    if cluster["gpu"] not in GPUS:
+        raise ConfigError(f"cluster.gpu: unknown GPU {cluster['gpu']!r}; expected one of: {', '.join(GPUS)}")
+    tiers = _check_keys(cl.get("tiers"), TIER_KEYS, "cluster.tiers")
+    cluster["tiers"] = {
+        "host_cache_gib": _get(tiers, "host_cache_gib", "cluster.tiers", float, 256.0),
+        "ssd_gbps": _get(tiers, "ssd_gbps", "cluster.tiers", float, 6.0, positive=True),
+        "network_gbps": _get(tiers, "network_gbps", "cluster.tiers", float, 1.25, positive=True),
+        "ssd_holds_all": _get(tiers, "ssd_holds_all", "cluster.tiers", bool, True),
+        "unit_overhead_s": _get(tiers, "unit_overhead_s", "cluster.tiers", float, 0.0),
+    }
+    gpu_spec(cluster["gpu"], cluster["gpu_overrides"], cluster["gpu_memory_gib"])  # field checks
+    out["cluster"] = cluster
+
+    models = raw.get("models")
+    if not isinstance(models, list) or not models:
+        raise ConfigError("models: expected a non-empty list of models")
+    out_models = []
+    seen: set[str] = set()
+    for i, m in enumerate(models):
+        where = f"models.{i}"
+        if isinstance(m, str):
+            m = {"name": m}
+        m = _check_keys(m, MODEL_KEYS, where)
+        mname = m.get("name")
+        if not isinstance(mname, str) or not mname:
+            raise ConfigError(f"{where}.name: expected a catalog model name or a checkpoint path")
+        if mname in seen:
+            raise ConfigError(f"{where}.name: model {mname!r} is listed twice")
+        seen.add(mname)
+        entry = {
+            "name": mname,
+            "sensitivity": _get(m, "sensitivity", where, float, 1.0, positive=True),
+            "tensor_parallel": _get(m, "tensor_parallel", where, int, 1, positive=True),
+        }
+        if m.get("derive") is not None:
+            d = _check_keys(m["derive"], ("base", "share", "share_first_layers"), f"{where}.derive")
+            if not isinstance(d.get("base"), str):
+                raise ConfigError(f"{where}.derive.base: expected the name of another model in models")
+            if ("share" in d) == ("share_first_layers" in d):
+                raise ConfigError(f"{where}.derive: give exactly one of share (patterns) or share_first_layers")
+            if "share" in d and not (isinstance(d["share"], list) and all(isinstance(p, str) for p in d["share"])):
+                raise ConfigError(f"{where}.derive.share: expected a list of tensor name patterns")
+            if "share_first_layers" in d:
+                frac = _get(d, "share_first_layers", f"{where}.derive", float, 0.5)
+                if not 0 <= frac <= 1:
+                    raise ConfigError(f"{where}.derive.share_first_layers: expected a fraction in [0, 1]")
+            entry["derive"] = dict(d)
+        out_models.append(entry)
+    out["models"] = out_models
+
+    trace = raw.get("trace")
+    if not isinstance(trace, dict):
+        raise ConfigError("trace: expected a mapping with at least `kind`")
+    out["trace"] = trace
+
+    systems = raw.get("systems")
+    if not isinstance(systems, list) or not systems:
+        raise ConfigError("systems: expected a non-empty list of {name, preset, overrides}")
+    out_systems = []
+    names: set[str] = set()
+    for i, s in enumerate(systems):
+        where = f"systems.{i}"
+        s = _check_keys(s, SYSTEM_KEYS, where)
+        sname = _get(s, "name", where, str, None)
+        preset = _get(s, "preset", where, str, "tangram")
+        if sname is None:
+            sname = preset
+        if sname in names:
+            raise ConfigError(f"{where}.name: system {sname!r} is listed twice")
+        names.add(sname)
+        if preset not in PRESETS:
+            raise ConfigError(f"{where}.preset: unknown preset {preset!r}; expected one of: {', '.join(PRESETS)}")
+        overrides = _get(s, "overrides", where, dict, {})
+        make_system(sname, preset, overrides, where=where)  # type and policy-name checks
+        out_systems.append({"name": sname, "preset": preset, "overrides": dict(overrides)})
+    out["systems"] = out_systems
+
+    calibration = raw.get("calibration")
+    if calibration is not None:
+        if not isinstance(calibration, str):
+            raise ConfigError("calibration: expected a path to a calibration YAML")
+        out["calibration"] = str(_resolve_path(calibration, base_dir, "calibration"))
+
+    outputs = _check_keys(raw.get("outputs"), OUTPUT_KEYS, "outputs")
+    interval = outputs.get("sample_interval_s", "auto")
+    if interval != "auto" and not (isinstance(interval, (int, float)) and not isinstance(interval, bool)
+                                   and interval >= 0):
+        raise ConfigError(f"outputs.sample_interval_s: expected auto or a number >= 0, got {interval!r}")
+    out["outputs"] = {
+        "requests": _get(outputs, "requests", "outputs", bool, True),
+        "timeline": _get(outputs, "timeline", "outputs", bool, True),
+        "plots": _get(outputs, "plots", "outputs", bool, True),
+        "sample_interval_s": interval,
+    }
+    return out
+
+
+def _resolve_path(value: str, base_dir: Path | None, where: str) -> Path:
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        candidates = [p]
+    else:
+        candidates = ([base_dir / p] if base_dir is not None else []) + [Path.cwd() / p]
+    for c in candidates:
+        if c.exists():
+            return c
+    raise ConfigError(f"{where}: path not found: {value!r} (looked in {', '.join(str(c) for c in candidates)})")
+
+
+# ------------------------------------------------------------------ building simulator inputs
+def build_models(config: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    """ModelChoice per model name (catalog, files, derived variants)."""
+    from tangram_sim.models import derive_model, get_model, share_patterns_first_layers
+    from tangram_sim.sim.simulate import ModelChoice
+
+    specs: dict[str, Any] = {}
+    pending = []
+    for i, m in enumerate(config["models"]):
+        if "derive" in m:
+            pending.append((i, m))
+            continue
+        name = m["name"]
+        try:
+            spec = get_model(name)
+        except TangramError:
+            candidate = None
+            try:
+                candidate = _resolve_path(name, base_dir, f"models.{i}.name")
+            except ConfigError:
+                pass
+            if candidate is None:
+                raise
+            spec = get_model(str(candidate))
+        specs[name] = spec
+    for i, m in pending:
+        d = m["derive"]
+        base = specs.get(d["base"])
+        if base is None:
+            raise ConfigError(f"models.{i}.derive.base: {d['base']!r} is not a (non-derived) model listed in models")
+        share = d.get("share") or share_patterns_first_layers(base, d.get("share_first_layers", 0.5))
+        specs[m["name"]] = derive_model(base, m["name"], share)
+    return {
+        m["name"]: ModelChoice(specs[m["name"]], m["sensitivity"], m["tensor_parallel"]) for m in config["models"]
+    }
+
+
+def build_cluster(config: dict[str, Any]) -> Any:
+    from tangram_sim.sim.simulate import ClusterSpec
+
+    c = config["cluster"]
+    t = c["tiers"]
+    return ClusterSpec(
+        nodes=c["nodes"],
+        gpus_per_node=c["gpus_per_node"],
+        gpu=gpu_spec(c["gpu"], c["gpu_overrides"], c["gpu_memory_gib"]),
+        tiers=TierSpec(
+            host_cache_bytes=int(t["host_cache_gib"] * GiB),
+            ssd_bps=t["ssd_gbps"] * 1e9,
+            network_bps=t["network_gbps"] * 1e9,
+            ssd_holds_all=t["ssd_holds_all"],
+            unit_overhead_s=t["unit_overhead_s"],
+        ),
+        compute_efficiency=c["compute_efficiency"],
+        memory_efficiency=c["memory_efficiency"],
+    )
+
+
+def build_systems(config: dict[str, Any]) -> list[SystemSpec]:
+    return [
+        make_system(s["name"], s["preset"], s["overrides"], where=f"systems.{i}")
+        for i, s in enumerate(config["systems"])
+    ]
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110)
