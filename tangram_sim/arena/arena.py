@@ -187,30 +187,45 @@ class Arena:
         size = self.align(nbytes)
         if offset % self.alignment:
             raise ArenaError(f"offset {offset} is not aligned to {self.alignment}")
-        i = bisect.bisect_right(self._free_offsets, offset) - 1
+        free_offsets, free_at = self._free_offsets, self._free_at
+        i = bisect.bisect_right(free_offsets, offset) - 1
         if i < 0:
             raise ArenaError(f"offset {offset} is not inside a free region")
-        hole = self._free_at[self._free_offsets[i]]
+        hole = free_at[free_offsets[i]]
         if offset + size > hole.end:
             raise ArenaError(f"range {offset}+{size} does not fit the free region {hole!r}")
-        # Split the hole into [hole.offset, offset) free, the new region, and [end, hole.end) free.
-        if offset > hole.offset:
+        if offset > hole.offset:  # keep [hole.offset, offset) free
             hole = self._split(hole, offset - hole.offset)
-        if hole.size > size:
-            self._split(hole, size)
-        self._unindex_free(hole)
-        hole.state = state
-        hole.key = key
-        hole.owners = set(owners)
-        hole.pin_count = 0
-        owner_bytes = self._owner_bytes
-        for model in hole.owners:
-            owner_bytes[model] = owner_bytes.get(model, 0) + size
-        self._by_key[key] = hole
+            i += 1
+        # Carve from the front of the hole: the remainder keeps its slot in the sorted free index,
+        # so consecutive placements (how plans fill a hole) cost O(1) index work each.
+        del free_at[offset]
+        if hole.size == size:
+            del free_offsets[i]
+            region = hole
+            region.state = state
+            region.key = key
+            region.owners = set(owners)
+            region.pin_count = 0
+        else:
+            region = Region(offset, size, state, key, set(owners), 0, hole.prev, hole)
+            if hole.prev is None:
+                self._head = region
+            else:
+                hole.prev.next = region
+            hole.prev = region
+            hole.offset += size
+            hole.size -= size
+            free_offsets[i] = hole.offset
+            free_at[hole.offset] = hole
+        self._by_key[key] = region
         self._bytes[State.FREE] -= size
         self._bytes[state] += size
+        owner_bytes = self._owner_bytes
+        for model in region.owners:
+            owner_bytes[model] = owner_bytes.get(model, 0) + size
         self.version += 1
-        return hole
+        return region
 
     def _split(self, region: Region, first_size: int) -> Region:
         """Split a FREE region in two; returns the second half (also free, indexed)."""
@@ -236,14 +251,16 @@ class Arena:
             raise ArenaError(f"key {key!r} is not in the arena")
         return region
 
-    def finish_load(self, key: Key) -> Region:
-        """LOADING -> RESIDENT once its bytes have arrived."""
-        region = self._get(key)
-        if region.state is not State.LOADING:
-            raise ArenaError(f"{region!r} is not loading")
+    def finish_load(self, key: Key, pin: bool = False) -> Region:
+        """LOADING -> RESIDENT once its bytes have arrived (and pinned at once for its instance)."""
+        region = self._by_key.get(key)
+        if region is None or region.state is not State.LOADING:
+            raise ArenaError(f"{region!r} for key {key!r} is not loading")
         self._bytes[State.LOADING] -= region.size
         self._bytes[State.RESIDENT] += region.size
         region.state = State.RESIDENT
+        if pin:
+            region.pin_count += 1
         self.version += 1
         return region
 

@@ -92,12 +92,36 @@ class TangramRetention(RetentionPolicy):
     def access_share(self, model: str) -> float:
         return self.counts.get(model, 0) / self.total if self.total else 0.0
 
+    def _weights(self, now: float) -> tuple[dict[str, float], float]:
+        """Per-model access weight (count x sensitivity) and the total count they are shares of."""
+        sens = self.sensitivity
+        return {m: c * sens.get(m, 1.0) for m, c in self.counts.items()}, float(self.total)
+
     def value(self, region: Region, now: float) -> float:
-        if not self.total:
+        weights, total = self._weights(now)
+        if total <= 0.0:
             return 0.0
-        counts, sens = self.counts, self.sensitivity
-        weight = sum(counts.get(m, 0) * sens.get(m, 1.0) for m in region.owners)
-        return region.size / self.host_to_gpu_bps * weight / self.total
+        weight = sum(weights.get(m, 0.0) for m in region.owners)
+        return region.size / self.host_to_gpu_bps * weight / total
+
+    def eviction_order(self, candidates: Iterable[Region], now: float) -> list[Key]:
+        """Same order as the base class; the model weights are computed once per call, not per unit,
+        because simulators rank hundreds of units at every cold start."""
+        weights, total = self._weights(now)
+        if total <= 0.0:
+            return super().eviction_order(candidates, now)
+        bw = self.host_to_gpu_bps
+        scored = []
+        for i, r in enumerate(candidates):
+            owners = r.owners
+            if len(owners) == 1:
+                for m in owners:
+                    weight = weights.get(m, 0.0)
+            else:
+                weight = sum(weights.get(m, 0.0) for m in owners)
+            scored.append((r.size / bw * weight / total, r.offset, i, r.key))
+        scored.sort(key=lambda t: (t[0], t[1], t[2]))
+        return [t[3] for t in scored]
 
 
 @RETENTION.register("decayed-frequency")
@@ -135,13 +159,10 @@ class DecayedFrequencyRetention(TangramRetention):
         entry = self.decayed.get(model)
         return self._at(entry, now) / total if entry is not None and total > 0 else 0.0
 
-    def value(self, region: Region, now: float) -> float:
-        total = self._at(self.decayed_total, now)
-        if total <= 0.0:  # nothing seen yet, or everything decayed below float range
-            return 0.0
-        decayed, sens = self.decayed, self.sensitivity
-        weight = sum(self._at(decayed[m], now) * sens.get(m, 1.0) for m in region.owners if m in decayed)
-        return region.size / self.host_to_gpu_bps * weight / total
+    def _weights(self, now: float) -> tuple[dict[str, float], float]:
+        sens = self.sensitivity
+        weights = {m: self._at(entry, now) * sens.get(m, 1.0) for m, entry in self.decayed.items()}
+        return weights, self._at(self.decayed_total, now)  # 0 when nothing seen or all decayed away
 
 
 @RETENTION.register("lru")

@@ -91,6 +91,7 @@ class ModelEntry:
     units: tuple[ReuseUnit, ...]  # reuse units at the system's granularity
     unit_keys: tuple[Key, ...]  # their keys in the arena
     unit_bytes: tuple[int, ...]  # their sizes
+    unit_aligned: tuple[int, ...]  # their sizes in the arena (rounded up to its alignment)
     nbytes: int  # total bytes on one GPU
     sensitivity: float  # retention weight from the experiment
 
@@ -265,30 +266,31 @@ class GpuWorker:
         c.recorder.log(t0, self.gpu_id, "cold_start", head.rid, head.model)
 
         missing: list[tuple[Key, int]] = []
+        reused_keys: list[Key] = []
         reused = 0
+        missing_aligned = 0
         present = arena.lookup
-        for key, nbytes in zip(entry.unit_keys, entry.unit_bytes):
-            region = present(key)
-            if region is None:
+        for key, nbytes, aligned in zip(entry.unit_keys, entry.unit_bytes, entry.unit_aligned):
+            if present(key) is None:
                 missing.append((key, nbytes))
+                missing_aligned += aligned
             else:
                 reused += nbytes
-        reused_keys = {k for k in entry.unit_keys if present(k) is not None}
+                reused_keys.append(key)
         packing = c.packing
         plan = None
-        if arena.free_bytes >= sum(arena.align(n) for _, n in missing):
+        if arena.free_bytes >= missing_aligned:
             plan = packing.plan(arena, missing, ())  # no eviction needed: skip ranking candidates
         if plan is None:
-            order = [k for k in self.retention.eviction_order(arena.evictable(), t0) if k not in reused_keys]
+            protected = set(reused_keys)
+            order = [k for k in self.retention.eviction_order(arena.evictable(), t0) if k not in protected]
             plan = packing.plan(arena, missing, order)
         if plan is None:  # cannot happen for models validated to fit; never hang on it
             raise RuntimeError(f"gpu {self.gpu_id}: no packing plan for {head.model}")
         for key in plan.evictions:
             self.retention.on_evict(key, t0)
         execute_plan(arena, plan, owners=c.key_owners.__getitem__)
-        for key in entry.unit_keys:
-            if key not in reused_keys:
-                continue
+        for key in reused_keys:
             arena.pin(key)
         moved = plan.moved_bytes
         loaded = sum(n for _, n in missing)
@@ -308,8 +310,7 @@ class GpuWorker:
         if missing:
             yield from self._transfer(missing)
         for key, _ in missing:
-            arena.finish_load(key)
-            arena.pin(key)
+            arena.finish_load(key, pin=True)
         head.startup_s = t_load - t0
         head.load_s = env.now - t_load
         self.busy_s += env.now - t0
@@ -378,12 +379,13 @@ class GpuWorker:
         c = self.cluster
         for key in inst.pool_keys:
             arena.release(key)
+        retains = self.retention.retains
         for key in inst.entry.unit_keys:
             region = arena.lookup(key)
             if region is None or region.pin_count == 0:
                 continue
-            arena.unpin(key)
-            if not self.retention.retains and region.pin_count == 0:
+            region.pin_count -= 1  # arena.unpin without the lookup: this loop runs per unit
+            if not retains and region.pin_count == 0:
                 arena.evict(key)
         c.warm_workers[inst.model].discard(self)
         c.recorder.log(c.env.now, self.gpu_id, "instance_end", -1, inst.model)

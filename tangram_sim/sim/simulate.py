@@ -120,6 +120,7 @@ def simulate(
             units=units,
             unit_keys=tuple(u.key for u in units),
             unit_bytes=tuple(u.nbytes for u in units),
+            unit_aligned=tuple(-(-u.nbytes // cluster.alignment) * cluster.alignment for u in units),
             nbytes=sum(u.nbytes for u in units),
             sensitivity=choice.sensitivity,
         )

@@ -13,7 +13,9 @@ good messages. With `skip_bad_rows=True` bad rows are dropped and counted in
 from __future__ import annotations
 
 import csv
+import io
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -78,18 +80,41 @@ def validate_trace(df: pd.DataFrame, source: str, *, require_model: bool = False
     return _canonical(arrival, model, checks[1][2], checks[2][2])
 
 
-def _canonical(
-    arrival: np.ndarray, model: np.ndarray | None, inputs: np.ndarray, outputs: np.ndarray
-) -> pd.DataFrame:
+# Model column as given to `_canonical`: None, an array of names, or (codes, names) with codes
+# indexing names; codes keep reordering cheap and let pyarrow build the string column.
+_Models = np.ndarray | tuple[np.ndarray, Sequence[str]] | None
+
+
+def _string_column(codes: np.ndarray, names: Sequence[str]) -> pd.Series:
+    """names[codes] as a pandas string Series; via pyarrow when pandas stores strings there (10x faster)."""
+    target = pd.Series([], dtype="str").dtype
+    if isinstance(target, pd.StringDtype) and target.storage == "pyarrow":
+        import pyarrow as pa
+
+        arr = pa.DictionaryArray.from_arrays(
+            pa.array(np.asarray(codes, dtype=np.int32)), pa.array([str(x) for x in names], pa.large_string())
+        ).dictionary_decode()
+        return pd.Series(arr, dtype=target)
+    return pd.Series(np.asarray(names, dtype=object)[codes], dtype="str")
+
+
+def _canonical(arrival: np.ndarray, model: _Models, inputs: np.ndarray, outputs: np.ndarray) -> pd.DataFrame:
     """Assemble the canonical table from parsed arrays (sorted, shifted, typed)."""
     arrival = np.asarray(arrival, dtype=np.float64)
+    codes: np.ndarray | None = None
+    names: Sequence[str] = ()
+    if isinstance(model, tuple):
+        codes, names = model
+    elif model is not None:
+        codes, uniques = pd.factorize(np.asarray(model, dtype=object))
+        names = list(uniques)
     if len(arrival) > 1 and bool(np.any(np.diff(arrival) < 0)):
         order = np.argsort(arrival, kind="stable")
         arrival, inputs, outputs = arrival[order], inputs[order], outputs[order]
-        model = None if model is None else model[order]
+        codes = None if codes is None else codes[order]
     arrival = arrival - arrival[0]
     n = len(arrival)
-    models = pd.Series([None] * n, dtype=object) if model is None else pd.Series(model, dtype="str")
+    models = pd.Series([None] * n, dtype=object) if codes is None else _string_column(codes, names)
     return pd.DataFrame(
         {
             "arrival_s": arrival,
@@ -203,7 +228,7 @@ def _first_line(path: Path) -> str:
 
 def _split(line: str, sep: str) -> list[str]:
     if sep == ",":
-        return next(csv.reader([line]), [])
+        return line.split(",") if '"' not in line else next(csv.reader([line]), [])
     return line.split()
 
 
@@ -235,14 +260,16 @@ def _read_fast(path: Path, nfields: int, sep: str, skip: int) -> _Raw | None:
     Dtypes are inferred (several times faster than forcing text); text parsers accept numbers.
     """
     try:
-        frame = pd.read_csv(
-            path,
-            sep=sep,
-            header=None,
-            skiprows=skip,
-            skip_blank_lines=False,
-            encoding="utf-8",
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pd.errors.DtypeWarning)  # mixed columns are parsed below
+            frame = pd.read_csv(
+                path,
+                sep=sep,
+                header=None,
+                skiprows=skip,
+                skip_blank_lines=False,
+                encoding="utf-8",
+            )
     except pd.errors.EmptyDataError:
         frame = pd.DataFrame({pos: pd.Series([], dtype=object) for pos in range(nfields)})
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError):
@@ -257,35 +284,44 @@ def _read_fast(path: Path, nfields: int, sep: str, skip: int) -> _Raw | None:
 
 
 def _read_slow(path: Path, nfields: int, sep: str, skip: int, names: Sequence[str]) -> _Raw:
-    """Line-by-line reader that records which lines have the wrong number of fields or bad bytes."""
-    rows: list[list[str]] = []
-    lines: list[int] = []
+    """Find the lines with the wrong number of fields or bad bytes, then parse the rest with pandas."""
+    data = path.read_bytes()
+    undecodable: dict[int, str] = {}  # line number -> message
+    try:
+        lines: list[str | None] = list(data.decode("utf-8").split("\n"))
+    except UnicodeDecodeError:
+        lines = []
+        for line_no, raw in enumerate(data.split(b"\n"), start=1):
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                lines.append(None)
+                undecodable[line_no] = f"not UTF-8 text (byte {raw[exc.start]:#04x})"
+    if data.endswith(b"\n"):
+        lines.pop()
+    good: list[str] = []
+    line_numbers: list[int] = []
     structural: list[tuple[int, str]] = []
     what = "comma-separated" if sep == "," else "whitespace-separated"
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if line_no <= skip:
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                structural.append((line_no, f"not UTF-8 text (byte {raw[exc.start]:#04x})"))
-                continue
-            text = text.rstrip("\r\n")
-            if not text.strip():
-                continue
-            fields = [x.strip() for x in _split(text, sep)]
-            if len(fields) != nfields:
-                structural.append(
-                    (line_no, f"expected {nfields} {what} fields ({','.join(names)}), got {len(fields)}")
-                )
-                continue
-            rows.append(fields)
-            lines.append(line_no)
-    frame = pd.DataFrame(rows, columns=range(nfields), dtype="str")
-    if not rows:
+    for line_no, text in enumerate(lines[skip:], start=skip + 1):
+        if text is None:
+            structural.append((line_no, undecodable[line_no]))
+            continue
+        if sep == ",":
+            count = text.count(",") + 1 if '"' not in text else len(_split(text, sep))
+        else:
+            count = len(text.split())
+        if count == nfields:
+            good.append(text)
+            line_numbers.append(line_no)
+        elif text.strip():
+            structural.append((line_no, f"expected {nfields} {what} fields ({','.join(names)}), got {count}"))
+    if good:
+        frame = pd.read_csv(io.StringIO("\n".join(good)), sep=sep, header=None, names=list(range(nfields)),
+                            skip_blank_lines=False)
+    else:
         frame = pd.DataFrame({pos: pd.Series([], dtype="str") for pos in range(nfields)})
-    return _Raw(frame, np.asarray(lines, dtype=np.int64), structural)
+    return _Raw(frame, np.asarray(line_numbers, dtype=np.int64), structural)
 
 
 def _read_delimited(
@@ -429,8 +465,7 @@ def read_servegen(
     ids = v["model_id"]
     uniq, inverse = np.unique(ids, return_inverse=True)
     names = [lookup[int(i)] if lookup is not None else str(int(i)) for i in uniq]
-    model = np.asarray(names, dtype=object)[inverse]
-    df = _canonical(v["timestamp_s"], model, v["input_tokens"], v["output_tokens"])
+    df = _canonical(v["timestamp_s"], (inverse, names), v["input_tokens"], v["output_tokens"])
     return _finish(df, p, "servegen", skipped, models_are_labels=lookup is None)
 
 
@@ -611,7 +646,7 @@ def read_azure_functions(
         phase = np.repeat(rng.random(len(per)), per)
         offset = 60.0 * (k + phase) / np.repeat(per, per)
     arrival = base + offset
-    model = labels[np.repeat(nz // m, per)]
+    model = (np.repeat(nz // m, per), labels.tolist())
     inputs, outputs = _sample_tokens(total, rng, token_table, input_tokens, output_tokens)
     df = _canonical(arrival, model, inputs, outputs)
     return _finish(
@@ -649,7 +684,7 @@ def read_azure_functions_2021(
     order, out_labels = _select_functions(uniq, counts, top_functions, function_models, p)
     keep = np.isin(inverse, order)
     arrival = (v["end_timestamp"] - v["duration"])[keep]
-    model = out_labels[inverse[keep]]
+    model = (inverse[keep], out_labels.tolist())
     inputs, outputs = _sample_tokens(len(arrival), rng, token_table, input_tokens, output_tokens)
     df = _canonical(arrival, model, inputs, outputs)
     return _finish(

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from tangram_sim.errors import TraceError
+from tangram_sim.traces.formats import _string_column
 
 MAPPING_KINDS: dict[str, tuple[str, ...]] = {
     "zipf": ("alpha", "shuffle"),
@@ -124,9 +125,8 @@ def apply_mapping(
         per = "label" if has_labels else "request"
     if per == "label" and not has_labels:
         raise TraceError(f"{where}: the trace has no model labels to map; map per request instead")
-    names = np.asarray(models, dtype=object)
     if per == "request":
-        chosen = names[assign(len(df), models, mapping, rng, where)]
+        chosen = assign(len(df), models, mapping, rng, where)
     else:
         labels, inverse, counts = np.unique(
             column.to_numpy(dtype=object).astype(str), return_inverse=True, return_counts=True
@@ -134,7 +134,9 @@ def apply_mapping(
         rank = np.argsort(-counts, kind="stable")  # busiest first; ties stay in name order
         label_model = np.empty(len(labels), dtype=np.int64)
         label_model[rank] = assign(len(labels), models, mapping, rng, where)
-        chosen = names[label_model[inverse]]
+        chosen = label_model[inverse]
     out = df.copy()
-    out["model"] = pd.Series(chosen, index=df.index, dtype="str")
+    column = _string_column(chosen, models)
+    column.index = df.index
+    out["model"] = column
     return out

@@ -192,8 +192,7 @@ def synthesize(
     else:
         inputs = lognormal_tokens(tok_rng, n, input_mean, input_sigma, max_tokens)
         outputs = lognormal_tokens(tok_rng, n, output_mean, output_sigma, max_tokens)
-    names = np.asarray(list(models), dtype=object)
-    model = names[mod_rng.choice(len(names), size=n, p=zipf_probabilities(len(names), zipf_alpha))]
-    df = _canonical(times, model, inputs, outputs)
+    codes = mod_rng.choice(len(models), size=n, p=zipf_probabilities(len(models), zipf_alpha))
+    df = _canonical(times, (codes, list(models)), inputs, outputs)
     df.attrs.update({"source": "synthetic", "format": "synthetic", "skipped_rows": 0})
     return df
