@@ -81,8 +81,12 @@ def test_azure_llm_2024_mixed_timestamps(tmp_path: Path) -> None:
     assert_canonical(sample)
     assert sample["arrival_s"].tolist()[:4] == pytest.approx([0.0, 0.00993, 0.254153, 1.0])
     # Naive times are UTC and offsets are honoured, so the +02:00 row is 1 s after the first one.
-    p = write(tmp_path, "mixed.csv", f"{AZ_HEADER}\n2024-05-10 00:00:00,5,6\n"
-              "2024-05-10 02:00:01+02:00,7,8\n2024-05-10 00:00:00.5+00:00,9,10\n")
+    p = write(
+        tmp_path,
+        "mixed.csv",
+        f"{AZ_HEADER}\n2024-05-10 00:00:00,5,6\n"
+        "2024-05-10 02:00:01+02:00,7,8\n2024-05-10 00:00:00.5+00:00,9,10\n",
+    )
     df = read_azure_llm(p)
     assert df["arrival_s"].tolist() == pytest.approx([0.0, 0.5, 1.0])
     assert df["input_tokens"].tolist() == [5, 9, 7]
@@ -95,7 +99,12 @@ def test_azure_llm_2024_mixed_timestamps(tmp_path: Path) -> None:
         ("2023-11-16 18:17:03.9799600,10,5\n2023-11-16 18:17:04.0,10,-5\n", 3, "GeneratedTokens", "-5"),
         ("2023-11-16 18:17:03.9799600,10,5\n2023-11-16 18:17:04.0,10,0\n", 3, "GeneratedTokens", "0"),
         ("2023-11-16 18:17:03.9799600,2.5,5\n", 2, "ContextTokens", "2.5"),
-        ("2023-11-16 18:17:03.9799600,10,5\n2023-13-16 18:17:04.0,10,5\n", 3, "TIMESTAMP", "2023-13-16 18:17:04.0"),
+        (
+            "2023-11-16 18:17:03.9799600,10,5\n2023-13-16 18:17:04.0,10,5\n",
+            3,
+            "TIMESTAMP",
+            "2023-13-16 18:17:04.0",
+        ),
         ("yesterday,10,5\n", 2, "TIMESTAMP", "yesterday"),
         ("2023-11-16 18:17:03.9799600,10,5\n\n2023-11-16 18:17:04.0,10\n", 4, "GeneratedTokens", ""),
     ],
@@ -126,7 +135,9 @@ def test_missing_column_empty_file_and_structural_errors(tmp_path: Path) -> None
     with pytest.raises(TraceError, match=rf"^{extra}:3: expected 3 comma-separated fields"):
         read_azure_llm(extra)
     binary = tmp_path / "b.csv"
-    binary.write_bytes(f"{AZ_HEADER}\n2023-11-16 18:17:03,1,2\n2023-11-16 18:17:04,1\xff,2\n".encode("latin-1"))
+    binary.write_bytes(
+        f"{AZ_HEADER}\n2023-11-16 18:17:03,1,2\n2023-11-16 18:17:04,1\xff,2\n".encode("latin-1")
+    )
     with pytest.raises(TraceError, match=rf"^{binary}:3: not UTF-8"):
         read_azure_llm(binary)
     with pytest.raises(TraceError, match="file not found"):
@@ -134,8 +145,11 @@ def test_missing_column_empty_file_and_structural_errors(tmp_path: Path) -> None
 
 
 def test_first_error_in_file_order_wins(tmp_path: Path) -> None:
-    p = write(tmp_path, "t.csv", f"{AZ_HEADER}\n2023-11-16 18:17:03,1,2\n2023-11-16 18:17:04,1,2,3\n"
-              "2023-11-16 18:17:05,x,2\n")
+    p = write(
+        tmp_path,
+        "t.csv",
+        f"{AZ_HEADER}\n2023-11-16 18:17:03,1,2\n2023-11-16 18:17:04,1,2,3\n2023-11-16 18:17:05,x,2\n",
+    )
     with pytest.raises(TraceError, match=r":3: expected 3"):
         read_azure_llm(p)
     p = write(tmp_path, "u.csv", f"{AZ_HEADER}\n2023-11-16 18:17:03,x,2\n2023-11-16 18:17:04,1,2,3\n")
@@ -298,13 +312,22 @@ def test_unknown_format_is_an_error(tmp_path: Path) -> None:
 
 
 def test_validate_trace_normalises_and_names_bad_cells() -> None:
-    df = pd.DataFrame({"extra": [1, 2, 3], "arrival_s": [5.0, 3.0, 4.0], "input_tokens": [1, 2, 3],
-                       "output_tokens": [4.0, 5.0, 6.0], "model": ["a", "b", "c"]})
+    df = pd.DataFrame(
+        {
+            "extra": [1, 2, 3],
+            "arrival_s": [5.0, 3.0, 4.0],
+            "input_tokens": [1, 2, 3],
+            "output_tokens": [4.0, 5.0, 6.0],
+            "model": ["a", "b", "c"],
+        }
+    )
     out = validate_trace(df, "mine")
     assert_canonical(out)
     assert out["arrival_s"].tolist() == [0.0, 1.0, 2.0]
     assert out["model"].tolist() == ["b", "c", "a"] and out["output_tokens"].tolist() == [5, 6, 4]
-    with pytest.raises(TraceError, match=r"^mine: row 2: column 'input_tokens': expected integer >= 1, got '0'"):
+    with pytest.raises(
+        TraceError, match=r"^mine: row 2: column 'input_tokens': expected integer >= 1, got '0'"
+    ):
         validate_trace(df.assign(input_tokens=[1, 0, 3]), "mine")
     with pytest.raises(TraceError, match=r"^mine: row 3: column 'arrival_s'"):
         validate_trace(df.assign(arrival_s=[0.0, 1.0, np.nan]), "mine")
@@ -318,8 +341,12 @@ def test_validate_trace_normalises_and_names_bad_cells() -> None:
 @given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=50))
 def test_validate_trace_invariants(times: list[float]) -> None:
     n = len(times)
-    out = validate_trace(pd.DataFrame({"arrival_s": times, "input_tokens": np.arange(1, n + 1),
-                                       "output_tokens": np.ones(n, dtype=int)}), "x")
+    out = validate_trace(
+        pd.DataFrame(
+            {"arrival_s": times, "input_tokens": np.arange(1, n + 1), "output_tokens": np.ones(n, dtype=int)}
+        ),
+        "x",
+    )
     assert_canonical(out)
     assert sorted(out["input_tokens"].tolist()) == list(range(1, n + 1))
 
@@ -328,8 +355,9 @@ def test_validate_trace_invariants(times: list[float]) -> None:
 
 
 def _empty_trace(n: int) -> pd.DataFrame:
-    return validate_trace(pd.DataFrame({"arrival_s": np.arange(n, dtype=float), "input_tokens": 1,
-                                        "output_tokens": 1}), "t")
+    return validate_trace(
+        pd.DataFrame({"arrival_s": np.arange(n, dtype=float), "input_tokens": 1, "output_tokens": 1}), "t"
+    )
 
 
 def test_mapping_distributions() -> None:
@@ -357,8 +385,10 @@ def test_zipf_shuffle_is_a_seeded_permutation() -> None:
     models = [f"m{i}" for i in range(8)]
     df = _empty_trace(5_000)
     spec = {"kind": "zipf", "alpha": 3.0, "shuffle": True}
-    tops = {apply_mapping(df, models, spec, np.random.default_rng(s))["model"].value_counts().index[0]
-            for s in range(12)}
+    tops = {
+        apply_mapping(df, models, spec, np.random.default_rng(s))["model"].value_counts().index[0]
+        for s in range(12)
+    }
     assert len(tops) > 1
     a = apply_mapping(df, models, spec, np.random.default_rng(5))
     b = apply_mapping(df, models, spec, np.random.default_rng(5))
@@ -366,14 +396,17 @@ def test_zipf_shuffle_is_a_seeded_permutation() -> None:
 
 
 def test_label_mapping_keeps_each_label_on_one_model() -> None:
-    labels = ["f1"] * 50 + ["f2"] * 30 + ["f3"] * 20 + ["f4"] * 10
-    df = validate_trace(pd.DataFrame({"arrival_s": np.arange(110.0), "model": labels, "input_tokens": 1,
-                                      "output_tokens": 1}), "t")
+    labels = ["zeta"] * 50 + ["beta"] * 30 + ["alpha"] * 20 + ["mu"] * 10
+    df = validate_trace(
+        pd.DataFrame({"arrival_s": np.arange(110.0), "model": labels, "input_tokens": 1, "output_tokens": 1}),
+        "t",
+    )
     out = apply_mapping(df, ["x", "y", "z"], {"kind": "round-robin"}, np.random.default_rng(0))
     pairs = set(zip(df["model"], out["model"]))
-    assert pairs == {("f1", "x"), ("f2", "y"), ("f3", "z"), ("f4", "x")}  # busiest label first
-    per_request = apply_mapping(df, ["x", "y"], {"kind": "round-robin"}, np.random.default_rng(0),
-                                per="request")
+    assert pairs == {("zeta", "x"), ("beta", "y"), ("alpha", "z"), ("mu", "x")}  # busiest label first
+    per_request = apply_mapping(
+        df, ["x", "y"], {"kind": "round-robin"}, np.random.default_rng(0), per="request"
+    )
     assert per_request["model"].tolist()[:3] == ["x", "y", "x"]
 
 
@@ -431,8 +464,13 @@ def test_synthesize_gamma_cv_duration_zipf_and_diurnal() -> None:
     share = d["model"].value_counts(normalize=True)
     assert share["a"] > share["b"] > share["c"]
     assert share["a"] == pytest.approx(1 / (1 + 1 / 4 + 1 / 9), abs=0.03)
-    di = synthesize(["a"], np.random.default_rng(2), duration_s=4_000.0, rate=5.0,
-                    diurnal={"amplitude": 0.8, "period_s": 1_000.0})
+    di = synthesize(
+        ["a"],
+        np.random.default_rng(2),
+        duration_s=4_000.0,
+        rate=5.0,
+        diurnal={"amplitude": 0.8, "period_s": 1_000.0},
+    )
     phase = (di["arrival_s"].to_numpy() % 1_000.0) / 1_000.0
     high, low = np.sum(phase < 0.5), np.sum(phase >= 0.5)  # sin > 0 in the first half period
     assert high > 3 * low
@@ -458,8 +496,12 @@ def test_synthesize_rejects_bad_parameters() -> None:
 
 
 def test_window_cuts_shifts_and_scales() -> None:
-    df = validate_trace(pd.DataFrame({"arrival_s": np.arange(10, dtype=float) * 2, "input_tokens": range(1, 11),
-                                      "output_tokens": 1}), "t")
+    df = validate_trace(
+        pd.DataFrame(
+            {"arrival_s": np.arange(10, dtype=float) * 2, "input_tokens": range(1, 11), "output_tokens": 1}
+        ),
+        "t",
+    )
     w = window(df, start_s=3.0, duration_s=10.0)
     assert w["input_tokens"].tolist() == [3, 4, 5, 6, 7]  # arrivals 4, 6, 8, 10, 12 in [3, 13)
     assert w["arrival_s"].tolist() == [0.0, 2.0, 4.0, 6.0, 8.0]
@@ -474,11 +516,18 @@ def test_window_cuts_shifts_and_scales() -> None:
         window(df, max_requests=0)
 
 
-@given(st.floats(0, 30), st.one_of(st.none(), st.floats(0.5, 30)), st.one_of(st.none(), st.integers(1, 12)),
-       st.floats(0.1, 10))
-def test_window_properties(start: float, duration: float | None, max_requests: int | None, scale: float) -> None:
-    df = validate_trace(pd.DataFrame({"arrival_s": np.arange(20, dtype=float), "input_tokens": 1,
-                                      "output_tokens": 1}), "t")
+@given(
+    st.floats(0, 30),
+    st.one_of(st.none(), st.floats(0.5, 30)),
+    st.one_of(st.none(), st.integers(1, 12)),
+    st.floats(0.1, 10),
+)
+def test_window_properties(
+    start: float, duration: float | None, max_requests: int | None, scale: float
+) -> None:
+    df = validate_trace(
+        pd.DataFrame({"arrival_s": np.arange(20, dtype=float), "input_tokens": 1, "output_tokens": 1}), "t"
+    )
     try:
         w = window(df, start, duration, max_requests, scale)
     except TraceError:
@@ -505,7 +554,9 @@ def test_load_trace_resolves_relative_paths(tmp_path: Path, monkeypatch: pytest.
     spec = {"kind": "table", "path": "t.csv"}
     assert len(load_trace(spec, ["a", "b"], 0, base_dir=exp)) == 2  # experiment folder first
     assert len(load_trace(spec, ["a", "b"], 0)) == 1
-    assert load_trace({"kind": "table", "path": "only_cwd.csv"}, ["b"], 0, base_dir=exp)["model"].tolist() == ["b"]
+    assert load_trace({"kind": "table", "path": "only_cwd.csv"}, ["b"], 0, base_dir=exp)[
+        "model"
+    ].tolist() == ["b"]
     with pytest.raises(TraceError, match=r"^trace.path: file not found: 'missing.csv'"):
         load_trace({"kind": "table", "path": "missing.csv"}, ["a"], 0, base_dir=exp)
 
@@ -513,23 +564,46 @@ def test_load_trace_resolves_relative_paths(tmp_path: Path, monkeypatch: pytest.
 @pytest.mark.parametrize(
     ("spec", "field"),
     [
-        ({"kind": "azure-llm", "path": str(CONV), "mapping": {"kind": "round-robin"}, "rate": 3}, "trace.rate"),
+        (
+            {"kind": "azure-llm", "path": str(CONV), "mapping": {"kind": "round-robin"}, "rate": 3},
+            "trace.rate",
+        ),
         ({"kind": "synthetic", "n_requests": 5, "rate": 1, "spread": "poisson"}, "trace.spread"),
         ({"kind": "synthetic", "n_requests": 5, "rate": 1, "path": "x.csv"}, "trace.path"),
         ({"kind": "nope"}, "trace.kind"),
         ({"path": str(CONV)}, "trace.kind"),
         ({"kind": "azure-llm", "path": str(CONV)}, "trace.mapping"),
-        ({"kind": "azure-llm", "path": str(CONV), "mapping": {"kind": "round-robin"}, "max_requests": 0},
-         "trace.max_requests"),
-        ({"kind": "azure-llm", "path": str(CONV), "mapping": {"kind": "round-robin"}, "start_s": "soon"},
-         "trace.start_s"),
+        (
+            {"kind": "azure-llm", "path": str(CONV), "mapping": {"kind": "round-robin"}, "max_requests": 0},
+            "trace.max_requests",
+        ),
+        (
+            {"kind": "azure-llm", "path": str(CONV), "mapping": {"kind": "round-robin"}, "start_s": "soon"},
+            "trace.start_s",
+        ),
         ({"kind": "synthetic", "n_requests": 5, "rate": -1}, "trace.rate"),
-        ({"kind": "synthetic", "n_requests": 5, "rate": 1, "diurnal": {"amplitude": 3}}, "trace.diurnal.amplitude"),
-        ({"kind": "servegen", "path": str(SAMPLES / "servegen_sample.txt"), "model_ids": 3}, "trace.model_ids"),
-        ({"kind": "azure-functions", "path": str(SAMPLES / "azure_functions_2019_sample.csv")}, "trace.mapping"),
+        (
+            {"kind": "synthetic", "n_requests": 5, "rate": 1, "diurnal": {"amplitude": 3}},
+            "trace.diurnal.amplitude",
+        ),
+        (
+            {"kind": "servegen", "path": str(SAMPLES / "servegen_sample.txt"), "model_ids": 3},
+            "trace.model_ids",
+        ),
+        (
+            {"kind": "azure-functions", "path": str(SAMPLES / "azure_functions_2019_sample.csv")},
+            "trace.mapping",
+        ),
         ({"kind": "burstgpt", "path": str(SAMPLES / "burstgpt_sample.csv")}, "trace"),
-        ({"kind": "azure-functions", "path": str(SAMPLES / "azure_functions_2019_sample.csv"),
-          "mapping": {"kind": "round-robin"}, "minutes": [5, 2]}, "trace.minutes"),
+        (
+            {
+                "kind": "azure-functions",
+                "path": str(SAMPLES / "azure_functions_2019_sample.csv"),
+                "mapping": {"kind": "round-robin"},
+                "minutes": [5, 2],
+            },
+            "trace.minutes",
+        ),
     ],
 )
 def test_load_trace_errors_name_the_key(spec: dict, field: str) -> None:
@@ -540,19 +614,51 @@ def test_load_trace_errors_name_the_key(spec: dict, field: str) -> None:
 def test_load_trace_each_kind_is_reproducible() -> None:
     models = ["a", "b", "c", "d"]
     specs = [
-        {"kind": "azure-llm", "path": str(CODE), "mapping": {"kind": "zipf", "alpha": 1.0}, "start_s": 60,
-         "duration_s": 600, "max_requests": 500, "rate_scale": 2.0},
+        {
+            "kind": "azure-llm",
+            "path": str(CODE),
+            "mapping": {"kind": "zipf", "alpha": 1.0},
+            "start_s": 60,
+            "duration_s": 600,
+            "max_requests": 500,
+            "rate_scale": 2.0,
+        },
         {"kind": "servegen", "path": str(SAMPLES / "servegen_sample.txt")},
-        {"kind": "servegen", "path": str(SAMPLES / "servegen_sample.txt"), "model_ids": {0: "a", 1: "b", 2: "c", 3: "d"}},
-        {"kind": "azure-functions", "path": str(SAMPLES / "azure_functions_2019_sample.csv"),
-         "mapping": {"kind": "round-robin"}, "token_source": str(CODE), "top_functions": 3, "spread": "uniform",
-         "minutes": [1, 120]},
-        {"kind": "azure-functions-2021", "path": str(SAMPLES / "azure_functions_2021_sample.csv"),
-         "mapping": {"kind": "weights", "weights": {"a": 1, "b": 1}}},
-        {"kind": "burstgpt", "path": str(SAMPLES / "burstgpt_sample.csv"), "mapping": {"kind": "round-robin"}},
+        {
+            "kind": "servegen",
+            "path": str(SAMPLES / "servegen_sample.txt"),
+            "model_ids": {0: "a", 1: "b", 2: "c", 3: "d"},
+        },
+        {
+            "kind": "azure-functions",
+            "path": str(SAMPLES / "azure_functions_2019_sample.csv"),
+            "mapping": {"kind": "round-robin"},
+            "token_source": str(CODE),
+            "top_functions": 3,
+            "spread": "uniform",
+            "minutes": [1, 120],
+        },
+        {
+            "kind": "azure-functions-2021",
+            "path": str(SAMPLES / "azure_functions_2021_sample.csv"),
+            "mapping": {"kind": "weights", "weights": {"a": 1, "b": 1}},
+        },
+        {
+            "kind": "burstgpt",
+            "path": str(SAMPLES / "burstgpt_sample.csv"),
+            "mapping": {"kind": "round-robin"},
+        },
         {"kind": "table", "path": str(SAMPLES / "canonical_sample.csv"), "mapping": {"kind": "zipf"}},
-        {"kind": "synthetic", "n_requests": 300, "rate": 2.0, "arrival": "gamma", "cv": 3.0, "alpha": 1.0,
-         "diurnal": {"amplitude": 0.5, "period_s": 60}, "token_source": str(CONV)},
+        {
+            "kind": "synthetic",
+            "n_requests": 300,
+            "rate": 2.0,
+            "arrival": "gamma",
+            "cv": 3.0,
+            "alpha": 1.0,
+            "diurnal": {"amplitude": 0.5, "period_s": 60},
+            "token_source": str(CONV),
+        },
     ]
     for spec in specs:
         a = load_trace(spec, models, seed=7)
@@ -576,6 +682,10 @@ def test_load_trace_each_kind_is_reproducible() -> None:
 
 
 def test_mapping_stream_does_not_move_synthetic_arrivals() -> None:
+    from tangram_sim.traces import spec as spec_module
+
+    streams = ("STREAM_SYNTH", "STREAM_SPREAD", "STREAM_TOKENS", "STREAM_MAPPING")
+    assert len({getattr(spec_module, name) for name in streams}) == len(streams)
     base = {"kind": "synthetic", "n_requests": 200, "rate": 3.0}
     plain = load_trace(base, ["a", "b"], seed=1)
     mapped = load_trace({**base, "mapping": {"kind": "round-robin"}}, ["a", "b"], seed=1)
@@ -584,8 +694,11 @@ def test_mapping_stream_does_not_move_synthetic_arrivals() -> None:
 
 
 def test_load_trace_skip_bad_rows(tmp_path: Path) -> None:
-    p = write(tmp_path, "t.csv", f"{AZ_HEADER}\n2023-11-16 18:17:03,1,2\n2023-11-16 18:17:04,0,2\n"
-              "2023-11-16 18:17:05,3,4\n")
+    p = write(
+        tmp_path,
+        "t.csv",
+        f"{AZ_HEADER}\n2023-11-16 18:17:03,1,2\n2023-11-16 18:17:04,0,2\n2023-11-16 18:17:05,3,4\n",
+    )
     spec = {"kind": "azure-llm", "path": str(p), "mapping": {"kind": "round-robin"}}
     with pytest.raises(TraceError, match=":3: column 'ContextTokens'"):
         load_trace(spec, ["a"], 0)
@@ -618,23 +731,53 @@ def test_cli_inspect_text_and_json(capsys: pytest.CaptureFixture[str], tmp_path:
 
 def test_cli_synth_writes_a_canonical_trace(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out = tmp_path / "s.csv"
-    argv = ["synth", "--out", str(out), "--models", "a,b,c", "--requests", "500", "--rate", "4",
-            "--arrival", "gamma", "--cv", "2", "--alpha", "1.0", "--seed", "3"]
+    argv = [
+        "synth",
+        "--out",
+        str(out),
+        "--models",
+        "a,b,c",
+        "--requests",
+        "500",
+        "--rate",
+        "4",
+        "--arrival",
+        "gamma",
+        "--cv",
+        "2",
+        "--alpha",
+        "1.0",
+        "--seed",
+        "3",
+    ]
     assert trace_cmd.main(argv) == 0
     assert "500 requests" in capsys.readouterr().out
     df = read_table(out)
     assert_canonical(df)
     assert len(df) == 500 and set(df["model"]) == {"a", "b", "c"}
-    expected = synthesize(["a", "b", "c"], np.random.default_rng(3), n_requests=500, rate=4.0,
-                          arrival="gamma", cv=2.0, zipf_alpha=1.0)
+    expected = synthesize(
+        ["a", "b", "c"],
+        np.random.default_rng(3),
+        n_requests=500,
+        rate=4.0,
+        arrival="gamma",
+        cv=2.0,
+        zipf_alpha=1.0,
+    )
     pd.testing.assert_frame_equal(df, expected, check_dtype=False)
     pq = tmp_path / "s.parquet"
     assert trace_cmd.main([*argv[:1], "--out", str(pq), *argv[3:]]) == 0
     pd.testing.assert_frame_equal(read_table(pq), df, check_dtype=False)
-    assert trace_cmd.main(["synth", "--out", str(tmp_path / "s.txt"), "--models", "a", "--requests", "5",
-                           "--rate", "1"]) == 2
+    assert (
+        trace_cmd.main(
+            ["synth", "--out", str(tmp_path / "s.txt"), "--models", "a", "--requests", "5", "--rate", "1"]
+        )
+        == 2
+    )
     assert "error: --out" in capsys.readouterr().err
-    assert trace_cmd.main(["synth", "--out", str(out), "--models", "a", "--requests", "5", "--rate", "0"]) == 2
+    assert (
+        trace_cmd.main(["synth", "--out", str(out), "--models", "a", "--requests", "5", "--rate", "0"]) == 2
+    )
     assert "error: --rate" in capsys.readouterr().err
 
 

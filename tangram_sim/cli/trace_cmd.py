@@ -40,7 +40,9 @@ def add_parser(subparsers: Any) -> None:
     p_in.add_argument(
         "--format", default="auto", choices=("auto",) + FORMATS, help="file format (default: detect)"
     )
-    p_in.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of failing")
+    p_in.add_argument(
+        "--skip-bad-rows", action="store_true", help="skip and count bad rows instead of failing"
+    )
     p_in.add_argument("--json", action="store_true", help="print JSON instead of text")
     p_in.set_defaults(func=cmd_inspect)
 
@@ -58,8 +60,12 @@ def add_parser(subparsers: Any) -> None:
     p_syn.add_argument("--diurnal-period", type=float, default=86400.0, help="period of the rate cycle, s")
     p_syn.add_argument("--input-mean", type=float, default=1024.0, help="mean input tokens (lognormal)")
     p_syn.add_argument("--output-mean", type=float, default=256.0, help="mean output tokens (lognormal)")
-    p_syn.add_argument("--token-source", default=None, metavar="FILE",
-                       help="draw (input, output) token pairs from this trace instead")
+    p_syn.add_argument(
+        "--token-source",
+        default=None,
+        metavar="FILE",
+        help="draw (input, output) token pairs from this trace instead",
+    )
     p_syn.add_argument("--seed", type=int, default=0, help="random seed (same seed, same trace)")
     p_syn.set_defaults(func=cmd_synth)
 
@@ -70,7 +76,10 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 
 def summarize(df: Any) -> dict[str, Any]:
-    """Statistics of a canonical trace, as printed by `inspect` (plain types, JSON-ready)."""
+    """Statistics of a canonical trace, as printed by `inspect` (plain types, JSON-ready).
+
+    The mean rate is (rows - 1) / duration, i.e. one over the mean gap between arrivals.
+    """
     import numpy as np
 
     n = len(df)
@@ -107,6 +116,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         **summarize(df),
         "skipped_rows": int(df.attrs.get("skipped_rows", 0)),
     }
+    info["models_are_labels"] = bool(df.attrs.get("models_are_labels", False))
     for key in ("start_time", "functions"):
         if key in df.attrs:
             info[key] = df.attrs[key]
@@ -134,12 +144,15 @@ def _text(info: dict[str, Any]) -> str:
     lines.append(f"{'tokens':<14}{'mean':>10}{'p50':>10}{'p99':>10}{'max':>10}")
     for col in ("input_tokens", "output_tokens"):
         s = info[col]
-        lines.append(f"  {col.split('_')[0]:<12}{s['mean']:>10.1f}{s['p50']:>10.0f}{s['p99']:>10.0f}{s['max']:>10}")
+        lines.append(
+            f"  {col.split('_')[0]:<12}{s['mean']:>10.1f}{s['p50']:>10.0f}{s['p99']:>10.0f}{s['max']:>10}"
+        )
     models = info["models"]
     if models is None:
         lines.append("models:        none in the file (an experiment assigns them with trace.mapping)")
     else:
-        lines.append(f"models:        {len(models)}")
+        heading = "model labels:" if info.get("models_are_labels") else "models:"
+        lines.append(f"{heading:<15}{len(models)}")
         width = min(max(len(m) for m in models), 64)
         for name, count in list(models.items())[:_TOP_MODELS]:
             lines.append(f"  {name[:64]:<{width}}  {count:>10,}  {100 * count / info['rows']:5.1f}%")

@@ -119,7 +119,11 @@ class _Layout:
         self, i: int, j: int, units: Sequence[tuple[Key, int]]
     ) -> list[Placement] | None:
         """Place units (already sorted largest first) into the holes of [i, j) without moving."""
-        holes = [[self.offs[k], self.sizes[k]] for k in self.free_indices(i, j)]
+        if not units or sum(size for _, size in units) > self.free(i, j):
+            return None if units else []
+        smallest = units[-1][1]
+        # Holes too small for the smallest unit can never be used: drop them up front.
+        holes = [[self.offs[k], self.sizes[k]] for k in self.free_indices(i, j) if self.sizes[k] >= smallest]
         placements: list[Placement] = []
         for key, size in units:
             for hole in holes:

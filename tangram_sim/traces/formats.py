@@ -52,9 +52,7 @@ def validate_trace(df: pd.DataFrame, source: str, *, require_model: bool = False
     """
     for name in ("arrival_s", "input_tokens", "output_tokens"):
         if name not in df.columns:
-            raise TraceError(
-                f"{source}: missing column '{name}'; expected columns {', '.join(COLUMNS)}"
-            )
+            raise TraceError(f"{source}: missing column '{name}'; expected columns {', '.join(COLUMNS)}")
     if len(df) == 0:
         raise TraceError(f"{source}: the trace holds no requests")
     checks: list[tuple[str, str, np.ndarray, np.ndarray]] = []
@@ -126,9 +124,7 @@ def _canonical(arrival: np.ndarray, model: _Models, inputs: np.ndarray, outputs:
     )
 
 
-def _finish(
-    df: pd.DataFrame, path: Path, fmt: str, skipped: int, **extra: object
-) -> pd.DataFrame:
+def _finish(df: pd.DataFrame, path: Path, fmt: str, skipped: int, **extra: object) -> pd.DataFrame:
     df.attrs.update({"source": str(path), "format": fmt, "skipped_rows": int(skipped), **extra})
     return df
 
@@ -138,7 +134,7 @@ def _finish(
 
 
 def _parse_int(s: pd.Series, minimum: int) -> tuple[np.ndarray, np.ndarray]:
-    if pd.api.types.is_integer_dtype(s.dtype) and not s.hasnans:
+    if s.dtype == np.int64:
         values = s.to_numpy(dtype=np.int64)
         return values, values < minimum
     if pd.api.types.is_bool_dtype(s.dtype):
@@ -317,8 +313,13 @@ def _read_slow(path: Path, nfields: int, sep: str, skip: int, names: Sequence[st
         elif text.strip():
             structural.append((line_no, f"expected {nfields} {what} fields ({','.join(names)}), got {count}"))
     if good:
-        frame = pd.read_csv(io.StringIO("\n".join(good)), sep=sep, header=None, names=list(range(nfields)),
-                            skip_blank_lines=False)
+        frame = pd.read_csv(
+            io.StringIO("\n".join(good)),
+            sep=sep,
+            header=None,
+            names=list(range(nfields)),
+            skip_blank_lines=False,
+        )
     else:
         frame = pd.DataFrame({pos: pd.Series([], dtype="str") for pos in range(nfields)})
     return _Raw(frame, np.asarray(line_numbers, dtype=np.int64), structural)
@@ -339,19 +340,19 @@ def _read_delimited(
     `row_check` may flag further bad values that need several columns or outside knowledge (model ids).
     """
     first = _first_line(path)
+    skip = _header_line(path) if header else 0
     if header:
         names = [h.strip() for h in _split(first, sep)]
         for c in cols:
             if c.name not in names:
                 raise TraceError(
-                    f"{path}:1: missing column '{c.name}'; expected a header with "
+                    f"{path}:{skip}: missing column '{c.name}'; expected a header with "
                     f"{','.join(c.name for c in cols)}, got '{_short(first, 80)}'"
                 )
         pos_of = {c.name: names.index(c.name) for c in cols}
     else:
         names = [c.name for c in cols]
         pos_of = {c.name: i for i, c in enumerate(cols)}
-    skip = _header_line(path) if header else 0
     raw = _read_fast(path, len(names), sep, skip)
     if raw is None:
         raw = _read_slow(path, len(names), sep, skip, names)
@@ -446,7 +447,12 @@ def read_servegen(
     lookup: dict[int, str] | None = None
     if model_ids is not None:
         items = model_ids.items() if isinstance(model_ids, Mapping) else enumerate(model_ids)
-        lookup = {int(k): str(v) for k, v in items}
+        try:
+            lookup = {int(k): str(v) for k, v in items}
+        except (TypeError, ValueError):
+            raise TraceError(
+                f"model_ids: expected integer ids mapped to model names, got {model_ids!r}"
+            ) from None
     row_check = None
     if lookup is not None:
         known = np.array(sorted(lookup), dtype=np.int64)
@@ -591,6 +597,7 @@ def read_azure_functions(
     rng: np.random.Generator | None = None,
     spread: str = "poisson",
     token_table: pd.DataFrame | None = None,
+    token_rng: np.random.Generator | None = None,
     input_tokens: int = DEFAULT_INPUT_TOKENS,
     output_tokens: int = DEFAULT_OUTPUT_TOKENS,
     top_functions: int | None = None,
@@ -606,8 +613,9 @@ def read_azure_functions(
     becomes a model label (its HashFunction) to be mapped onto models, or a model directly through
     `function_models` (which also selects those functions). `top_functions` keeps the N busiest,
     `minutes=(first, last)` only expands those minute columns (1-based, inclusive) to bound the size.
-    Token lengths are drawn from `token_table` (canonical columns) or fixed. `attrs["start_offset_s"]`
-    is the first request's time since the start of minute 1 (arrival_s counts from that request).
+    Token lengths are drawn from `token_table` (canonical columns) with `token_rng` (default: `rng`)
+    or fixed. `attrs["start_offset_s"]` is the first request's time since the start of minute 1
+    (arrival_s counts from that request).
     """
     p = _check_file(path)
     if spread not in SPREADS:
@@ -647,7 +655,8 @@ def read_azure_functions(
         offset = 60.0 * (k + phase) / np.repeat(per, per)
     arrival = base + offset
     model = (np.repeat(nz // m, per), labels.tolist())
-    inputs, outputs = _sample_tokens(total, rng, token_table, input_tokens, output_tokens)
+    token_rng = rng if token_rng is None else token_rng
+    inputs, outputs = _sample_tokens(total, token_rng, token_table, input_tokens, output_tokens)
     df = _canonical(arrival, model, inputs, outputs)
     return _finish(
         df,
@@ -665,6 +674,7 @@ def read_azure_functions_2021(
     *,
     rng: np.random.Generator | None = None,
     token_table: pd.DataFrame | None = None,
+    token_rng: np.random.Generator | None = None,
     input_tokens: int = DEFAULT_INPUT_TOKENS,
     output_tokens: int = DEFAULT_OUTPUT_TOKENS,
     top_functions: int | None = None,
@@ -685,7 +695,8 @@ def read_azure_functions_2021(
     keep = np.isin(inverse, order)
     arrival = (v["end_timestamp"] - v["duration"])[keep]
     model = (inverse[keep], out_labels.tolist())
-    inputs, outputs = _sample_tokens(len(arrival), rng, token_table, input_tokens, output_tokens)
+    token_rng = rng if token_rng is None else token_rng
+    inputs, outputs = _sample_tokens(len(arrival), token_rng, token_table, input_tokens, output_tokens)
     df = _canonical(arrival, model, inputs, outputs)
     return _finish(
         df,

@@ -85,8 +85,9 @@ def check_mapping(mapping: Any, models: Sequence[str], where: str = "trace.mappi
     return out
 
 
-def assign(n: int, models: Sequence[str], mapping: Any, rng: np.random.Generator,
-           where: str = "trace.mapping") -> np.ndarray:
+def assign(
+    n: int, models: Sequence[str], mapping: Any, rng: np.random.Generator, where: str = "trace.mapping"
+) -> np.ndarray:
     """Model index (into `models`) for each of n items in order, per the mapping."""
     spec = check_mapping(mapping, models, where)
     m = len(models)

@@ -32,8 +32,18 @@ KIND_KEYS: dict[str, tuple[str, ...]] = {
     "azure-functions": ("spread", "minutes") + _FUNCTION_KEYS,
     "azure-functions-2021": _FUNCTION_KEYS,
     "synthetic": (
-        "n_requests", "rate", "arrival", "cv", "alpha", "diurnal", "input_mean", "output_mean",
-        "input_sigma", "output_sigma", "max_tokens", "token_source",
+        "n_requests",
+        "rate",
+        "arrival",
+        "cv",
+        "alpha",
+        "diurnal",
+        "input_mean",
+        "output_mean",
+        "input_sigma",
+        "output_sigma",
+        "max_tokens",
+        "token_source",
     ),
 }
 
@@ -45,8 +55,15 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, stream])
 
 
-def _num(spec: Mapping[str, Any], key: str, default: Any = None, *, minimum: float | None = None,
-         positive: bool = False, integer: bool = False) -> Any:
+def _num(
+    spec: Mapping[str, Any],
+    key: str,
+    default: Any = None,
+    *,
+    minimum: float | None = None,
+    positive: bool = False,
+    integer: bool = False,
+) -> Any:
     """A numeric key, type- and range-checked, or `default` when absent."""
     if key not in spec or spec[key] is None:
         return default
@@ -72,7 +89,9 @@ def resolve_path(value: Any, base_dir: Path | None, key: str = "trace.path") -> 
     if not isinstance(value, str | Path) or not str(value).strip():
         raise TraceError(f"{key}: expected a file path, got {value!r}")
     p = Path(value).expanduser()
-    candidates = [p] if p.is_absolute() else ([base_dir / p] if base_dir is not None else []) + [Path.cwd() / p]
+    candidates = (
+        [p] if p.is_absolute() else ([base_dir / p] if base_dir is not None else []) + [Path.cwd() / p]
+    )
     for c in candidates:
         if c.is_file():
             return c
@@ -119,11 +138,19 @@ def _model_ids(spec: Mapping[str, Any], models: Sequence[str]) -> Sequence[str] 
         return out
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return value
-    raise TraceError(f"trace.model_ids: expected a list of model names (id i -> item i) or a mapping, got {value!r}")
+    raise TraceError(
+        f"trace.model_ids: expected a list of model names (id i -> item i) or a mapping, got {value!r}"
+    )
 
 
-def _read(kind: str, spec: Mapping[str, Any], models: Sequence[str], seed: int,
-          base_dir: Path | None, skip_bad_rows: bool) -> pd.DataFrame:
+def _read(
+    kind: str,
+    spec: Mapping[str, Any],
+    models: Sequence[str],
+    seed: int,
+    base_dir: Path | None,
+    skip_bad_rows: bool,
+) -> pd.DataFrame:
     """The trace before windowing, as the file (or generator) gives it."""
     if kind == "synthetic":
         if "path" in spec:
@@ -171,6 +198,7 @@ def _read(kind: str, spec: Mapping[str, Any], models: Sequence[str], seed: int,
     common: dict[str, Any] = {
         "rng": _rng(seed, STREAM_SPREAD),
         "token_table": _token_table(spec, base_dir, skip_bad_rows),
+        "token_rng": _rng(seed, STREAM_TOKENS),
         "input_tokens": _num(spec, "input_tokens", formats.DEFAULT_INPUT_TOKENS, integer=True, minimum=1),
         "output_tokens": _num(spec, "output_tokens", formats.DEFAULT_OUTPUT_TOKENS, integer=True, minimum=1),
         "top_functions": _num(spec, "top_functions", integer=True, minimum=1),
@@ -186,11 +214,16 @@ def _read(kind: str, spec: Mapping[str, Any], models: Sequence[str], seed: int,
         raise TraceError(f"trace.spread: expected one of {', '.join(formats.SPREADS)}, got {spread!r}")
     minutes = spec.get("minutes")
     if minutes is not None:
-        ok = (isinstance(minutes, list | tuple) and len(minutes) == 2
-              and all(isinstance(m, int) and not isinstance(m, bool) for m in minutes)
-              and 1 <= minutes[0] <= minutes[1])
+        ok = (
+            isinstance(minutes, list | tuple)
+            and len(minutes) == 2
+            and all(isinstance(m, int) and not isinstance(m, bool) for m in minutes)
+            and 1 <= minutes[0] <= minutes[1]
+        )
         if not ok:
-            raise TraceError(f"trace.minutes: expected [first, last] minutes with 1 <= first <= last, got {minutes!r}")
+            raise TraceError(
+                f"trace.minutes: expected [first, last] minutes with 1 <= first <= last, got {minutes!r}"
+            )
         minutes = (int(minutes[0]), int(minutes[1]))
     return formats.read_azure_functions(path, spread=spread, minutes=minutes, **common)
 
@@ -204,10 +237,10 @@ def load_trace(
 ) -> pd.DataFrame:
     """The canonical trace described by an experiment's `trace` section; same seed -> same table.
 
-    Steps: read or synthesize, map models (per request for traces without a model column and for
-    synthetic ones, per label for traces with function or service labels), check every model is one of `models`, then window
-    (`start_s`, `duration_s`, `max_requests`) and compress time (`rate_scale`). `df.attrs` records the
-    source, format and `skipped_rows`.
+    Steps: read or synthesize; map models (per request for traces without a model column and for
+    synthetic ones, per label for traces with function or service labels); check every model is one
+    of `models`; then window (`start_s`, `duration_s`, `max_requests`) and compress time
+    (`rate_scale`). `df.attrs` records the source, format and `skipped_rows`.
     """
     if not isinstance(spec, Mapping):
         raise TraceError(f"trace: expected a mapping with at least 'kind', got {spec!r}")
@@ -217,7 +250,9 @@ def load_trace(
     allowed = _COMMON + KIND_KEYS[kind]
     for key in spec:
         if key not in allowed:
-            raise TraceError(f"trace.{key}: unknown key for kind '{kind}'; expected one of {', '.join(allowed)}")
+            raise TraceError(
+                f"trace.{key}: unknown key for kind '{kind}'; expected one of {', '.join(allowed)}"
+            )
     models = list(models)
     if not models or not all(isinstance(m, str) and m for m in models):
         raise TraceError(f"trace: expected a non-empty list of model names to replay, got {models!r}")

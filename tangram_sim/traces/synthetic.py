@@ -97,8 +97,7 @@ def arrival_times(
     first = True
     while True:
         want = (n_requests - have) if n_requests is not None else int((duration_s - t_end) * rate)
-        size = int(min(max(1024, want * (1.0 + (diurnal.amplitude if diurnal else 0.0)) * 1.05 + 64),
-                       2**22))
+        size = int(min(max(1024, want * (1.0 + (diurnal.amplitude if diurnal else 0.0)) * 1.05 + 64), 2**22))
         gaps = _gaps(rng, size, peak, arrival, cv)
         if first:
             gaps[0] = 0.0
@@ -122,8 +121,9 @@ def arrival_times(
     return times
 
 
-def lognormal_tokens(rng: np.random.Generator, n: int, mean: float, sigma: float,
-                     max_tokens: int | None = None) -> np.ndarray:
+def lognormal_tokens(
+    rng: np.random.Generator, n: int, mean: float, sigma: float, max_tokens: int | None = None
+) -> np.ndarray:
     """Integer token counts >= 1 from a lognormal with the given mean (not median) and log-sigma."""
     mu = np.log(mean) - sigma * sigma / 2.0
     values = np.maximum(np.rint(rng.lognormal(mu, sigma, n)), 1)
@@ -160,14 +160,23 @@ def synthesize(
         raise TraceError("synthesize.models: expected at least one model name")
     if n_requests is None and duration_s is None:
         raise TraceError("synthesize: give n_requests or duration_s")
-    if n_requests is not None and (isinstance(n_requests, bool) or int(n_requests) != n_requests
-                                   or n_requests < 1):
+    if n_requests is not None and (
+        isinstance(n_requests, bool) or int(n_requests) != n_requests or n_requests < 1
+    ):
         raise TraceError(f"synthesize.n_requests: expected an integer >= 1, got {n_requests!r}")
-    for name, value in (("rate", rate), ("duration_s", duration_s), ("cv", cv),
-                        ("input_mean", input_mean), ("output_mean", output_mean)):
+    for name, value in (
+        ("rate", rate),
+        ("duration_s", duration_s),
+        ("cv", cv),
+        ("input_mean", input_mean),
+        ("output_mean", output_mean),
+    ):
         _positive(name, value)
-    for name, value in (("input_sigma", input_sigma), ("output_sigma", output_sigma),
-                        ("zipf_alpha", zipf_alpha)):
+    for name, value in (
+        ("input_sigma", input_sigma),
+        ("output_sigma", output_sigma),
+        ("zipf_alpha", zipf_alpha),
+    ):
         if isinstance(value, bool) or not np.isfinite(value) or value < 0:
             raise TraceError(f"synthesize.{name}: expected a number >= 0, got {value!r}")
     if max_tokens is not None and max_tokens < 1:
@@ -178,8 +187,15 @@ def synthesize(
         diurnal = Diurnal.from_config(diurnal)
 
     arr_rng, tok_rng, mod_rng = (np.random.default_rng(s) for s in rng.integers(0, 2**63, size=3))
-    times = arrival_times(arr_rng, rate=rate, n_requests=None if n_requests is None else int(n_requests),
-                          duration_s=duration_s, arrival=arrival, cv=cv, diurnal=diurnal)
+    times = arrival_times(
+        arr_rng,
+        rate=rate,
+        n_requests=None if n_requests is None else int(n_requests),
+        duration_s=duration_s,
+        arrival=arrival,
+        cv=cv,
+        diurnal=diurnal,
+    )
     n = len(times)
     if n == 0:
         raise TraceError("synthesize: no requests generated; raise duration_s or rate")

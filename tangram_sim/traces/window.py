@@ -47,15 +47,17 @@ def window(
         end = start + _number(duration_s, f"{where}.duration_s", positive=True)
         hi = int(np.searchsorted(arrival, end, side="left"))
     if max_requests is not None:
-        if isinstance(max_requests, bool) or not isinstance(max_requests, int | np.integer) or max_requests < 1:
+        if (
+            isinstance(max_requests, bool)
+            or not isinstance(max_requests, int | np.integer)
+            or max_requests < 1
+        ):
             raise TraceError(f"{where}.max_requests: expected an integer >= 1, got {max_requests!r}")
         hi = min(hi, lo + int(max_requests))
     if hi <= lo:
         span = f"0..{arrival[-1]:.3f} s" if len(arrival) else "no requests"
         end_text = "end" if duration_s is None else f"{start + float(duration_s):g} s"
-        raise TraceError(
-            f"{where}: no requests in [{start:g} s, {end_text}); the trace spans {span}"
-        )
+        raise TraceError(f"{where}: no requests in [{start:g} s, {end_text}); the trace spans {span}")
     out = df.iloc[lo:hi].reset_index(drop=True)
     shifted = out["arrival_s"].to_numpy(dtype=np.float64) - arrival[lo]
     out["arrival_s"] = shifted / scale
