@@ -172,3 +172,35 @@ def test_long_prompts_that_can_never_fit_are_rejected_with_a_reason() -> None:
                    make_system("t", "tangram"))
     assert res.requests.outcome.tolist() == ["rejected", "completed"]
     assert res.requests.reason.iloc[0] == "kv-capacity"
+
+
+def test_tensor_parallel_ranks_load_their_shards_in_parallel_over_their_own_links() -> None:
+    big = get_model("llama-2-70b")  # 138 GB: needs two 80 GB GPUs
+    c = ClusterSpec(1, 2, gpu_spec("a100-80gb"), TierSpec(ssd_bps=1e13))  # PCIe-bound
+    res = simulate({"llama-2-70b": ModelChoice(big, tensor_parallel=2)},
+                   trace([(0.0, "llama-2-70b", 100, 3)]), c, make_system("t", "tangram"), record_events=True)
+    row = res.requests.iloc[0]
+    assert row.outcome == "completed" and row.bytes_loaded == row.bytes_needed >= big.weight_bytes
+    assert row.load_s == pytest.approx(row.bytes_loaded / 2 / c.gpu.pcie_bps, rel=1e-6)
+    assert [e[1] for e in res.events if e[2] == "gang_join"] == [1]  # GPU 1 joined GPU 0's instance
+    with pytest.raises(CapacityError, match="tensor_parallel"):
+        simulate({"llama-2-70b": ModelChoice(big)}, trace([(0.0, "llama-2-70b", 100, 3)]), c,
+                 make_system("t", "tangram"))
+
+
+@pytest.mark.parametrize("preset", ["tangram", "serverlessllm"])
+def test_tensor_parallel_and_single_gpu_models_share_a_node_without_deadlock(preset: str) -> None:
+    big = get_model("llama-2-70b")
+    models = {"llama-2-70b": ModelChoice(big, tensor_parallel=2), "llama-3-8b": ModelChoice(LLAMA),
+              "qwen2.5-3b": ModelChoice(QWEN)}
+    names = ["llama-2-70b", "llama-3-8b", "qwen2.5-3b", "llama-3-8b", "qwen2.5-3b"]
+    rows = [(1.5 * i, names[(i * 3) % 5], 200 + 50 * (i % 7), 5 + i % 30) for i in range(120)]
+    c = ClusterSpec(1, 4, gpu_spec("a100-80gb"))
+    res = simulate(models, trace(rows), c, make_system(preset, preset, {"keep_alive_s": 5.0}))
+    assert res.summary["completed"] == 120
+    cold = res.requests[res.requests.cold]
+    assert (cold.bytes_loaded + cold.bytes_reused == cold.bytes_needed).all()
+    tp_rows = res.requests[res.requests.model == "llama-2-70b"]
+    assert set(tp_rows.gpu) <= {0, 2}  # leaders of the aligned pairs (0, 1) and (2, 3)
+    if preset == "tangram":
+        assert cold[cold.model == "llama-2-70b"].bytes_reused.sum() > 0

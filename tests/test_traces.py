@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -57,14 +56,10 @@ def assert_canonical(df: pd.DataFrame) -> None:
 # ---------------------------------------------------------------------------------------------- readers
 
 
-def test_shipped_azure_llm_traces_load_fast_with_all_rows() -> None:
-    read_azure_llm(CODE)  # warm up lazy pandas imports
-    t0 = time.perf_counter()
+def test_shipped_azure_llm_traces_load_with_all_rows() -> None:
     conv = read_azure_llm(CONV)
-    elapsed = time.perf_counter() - t0
     code = read_azure_llm(CODE)
     assert len(conv) == 19_366 and len(code) == 8_819
-    assert elapsed < 1.0
     for df in (conv, code):
         assert_canonical(df)
         assert df["model"].isna().all()

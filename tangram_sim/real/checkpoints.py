@@ -14,8 +14,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +76,9 @@ def torch_dtype(st_dtype: str) -> torch.dtype:
     try:
         return _TORCH_DTYPES[st_dtype]
     except KeyError:
-        raise ModelError(f"dtype {st_dtype!r} has no torch equivalent, expected one of {', '.join(_TORCH_DTYPES)}")
+        raise ModelError(
+            f"dtype {st_dtype!r} has no torch equivalent, expected one of {', '.join(_TORCH_DTYPES)}"
+        ) from None
 
 
 # --- configs -------------------------------------------------------------------------------------------
@@ -90,13 +94,15 @@ def _shrink_text(cfg: dict[str, Any], family: str) -> None:
     heads = cfg.get("num_attention_heads") or {"gpt_neox": 64, "opt": 12}.get(family, 32)
     kv = cfg.get("num_key_value_heads") or heads
     ratio = max(1, heads // kv)
-    tiny_heads = max(4, ratio)
-    while TINY_HIDDEN % tiny_heads:
-        tiny_heads += 1
+    tiny_kv = -(-4 // ratio)  # at least 4 query heads
+    tiny_heads = ratio * tiny_kv
+    cfg.pop("head_dim", None)
     cfg["hidden_size"] = TINY_HIDDEN
     cfg["num_attention_heads"] = tiny_heads
+    if TINY_HIDDEN % tiny_heads:  # e.g. 40/8 heads: keep the ratio 5 with an explicit head width
+        cfg["head_dim"] = 16
     if "num_key_value_heads" in cfg or family in ("llama", "mistral", "qwen2", "phi3"):
-        cfg["num_key_value_heads"] = max(1, tiny_heads // ratio)
+        cfg["num_key_value_heads"] = tiny_kv
     for key, default in (("intermediate_size", 4 * hidden), ("ffn_dim", 4 * hidden)):
         if key in cfg or (key == "intermediate_size" and family != "opt"):
             cfg[key] = _round_up(TINY_HIDDEN * (cfg.get(key) or default) / hidden, 16)
@@ -105,7 +111,6 @@ def _shrink_text(cfg: dict[str, Any], family: str) -> None:
     cfg["max_position_embeddings"] = min(cfg.get("max_position_embeddings") or 2048, TINY_POSITIONS)
     if "word_embed_proj_dim" in cfg:
         cfg["word_embed_proj_dim"] = TINY_HIDDEN
-    cfg.pop("head_dim", None)
     cfg.pop("sliding_window", None)
 
 
@@ -142,18 +147,24 @@ def scaled_config(name: str, scale: str = "tiny") -> dict[str, Any]:
 
 
 def synthetic_config(gb: float, dtype: str = "BF16") -> dict[str, Any]:
-    """A Llama-shaped config (hidden 2048, GQA 16/4, vocab 32000) with as many layers as make ~`gb` GB.
+    """A Llama-shaped config (GQA 4:1, MLP 4x) of about `gb` GB, for loader benchmarks of a chosen size.
 
-    For loader benchmarks of a chosen size; about 122 MB per layer in bf16 plus 262 MB of embeddings.
+    Takes the widest hidden size (4096 down to 128) that still gives at least 4 layers, so 16 GB is
+    7B-like (hidden 4096, 32 layers) and 1.5 GB is hidden 2048 with 10 layers of ~122 MB.
     """
     if not gb > 0:
         raise ModelError(f"synthetic size {gb!r} GB, expected a positive number")
     dtype = normalize_dtype(dtype, "synthetic dtype")
-    hidden, inter, heads, kv, vocab = 2048, 8192, 16, 4, 32000
     elt = torch_dtype(dtype).itemsize
-    per_layer = (2 * hidden * hidden + 2 * hidden * (hidden * kv // heads) + 3 * hidden * inter + 2 * hidden) * elt
-    fixed = (2 * vocab * hidden + hidden) * elt
-    layers = max(1, round((gb * 1e9 - fixed) / per_layer))
+    for hidden in (4096, 2048, 1024, 512, 256, 128):
+        heads = max(4, hidden // 128)
+        kv, inter, vocab = heads // 4, 4 * hidden, min(32000, 16 * hidden)
+        kv_dim = hidden * kv // heads
+        per_layer = (2 * hidden * hidden + 2 * hidden * kv_dim + 3 * hidden * inter + 2 * hidden) * elt
+        fixed = (2 * vocab * hidden + hidden) * elt
+        layers = max(1, round((gb * 1e9 - fixed) / per_layer))
+        if layers >= 4:
+            break
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -181,7 +192,7 @@ def _init_std(t: TensorSpec) -> tuple[float, float]:
     if len(t.shape) <= 1:
         return 0.0, 0.1
     if "embed" in t.name or "wte" in t.name or "wpe" in t.name:
-        return 0.0, 1.0
+        return 0.0, 0.02  # HF's initializer_range: small, so tied logits do not just echo the input
     fan_in = math.prod(t.shape[1:])
     return 0.0, 1.0 / math.sqrt(fan_in)
 
@@ -195,7 +206,9 @@ def tensor_values(t: TensorSpec) -> torch.Tensor:
     g = torch.Generator().manual_seed(int(t.fingerprint[:15], 16))
     mean, std = _init_std(t)
     if dtype.is_floating_point:
-        work = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) else torch.float32
+        work = (
+            dtype if dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) else torch.float32
+        )
         out = torch.empty(t.shape, dtype=work).normal_(mean, std, generator=g)
         return out.to(dtype)
     if dtype is torch.bool:
@@ -277,7 +290,7 @@ def write_checkpoint(
 ) -> WrittenCheckpoint:
     """Write `spec` as `out/<spec.name>/` with HF shard names, the index, config.json and fingerprints.
 
-    `shard_bytes` None: two shards when the model is small (so tests cover sharding), else HF's 5 GB.
+    `shard_bytes` None: shards of half the model (2-3 files, so tests cover sharding), at most HF's 5 GB.
     """
     t0 = time.perf_counter()
     folder = Path(out) / spec.name
@@ -292,7 +305,8 @@ def write_checkpoint(
     paths: list[Path] = []
     for i, group in enumerate(groups, start=1):
         fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-        tensors = {t.name: tensor_values(t) for t in group}
+        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:  # torch RNG releases the GIL
+            tensors = dict(zip((t.name for t in group), pool.map(tensor_values, group)))
         metadata = {
             "format": "pt",
             FINGERPRINTS_KEY: json.dumps({t.name: t.fingerprint for t in group}, sort_keys=True),
@@ -352,13 +366,21 @@ def make_derived_checkpoint(
     cfg = scaled_config(base, scale)
     st = _set_dtype(cfg, dtype)
     base_spec = _base_spec(base, cfg, st, seed)
-    spec = derive_model(base_spec, derivation.name, share_patterns_first_layers(base_spec, derivation.fraction))
+    spec = derive_model(
+        base_spec, derivation.name, share_patterns_first_layers(base_spec, derivation.fraction)
+    )
     written = write_checkpoint(
         out,
         spec,
         cfg,
         shard_bytes,
-        {"model": derivation.name, "scale": scale, "seed": seed, "base": base, "fraction": derivation.fraction},
+        {
+            "model": derivation.name,
+            "scale": scale,
+            "seed": seed,
+            "base": base,
+            "fraction": derivation.fraction,
+        },
     )
     base_fps = {t.fingerprint for t in base_spec.tensors}
     written.base = base
@@ -400,4 +422,3 @@ def make_checkpoints(
     written = [make_checkpoint(m, out, scale, dtype, seed, shard_bytes) for m in models]
     written += [make_derived_checkpoint(d, out, scale, dtype, seed, shard_bytes) for d in derivations]
     return written
-

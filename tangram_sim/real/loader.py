@@ -95,7 +95,9 @@ class Checkpoint:
     def name(self) -> str:
         return self.spec.name
 
-    def layouts(self, granularity: str, min_unit_bytes: int = DEFAULT_MIN_UNIT_BYTES) -> tuple[UnitLayout, ...]:
+    def layouts(
+        self, granularity: str, min_unit_bytes: int = DEFAULT_MIN_UNIT_BYTES
+    ) -> tuple[UnitLayout, ...]:
         """Reuse units from `build_units` with each tensor's place inside its unit (cached)."""
         key = (granularity, min_unit_bytes)
         cached = self._layouts.get(key)
@@ -222,7 +224,9 @@ def _pread_into(fd: int, view: memoryview, offset: int, path: str) -> None:
                 k = len(data)
                 view[got : got + k] = data
         except OSError as exc:
-            raise ModelError(f"{path}: cannot read ({exc.strerror or exc}), expected a readable checkpoint") from None
+            raise ModelError(
+                f"{path}: cannot read ({exc.strerror or exc}), expected a readable checkpoint"
+            ) from None
         if k == 0:
             raise ModelError(
                 f"{path}: file ends before byte {offset + n} (got {got} of {n} bytes at offset {offset}), "
@@ -238,7 +242,9 @@ def _open_all(paths: Sequence[str]) -> dict[str, int]:
             try:
                 fds[p] = os.open(p, os.O_RDONLY)
             except OSError as exc:
-                raise ModelError(f"{p}: cannot open ({exc.strerror or exc}), expected a readable shard") from None
+                raise ModelError(
+                    f"{p}: cannot open ({exc.strerror or exc}), expected a readable shard"
+                ) from None
     except BaseException:
         for fd in fds.values():
             os.close(fd)
@@ -322,7 +328,9 @@ class Loader:
                 os.close(fd)
         return LoadResult(total, time.perf_counter() - t0, reads, copies, staged, readers)
 
-    def _load_direct(self, buffer: torch.Tensor, pieces: list[Segment], fds: dict[str, int]) -> tuple[int, int]:
+    def _load_direct(
+        self, buffer: torch.Tensor, pieces: list[Segment], fds: dict[str, int]
+    ) -> tuple[int, int]:
         """CPU arena: pread straight into it with a pool of reader threads."""
         arena = memoryview(buffer.numpy())
         readers = min(self.readers, len(pieces))
@@ -383,7 +391,9 @@ class Loader:
                     return
                 ready.put((i, stage, None))
 
-        threads = [threading.Thread(target=reader, name=f"tangram-read-{k}", daemon=True) for k in range(readers)]
+        threads = [
+            threading.Thread(target=reader, name=f"tangram-read-{k}", daemon=True) for k in range(readers)
+        ]
         stream = None
         if self.cuda:
             if self._stream is None:

@@ -16,6 +16,11 @@ GPU, which ends it at once. When an
 instance ends, its weights are unpinned: retention systems keep them resident (evictable,
 reusable); `none` retention frees them as ServerlessLLM does.
 
+A model with `tensor_parallel: N` runs on an aligned group of N GPUs of one node: the first is the
+leader (it queues the requests and runs the instance), the others are held by a gang barrier; each
+GPU keeps its own 1/N shard of every unit in its own arena and loads it over its own PCIe link.
+Members join a gang in request order, like every instance start, so gangs cannot deadlock.
+
 Decode is simulated as a fluid: between events (arrival that can join, completion, KV growth) every
 running sequence advances at one token per step, step time from the time model for the current
 batch and KV size. This keeps events per request O(1) instead of O(output tokens).
@@ -53,7 +58,7 @@ class Request:
         "rid", "arrival", "model", "input_tokens", "output_tokens",
         "gpu", "cold", "queue_s", "load_s", "bytes_needed", "bytes_loaded", "bytes_reused",
         "bytes_moved", "startup_s", "ttft_s", "e2e_s", "waited_for_kv_s", "preemptions", "outcome", "reason",
-        "done_tokens", "kv_limit", "kv_bytes", "kv_keys", "kv_wait_since", "admitted_at",
+        "done_tokens", "kv_limit", "kv_bytes", "kv_keys", "kv_wait_since", "admitted_at", "gang", "slot_of",
     )
 
     def __init__(self, rid: int, arrival: float, model: str, input_tokens: int, output_tokens: int) -> None:
@@ -80,20 +85,45 @@ class Request:
         self.done_tokens = 0.0  # tokens generated so far (fluid)
         self.kv_limit = 0  # tokens whose KV is allocated
         self.kv_bytes = 0  # bytes of KV held
-        self.kv_keys: list[Key] = []  # arena regions of its KV (on-demand KV)
+        self.kv_keys: list[tuple[Arena, Key]] = []  # arena regions of its KV (on-demand KV), all ranks
         self.kv_wait_since = -1.0  # when it first could not get KV (-1: not waiting)
         self.admitted_at = 0.0  # when it joined the batch
+        self.gang: Gang | None = None  # tensor parallel: the GPUs that must start its instance together
+        self.slot_of: Request | None = None  # set on a follower's placeholder for a gang's request
+
+
+class Gang:
+    """Barrier of a tensor-parallel instance start: every member GPU must be free first."""
+
+    __slots__ = ("workers", "arrived", "ready", "released")
+
+    def __init__(self, env: simpy.Environment, workers: tuple[GpuWorker, ...]) -> None:
+        self.workers = workers  # leader first; rank = position
+        self.arrived = 0  # members that have reached the barrier
+        self.ready = env.event()  # all members are free: the cold start may begin
+        self.released = env.event()  # the instance ended: followers go back to their own queues
+
+    def arrive(self) -> None:
+        self.arrived += 1
+        if self.arrived == len(self.workers):
+            self.ready.succeed()
 
 
 @dataclass(slots=True)
 class ModelEntry:
     spec: ModelSpec  # inventory and sizes
     units: tuple[ReuseUnit, ...]  # reuse units at the system's granularity
-    unit_keys: tuple[Key, ...]  # their keys in the arena
-    unit_bytes: tuple[int, ...]  # their sizes
-    unit_aligned: tuple[int, ...]  # their sizes in the arena (rounded up to its alignment)
-    nbytes: int  # total bytes on one GPU
+    tp: int  # tensor-parallel degree: GPUs per instance
+    rank_keys: tuple[tuple[Key, ...], ...]  # per rank: the keys of its unit shards
+    rank_bytes: tuple[tuple[int, ...], ...]  # per rank: shard sizes (1/tp of each unit, rounded up)
+    rank_aligned: tuple[tuple[int, ...], ...]  # per rank: shard sizes in the arena (aligned)
+    nbytes: int  # total bytes over all ranks
     sensitivity: float  # retention weight from the experiment
+
+    @property
+    def unit_keys(self) -> tuple[Key, ...]:
+        """Every key of the model, all ranks."""
+        return tuple(k for keys in self.rank_keys for k in keys)
 
 
 class Node:
@@ -133,15 +163,18 @@ class Node:
 
 
 class Instance:
-    __slots__ = ("model", "entry", "running", "pool", "pool_keys", "started")
+    __slots__ = ("model", "entry", "running", "pool", "pool_keys", "started", "group", "gang")
 
-    def __init__(self, model: str, entry: ModelEntry, started: float) -> None:
+    def __init__(self, model: str, entry: ModelEntry, started: float, group: tuple[GpuWorker, ...],
+                 gang: Gang | None) -> None:
         self.model = model  # model it serves
         self.entry = entry  # its units
         self.running: list[Request] = []  # the continuous batch, in admission order
-        self.pool: KvPool | None = None  # static KV reservation (None with on-demand KV)
-        self.pool_keys: list[Key] = []  # arena regions holding that reservation
+        self.pool: KvPool | None = None  # static KV reservation per rank (None with on-demand KV)
+        self.pool_keys: list[tuple[Arena, Key]] = []  # arena regions holding that reservation
         self.started = started  # sim time the cold start began
+        self.group = group  # GPUs it runs on, leader first (rank = position)
+        self.gang = gang  # barrier the followers wait on (None for one GPU)
 
 
 class Recorder:
@@ -176,6 +209,7 @@ class GpuWorker:
         self.tail_model: str | None = None  # model of the last queued request (for estimates)
         self._wake: simpy.Event | None = None
         self._wake_any = False  # idle: any arrival wakes; decoding: only an admissible one
+        self.held_by: GpuWorker | None = None  # leader of the tensor-parallel gang holding this GPU
         self.busy_s = 0.0  # time spent loading, prefilling or decoding
         self.compaction_bytes = 0
         self.cold_starts = 0
@@ -190,10 +224,12 @@ class GpuWorker:
         self.queued += 1
         c = self.cluster
         now = c.env.now
-        est = c.service_estimate(req, cold=self.tail_model != req.model, worker=self)
+        real = req if req.slot_of is None else req.slot_of
+        est = c.service_estimate(real, cold=self.tail_model != req.model, worker=self)
         self.busy_until = max(self.busy_until, now) + est
         self.tail_model = req.model
-        self.retention.record_access(req.model, c.entries[req.model].unit_keys, now)
+        if self.held_by is not None:
+            self.held_by.wake_if_idle()  # its instance must end so that this GPU can serve
         wake = self._wake
         if wake is not None and not wake.triggered:
             inst = self.instance
@@ -201,6 +237,11 @@ class GpuWorker:
                 inst is not None and inst.model == req.model and len(inst.running) < c.system.max_batch
             ):
                 wake.succeed()
+
+    def wake_if_idle(self) -> None:
+        wake = self._wake
+        if wake is not None and not wake.triggered and self._wake_any:
+            wake.succeed()
 
     def resident_bytes(self, model: str) -> int:
         return self.arena.model_bytes(model)
@@ -226,10 +267,17 @@ class GpuWorker:
         return req
 
     # ------------------------------------------------------------ the process
+    def _followers_waiting(self) -> bool:
+        inst = self.instance
+        return inst is not None and any(w.queued for w in inst.group[1:])
+
     def run(self):
         env = self.cluster.env
         while True:
             if not self.queued:
+                if self._followers_waiting():  # a gang member has its own work: free the group
+                    self._end_instance()
+                    continue
                 self._wake = env.event()
                 self._wake_any = True
                 if self.instance is None:
@@ -237,93 +285,124 @@ class GpuWorker:
                 else:
                     timer = env.timeout(self.cluster.system.keep_alive_s)
                     yield self._wake | timer
-                    if not self.queued:
+                    if not self.queued and not self._followers_waiting():
                         self.cluster.recorder.log(env.now, self.gpu_id, "keep_alive_expired", -1,
                                                   self.instance.model)
                         self._end_instance()
                 self._wake = None
                 continue
             head = self.head()
+            if head.slot_of is not None:  # a tensor-parallel instance needs this GPU as a follower
+                self._dequeue(head.model)
+                if self.instance is not None:
+                    self._end_instance()
+                gang = head.slot_of.gang
+                self.held_by = gang.workers[0]
+                self.cluster.recorder.log(env.now, self.gpu_id, "gang_join", head.rid, head.model)
+                gang.arrive()
+                yield gang.released
+                self.held_by = None
+                continue
             if self.instance is None or self.instance.model != head.model:
                 if self.instance is not None:
                     self._end_instance()
+                    continue  # ending a gang instance may have re-placed queued requests
+                if head.gang is not None:
+                    head.gang.arrive()
+                    yield head.gang.ready
                 yield from self._cold_start(head)
             yield from self._serve()
+            if self.instance is not None and self._followers_waiting():
+                self._end_instance()  # the batch drained and gang members have their own work
 
     # ------------------------------------------------------------ instance start / end
     def _cold_start(self, head: Request):
+        """Start `head`'s instance on this GPU (or its gang): plan, evict, move, load, pin."""
         c = self.cluster
         env = c.env
         entry = c.entries[head.model]
-        arena = self.arena
         t0 = env.now
+        group = head.gang.workers if head.gang is not None else (self,)
         head.cold = True
         head.queue_s = t0 - head.arrival
         head.gpu = self.gpu_id
-        self.instance = Instance(head.model, entry, t0)
+        self.instance = Instance(head.model, entry, t0, group, head.gang)
         c.warm_workers.setdefault(head.model, set()).add(self)
         self.cold_starts += 1
         c.recorder.log(t0, self.gpu_id, "cold_start", head.rid, head.model)
 
-        missing: list[tuple[Key, int]] = []
-        reused_keys: list[Key] = []
-        reused = 0
-        missing_aligned = 0
-        present = arena.lookup
-        for key, nbytes, aligned in zip(entry.unit_keys, entry.unit_bytes, entry.unit_aligned):
-            if present(key) is None:
-                missing.append((key, nbytes))
-                missing_aligned += aligned
-            else:
-                reused += nbytes
-                reused_keys.append(key)
-        packing = c.packing
-        plan = None
-        if arena.free_bytes >= missing_aligned:
-            plan = packing.plan(arena, missing, ())  # no eviction needed: skip ranking candidates
-        if plan is None:
-            protected = set(reused_keys)
-            order = [k for k in self.retention.eviction_order(arena.evictable(), t0) if k not in protected]
-            plan = packing.plan(arena, missing, order)
-        if plan is None:  # cannot happen for models validated to fit; never hang on it
-            raise RuntimeError(f"gpu {self.gpu_id}: no packing plan for {head.model}")
-        for key in plan.evictions:
-            self.retention.on_evict(key, t0)
-        execute_plan(arena, plan, owners=c.key_owners.__getitem__)
-        for key in reused_keys:
-            arena.pin(key)
-        moved = plan.moved_bytes
-        loaded = sum(n for _, n in missing)
+        loads: list[tuple[GpuWorker, list[tuple[Key, int]]]] = []
+        reused = loaded = moved = evicted = 0
+        copy_s = 0.0
+        for rank, worker in enumerate(group):
+            missing, reused_keys, plan = worker._plan_rank(entry, rank, head.model, t0)
+            for key in plan.evictions:
+                worker.retention.on_evict(key, t0)
+            execute_plan(worker.arena, plan, owners=c.key_owners.__getitem__)
+            for key in reused_keys:
+                worker.arena.pin(key)
+            rank_loaded = sum(n for _, n in missing)
+            loaded += rank_loaded
+            reused += sum(entry.rank_bytes[rank]) - rank_loaded
+            moved += plan.moved_bytes
+            evicted += plan.evicted_bytes
+            worker.compaction_bytes += plan.moved_bytes
+            # Ranks copy and load in parallel; the slowest one sets the pace.
+            copy_s = max(copy_s, plan.moved_bytes / c.d2d_bps + c.unit_overhead_s * len(missing))
+            loads.append((worker, missing))
         head.bytes_needed = entry.nbytes
         head.bytes_reused = reused
         head.bytes_loaded = loaded
         head.bytes_moved = moved
-        self.compaction_bytes += moved
 
         # Time: engine start, then compaction copies, then the loads through the tiers.
         if c.engine_overhead_s:
             yield env.timeout(c.engine_overhead_s)
         t_load = env.now
-        copy_s = moved / c.d2d_bps + c.unit_overhead_s * len(missing)
         if copy_s:
             yield env.timeout(copy_s)
-        if missing:
-            yield from self._transfer(missing)
-        for key, _ in missing:
-            arena.finish_load(key, pin=True)
+        transfers = [ev for worker, missing in loads if missing for ev in worker._transfers(missing)]
+        if transfers:
+            yield env.all_of(transfers)
+        for worker, missing in loads:
+            worker._after_load(missing)
         head.startup_s = t_load - t0
         head.load_s = env.now - t_load
         self.busy_s += env.now - t0
         c.recorder.log(env.now, self.gpu_id, "loaded", head.rid,
-                       f"loaded={loaded} reused={reused} moved={moved} evicted={plan.evicted_bytes}")
-        kv: KvPolicy = c.kv
-        if not kv.on_demand:
+                       f"loaded={loaded} reused={reused} moved={moved} evicted={evicted}")
+        if not c.kv.on_demand:
             self._reserve_static_kv()
-        self.sample()
+        for worker in group:
+            worker.sample()
 
-    def _transfer(self, missing: Sequence[tuple[Key, int]]):
+    def _plan_rank(self, entry: ModelEntry, rank: int, model: str, now: float):
+        """This GPU's part of a cold start: which shards are missing, which are reused, the plan."""
+        arena = self.arena
+        packing = self.cluster.packing
+        missing: list[tuple[Key, int]] = []
+        reused_keys: list[Key] = []
+        missing_aligned = 0
+        present = arena.lookup
+        for key, nbytes, aligned in zip(entry.rank_keys[rank], entry.rank_bytes[rank], entry.rank_aligned[rank]):
+            if present(key) is None:
+                missing.append((key, nbytes))
+                missing_aligned += aligned
+            else:
+                reused_keys.append(key)
+        plan = None
+        if arena.free_bytes >= missing_aligned:
+            plan = packing.plan(arena, missing, ())  # no eviction needed: skip ranking candidates
+        if plan is None:
+            protected = set(reused_keys)  # reused units may move but must stay
+            order = [k for k in self.retention.eviction_order(arena.evictable(), now) if k not in protected]
+            plan = packing.plan(arena, missing, order)
+        if plan is None:  # cannot happen for models validated to fit; never hang on it
+            raise RuntimeError(f"gpu {self.gpu_id}: no packing plan for {model}")
+        return missing, reused_keys, plan
+
+    def _transfers(self, missing: Sequence[tuple[Key, int]]) -> list[simpy.Event]:
         """Missing units stream host->GPU; those not in the DRAM cache come from SSD or remote first."""
-        c = self.cluster
         node = self.node
         tiers = node.tiers
         from_dram = from_ssd = from_remote = 0
@@ -335,66 +414,86 @@ class GpuWorker:
                 from_ssd += nbytes
             else:
                 from_remote += nbytes
+        fabric = self.cluster.fabric
         events = []
-        fabric = c.fabric
         if from_dram:
             events.append(fabric.transfer(from_dram, (self.pcie,)))
         if from_ssd:
             events.append(fabric.transfer(from_ssd, (node.ssd, self.pcie)))
         if from_remote:
             events.append(fabric.transfer(from_remote, (node.network, self.pcie)))
-        yield c.env.all_of(events)
+        return events
+
+    def _after_load(self, missing: Sequence[tuple[Key, int]]) -> None:
+        node = self.node
         for key, nbytes in missing:
-            if from_remote and not tiers.ssd_holds_all:
+            if not node.tiers.ssd_holds_all:
                 node.on_ssd.add(key)
             node.cache_insert(key, nbytes)
+            self.arena.finish_load(key, pin=True)
 
-    def _reserve_static_kv(self):
+    def _reserve_static_kv(self) -> None:
         """vLLM-style: reserve `fraction` of memory minus weights for KV when the instance starts."""
         c = self.cluster
         inst = self.instance
-        want = c.kv.reservation_bytes(self.arena.capacity, inst.entry.nbytes)
-        if want < self.arena.capacity - inst.entry.nbytes - want:
-            # The fraction leaves less KV than it leaves unused (a model near the GPU's size): like
-            # raising vLLM's gpu_memory_utilization, reserve everything the weights leave.
-            want = self.arena.capacity - inst.entry.nbytes
         block = c.block_bytes[inst.model]
-        want -= want % block
-        plan = plan_kv(self.arena, want, block, ())
-        if plan.must_wait:
-            order = self.retention.eviction_order(self.arena.evictable(), c.env.now)
-            plan = plan_kv(self.arena, want, block, order)
-        if plan.must_wait:  # fragmentation: take the whole blocks the holes hold
-            fits = sum(r.size - r.size % block for r in self.arena.free_regions())
-            plan = plan_kv(self.arena, fits, block, ())
-        for key in plan.evictions:
-            self.retention.on_evict(key, c.env.now)
-        inst.pool_keys = execute_kv_plan(self.arena, plan, ("pool", self.gpu_id, inst.started))
-        inst.pool = KvPool(capacity=plan.nbytes)
+        plans = []
+        for rank, worker in enumerate(inst.group):
+            arena = worker.arena
+            weights = sum(inst.entry.rank_aligned[rank])
+            want = c.kv.reservation_bytes(arena.capacity, weights)
+            if want < arena.capacity - weights - want:
+                # The fraction leaves less KV than it leaves unused (a model near the GPU's size): like
+                # raising vLLM's gpu_memory_utilization, reserve everything the weights leave.
+                want = arena.capacity - weights
+            want -= want % block
+            plan = plan_kv(arena, want, block, ())
+            if plan.must_wait:
+                plan = plan_kv(arena, want, block, worker.retention.eviction_order(arena.evictable(), c.env.now))
+            if plan.must_wait:  # fragmentation: take the whole blocks the holes hold
+                fits = sum(r.size - r.size % block for r in arena.free_regions())
+                plan = plan_kv(arena, fits, block, ())
+            plans.append((worker, plan))
+        capacity = min(plan.nbytes for _, plan in plans)  # ranks hold equal shards of every block
+        for worker, plan in plans:
+            for key in plan.evictions:
+                worker.retention.on_evict(key, c.env.now)
+            keys = execute_kv_plan(worker.arena, plan, ("pool", worker.gpu_id, inst.started))
+            inst.pool_keys += [(worker.arena, key) for key in keys]
+        inst.pool = KvPool(capacity=capacity)
 
     def _end_instance(self) -> None:
         inst = self.instance
         assert inst is not None and not inst.running
-        arena = self.arena
         c = self.cluster
-        for key in inst.pool_keys:
+        for arena, key in inst.pool_keys:
             arena.release(key)
-        retains = self.retention.retains
-        for key in inst.entry.unit_keys:
-            region = arena.lookup(key)
-            if region is None or region.pin_count == 0:
-                continue
-            region.pin_count -= 1  # arena.unpin without the lookup: this loop runs per unit
-            if not retains and region.pin_count == 0:
-                arena.evict(key)
+        for rank, worker in enumerate(inst.group):
+            arena = worker.arena
+            retains = worker.retention.retains
+            for key in inst.entry.rank_keys[rank]:
+                region = arena.lookup(key)
+                if region is None or region.pin_count == 0:
+                    continue
+                region.pin_count -= 1  # arena.unpin without the lookup: this loop runs per unit
+                if not retains and region.pin_count == 0:
+                    arena.evict(key)
         c.warm_workers[inst.model].discard(self)
         c.recorder.log(c.env.now, self.gpu_id, "instance_end", -1, inst.model)
         self.instance = None
-        self.sample()
+        for worker in inst.group:
+            worker.sample()
+        if inst.gang is not None:
+            if not inst.gang.released.triggered:
+                inst.gang.released.succeed()
+            # Requests routed to the running instance need a new group: place them again, in order.
+            queue = self.queues.get(inst.model)
+            while queue:
+                c.route(self._dequeue(inst.model), replace=True)
 
     # ------------------------------------------------------------ KV
     def _kv_take(self, req: Request, tokens: int) -> bool:
-        """Grow `req`'s KV to cover `tokens`; False when the memory is not there (caller decides)."""
+        """Grow `req`'s KV to cover `tokens` on every rank; False when the memory is not there."""
         c = self.cluster
         inst = self.instance
         block_tokens = c.system.kv_block_tokens
@@ -409,15 +508,21 @@ class GpuWorker:
                 return False
             inst.pool.take(nbytes)
         else:
-            arena = self.arena
-            plan = plan_kv(arena, nbytes, block, ())
-            if plan.must_wait:
-                plan = plan_kv(arena, nbytes, block, self.retention.eviction_order(arena.evictable(), c.env.now))
+            now = c.env.now
+            plans = []
+            for worker in inst.group:  # plan every rank first: all or nothing
+                arena = worker.arena
+                plan = plan_kv(arena, nbytes, block, ())
                 if plan.must_wait:
-                    return False
+                    plan = plan_kv(arena, nbytes, block, worker.retention.eviction_order(arena.evictable(), now))
+                    if plan.must_wait:
+                        return False
+                plans.append((worker, plan))
+            for worker, plan in plans:
                 for key in plan.evictions:
-                    self.retention.on_evict(key, c.env.now)
-            req.kv_keys += execute_kv_plan(arena, plan, ("kv", req.rid), first_index=len(req.kv_keys))
+                    worker.retention.on_evict(key, now)
+                keys = execute_kv_plan(worker.arena, plan, ("kv", req.rid), first_index=len(req.kv_keys))
+                req.kv_keys += [(worker.arena, key) for key in keys]
         req.kv_bytes += nbytes
         req.kv_limit = blocks_new * block_tokens
         return True
@@ -427,8 +532,8 @@ class GpuWorker:
         if inst.pool is not None:
             inst.pool.give_back(req.kv_bytes)
         else:
-            for key in req.kv_keys:
-                self.arena.release(key)
+            for arena, key in req.kv_keys:
+                arena.release(key)
         req.kv_keys = []
         req.kv_bytes = 0
         req.kv_limit = 0
@@ -449,7 +554,7 @@ class GpuWorker:
         inst = self.instance
         spec = inst.entry.spec
         tm = c.time_model
-        tp = 1
+        tp = len(inst.group)
         running = inst.running
         while True:
             # Admit our queued requests in order while the batch, KV memory and fairness allow.
@@ -457,8 +562,9 @@ class GpuWorker:
             own = self.queues.get(inst.model)
             while own and len(running) + len(admitted) < system.max_batch:
                 req = own[0]
-                head = self.head()
-                if head is not req and env.now - head.arrival >= system.fairness_window_s:
+                blocker = self._blocker(inst)
+                if (blocker is not None and blocker.rid < req.rid
+                        and env.now - blocker.arrival >= system.fairness_window_s):
                     break  # an older request of another model has waited long enough
                 if not self._kv_take(req, self._want_tokens(req, 0)):
                     if not running and not admitted:
@@ -469,6 +575,11 @@ class GpuWorker:
                         req.kv_wait_since = env.now
                     break
                 self._dequeue(inst.model)
+                if req.gang is not None and req.gang is not inst.gang:
+                    # placed on this group as a new instance, but the instance is already up
+                    if not req.gang.released.triggered:
+                        req.gang.released.succeed()  # followers skip the barrier that never fills
+                    req.gang = None
                 if req.kv_wait_since >= 0:
                     req.waited_for_kv_s += env.now - req.kv_wait_since
                     req.kv_wait_since = -1.0
@@ -541,6 +652,16 @@ class GpuWorker:
                     if victim is req:
                         victim = running[-2]
                     self._preempt(victim)
+
+    def _blocker(self, inst: Instance) -> Request | None:
+        """The oldest request waiting on this instance's GPUs for something else than it."""
+        best = None
+        for worker in inst.group:
+            for model, queue in worker.queues.items():
+                if queue and (worker is not self or model != inst.model):
+                    if best is None or queue[0].rid < best.rid:
+                        best = queue[0]
+        return best
 
     def _preempt(self, req: Request) -> None:
         """Free a running request's KV and put it back at the queue head; it recomputes later."""
@@ -634,9 +755,13 @@ class Cluster:
         self.d2d_bps = d2d_bps
         self.alignment = alignment
         self.fabric = Fabric(env)
+        # KV of a tensor-parallel model is split by heads: each rank holds 1/tp of every block.
         self.block_bytes = {
-            name: kv_block_bytes(e.spec.kv_bytes_per_token, system.kv_block_tokens) for name, e in entries.items()
+            name: kv_block_bytes(-(-e.spec.kv_bytes_per_token // e.tp), system.kv_block_tokens)
+            for name, e in entries.items()
         }
+        self.gpus_per_node = gpus_per_node
+        self._groups: dict[int, list[tuple[GpuWorker, ...]]] = {}
         self.key_owners: dict[Key, tuple[str, ...]] = {}
         for name, entry in entries.items():
             for key in entry.unit_keys:
@@ -669,45 +794,73 @@ class Cluster:
             est += self.engine_overhead_s + missing / worker.pcie.bps
         return est
 
-    def route(self, req: Request) -> None:
-        """Warm instance with a clean queue if any, else the scheduler's choice."""
+    def route(self, req: Request, replace: bool = False) -> None:
+        """Warm instance with a clean queue if any, else the scheduler's choice (a GPU or a gang)."""
+        entry = self.entries[req.model]
         best = None
         best_load = 0
         for w in self.warm_workers.get(req.model, ()):
             queued = w.queued
-            if w.queued_for(req.model) != queued:
+            if w.queued_for(req.model) != queued or w._followers_waiting():
                 continue  # another model waits there: the request would queue behind a switch
             load = queued + len(w.instance.running)
             if best is None or load < best_load or (load == best_load and w.gpu_id < best.gpu_id):
                 best, best_load = w, load
-        if best is None or best_load >= self.system.max_batch:
+        if best is not None and best_load < self.system.max_batch:
+            group = best.instance.group
+        else:
             options = self.placement_options(req)
             choice = self.scheduler.choose(req.model, options, self.rng)
-            best = self.workers[options[choice].gpus[0]]
-        self.recorder.log(self.env.now, best.gpu_id, "routed", req.rid, req.model)
+            group = tuple(self.workers[g] for g in options[choice].gpus)
+            best = group[0]
+            if entry.tp > 1:
+                req.gang = Gang(self.env, group)
+        self.recorder.log(self.env.now, best.gpu_id, "rerouted" if replace else "routed", req.rid, req.model)
+        if not replace:
+            now = self.env.now
+            for rank, worker in enumerate(group):
+                worker.retention.record_access(req.model, entry.rank_keys[rank], now)
         best.submit(req)
+        if req.gang is not None:
+            for follower in group[1:]:
+                slot = Request(req.rid, req.arrival, req.model, 0, 0)
+                slot.slot_of = req
+                follower.submit(slot)
+
+    def placement_groups(self, tp: int) -> list[tuple[GpuWorker, ...]]:
+        """Aligned groups of `tp` GPUs inside one node (a GPU always has the same rank in them)."""
+        groups = self._groups.get(tp)
+        if groups is None:
+            groups = []
+            for node in range(len(self.nodes)):
+                first = node * self.gpus_per_node
+                for start in range(0, self.gpus_per_node - tp + 1, tp):
+                    groups.append(tuple(self.workers[first + start + r] for r in range(tp)))
+            self._groups[tp] = groups
+        return groups
 
     def placement_options(self, req: Request) -> list[PlacementOption]:
         entry = self.entries[req.model]
         now = self.env.now
-        spec = entry.spec
-        prefill = self.time_model.prefill_s(spec, req.input_tokens)
+        tp = entry.tp
+        prefill = self.time_model.prefill_s(entry.spec, req.input_tokens, tp)
         options = []
-        fractions: dict[int, bool] = {}
-        for w in self.workers:
-            node = w.node
-            if node.node_id not in fractions:
-                fractions[node.node_id] = node.holds(entry, req.model)
+        in_cache: dict[int, bool] = {}
+        for group in self.placement_groups(tp):
+            node = group[0].node
+            if node.node_id not in in_cache:
+                in_cache[node.node_id] = node.holds(entry, req.model)
             options.append(
                 PlacementOption(
-                    gpus=(w.gpu_id,),
+                    gpus=tuple(w.gpu_id for w in group),
                     node=node.node_id,
-                    queue_wait_s=max(0.0, w.busy_until - now),
-                    free_bytes=w.arena.free_bytes,
-                    resident_bytes=w.resident_bytes(req.model),
+                    queue_wait_s=max(0.0, max(w.busy_until for w in group) - now),
+                    free_bytes=min(w.arena.free_bytes for w in group),
+                    resident_bytes=sum(w.resident_bytes(req.model) for w in group),
                     model_bytes=entry.nbytes,
-                    in_host_cache=fractions[node.node_id],
-                    host_to_gpu_bps=w.pcie.bps,
+                    in_host_cache=in_cache[node.node_id],
+                    # ranks load their shards in parallel, each over its own link
+                    host_to_gpu_bps=group[0].pcie.bps * tp,
                     storage_bps=node.ssd.bps if node.tiers.ssd_holds_all else node.network.bps,
                     prefill_s=prefill,
                     load_overhead_s=self.engine_overhead_s,

@@ -64,16 +64,19 @@ def _validate(models: dict[str, ModelChoice], trace: pd.DataFrame, cluster: Clus
         )
     capacity = cluster.gpu.memory_bytes
     for name, choice in models.items():
-        if choice.tensor_parallel != 1:
+        tp = choice.tensor_parallel
+        if tp > cluster.gpus_per_node:
             raise ConfigError(
-                f"models.{name}.tensor_parallel: only 1 is supported by the simulator so far, "
-                f"got {choice.tensor_parallel}"
+                f"models.{name}.tensor_parallel: {tp} GPUs per instance, but a node has only "
+                f"{cluster.gpus_per_node} (cluster.gpus_per_node)"
             )
-        need = choice.spec.weight_bytes + choice.spec.kv_bytes_per_token * system.kv_block_tokens
+        need = (choice.spec.weight_bytes + choice.spec.kv_bytes_per_token * system.kv_block_tokens) / tp
         if need > capacity:
+            hint = "set tensor_parallel" if tp == 1 else "raise tensor_parallel"
             raise CapacityError(
-                f"model {name} needs {need / 1e9:.2f} GB (weights + one KV block) but a {cluster.gpu.name} "
-                f"GPU has {capacity / 1e9:.2f} GB; use a larger cluster.gpu or cluster.gpu_memory_gib"
+                f"model {name} needs {need / 1e9:.2f} GB per GPU (weights + one KV block, tensor_parallel "
+                f"{tp}) but a {cluster.gpu.name} GPU has {capacity / 1e9:.2f} GB; use a larger cluster.gpu "
+                f"or cluster.gpu_memory_gib, or {hint}"
             )
         if choice.spec.kv_bytes_per_token <= 0:
             raise ConfigError(f"model {name}: KV bytes per token unknown (no architecture config)")
@@ -113,15 +116,23 @@ def simulate(
     )
 
     entries: dict[str, ModelEntry] = {}
+    align = cluster.alignment
     for name, choice in models.items():
         units = build_units(choice.spec, system.granularity, system.min_unit_bytes)
+        tp = choice.tensor_parallel
+        # Each rank holds 1/tp of every unit; shards of different ranks are different bytes.
+        shard = tuple(-(-u.nbytes // tp) for u in units)
+        rank_keys = tuple(
+            tuple(u.key if tp == 1 else f"{u.key}/tp{tp}.{rank}" for u in units) for rank in range(tp)
+        )
         entries[name] = ModelEntry(
             spec=choice.spec,
             units=units,
-            unit_keys=tuple(u.key for u in units),
-            unit_bytes=tuple(u.nbytes for u in units),
-            unit_aligned=tuple(-(-u.nbytes // cluster.alignment) * cluster.alignment for u in units),
-            nbytes=sum(u.nbytes for u in units),
+            tp=tp,
+            rank_keys=rank_keys,
+            rank_bytes=(shard,) * tp,
+            rank_aligned=(tuple(-(-n // align) * align for n in shard),) * tp,
+            nbytes=sum(shard) * tp,
             sensitivity=choice.sensitivity,
         )
 

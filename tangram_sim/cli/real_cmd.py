@@ -1,0 +1,251 @@
+"""`tangram-sim real make-checkpoints|load|generate`: the real executor from the command line.
+
+torch is imported inside the command functions only, so `--help` and the rest of the CLI work
+without the `real` extra; running a command without it is a one-line error naming the extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from tangram_sim.errors import ConfigError
+
+MB = 1e6
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "real", help="real executor: make checkpoints, load them into a device arena, generate"
+    )
+    sub = parser.add_subparsers(title="real commands", metavar="ACTION")
+    parser.set_defaults(func=lambda args: _help(parser))
+
+    mk = sub.add_parser(
+        "make-checkpoints",
+        help="write random-weight safetensors checkpoints of catalog models (HF layout)",
+        description="Writes OUT/<name>/ with model-0000i-of-0000n.safetensors, the index and config.json; "
+        "tensor fingerprints go to __metadata__['tangram.fingerprints'].",
+    )
+    mk.add_argument("--models", nargs="*", default=[], metavar="NAME", help="catalog model names")
+    mk.add_argument("--out", required=True, metavar="DIR", help="folder that receives one folder per model")
+    mk.add_argument(
+        "--scale", choices=("tiny", "full"), default="tiny", help="tiny: hidden 64, 2 layers, vocab 256"
+    )
+    mk.add_argument(
+        "--derive",
+        action="append",
+        default=[],
+        metavar="NAME=BASE:FRACTION",
+        help="a fine-tune sharing the embeddings and the first FRACTION of the layers of BASE (repeatable)",
+    )
+    mk.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the config's)")
+    mk.add_argument("--seed", type=int, default=0, help="values are a function of seed and tensor identity")
+    mk.add_argument("--shard-mb", type=float, default=None, help="max shard size (default: 2 shards or 5 GB)")
+    mk.set_defaults(func=cmd_make_checkpoints)
+
+    ld = sub.add_parser(
+        "load",
+        help="load checkpoints one after another into one device arena (reuse, compaction, eviction)",
+        description="Each model is started (missing units loaded, shared or retained ones reused) and "
+        "ended again (units stay resident unless retention is none) before the next one.",
+    )
+    ld.add_argument("models", nargs="+", metavar="DIR", help="checkpoint folders, or a folder of them")
+    ld.add_argument(
+        "--verify", action="store_true", help="checksum every tensor on the device against the file"
+    )
+    _device_options(ld)
+    ld.set_defaults(func=cmd_load)
+
+    gen = sub.add_parser("generate", help="load one checkpoint and run prefill + N decode tokens (greedy)")
+    gen.add_argument("model", metavar="DIR", help="checkpoint folder (llama, mistral, qwen2 or phi3)")
+    gen.add_argument(
+        "--prompt", default=None, help="comma-separated token ids (default: random, see --prompt-len)"
+    )
+    gen.add_argument("--prompt-len", type=int, default=16, help="length of the random prompt")
+    gen.add_argument("--tokens", type=int, default=16, help="decode tokens after the first token")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    _device_options(gen)
+    gen.set_defaults(func=cmd_generate)
+
+
+def _device_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument(
+        "--capacity-gb",
+        type=float,
+        default=None,
+        help="arena size in GB (default: 90%% of free memory on CUDA, 1.25x the models on the CPU)",
+    )
+    p.add_argument("--granularity", default="group", help="reuse units: model, group or tensor")
+    p.add_argument(
+        "--retention", default="tangram", help="retention policy (tangram, lru, lfu, gdsf, none, ...)"
+    )
+    p.add_argument(
+        "--packing", default="pbp", help="packing policy (pbp, first-fit, compact-all, min-move-window)"
+    )
+    p.add_argument("--kv", default="elastic", help="KV policy: elastic or static")
+    p.add_argument("--readers", type=int, default=None, help="reader threads (default: cores, 2..8)")
+    p.add_argument("--chunk-mb", type=float, default=32, help="staging buffer size in MiB")
+    p.add_argument(
+        "--staging",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="staging buffers: auto = on CUDA only (the CPU reads straight into the arena)",
+    )
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _require() -> None:
+    from tangram_sim.real import require_torch
+
+    require_torch()
+
+
+def cmd_make_checkpoints(args: argparse.Namespace) -> int:
+    _require()
+    from tangram_sim.real.checkpoints import make_checkpoints
+
+    if not args.models and not args.derive:
+        raise ConfigError("make-checkpoints: no models given, expected --models NAME... and/or --derive")
+    shard = None if args.shard_mb is None else max(1, int(args.shard_mb * 2**20))
+    written = make_checkpoints(
+        args.models, args.out, args.scale, args.derive, dtype=args.dtype, seed=args.seed, shard_bytes=shard
+    )
+    for w in written:
+        shared = f", {w.shared_bytes / MB:.2f} MB shared with {w.base}" if w.base else ""
+        print(
+            f"{w.path}: {w.spec.num_tensors} tensors, {w.nbytes / MB:.2f} MB {w.spec.dtype} in "
+            f"{len(w.shards)} shards{shared} ({w.seconds:.2f} s)"
+        )
+    return 0
+
+
+def _gpu(args: argparse.Namespace, model_bytes: int) -> Any:
+    """A RealGpu from the common options; the CPU default capacity fits every model at once."""
+    import torch
+
+    from tangram_sim.real.executor import RealGpu, resolve_device
+
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.capacity_gb is not None:
+        if args.capacity_gb <= 0:
+            raise ConfigError(f"--capacity-gb {args.capacity_gb}, expected a positive number")
+        capacity: int | None = int(args.capacity_gb * 1e9)
+    elif device.type == "cpu":
+        capacity = int(model_bytes * 1.25) + 64 * 2**20
+    else:
+        capacity = None
+    if args.chunk_mb <= 0:
+        raise ConfigError(f"--chunk-mb {args.chunk_mb}, expected a positive number")
+    return RealGpu(
+        device,
+        capacity,
+        args.granularity,
+        args.retention,
+        args.packing,
+        args.kv,
+        readers=args.readers,
+        chunk_bytes=max(4096, int(args.chunk_mb * 2**20)),
+        staging=args.staging,
+        verify=getattr(args, "verify", False),
+    )
+
+
+def _row(cells: list[str], widths: list[int]) -> str:
+    return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    _require()
+    from tangram_sim.real.executor import checkpoint_dirs
+    from tangram_sim.real.loader import open_checkpoint
+
+    ckpts = [open_checkpoint(p) for p in checkpoint_dirs(args.models)]
+    gpu = _gpu(args, sum(c.spec.weight_bytes for c in ckpts))
+    header = [
+        "model",
+        "needed MB",
+        "loaded MB",
+        "reused MB",
+        "moved MB",
+        "evicted MB",
+        "load s",
+        "GB/s",
+        "total s",
+    ]
+    widths = [max(12, *(len(c.name) for c in ckpts)), *(len(h) for h in header[1:])]
+    print(f"arena: {gpu.arena.capacity / MB:.1f} MB on {gpu.device}, granularity {gpu.granularity}")
+    print(_row(header, widths))
+    try:
+        for ckpt in ckpts:
+            s = gpu.start_instance(ckpt)
+            cells = [
+                s.model,
+                f"{s.needed_bytes / MB:.2f}",
+                f"{s.loaded_bytes / MB:.2f}",
+                f"{s.reused_bytes / MB:.2f}",
+                f"{s.moved_bytes / MB:.2f}",
+                f"{s.evicted_bytes / MB:.2f}",
+                f"{s.load_s:.3f}",
+                f"{s.load_gbps:.2f}",
+                f"{s.total_s:.3f}",
+            ]
+            print(_row(cells, widths))
+            gpu.end_instance(s.model)
+        gpu.check()
+        u = gpu.usage()
+        print(
+            f"arena: resident {u['resident'] / MB:.2f} MB, free {u['free'] / MB:.2f} MB, "
+            f"fragmentation {u['fragmentation']:.3f}, {u['regions']} regions"
+            + (" (verified bit-identical)" if args.verify else "")
+        )
+        print(f"memory: {gpu.memory().summary()}")
+    finally:
+        gpu.close()
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _require()
+    import torch
+
+    from tangram_sim.real.loader import open_checkpoint
+
+    ckpt = open_checkpoint(args.model)
+    if args.tokens < 0:
+        raise ConfigError(f"--tokens {args.tokens}, expected >= 0")
+    gpu = _gpu(args, ckpt.spec.weight_bytes)
+    try:
+        stats = gpu.start_instance(ckpt)
+        vocab = gpu.engine(ckpt.name).config.vocab
+        if args.prompt:
+            try:
+                prompt = [int(t) for t in args.prompt.split(",") if t.strip()]
+            except ValueError:
+                raise ConfigError(f"--prompt {args.prompt!r}: expected comma-separated token ids") from None
+        else:
+            if args.prompt_len <= 0:
+                raise ConfigError(f"--prompt-len {args.prompt_len}, expected a positive number")
+            g = torch.Generator().manual_seed(args.seed)
+            prompt = torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist()
+        out = gpu.generate(ckpt.name, prompt, args.tokens)
+        print(
+            f"loaded {ckpt.name}: {stats.loaded_bytes / MB:.2f} MB in {stats.load_s:.3f} s "
+            f"({stats.load_gbps:.2f} GB/s) on {gpu.device}"
+        )
+        print(f"prompt ({len(prompt)} tokens): {prompt}")
+        print(f"tokens: {out.tokens}")
+        per = out.decode_s / args.tokens * 1e3 if args.tokens else 0.0
+        print(
+            f"prefill (first token): {out.ttft_s * 1e3:.2f} ms; decode: {args.tokens} tokens in "
+            f"{out.decode_s * 1e3:.2f} ms ({per:.2f} ms/token)"
+        )
+    finally:
+        gpu.close()
+    return 0
