@@ -109,7 +109,9 @@ def _read_parquet(path: Path) -> pd.DataFrame | None:
     try:
         return pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for a corrupt or truncated file
-        raise TangramError(f"{path}: cannot read parquet ({exc.__class__.__name__}); rerun the experiment") from None
+        raise TangramError(
+            f"{path}: cannot read parquet ({exc.__class__.__name__}); expected a `tangram-sim run` output"
+        ) from None
 
 
 def load_run(run_dir: Path | str) -> RunData:
@@ -520,8 +522,8 @@ def sweep_lines(run: RunData) -> Figure | None:
                     continue
                 x = (sub[x_key].to_numpy(dtype=float) if numeric
                      else np.array([categories.index(v) for v in sub[x_key]]))
-                ax.plot(x, sub[col].to_numpy(dtype=float) * factor, color=run.colors[system],
-                        ls=LINE_STYLES[gi % len(LINE_STYLES)], marker=MARKERS[gi % len(MARKERS)], ms=4, lw=1.6)
+                ax.plot(x, sub[col].to_numpy(dtype=float) * factor, color=run.colors[system], lw=1.6,
+                        ls=LINE_STYLES[gi % len(LINE_STYLES)], marker=MARKERS[gi % len(MARKERS)], ms=4)
         if numeric:
             xs = np.sort(summary[x_key].unique().astype(float))
             if xs.min() > 0 and xs.max() / xs.min() >= 8:

@@ -72,7 +72,8 @@ def _setup(run: RunData) -> list[str]:
         nodes, gpus = cluster.get("nodes", "?"), cluster.get("gpus_per_node", "?")
         mem = cluster.get("gpu_memory_gib")
         mem_text = f", {_fmt_value(mem)} GiB usable each" if mem is not None else ""
-        rest = {k: v for k, v in cluster.items() if k not in ("nodes", "gpus_per_node", "gpu", "gpu_memory_gib")}
+        shown = ("nodes", "gpus_per_node", "gpu", "gpu_memory_gib")
+        rest = {k: v for k, v in cluster.items() if k not in shown}
         extra = f"; {_inline(rest)}" if _inline(rest) else ""
         swept = [k for k in run.sweep_keys if k.startswith("cluster.")]
         note = " (values of sweep point 0; see Sweep)" if swept else ""
@@ -82,8 +83,8 @@ def _setup(run: RunData) -> list[str]:
     if models:
         names = []
         for m in models:
-            notes = [f"{k}={_fmt_value(m[k])}" for k, default in (("sensitivity", 1.0), ("tensor_parallel", 1))
-                     if k in m and m[k] != default]
+            defaults = (("sensitivity", 1.0), ("tensor_parallel", 1))
+            notes = [f"{k}={_fmt_value(m[k])}" for k, default in defaults if k in m and m[k] != default]
             names.append(f"{m.get('name')}" + (f" ({', '.join(notes)})" if notes else ""))
         lines.append(f"- **Models ({len(models)}):** " + ", ".join(names))
     if cfg.get("trace"):
@@ -223,7 +224,8 @@ def _figures(run: RunData) -> list[str]:
     lines = []
     for i, name in enumerate(order, 1):
         caption = known[name].caption(run) if name in known else name.removesuffix(".png").replace("_", " ")
-        lines += [f"![Figure {i}: {name.removesuffix('.png')}](plots/{name})", "", f"*Figure {i}: {caption}*", ""]
+        alt = f"Figure {i}: {name.removesuffix('.png')}"
+        lines += [f"![{alt}](plots/{name})", "", f"*Figure {i}: {caption}*", ""]
     return lines
 
 
