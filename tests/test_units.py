@@ -152,3 +152,33 @@ def test_group_invariants(model: ModelSpec, min_bytes: int) -> None:
         # Every unit reaches the minimum unless it is the block's only unit.
         if len(block_units) > 1:
             assert all(u.nbytes >= min_bytes for u in block_units)
+
+
+def test_base_then_fine_tune_in_one_arena_stores_shared_bytes_once() -> None:
+    from tangram_sim.arena import Arena
+    from tangram_sim.policies.packing import PACKING, execute_plan
+
+    base = get_model("llama-3-8b")
+    tuned = derive_model(base, "llama-3-8b-chat", share_patterns_first_layers(base, 0.5))
+    arena = Arena(40 * 2**30, alignment=512)
+    owners = {}
+    for model in (base, tuned):
+        for unit in build_units(model, "group"):
+            owners.setdefault(unit.key, set()).add(model.name)
+    pbp = PACKING.create("pbp")
+    loaded = {}
+    for model in (base, tuned):
+        units = build_units(model, "group")
+        missing = [(u.key, u.nbytes) for u in units if u.key not in arena]
+        plan = pbp.plan(arena, missing, [])
+        assert plan is not None and plan.evictions == []
+        execute_plan(arena, plan, owners=lambda key: owners[key])
+        for key, _ in missing:
+            arena.finish_load(key)
+        loaded[model.name] = sum(n for _, n in missing)
+    shared = sum(u.nbytes for u in build_units(base, "group") if u.key in {v.key for v in build_units(tuned, "group")})
+    assert shared > 0.45 * base.weight_bytes  # embeddings + half of the layers
+    assert loaded["llama-3-8b"] == base.weight_bytes
+    assert loaded["llama-3-8b-chat"] == tuned.weight_bytes - shared  # the shared units were not loaded again
+    assert arena.resident_bytes_by_model()["llama-3-8b-chat"] >= tuned.weight_bytes
+    arena.check_invariants()

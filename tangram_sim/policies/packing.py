@@ -53,7 +53,7 @@ class PackingPlan:
     placements: list[Placement] = field(default_factory=list)  # then the new units
     needed_bytes: int = 0  # aligned bytes of the units to place
     evicted_bytes: int = 0  # bytes of retained units dropped
-    extra_evicted_bytes: int = 0  # evicted beyond the shortfall of free bytes (fragmentation's cost)
+    extra_evicted_bytes: int = 0  # evicted beyond the free-byte shortfall: unit overshoot + fragmentation
 
     @property
     def moved_bytes(self) -> int:

@@ -57,7 +57,7 @@ class Request:
     __slots__ = (
         "rid", "arrival", "model", "input_tokens", "output_tokens",
         "gpu", "cold", "queue_s", "load_s", "bytes_needed", "bytes_loaded", "bytes_reused",
-        "bytes_moved", "startup_s", "ttft_s", "e2e_s", "waited_for_kv_s", "preemptions", "outcome", "reason",
+        "bytes_moved", "bytes_evicted", "bytes_extra_evicted", "startup_s", "ttft_s", "e2e_s", "waited_for_kv_s", "preemptions", "outcome", "reason",
         "done_tokens", "kv_limit", "kv_bytes", "kv_keys", "kv_wait_since", "admitted_at", "gang", "slot_of",
     )
 
@@ -76,6 +76,8 @@ class Request:
         self.bytes_loaded = 0  # cold start: bytes that crossed PCIe
         self.bytes_reused = 0  # cold start: bytes already resident in the arena
         self.bytes_moved = 0  # cold start: bytes compaction copied device-to-device
+        self.bytes_evicted = 0  # cold start: retained bytes its packing plan evicted
+        self.bytes_extra_evicted = 0  # of those, evicted beyond the free-byte shortfall (fragmentation)
         self.ttft_s = math.nan  # arrival -> first token
         self.e2e_s = math.nan  # arrival -> last token
         self.waited_for_kv_s = 0.0  # time it could not be admitted for lack of KV memory
@@ -332,7 +334,7 @@ class GpuWorker:
         c.recorder.log(t0, self.gpu_id, "cold_start", head.rid, head.model)
 
         loads: list[tuple[GpuWorker, list[tuple[Key, int]]]] = []
-        reused = loaded = moved = evicted = 0
+        reused = loaded = moved = evicted = extra = 0
         copy_s = 0.0
         for rank, worker in enumerate(group):
             missing, reused_keys, plan = worker._plan_rank(entry, rank, head.model, t0)
@@ -346,6 +348,7 @@ class GpuWorker:
             reused += sum(entry.rank_bytes[rank]) - rank_loaded
             moved += plan.moved_bytes
             evicted += plan.evicted_bytes
+            extra += plan.extra_evicted_bytes
             worker.compaction_bytes += plan.moved_bytes
             # Ranks copy and load in parallel; the slowest one sets the pace.
             copy_s = max(copy_s, plan.moved_bytes / c.d2d_bps + c.unit_overhead_s * len(missing))
@@ -354,6 +357,8 @@ class GpuWorker:
         head.bytes_reused = reused
         head.bytes_loaded = loaded
         head.bytes_moved = moved
+        head.bytes_evicted = evicted
+        head.bytes_extra_evicted = extra
 
         # Time: engine start, then compaction copies, then the loads through the tiers.
         if c.engine_overhead_s:

@@ -10,7 +10,8 @@ import pandas as pd
 
 REQUEST_COLUMNS = [
     "rid", "arrival_s", "model", "input_tokens", "output_tokens", "gpu", "cold", "queue_s", "load_s",
-    "bytes_needed", "bytes_loaded", "bytes_reused", "bytes_moved", "startup_s", "ttft_s", "e2e_s",
+    "bytes_needed", "bytes_loaded", "bytes_reused", "bytes_moved", "bytes_evicted", "bytes_extra_evicted",
+    "startup_s", "ttft_s", "e2e_s",
     "waited_for_kv_s", "preemptions", "outcome", "reason",
 ]
 TIMELINE_COLUMNS = [
@@ -24,7 +25,8 @@ def requests_frame(requests: list) -> pd.DataFrame:
     rows = [
         (
             r.rid, r.arrival, r.model, r.input_tokens, r.output_tokens, r.gpu, r.cold, r.queue_s, r.load_s,
-            r.bytes_needed, r.bytes_loaded, r.bytes_reused, r.bytes_moved, r.startup_s, r.ttft_s, r.e2e_s,
+            r.bytes_needed, r.bytes_loaded, r.bytes_reused, r.bytes_moved, r.bytes_evicted, r.bytes_extra_evicted,
+            r.startup_s, r.ttft_s, r.e2e_s,
             r.waited_for_kv_s, r.preemptions, r.outcome, r.reason,
         )
         for r in requests
@@ -67,6 +69,8 @@ def summarize(requests: pd.DataFrame, gpu_busy_s: float, compaction_bytes: int) 
         "io_reduction": 1.0 - loaded / needed if needed else 0.0,
         "full_hit_ratio": float((cold["bytes_loaded"] == 0).mean()) if len(cold) else 0.0,
         "compaction_bytes": int(compaction_bytes),
+        "evicted_bytes": int(cold["bytes_evicted"].sum()),
+        "extra_evicted_bytes": int(cold["bytes_extra_evicted"].sum()),
         "gpu_busy_s": float(gpu_busy_s),
         "waited_for_kv_s": float(requests["waited_for_kv_s"].sum()),
         "preemptions": int(requests["preemptions"].sum()),
