@@ -19,9 +19,10 @@ from tangram_sim.models.safetensors_header import load_config_json, spec_from_sa
 from tangram_sim.models.spec import ModelSpec, normalize_dtype
 
 
-def _llama(
+def llama_config(
     hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int, **extra: Any
 ) -> dict[str, Any]:
+    """An HF-style Llama config dict (extra keys override or add fields)."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -97,7 +98,7 @@ CATALOG: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "llama-3-8b": (
         "meta-llama/Meta-Llama-3-8B",
-        _llama(
+        llama_config(
             4096,
             14336,
             32,
@@ -111,7 +112,7 @@ CATALOG: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "yi-9b": (
         "01-ai/Yi-9B",
-        _llama(
+        llama_config(
             4096,
             11008,
             48,
@@ -186,19 +187,19 @@ CATALOG: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "llama-2-7b": (
         "meta-llama/Llama-2-7b-hf",
-        _llama(4096, 11008, 32, 32, 32, 32000, max_position_embeddings=4096, torch_dtype="float16"),
+        llama_config(4096, 11008, 32, 32, 32, 32000, max_position_embeddings=4096, torch_dtype="float16"),
     ),
     "llama-2-13b": (
         "meta-llama/Llama-2-13b-hf",
-        _llama(5120, 13824, 40, 40, 40, 32000, max_position_embeddings=4096, torch_dtype="float16"),
+        llama_config(5120, 13824, 40, 40, 40, 32000, max_position_embeddings=4096, torch_dtype="float16"),
     ),
     "llama-2-70b": (
         "meta-llama/Llama-2-70b-hf",
-        _llama(8192, 28672, 80, 64, 8, 32000, max_position_embeddings=4096, torch_dtype="float16"),
+        llama_config(8192, 28672, 80, 64, 8, 32000, max_position_embeddings=4096, torch_dtype="float16"),
     ),
     "llama-3-70b": (
         "meta-llama/Meta-Llama-3-70B",
-        _llama(
+        llama_config(
             8192,
             28672,
             80,

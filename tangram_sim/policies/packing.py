@@ -124,17 +124,7 @@ class _Layout:
         smallest = units[-1][1]
         # Holes too small for the smallest unit can never be used: drop them up front.
         holes = [[self.offs[k], self.sizes[k]] for k in self.free_indices(i, j) if self.sizes[k] >= smallest]
-        placements: list[Placement] = []
-        for key, size in units:
-            for hole in holes:
-                if hole[1] >= size:
-                    placements.append(Placement(key, hole[0], size))
-                    hole[0] += size
-                    hole[1] -= size
-                    break
-            else:
-                return None
-        return placements
+        return _fill_holes(holes, units)
 
     def compact_left(
         self, i: int, j: int, units: Sequence[tuple[Key, int]]
@@ -152,6 +142,21 @@ class _Layout:
             placements.append(Placement(key, cursor, size))
             cursor += size
         return moves, placements
+
+
+def _fill_holes(holes: list[list[int]], units: Sequence[tuple[Key, int]]) -> list[Placement] | None:
+    """First fit of each unit (in the given order) into [offset, size] holes, carving from the front."""
+    placements: list[Placement] = []
+    for key, size in units:
+        for hole in holes:
+            if hole[1] >= size:
+                placements.append(Placement(key, hole[0], size))
+                hole[0] += size
+                hole[1] -= size
+                break
+        else:
+            return None
+    return placements
 
 
 def _split_units(
@@ -301,17 +306,8 @@ class CompactAll(PackingPolicy):
             moves += seg_moves
             free = layout.free(i, j)
             holes.append([layout.offs[j - 1] + layout.sizes[j - 1] - free, free])
-        placements = []
-        for key, size in units:
-            for hole in holes:
-                if hole[1] >= size:
-                    placements.append(Placement(key, hole[0], size))
-                    hole[0] += size
-                    hole[1] -= size
-                    break
-            else:
-                return None
-        return moves, placements
+        placements = _fill_holes(holes, units)
+        return None if placements is None else (moves, placements)
 
 
 @PACKING.register("min-move-window")

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from tangram_sim.errors import ModelError
 from tangram_sim.models.architectures import build_model_spec
-from tangram_sim.models.catalog import catalog_config, list_models
+from tangram_sim.models.catalog import catalog_config, list_models, llama_config
 from tangram_sim.models.derived import derive_model, share_patterns_first_layers
 from tangram_sim.models.safetensors_header import FINGERPRINTS_KEY, INDEX_NAME
 from tangram_sim.models.spec import ModelSpec, TensorSpec, normalize_dtype
@@ -165,20 +165,10 @@ def synthetic_config(gb: float, dtype: str = "BF16") -> dict[str, Any]:
         layers = max(1, round((gb * 1e9 - fixed) / per_layer))
         if layers >= 4:
             break
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv,
-        "vocab_size": vocab,
-        "max_position_embeddings": 4096,
-        "rope_theta": 500000.0,
-        "tie_word_embeddings": False,
-        "torch_dtype": _CONFIG_DTYPE.get(dtype, "bfloat16"),
-    }
+    return llama_config(
+        hidden, inter, layers, heads, kv, vocab,
+        max_position_embeddings=4096, rope_theta=500000.0, torch_dtype=_CONFIG_DTYPE.get(dtype, "bfloat16"),
+    )
 
 
 # --- values --------------------------------------------------------------------------------------------
