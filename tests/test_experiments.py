@@ -157,3 +157,18 @@ def test_cli_reports_user_errors_in_one_line(tmp_path: Path, capsys) -> None:
     assert err.startswith("error: systems.1.preset: unknown preset 'tangarm'") and "\n" not in err
     assert main(["run", str(tmp_path / "missing.yaml"), "--quiet"]) == 2
     assert "experiment file not found" in capsys.readouterr().err
+
+
+def test_bad_trace_rows_stop_the_run_or_are_skipped_and_counted(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "t.csv"
+    bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.9799600,4808,10\n"
+                   "2023-11-16 18:17:04.0319600,abc,8\n2023-11-16 18:17:04.0781490,110,27\n")
+    exp = tmp_path / "e.yaml"
+    exp.write_text(yaml.safe_dump({"name": "bad", "models": ["qwen2.5-3b"],
+                                   "trace": {"kind": "azure-llm", "path": "t.csv", "mapping": {"kind": "round-robin"}},
+                                   "systems": [{"name": "t", "preset": "tangram"}]}))
+    assert main(["run", str(exp), "--out", str(tmp_path / "o"), "--quiet", "--no-plots"]) == 2
+    assert "t.csv:3: column 'ContextTokens': expected integer" in capsys.readouterr().err
+    assert main(["run", str(exp), "--out", str(tmp_path / "o"), "--quiet", "--no-plots", "--skip-bad-rows"]) == 0
+    assert "skipped 1 malformed trace row" in capsys.readouterr().out
+    assert pd.read_csv(tmp_path / "o/summary.csv").requests.item() == 2

@@ -23,6 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="override a dotted key, e.g. --set cluster.gpus_per_node=4 (repeatable)")
     p.add_argument("--calibration", help="calibration YAML from `tangram-sim real calibrate`")
     p.add_argument("--no-plots", action="store_true", help="skip plots and report")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="drop malformed trace rows (counted and reported) instead of stopping at the first")
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
     p.set_defaults(func=_run)
 
@@ -37,11 +39,14 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("results") / str(raw.get("name", Path(args.experiment).stem))
     summary = run_experiment(
         raw, base_dir, out, sets=sets, backend=args.backend, n_jobs=args.jobs, progress=not args.quiet,
-        plots=False if args.no_plots else None,
+        plots=False if args.no_plots else None, skip_bad_rows=args.skip_bad_rows,
     )
     if not args.quiet:
         cols = [c for c in ("system", "point", "requests", "completed", "rejected", "mean_load_s", "p50_ttft_s",
                             "p99_ttft_s", "io_reduction", "full_hit_ratio") if c in summary.columns]
         print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         print(f"results in {out}/ (summary.csv, requests.parquet, timeline.parquet, plots/, report.md)")
+    skipped = summary.attrs.get("skipped_rows", 0)
+    if skipped:
+        print(f"warning: skipped {skipped} malformed trace row(s) (--skip-bad-rows)")
     return 0

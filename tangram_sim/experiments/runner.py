@@ -39,6 +39,7 @@ class Job:
     system: int  # index of the system in the point's config
     config: dict[str, Any]  # validated config of the point
     base_dir: str | None  # folder relative paths resolve against
+    skip_bad_rows: bool = False  # drop (and count) malformed trace rows instead of failing
 
 
 @dataclass(slots=True)
@@ -49,6 +50,7 @@ class JobResult:
     requests: pd.DataFrame | None
     timeline: pd.DataFrame | None
     wall_s: float  # seconds the simulation took
+    skipped_rows: int = 0  # malformed trace rows dropped (with skip_bad_rows)
 
 
 def prepare(raw: dict[str, Any], base_dir: Path | None, sets: Sequence[str] = ()) -> tuple[dict, list[dict]]:
@@ -66,15 +68,18 @@ def prepare(raw: dict[str, Any], base_dir: Path | None, sets: Sequence[str] = ()
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_trace(trace_json: str, models: tuple[str, ...], seed: int, base_dir: str | None) -> pd.DataFrame:
+def _cached_trace(trace_json: str, models: tuple[str, ...], seed: int, base_dir: str | None,
+                  skip_bad_rows: bool) -> pd.DataFrame:
     from tangram_sim.traces.spec import load_trace
 
-    return load_trace(json.loads(trace_json), list(models), seed, Path(base_dir) if base_dir else None)
+    return load_trace(json.loads(trace_json), list(models), seed, Path(base_dir) if base_dir else None,
+                      skip_bad_rows=skip_bad_rows)
 
 
-def load_point_trace(config: dict[str, Any], base_dir: str | None) -> pd.DataFrame:
+def load_point_trace(config: dict[str, Any], base_dir: str | None, skip_bad_rows: bool = False) -> pd.DataFrame:
     models = tuple(m["name"] for m in config["models"])
-    return _cached_trace(json.dumps(config["trace"], sort_keys=True), models, config["seed"], base_dir)
+    return _cached_trace(json.dumps(config["trace"], sort_keys=True), models, config["seed"], base_dir,
+                         skip_bad_rows)
 
 
 def run_job(job: Job) -> JobResult:
@@ -86,7 +91,7 @@ def run_job(job: Job) -> JobResult:
     config = job.config
     base_dir = Path(job.base_dir) if job.base_dir else None
     models = build_models(config, base_dir)
-    trace = load_point_trace(config, job.base_dir)
+    trace = load_point_trace(config, job.base_dir, job.skip_bad_rows)
     cluster = build_cluster(config)
     system = build_systems(config)[job.system]
     calibration = Calibration.load(config["calibration"]) if config.get("calibration") else None
@@ -104,6 +109,7 @@ def run_job(job: Job) -> JobResult:
         result.requests if outputs["requests"] else None,
         result.timeline if outputs["timeline"] else None,
         time.perf_counter() - t0,
+        int(trace.attrs.get("skipped_rows", 0) or 0),
     )
 
 
@@ -165,13 +171,14 @@ def run_experiment(
     n_jobs: int = 1,
     progress: bool = True,
     plots: bool | None = None,
+    skip_bad_rows: bool = False,
 ) -> pd.DataFrame:
     """Run everything and write config.yaml, summary.csv, requests/timeline parquet, plots, report."""
     if backend not in ("local", "ray"):
         raise ConfigError(f"--backend: expected local or ray, got {backend!r}")
     resolved, points = prepare(raw, base_dir, sets)
     jobs = [
-        Job(i, s, p["config"], str(base_dir) if base_dir else None)
+        Job(i, s, p["config"], str(base_dir) if base_dir else None, skip_bad_rows)
         for i, p in enumerate(points)
         for s in range(len(p["config"]["systems"]))
     ]
@@ -196,6 +203,7 @@ def run_experiment(
                 frame.insert(0, "system", system)
                 sink.append(frame)
     summary = pd.DataFrame(rows)
+    summary.attrs["skipped_rows"] = max((r.skipped_rows for r in results), default=0)
     summary.drop(columns=["wall_s"]).to_csv(out_dir / "summary.csv", index=False, float_format="%.6g")
     pd.DataFrame(rows)[["system", "point", *sweep_keys, "wall_s"]].to_csv(out_dir / "timings.csv", index=False)
     if requests:
