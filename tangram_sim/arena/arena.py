@@ -284,10 +284,15 @@ class Arena:
 
     def release(self, key: Key) -> int:
         """Free a region (weights being evicted or discarded, a failed load, or KV); returns bytes."""
-        region = self._get(key)
+        region = self._by_key.get(key)
+        if region is None:
+            raise ArenaError(f"key {key!r} is not in the arena")
         if region.pin_count:
             raise ArenaError(f"cannot release pinned {region!r}")
-        del self._by_key[key]
+        return self._free_region(region)
+
+    def _free_region(self, region: Region) -> int:
+        del self._by_key[region.key]
         size = region.size
         self._bytes[region.state] -= size
         self._bytes[State.FREE] += size
@@ -318,10 +323,10 @@ class Arena:
 
     def evict(self, key: Key) -> int:
         """Drop retained weights; only unpinned RESIDENT regions may be evicted."""
-        region = self._get(key)
-        if not region.movable:
-            raise ArenaError(f"cannot evict {region!r}")
-        return self.release(key)
+        region = self._by_key.get(key)
+        if region is None or region.state is not State.RESIDENT or region.pin_count:
+            raise ArenaError(f"cannot evict {region!r} (key {key!r})")
+        return self._free_region(region)
 
     def move(self, key: Key, new_offset: int) -> Region:
         """Compaction: relocate an unpinned resident region; the ranges may overlap (memmove)."""
