@@ -697,6 +697,13 @@ class GpuWorker:
         self.cluster.recorder.log(self.cluster.env.now, self.gpu_id, "rejected", req.rid, reason)
 
     # ------------------------------------------------------------ timeline
+    def _active_model(self) -> str:
+        """Model this GPU runs, as leader or as a held member of a tensor-parallel gang."""
+        inst = self.instance
+        if inst is None and self.held_by is not None:
+            inst = self.held_by.instance
+        return inst.model if inst is not None else ""
+
     def sample(self, force: bool = False) -> None:
         rec = self.cluster.recorder
         now = self.cluster.env.now
@@ -713,7 +720,7 @@ class GpuWorker:
                 pinned += region.size
         resident = arena.bytes_in(State.RESIDENT)
         rec.timeline.append((
-            now, self.gpu_id, self.instance.model if self.instance else "",
+            now, self.gpu_id, self._active_model(),
             pinned, resident - pinned, arena.bytes_in(State.KV), arena.bytes_in(State.LOADING),
             arena.free_bytes, arena.largest_free(), arena.fragmentation(),
         ))
