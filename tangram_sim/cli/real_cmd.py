@@ -1,4 +1,4 @@
-"""`tangram-sim real make-checkpoints|load|generate`: the real executor from the command line.
+"""`tangram-sim real make-checkpoints|load|generate|replay|calibrate`: the real executor.
 
 torch is imported inside the command functions only, so `--help` and the rest of the CLI work
 without the `real` extra; running a command without it is a one-line error naming the extra.
@@ -68,6 +68,52 @@ def add_parser(subparsers: Any) -> None:
     gen.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
     _device_options(gen)
     gen.set_defaults(func=cmd_generate)
+
+    rp = sub.add_parser(
+        "replay",
+        help="replay an experiment's trace on a real device with each system's policies",
+        description="Replays the experiment's trace (arrivals divided by the time scale) on one device with "
+        "the same scheduler, retention, packing and KV code as the simulator, on checkpoints made at "
+        "real.scale (or real.checkpoints / --checkpoints). Writes the layout of `tangram-sim run` "
+        "(summary.csv, requests/timeline parquet, plots, report.md) plus memory.parquet (device memory "
+        "readings), loads.parquet (where each cold start's time went), checkpoints/ and "
+        "experiment.sim.yaml: the same experiment for `tangram-sim run --calibration`.",
+    )
+    rp.add_argument("experiment", help="experiment YAML (see experiments/replay-cpu.yaml)")
+    rp.add_argument("--device", action="append", default=None, metavar="DEV",
+                    help="cpu, cuda or cuda:N (default: cuda when available); one device for now")
+    rp.add_argument("--out", default=None, help="output folder (default: results/<name>-replay)")
+    rp.add_argument("--time-scale", type=float, default=None, metavar="X",
+                    help="replay X times faster than the trace (default: real.time_scale, else 1)")
+    rp.add_argument("--system", action="append", default=None, metavar="NAME",
+                    help="replay only this system (repeatable; default: all)")
+    rp.add_argument("--checkpoints", default=None, metavar="DIR",
+                    help="folder of checkpoint folders named like the models (instead of making them)")
+    rp.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a dotted key of the experiment (repeatable)")
+    rp.add_argument("--no-plots", action="store_true", help="skip plots and report")
+    rp.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    rp.set_defaults(func=cmd_replay)
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="measure a device for the simulator: bandwidths, load and engine overheads, prefill/decode",
+        description="Measures host->device copies (pinned and pageable, by chunk size), device->device "
+        "copies, instance starts under the experiment's policies (fitted to per-unit overhead + read "
+        "bandwidth), the engine start, and per-model prefill/decode times, and writes a calibration YAML for "
+        "`tangram-sim run --calibration`. Give the experiment (its models, systems, arena size and trace "
+        "shape are measured), typically DIR/experiment.sim.yaml of a replay.",
+    )
+    cal.add_argument("experiment", help="experiment YAML (e.g. DIR/experiment.sim.yaml of a replay)")
+    cal.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    cal.add_argument("--out", required=True, metavar="FILE", help="calibration YAML to write")
+    cal.add_argument("--checkpoints", default=None, metavar="DIR",
+                     help="folder of checkpoint folders named like the models (instead of making them)")
+    cal.add_argument("--quick", action="store_true", help="fewer instance starts and smaller copies (CI)")
+    cal.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a dotted key of the experiment (repeatable)")
+    cal.add_argument("--quiet", action="store_true", help="print only the result")
+    cal.set_defaults(func=cmd_calibrate)
 
 
 def _device_options(p: argparse.ArgumentParser) -> None:
@@ -248,4 +294,56 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     finally:
         gpu.close()
+    return 0
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    _require()
+    from pathlib import Path
+
+    from tangram_sim.real.replay import load_experiment, run_replay
+
+    raw, base_dir = load_experiment(args.experiment)
+    name = raw.get("name", Path(args.experiment).stem)
+    out = Path(args.out) if args.out else Path("results") / f"{name}-replay"
+    summary = run_replay(
+        raw, base_dir, out, devices=args.device or [_default_device()], time_scale=args.time_scale,
+        systems=args.system, checkpoints=args.checkpoints, sets=args.sets, progress=not args.quiet,
+        plots=False if args.no_plots else None,
+    )
+    if not args.quiet:
+        cols = [c for c in ("system", "requests", "completed", "rejected", "cold_starts", "mean_load_s",
+                            "p50_ttft_s", "p99_ttft_s", "bytes_loaded", "full_hit_ratio", "replay_end_s")
+                if c in summary.columns]
+        print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print(f"results in {out}/ (summary.csv, requests/timeline/memory/loads parquet, replay.json"
+              f"{'' if args.no_plots else ', plots/, report.md'})")
+        print(f"simulate it: tangram-sim run {out}/experiment.sim.yaml --calibration CAL.yaml")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    _require()
+    from tangram_sim.real.calibrate import calibrate_experiment
+    from tangram_sim.real.replay import load_experiment
+
+    raw, base_dir = load_experiment(args.experiment)
+    report = calibrate_experiment(
+        raw, base_dir, args.device or _default_device(), checkpoints=args.checkpoints, quick=args.quick,
+        sets=args.sets, log=None if args.quiet else (lambda msg: print(msg, flush=True)),
+    )
+    path = report.write(args.out)
+    c = report.calibration
+    print(
+        f"{path}: {c.device}; h2d {c.h2d_bps / 1e9:.2f} GB/s, d2d {c.d2d_bps / 1e9:.2f} GB/s, "
+        f"read {c.read_bps / 1e9:.2f} GB/s, {c.unit_overhead_s * 1e6:.1f} us per unit, engine start "
+        f"{c.engine_overhead_s * 1e3:.2f} ms, {len(c.models or {})} model(s) "
+        f"({report.measurements['seconds']:.1f} s)"
+    )
     return 0

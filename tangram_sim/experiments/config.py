@@ -25,17 +25,26 @@ Schema (defaults in brackets):
         sensitivity: number [1]
         tensor_parallel: int [1]
         derive: {base: NAME, share: [fnmatch patterns]} or {base: NAME, share_first_layers: 0.5}
+        checkpoint: path                   # optional: a checkpoint folder holding this model's tensors
     trace: {kind: ..., ...}                # see tangram_sim.traces.spec
     systems:                               # at least one
       - {name: str, preset: serverlessllm | tangram | model-reuse | ..., overrides: {...}}
     sweep: {dotted.key: [values, ...]}     # optional grid
     calibration: path                      # optional, from `tangram-sim real calibrate`
     outputs: {requests: true, timeline: true, plots: true, sample_interval_s: auto}
+    real:                                  # optional, read by `tangram-sim real replay|calibrate` only
+      scale: tiny | full [tiny]            # size of the checkpoints made for catalog models
+      dtype: float32 | bfloat16 | float16  # [the config's]
+      checkpoints: path                    # use this folder of checkpoint folders instead of making them
+      time_scale: number [1]               # replay arrivals this many times faster (trace rate_scale)
+      readers: int, chunk_mb: number, staging: auto | always | never   # loader settings
+      threads: int                         # torch intra-op threads while replaying [torch's default]
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,13 +59,14 @@ from tangram_sim.sim.systems import PRESETS, SystemSpec, make_system
 
 GiB = 2**30
 TOP_KEYS = ("name", "seed", "description", "cluster", "models", "trace", "systems", "sweep", "calibration",
-            "outputs")
+            "outputs", "real")
 CLUSTER_KEYS = ("nodes", "gpus_per_node", "gpu", "gpu_memory_gib", "gpu_overrides", "tiers",
                 "compute_efficiency", "memory_efficiency")
 TIER_KEYS = ("host_cache_gib", "ssd_gbps", "network_gbps", "ssd_holds_all", "unit_overhead_s")
-MODEL_KEYS = ("name", "sensitivity", "tensor_parallel", "derive")
+MODEL_KEYS = ("name", "sensitivity", "tensor_parallel", "derive", "checkpoint")
 SYSTEM_KEYS = ("name", "preset", "overrides")
 OUTPUT_KEYS = ("requests", "timeline", "plots", "sample_interval_s")
+REAL_KEYS = ("scale", "dtype", "checkpoints", "time_scale", "readers", "chunk_mb", "staging", "threads")
 
 
 def load_yaml(path: str | Path) -> tuple[dict[str, Any], Path]:
@@ -267,6 +277,12 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
                 if not 0 <= frac <= 1:
                     raise ConfigError(f"{where}.derive.share_first_layers: expected a fraction in [0, 1]")
             entry["derive"] = dict(d)
+        if m.get("checkpoint") is not None:
+            if "derive" in entry:
+                raise ConfigError(f"{where}.checkpoint: give either checkpoint or derive, not both")
+            if not isinstance(m["checkpoint"], str) or not m["checkpoint"]:
+                raise ConfigError(f"{where}.checkpoint: expected a checkpoint folder path")
+            entry["checkpoint"] = str(_resolve_path(m["checkpoint"], base_dir, f"{where}.checkpoint"))
         out_models.append(entry)
     out["models"] = out_models
 
@@ -314,6 +330,29 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
         "plots": _get(outputs, "plots", "outputs", bool, True),
         "sample_interval_s": interval,
     }
+    if raw.get("real") is not None:
+        out["real"] = _validate_real(raw["real"], base_dir)
+    return out
+
+
+def _validate_real(section: Any, base_dir: Path | None) -> dict[str, Any]:
+    """The `real:` section (replay and calibration settings); the simulator ignores it."""
+    real = _check_keys(section, REAL_KEYS, "real")
+    out: dict[str, Any] = {
+        "scale": _get(real, "scale", "real", str, "tiny"),
+        "time_scale": _get(real, "time_scale", "real", float, 1.0, positive=True),
+    }
+    if out["scale"] not in ("tiny", "full"):
+        raise ConfigError(f"real.scale: expected tiny or full, got {out['scale']!r}")
+    for key, kind in (("dtype", str), ("checkpoints", str), ("readers", int), ("chunk_mb", float),
+                      ("staging", str), ("threads", int)):
+        value = _get(real, key, "real", kind, None, positive=kind is not str)
+        if value is not None:
+            out[key] = value
+    if out.get("staging", "auto") not in ("auto", "always", "never"):
+        raise ConfigError(f"real.staging: expected auto, always or never, got {out['staging']!r}")
+    if "checkpoints" in out:
+        out["checkpoints"] = str(_resolve_path(out["checkpoints"], base_dir, "real.checkpoints"))
     return out
 
 
@@ -342,6 +381,10 @@ def build_models(config: dict[str, Any], base_dir: Path | None) -> dict[str, Any
             pending.append((i, m))
             continue
         name = m["name"]
+        if m.get("checkpoint"):
+            spec = get_model(m["checkpoint"])
+            specs[name] = spec if spec.name == name else dataclasses.replace(spec, name=name)
+            continue
         try:
             spec = get_model(name)
         except TangramError:

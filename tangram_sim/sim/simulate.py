@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,6 +110,9 @@ def simulate(
         if calibration and calibration.engine_overhead_s is not None
         else system.engine_overhead_s
     )
+    tiers = cluster.tiers
+    if calibration and calibration.read_bps:  # the measured checkpoint read rate replaces the SSD's
+        tiers = dataclasses.replace(tiers, ssd_bps=calibration.read_bps)
     unit_overhead = (
         calibration.unit_overhead_s
         if calibration and calibration.unit_overhead_s is not None
@@ -162,7 +166,7 @@ def simulate(
         nodes=cluster.nodes,
         gpus_per_node=cluster.gpus_per_node,
         gpu=gpu,
-        tiers=cluster.tiers,
+        tiers=tiers,
         system=system,
         entries=entries,
         time_model=time_model,

@@ -78,6 +78,9 @@ class Calibration:
     unit_overhead_s: float | None = None  # per loaded unit
     engine_overhead_s: float | None = None  # instance start
     models: dict[str, ModelCoefficients] | None = None  # per catalog model name
+    # Checkpoint files -> device through the real loader (page cache or disk, as measured); when set,
+    # the simulator's SSD tier streams at this rate, so loads run at min(read_bps, h2d_bps).
+    read_bps: float | None = None
 
     @staticmethod
     def load(path: str | Path) -> Calibration:
@@ -112,11 +115,12 @@ class Calibration:
             unit_overhead_s=num("unit_overhead_s"),
             engine_overhead_s=num("engine_overhead_s"),
             models=models,
+            read_bps=num("read_bps"),
         )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"device": self.device}
-        for key in ("h2d_bps", "d2d_bps", "unit_overhead_s", "engine_overhead_s"):
+        for key in ("h2d_bps", "d2d_bps", "read_bps", "unit_overhead_s", "engine_overhead_s"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         out["models"] = {

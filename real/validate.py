@@ -1,0 +1,219 @@
+"""Hardware validation, end to end: does the simulator predict a real replay on this device?
+
+Run from the repository root (see real/README.md):
+
+    real/validate.sh --device cuda:0 --out $OUT        # a GPU machine, under 8 minutes
+    real/validate.sh --device cpu --out /tmp/validate   # the same steps on the CPU with tiny models
+
+Steps, each timed, everything under `--out`:
+
+1. checkpoints: the experiment's models, made at its `real.scale` (`OUT/replay/checkpoints/`), and
+   `OUT/replay/experiment.sim.yaml`, the same experiment for the simulator;
+2. calibrate: `OUT/calibration.yaml` (bandwidths, load/engine overheads, prefill/decode per model);
+3. bench: the loader against safetensors on the largest checkpoint (on the CPU a 0.25 GB synthetic
+   one in `OUT/bench-checkpoint/`) (`OUT/bench_loader.json`);
+4. replay: the trace under serverlessllm and tangram on the device (`OUT/replay/`);
+5. simulate: `tangram-sim run OUT/replay/experiment.sim.yaml --calibration OUT/calibration.yaml`
+   (`OUT/sim/`);
+6. compare: `OUT/fidelity.csv`, `OUT/fidelity.png`;
+
+then `OUT/validate.md` (the short report) and `OUT/validate.json` (every figure). The experiment is
+`experiments/replay-cpu.yaml`; on CUDA it is scaled up with `--set` overrides (full-size bf16 models,
+a 16 GiB arena, 120 requests at 4x), which `--set` on this command can change again.
+Exit status: 0 when every step ran (and, with `--tolerance`, the headline errors are within it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import math
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = ROOT / "experiments" / "replay-cpu.yaml"
+# A GPU-sized version of the CPU experiment: two real-size models and a fine-tune sharing half of one
+# (6.2 + 7.6 + 6.2 GB of bf16 weights) on a 16 GiB arena that holds about two of them.
+CUDA_SETS = [
+    "real.scale=full",
+    "real.dtype=bfloat16",
+    "real.readers=null",
+    "real.time_scale=4",
+    "cluster.gpu_memory_gib=16",
+    "models=[{name: qwen2.5-3b}, {name: phi-3-mini-4k}, "
+    "{name: qwen-ft, derive: {base: qwen2.5-3b, share_first_layers: 0.5}}]",
+    "trace.n_requests=120",
+    "systems.0.overrides.keep_alive_s=2.0",
+    "systems.1.overrides.keep_alive_s=2.0",
+    "systems.0.overrides.fairness_window_s=5.0",
+    "systems.1.overrides.fairness_window_s=5.0",
+]
+
+
+def _step(name: str, steps: dict[str, Any], fn: Callable[[], Any]) -> Any:
+    print(f"== {name}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        result = fn()
+    except Exception as exc:  # recorded, and the remaining steps that do not need it still run
+        steps[name] = {"ok": False, "seconds": time.perf_counter() - t0,
+                       "error": f"{exc.__class__.__name__}: {exc}"}
+        traceback.print_exc()
+        return None
+    steps[name] = {"ok": True, "seconds": time.perf_counter() - t0}
+    print(f"   {name}: {steps[name]['seconds']:.1f} s", flush=True)
+    return result
+
+
+def _bench_module() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_loader", ROOT / "benchmarks" / "bench_loader.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    info = r["device_info"]
+    lines = [
+        f"# tangram-sim hardware validation: {info.get('card', info['device'])}",
+        "",
+        f"- date: {r['date']}; host {r['host']}; python {r['python']}, torch {info.get('torch')}",
+        f"- device: {info['device']}, card: {info.get('card')}, driver: {info.get('driver')}, "
+        f"CUDA: {info.get('cuda')}, PCIe: {info.get('pcie')}",
+        f"- experiment: {r['experiment']} with {', '.join(r['sets']) or 'no overrides'}",
+        f"- total: {r['seconds']:.1f} s",
+        "",
+        "| step | ok | seconds |",
+        "|---|---|---|",
+    ]
+    for name, s in r["steps"].items():
+        ok = "yes" if s["ok"] else "NO: " + s.get("error", "")[:80]
+        lines.append(f"| {name} | {ok} | {s['seconds']:.1f} |")
+    cal = r.get("calibration")
+    if cal:
+        lines += [
+            "",
+            "## Calibration",
+            "",
+            f"h2d {cal['h2d_bps'] / 1e9:.2f} GB/s, d2d {cal['d2d_bps'] / 1e9:.2f} GB/s, checkpoint read "
+            f"{cal['read_bps'] / 1e9:.2f} GB/s, {cal['unit_overhead_s'] * 1e6:.1f} us per loaded unit, "
+            f"engine start {cal['engine_overhead_s'] * 1e3:.2f} ms (`calibration.yaml`).",
+        ]
+    if r.get("bench"):
+        lines += ["", "## Loader benchmark", "", "```", r["bench_text"], "```"]
+    if r.get("fidelity"):
+        lines += ["", "## Fidelity (simulation vs replay)", "", "```", r["fidelity_text"], "```", "",
+                  f"Headline (mean load time, p50 TTFT): worst error {r['worst_headline_error']:.1%}; "
+                  "goal: within 10%. Figure: `fidelity.png`; per system: `fidelity.csv`."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda:0", help="cuda:N, or cpu")
+    parser.add_argument("--out", required=True, help="folder for everything")
+    parser.add_argument("--experiment", default=str(EXPERIMENT), help="replay experiment YAML")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="more overrides of the experiment (after the CUDA defaults)")
+    parser.add_argument("--full-calibration", action="store_true",
+                        help="more instance starts and larger copies (slower)")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="exit 1 if mean load time or p50 TTFT error exceeds this fraction")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT))
+    from tangram_sim.experiments import run_experiment
+    from tangram_sim.experiments.config import load_yaml
+    from tangram_sim.real.calibrate import calibrate_experiment
+    from tangram_sim.real.executor import resolve_device
+    from tangram_sim.real.fidelity import compare_runs, format_table, plot_fidelity
+    from tangram_sim.real.memory import driver_info
+    from tangram_sim.real.replay import prepare_replay, run_replay
+
+    t_start = time.perf_counter()
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sets = (CUDA_SETS if device.type == "cuda" else []) + list(args.sets)
+    raw, base = load_yaml(args.experiment)
+    replay_dir, sim_dir, cal_path = out / "replay", out / "sim", out / "calibration.yaml"
+    result: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "device_info": driver_info(device),
+        "experiment": str(args.experiment),
+        "sets": sets,
+        "steps": {},
+    }
+    steps = result["steps"]
+
+    setup = _step("checkpoints", steps,
+                  lambda: prepare_replay(raw, base, replay_dir, devices=[str(device)], sets=sets))
+    sim_yaml = replay_dir / "experiment.sim.yaml"
+    if setup is not None:
+        report = _step("calibrate", steps, lambda: calibrate_experiment(
+            *load_yaml(sim_yaml), str(device), quick=not args.full_calibration,
+            log=lambda m: print(f"   {m}", flush=True)))
+        if report is not None:
+            report.write(cal_path)
+            result["calibration"] = report.calibration.to_dict()
+
+        def bench() -> dict[str, Any]:
+            module = _bench_module()
+            if device.type == "cuda":  # the experiment's largest checkpoint: a real-size model
+                path = max(setup.ckpts.values(), key=lambda c: c.spec.weight_bytes).path
+            else:  # tiny checkpoints measure overheads, not bandwidth: a 0.25 GB synthetic one
+                path = module.make_checkpoint(out / "bench-checkpoint", "cpu", 0.25, None)
+            r = module.run(path, str(device), repeats=3)
+            result["bench_text"] = module.report(r)
+            print(result["bench_text"])
+            (out / "bench_loader.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
+            return r
+
+        result["bench"] = _step("bench", steps, bench)
+        summary = _step("replay", steps, lambda: run_replay(raw, base, replay_dir, devices=[str(device)],
+                                                            sets=sets, progress=True))
+        if summary is not None:
+            print(summary[["system", "requests", "completed", "cold_starts", "mean_load_s", "p50_ttft_s",
+                           "bytes_loaded", "full_hit_ratio"]].to_string(index=False))
+        if summary is not None and report is not None:
+            sim_raw, sim_base = load_yaml(sim_yaml)
+            done = _step("simulate", steps, lambda: run_experiment(
+                sim_raw, sim_base, sim_dir, sets=[f"calibration={cal_path.resolve()}"], progress=False))
+            if done is not None:
+                def compare() -> Any:
+                    fid = compare_runs(sim_dir, replay_dir)
+                    fid.table.to_csv(out / "fidelity.csv", index=False, float_format="%.6g")
+                    plot_fidelity(fid, out / "fidelity.png")
+                    return fid
+
+                fid = _step("compare", steps, compare)
+                if fid is not None:
+                    result["fidelity"] = fid.table.to_dict(orient="records")
+                    result["fidelity_text"] = format_table(fid)
+                    result["worst_headline_error"] = fid.worst_headline_error()
+                    print(result["fidelity_text"])
+    result["seconds"] = time.perf_counter() - t_start
+    (out / "validate.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / "validate.md").write_text(_markdown(result))
+    print(f"wrote {out / 'validate.md'} and {out / 'validate.json'} ({result['seconds']:.1f} s)")
+    ok = all(s["ok"] for s in steps.values()) and len(steps) == 6
+    worst = result.get("worst_headline_error", math.nan)
+    if args.tolerance is not None and not (worst <= args.tolerance):
+        print(f"fidelity: worst headline error {worst:.1%} exceeds {args.tolerance:.0%}")
+        ok = False
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""`tangram-sim compare SIM_DIR REAL_DIR`: the error of a simulation against a real replay."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from tangram_sim.errors import ConfigError
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="sim-vs-real fidelity: errors of a simulation against a real replay (fidelity.csv/.png)",
+        description="Compare the run directory of a simulation (tangram-sim run DIR/experiment.sim.yaml) "
+                    "with the replay it simulates (tangram-sim real replay): per system, simulated and "
+                    "replayed load times, TTFTs, bytes and full hits with their errors, and per-request "
+                    "agreement.",
+    )
+    p.add_argument("sim_dir", metavar="SIM_DIR", help="run directory of the simulation")
+    p.add_argument("real_dir", metavar="REAL_DIR", help="run directory of the real replay")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where fidelity.csv and fidelity.png go (default: SIM_DIR)")
+    p.add_argument("--tolerance", type=float, default=None, metavar="FRACTION",
+                   help="exit 1 if |error| of mean load time or p50 TTFT exceeds this (e.g. 0.1)")
+    p.add_argument("--no-plot", action="store_true", help="write fidelity.csv only")
+    p.set_defaults(func=_compare)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from tangram_sim.real.fidelity import compare_runs, format_table, plot_fidelity
+
+    if args.tolerance is not None and not args.tolerance > 0:
+        raise ConfigError(f"--tolerance {args.tolerance}: expected a positive fraction, e.g. 0.1")
+    fid = compare_runs(args.sim_dir, args.real_dir)
+    out = Path(args.out) if args.out else Path(args.sim_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fid.table.to_csv(out / "fidelity.csv", index=False, float_format="%.6g")
+    print(format_table(fid))
+    written = [out / "fidelity.csv"]
+    if not args.no_plot:
+        written.append(plot_fidelity(fid, out / "fidelity.png"))
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    worst = fid.worst_headline_error()
+    if args.tolerance is not None:
+        ok = not math.isnan(worst) and worst <= args.tolerance
+        verdict = "within" if ok else "NOT within"
+        print(f"mean load time and p50 TTFT {verdict} {args.tolerance:.0%} of the replay (worst {worst:.1%})")
+        return 0 if ok else 1
+    return 0

@@ -1,0 +1,238 @@
+"""Sim-vs-real fidelity: how far a simulation's predictions are from a real replay of the same trace.
+
+Both sides are run directories (`tangram-sim run` and `tangram-sim real replay` write the same
+layout), so the comparison reads `summary.csv`-level figures recomputed from `requests.parquet` (the
+same requests on both sides, matched by `rid`) and reports, per system present in both:
+
+- mean / p50 / p99 load time of cold starts, mean / p50 / p99 TTFT of completed requests, bytes loaded
+  and the mean queueing delay: simulated, real, and the relative error (sim - real) / real;
+- the full-hit ratio (cold starts that loaded nothing): its error is the difference in points, since
+  the ratio is often 0 for the baseline;
+- per request: the Pearson correlation of load times and of TTFTs, and the share of requests that are
+  cold on both sides or warm on both sides.
+
+Pure pandas/numpy (no torch): it runs wherever the two folders are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tangram_sim.errors import TangramError
+
+__all__ = ["METRICS", "Fidelity", "compare_runs", "fidelity_table", "plot_fidelity"]
+
+# (column, label, unit, how the error is expressed: "rel" = (sim - real) / real, "diff" = sim - real)
+METRICS: tuple[tuple[str, str, str, str], ...] = (
+    ("mean_load_s", "mean load time", "s", "rel"),
+    ("p50_load_s", "p50 load time", "s", "rel"),
+    ("p99_load_s", "p99 load time", "s", "rel"),
+    ("mean_ttft_s", "mean TTFT", "s", "rel"),
+    ("p50_ttft_s", "p50 TTFT", "s", "rel"),
+    ("p99_ttft_s", "p99 TTFT", "s", "rel"),
+    ("mean_queue_s", "mean queueing", "s", "rel"),
+    ("bytes_loaded", "bytes loaded", "B", "rel"),
+    ("cold_starts", "cold starts", "", "rel"),
+    ("full_hit_ratio", "full-hit ratio", "", "diff"),
+)
+AGREEMENT = (
+    ("load_s_corr", "load time correlation (per request)"),
+    ("ttft_s_corr", "TTFT correlation (per request)"),
+    ("cold_match", "same cold/warm outcome (per request)"),
+)
+HEADLINE = ("mean_load_s", "p50_ttft_s")  # the figures the fidelity goal is stated on
+
+
+@dataclass(slots=True)
+class Fidelity:
+    table: pd.DataFrame  # one row per system: <metric>_sim, <metric>_real, <metric>_err, agreement
+    sim_dir: Path  # the simulation's run directory
+    real_dir: Path  # the replay's run directory
+
+    def worst_headline_error(self) -> float:
+        """Largest |relative error| of mean load time and p50 TTFT over the systems (NaN if none)."""
+        cols = [f"{m}_err" for m in HEADLINE if f"{m}_err" in self.table.columns]
+        values = self.table[cols].abs().to_numpy(dtype=float)
+        return float(np.nanmax(values)) if values.size and not np.isnan(values).all() else math.nan
+
+
+def _requests(run_dir: Path) -> pd.DataFrame:
+    path = run_dir / "requests.parquet"
+    if not path.is_file():
+        raise TangramError(f"{run_dir}: no requests.parquet; expected a run directory from "
+                           "`tangram-sim run` or `tangram-sim real replay` (outputs.requests: true)")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise TangramError(f"{path}: cannot read parquet ({exc.__class__.__name__})") from None
+    missing = {"system", "rid", "cold", "load_s", "ttft_s", "outcome", "bytes_loaded"} - set(frame.columns)
+    if missing:
+        raise TangramError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+    if "point" not in frame.columns:
+        frame["point"] = 0
+    frame["system"] = frame["system"].astype(str)
+    return frame
+
+
+def _pct(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else math.nan
+
+
+def _figures(req: pd.DataFrame) -> dict[str, float]:
+    """The compared figures of one system's requests (the definitions of `sim.metrics.summarize`)."""
+    cold = req[req["cold"]]
+    done = req[req["outcome"] == "completed"]
+    load = cold["load_s"].to_numpy(dtype=float)
+    ttft = done["ttft_s"].to_numpy(dtype=float)
+    return {
+        "mean_load_s": float(load.mean()) if len(load) else 0.0,
+        "p50_load_s": _pct(load, 50) if len(load) else 0.0,
+        "p99_load_s": _pct(load, 99) if len(load) else 0.0,
+        "mean_ttft_s": float(ttft.mean()) if len(ttft) else math.nan,
+        "p50_ttft_s": _pct(ttft, 50),
+        "p99_ttft_s": _pct(ttft, 99),
+        "mean_queue_s": float(req["queue_s"].mean()) if "queue_s" in req and len(req) else math.nan,
+        "bytes_loaded": float(cold["bytes_loaded"].sum()),
+        "cold_starts": float(len(cold)),
+        "full_hit_ratio": float((cold["bytes_loaded"] == 0).mean()) if len(cold) else 0.0,
+    }
+
+
+def _corr(a: pd.Series, b: pd.Series) -> float:
+    ok = a.notna() & b.notna()
+    a, b = a[ok].astype(float), b[ok].astype(float)
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return math.nan
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _error(sim: float, real: float, kind: str) -> float:
+    if kind == "diff":
+        return sim - real
+    if real == 0:
+        return 0.0 if sim == 0 else math.inf
+    return (sim - real) / real
+
+
+def fidelity_table(sim: pd.DataFrame, real: pd.DataFrame) -> pd.DataFrame:
+    """Per (system, point) in both request tables: simulated, real, error, and per-request agreement."""
+    rows = []
+    keys = sorted(set(zip(sim["system"], sim["point"])) & set(zip(real["system"], real["point"])),
+                  key=lambda k: (list(dict.fromkeys(real["system"])).index(k[0]), k[1]))
+    for system, point in keys:
+        s = sim[(sim["system"] == system) & (sim["point"] == point)].set_index("rid")
+        r = real[(real["system"] == system) & (real["point"] == point)].set_index("rid")
+        common = s.index.intersection(r.index)
+        if len(common) != len(r) or len(common) != len(s):
+            raise TangramError(
+                f"system {system}: the runs hold different requests ({len(s)} simulated, {len(r)} replayed, "
+                f"{len(common)} in common); expected the simulation of the replay's experiment.sim.yaml"
+            )
+        fs, fr = _figures(s), _figures(r)
+        row: dict[str, Any] = {"system": system, "point": int(point), "requests": len(common)}
+        for col, _label, _unit, kind in METRICS:
+            row[f"{col}_sim"] = fs[col]
+            row[f"{col}_real"] = fr[col]
+            row[f"{col}_err"] = _error(fs[col], fr[col], kind)
+        s, r = s.loc[common], r.loc[common]
+        row["load_s_corr"] = _corr(s["load_s"], r["load_s"])
+        row["ttft_s_corr"] = _corr(s["ttft_s"], r["ttft_s"])
+        row["cold_match"] = float((s["cold"].astype(bool) == r["cold"].astype(bool)).mean())
+        rows.append(row)
+    if not rows:
+        raise TangramError(
+            f"no system is in both runs (simulated: {', '.join(sorted(set(sim['system'])))}; replayed: "
+            f"{', '.join(sorted(set(real['system'])))})"
+        )
+    return pd.DataFrame(rows)
+
+
+def compare_runs(sim_dir: str | Path, real_dir: str | Path) -> Fidelity:
+    """Read both run directories and compute the fidelity table."""
+    sim_dir, real_dir = Path(sim_dir), Path(real_dir)
+    for d in (sim_dir, real_dir):
+        if not d.is_dir():
+            raise TangramError(f"{d}: not a directory; expected a run directory")
+    return Fidelity(fidelity_table(_requests(sim_dir), _requests(real_dir)), sim_dir, real_dir)
+
+
+def _fmt(value: float, unit: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if unit == "s":
+        return f"{value * 1e3:.3f} ms"
+    if unit == "B":
+        return f"{value / 1e6:.2f} MB"
+    return f"{value:.3f}" if not float(value).is_integer() else f"{int(value)}"
+
+
+def _fmt_err(value: float, kind: str) -> str:
+    if math.isnan(value):
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    return f"{value * 100:+.1f}%" if kind == "rel" else f"{value:+.3f}"
+
+
+def format_table(fid: Fidelity) -> str:
+    """The table `tangram-sim compare` prints: one block of rows per system."""
+    t = fid.table
+    lines = []
+    width = max(len(label) for _c, label, _u, _k in METRICS) + 2
+    for _, row in t.iterrows():
+        lines.append(f"{row['system']} (point {row['point']}, {row['requests']} requests)")
+        lines.append(f"  {'':{width}}{'simulated':>14}{'replayed':>14}{'error':>10}")
+        for col, label, unit, kind in METRICS:
+            lines.append(f"  {label:{width}}{_fmt(row[f'{col}_sim'], unit):>14}"
+                         f"{_fmt(row[f'{col}_real'], unit):>14}{_fmt_err(row[f'{col}_err'], kind):>10}")
+        for col, label in AGREEMENT:
+            value = row[col]
+            lines.append(f"  {label}: {'-' if math.isnan(value) else f'{value:.3f}'}")
+    return "\n".join(lines)
+
+
+def plot_fidelity(fid: Fidelity, path: str | Path) -> Path:
+    """Relative errors per metric and system (with the +-10% goal band), and per-request load times."""
+    from matplotlib.figure import Figure
+
+    t = fid.table
+    rel = [(c, label) for c, label, _u, kind in METRICS if kind == "rel"]
+    fig = Figure(figsize=(12, 4.5), dpi=120)
+    ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2.2, 1]})
+    n = len(t)
+    width = 0.8 / max(1, n)
+    x = np.arange(len(rel))
+    for i, (_, row) in enumerate(t.iterrows()):
+        values = [row[f"{c}_err"] * 100 for c, _ in rel]
+        values = [v if math.isfinite(v) else np.nan for v in values]
+        ax.bar(x + (i - (n - 1) / 2) * width, values, width, label=str(row["system"]))
+    ax.axhspan(-10, 10, color="#2ca02c", alpha=0.08, label="within 10%")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(x, [label for _, label in rel], rotation=30, ha="right")
+    ax.set_ylabel("simulated vs replayed (%)")
+    ax.set_title("Error of the simulation against the real replay")
+    ax.legend(fontsize=8)
+    sim, real = _requests(fid.sim_dir), _requests(fid.real_dir)
+    top = 0.0
+    for _, row in t.iterrows():
+        s = sim[(sim["system"] == row["system"]) & (sim["point"] == row["point"])].set_index("rid")
+        r = real[(real["system"] == row["system"]) & (real["point"] == row["point"])].set_index("rid")
+        cold = s.index[s["cold"] | r.reindex(s.index)["cold"].fillna(False).astype(bool)]
+        xs, ys = r.loc[cold, "load_s"] * 1e3, s.loc[cold, "load_s"] * 1e3
+        top = max(top, float(xs.max() if len(xs) else 0), float(ys.max() if len(ys) else 0))
+        ax2.scatter(xs, ys, s=8, alpha=0.6, label=f"{row['system']} (r={row['load_s_corr']:.2f})")
+    ax2.plot([0, top], [0, top], color="black", lw=0.8)
+    ax2.set_xlabel("replayed load time (ms)")
+    ax2.set_ylabel("simulated load time (ms)")
+    ax2.set_title("Per-request load time (cold in either)")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path

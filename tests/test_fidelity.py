@@ -1,0 +1,132 @@
+"""Fidelity tables, `tangram-sim compare`, and the calibration plumbing of the simulator (no device)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tangram_sim.cli import main
+from tangram_sim.errors import TangramError
+from tangram_sim.models import get_model
+from tangram_sim.real.fidelity import compare_runs, fidelity_table, format_table
+from tangram_sim.sim.hardware import TierSpec, gpu_spec
+from tangram_sim.sim.metrics import REQUEST_COLUMNS
+from tangram_sim.sim.simulate import ClusterSpec, ModelChoice, simulate
+from tangram_sim.sim.systems import make_system
+from tangram_sim.sim.timemodel import Calibration
+
+LLAMA = get_model("llama-3-8b")
+
+
+def requests(system: str, load: list[float], ttft: list[float], loaded: list[int]) -> pd.DataFrame:
+    """A request table of len(load) requests; a request is cold when its load time is > 0."""
+    n = len(load)
+    rows = {c: [0] * n for c in REQUEST_COLUMNS}
+    rows.update(rid=list(range(n)), model=["m"] * n, cold=[x > 0 for x in load], load_s=load, ttft_s=ttft,
+                bytes_loaded=loaded, queue_s=[0.0] * n, outcome=["completed"] * n, reason=[""] * n)
+    frame = pd.DataFrame(rows)
+    frame.insert(0, "point", 0)
+    frame.insert(0, "system", system)
+    return frame
+
+
+def test_errors_are_relative_except_the_full_hit_ratio() -> None:
+    real = requests("tangram", [1.0, 2.0, 0.0, 3.0], [2.0, 3.0, 1.0, 4.0], [10, 20, 0, 0])
+    sim = requests("tangram", [1.1, 2.2, 0.0, 3.3], [2.0, 3.0, 1.0, 4.0], [10, 20, 0, 10])
+    t = fidelity_table(sim, real).iloc[0]
+    assert t["mean_load_s_real"] == pytest.approx(2.0) and t["mean_load_s_err"] == pytest.approx(0.1)
+    assert t["p50_ttft_s_err"] == pytest.approx(0.0)
+    assert t["bytes_loaded_err"] == pytest.approx(40 / 30 - 1)
+    # real: 1 of 3 cold starts loaded nothing; sim: none did -> -1/3 in points, not a ratio of ratios
+    assert t["full_hit_ratio_err"] == pytest.approx(-1 / 3)
+    assert t["load_s_corr"] == pytest.approx(1.0) and t["cold_match"] == 1.0
+
+
+def test_compare_cli_writes_csv_and_plot_and_checks_the_tolerance(tmp_path: Path) -> None:
+    sim_dir, real_dir = tmp_path / "sim", tmp_path / "real"
+    for d, scale in ((sim_dir, 1.3), (real_dir, 1.0)):
+        d.mkdir()
+        frame = pd.concat([
+            requests("serverlessllm", [scale * x for x in (1.0, 2.0, 3.0)], [2.0, 3.0, 4.0], [5, 5, 5]),
+            requests("tangram", [scale * x for x in (0.5, 1.0, 0.0)], [2.0, 3.0, 1.0], [5, 0, 0]),
+        ])
+        frame.to_parquet(d / "requests.parquet")
+    assert main(["compare", str(sim_dir), str(real_dir), "--tolerance", "0.5"]) == 0
+    table = pd.read_csv(sim_dir / "fidelity.csv")
+    assert list(table["system"]) == ["serverlessllm", "tangram"]
+    assert table["mean_load_s_err"].to_numpy() == pytest.approx([0.3, 0.3])
+    assert (sim_dir / "fidelity.png").stat().st_size > 10_000
+    assert main(["compare", str(sim_dir), str(real_dir), "--tolerance", "0.1", "--out",
+                 str(tmp_path / "f"), "--no-plot"]) == 1  # 30% is not within 10%
+    assert not (tmp_path / "f" / "fidelity.png").exists()
+
+
+def test_runs_of_different_requests_are_refused(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    requests("tangram", [1.0, 2.0], [1.0, 1.0], [1, 1]).to_parquet(a / "requests.parquet")
+    requests("tangram", [1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [1, 1, 1]).to_parquet(b / "requests.parquet")
+    with pytest.raises(TangramError, match="different requests"):
+        compare_runs(a, b)
+    requests("other", [1.0, 2.0], [1.0, 1.0], [1, 1]).to_parquet(b / "requests.parquet")
+    with pytest.raises(TangramError, match="no system is in both runs"):
+        compare_runs(a, b)
+    with pytest.raises(TangramError, match="no requests.parquet"):
+        compare_runs(a, tmp_path / "a" / "..")
+    assert main(["compare", str(a), str(tmp_path / "missing")]) == 2
+
+
+def test_format_table_names_every_metric() -> None:
+    real = requests("tangram", [1.0, 2.0], [2.0, 3.0], [10, 20])
+    fid = type("F", (), {})()
+    fid.table = fidelity_table(real, real)
+    text = format_table(fid)
+    for label in ("mean load time", "p50 TTFT", "bytes loaded", "full-hit ratio", "load time correlation"):
+        assert label in text
+    assert "+0.0%" in text
+
+
+def test_calibrated_read_bandwidth_bounds_loads_from_storage() -> None:
+    """read_bps replaces the SSD tier, so a load streams at min(read_bps, h2d_bps)."""
+    trace = pd.DataFrame([(0.0, "llama-3-8b", 100, 1)],
+                         columns=["arrival_s", "model", "input_tokens", "output_tokens"])
+    cluster = ClusterSpec(1, 1, gpu_spec("a100-80gb", memory_gib=40), TierSpec(host_cache_bytes=0))
+    system = make_system("t", "tangram")
+    models = {"llama-3-8b": ModelChoice(LLAMA)}
+    for read, h2d, rate in ((2e9, 20e9, 2e9), (50e9, 10e9, 10e9)):
+        cal = Calibration(device="test", h2d_bps=h2d, read_bps=read, unit_overhead_s=0.0,
+                          engine_overhead_s=0.0)
+        row = simulate(models, trace, cluster, system, calibration=cal).requests.iloc[0]
+        assert row.load_s == pytest.approx(LLAMA.weight_bytes / rate, rel=1e-9)
+        assert row.startup_s == 0.0
+
+
+def test_calibration_yaml_round_trips_read_bps(tmp_path: Path) -> None:
+    cal = Calibration(device="cpu", h2d_bps=1e10, read_bps=3e9, unit_overhead_s=1e-4, engine_overhead_s=2e-3)
+    path = tmp_path / "cal.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({**cal.to_dict(), "measurements": {"anything": [1, 2]}}))
+    back = Calibration.load(path)
+    assert back.read_bps == 3e9 and back.h2d_bps == 1e10 and back.engine_overhead_s == 2e-3
+
+
+def test_fit_linear_recovers_coefficients_and_keeps_them_non_negative() -> None:
+    pytest.importorskip("torch")
+    from tangram_sim.real.calibrate import fit_linear
+
+    rng = np.random.default_rng(0)
+    x = np.c_[np.ones(50), rng.uniform(1, 100, 50)]
+    y = x @ np.array([0.5, 0.01])
+    coef, rel = fit_linear(x, y)
+    assert coef == pytest.approx([0.5, 0.01]) and rel < 1e-9
+    coef, _ = fit_linear(x, y, relative=True)
+    assert coef == pytest.approx([0.5, 0.01])
+    # y falls with x: the negative slope is dropped and the intercept refitted to the mean
+    coef, _ = fit_linear(x, 10 - x[:, 1] * 0.01)
+    assert coef[1] == 0.0 and coef[0] == pytest.approx(float(np.mean(10 - x[:, 1] * 0.01)))
+    assert not math.isnan(coef[0])
