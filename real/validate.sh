@@ -3,4 +3,4 @@
 # Usage: real/validate.sh --device cuda:0 --out OUT   (or --device cpu); see real/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python real/validate.py "$@"
+exec "${PYTHON:-python3}" real/validate.py "$@"

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Every hardware check in one go: the executor check (gpu_check.py), then the simulator's validation
+# against a real replay (validate.py). Run from the repository root on a GPU machine:
+#
+#     real/gpu_run.sh --device cuda:0 --out OUT [--check-gb 4] [--validate-set KEY=VALUE ...]
+#
+# Work happens in a scratch folder (checkpoints are tens of GB); OUT receives at most eight files:
+# the two reports (check.md, validate.md), their JSON, the console logs, and results.tar.gz holding
+# every small output (calibration.yaml, fidelity.csv/png, replay and simulation tables, pytest log).
+# `--device cpu` is the dry run (tiny models, seconds). Each step has its own time limit, so one that
+# hangs still leaves the other's results.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+DEVICE=cuda:0
+OUT=
+CHECK_GB=4
+CHECK_TIMEOUT=240
+VALIDATE_TIMEOUT=420
+VALIDATE_SETS=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --device) DEVICE=$2; shift 2 ;;
+        --out) OUT=$2; shift 2 ;;
+        --check-gb) CHECK_GB=$2; shift 2 ;;
+        --check-timeout) CHECK_TIMEOUT=$2; shift 2 ;;
+        --validate-timeout) VALIDATE_TIMEOUT=$2; shift 2 ;;
+        --validate-set) VALIDATE_SETS+=(--set "$2"); shift 2 ;;
+        *) echo "gpu_run.sh: unknown argument $1 (see the header of real/gpu_run.sh)" >&2; exit 2 ;;
+    esac
+done
+[ -n "$OUT" ] || { echo "gpu_run.sh: --out OUT is required" >&2; exit 2; }
+mkdir -p "$OUT"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/tangram-gpu-run-XXXXXX")
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}  # GPU images often have python3 only
+
+{
+    date -u +%Y-%m-%dT%H:%M:%SZ
+    uname -a
+    "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+    command -v nvidia-smi >/dev/null && nvidia-smi
+    df -h "$WORK" | tail -1
+} >"$OUT/machine.txt" 2>&1
+
+CHECK_ARGS=(--device "$DEVICE" --out "$WORK/check")
+case "$DEVICE" in cpu) ;; *) CHECK_ARGS+=(--gb "$CHECK_GB") ;; esac
+timeout "$CHECK_TIMEOUT" "$PY" real/gpu_check.py "${CHECK_ARGS[@]}" 2>&1 | tee "$OUT/check.log"
+check_rc=${PIPESTATUS[0]}
+
+timeout "$VALIDATE_TIMEOUT" "$PY" real/validate.py --device "$DEVICE" --out "$WORK/validate" \
+    "${VALIDATE_SETS[@]}" 2>&1 | tee "$OUT/validate.log"
+validate_rc=${PIPESTATUS[0]}
+
+cp "$WORK/check/gpu_check.md" "$OUT/check.md" 2>/dev/null
+cp "$WORK/check/gpu_check.json" "$OUT/check.json" 2>/dev/null
+cp "$WORK/validate/validate.md" "$OUT/validate.md" 2>/dev/null
+cp "$WORK/validate/validate.json" "$OUT/validate.json" 2>/dev/null
+# Everything small (no checkpoints): a single archive, so OUT stays within a handful of files.
+tar -czf "$OUT/results.tar.gz" -C "$WORK" --exclude='checkpoints' --exclude='bench-checkpoint' \
+    --exclude='*.safetensors' . 2>/dev/null
+echo "gpu_check exit $check_rc, validate exit $validate_rc" | tee -a "$OUT/machine.txt"
+rm -rf "$WORK"
+[ "$check_rc" -eq 0 ] && [ "$validate_rc" -eq 0 ]
