@@ -2,7 +2,7 @@
 
 Run from the repository root (see real/README.md):
 
-    real/validate.sh --device cuda:0 --out $OUT        # a GPU machine, under 8 minutes
+    real/validate.sh --device cuda:0 --out $OUT        # a GPU machine (H200 step times: real/README.md)
     real/validate.sh --device cpu --out /tmp/validate   # the same steps on the CPU with tiny models
 
 Steps, each timed, everything under `--out`:
@@ -10,8 +10,9 @@ Steps, each timed, everything under `--out`:
 1. checkpoints: the experiment's models, made at its `real.scale` (`OUT/replay/checkpoints/`), and
    `OUT/replay/experiment.sim.yaml`, the same experiment for the simulator;
 2. calibrate: `OUT/calibration.yaml` (bandwidths, load/engine overheads, prefill/decode per model);
+   `--calibration FILE` reuses one measured earlier on the same card instead (it takes minutes);
 3. bench: the loader against safetensors on the largest checkpoint (on the CPU a 0.25 GB synthetic
-   one in `OUT/bench-checkpoint/`) (`OUT/bench_loader.json`);
+   one in `OUT/bench-checkpoint/`) (`OUT/bench_loader.json`); `--skip-bench` leaves it out;
 4. replay: the trace under serverlessllm and tangram on the device (`OUT/replay/`);
 5. simulate: `tangram-sim run OUT/replay/experiment.sim.yaml --calibration OUT/calibration.yaml`
    (`OUT/sim/`);
@@ -56,6 +57,14 @@ CUDA_SETS = [
     "systems.0.overrides.fairness_window_s=5.0",
     "systems.1.overrides.fairness_window_s=5.0",
 ]
+
+
+def _shown(path: Path) -> str:
+    """A path as the report shows it: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _step(name: str, steps: dict[str, Any], fn: Callable[[], Any]) -> Any:
@@ -128,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="more instance starts and larger copies (slower)")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="exit 1 if mean load time or p50 TTFT error exceeds this fraction")
+    parser.add_argument("--calibration", default=None, metavar="FILE",
+                        help="reuse this calibration.yaml (from an earlier run on the same card) "
+                             "instead of the calibrate step")
+    parser.add_argument("--skip-bench", action="store_true", help="leave out the loader benchmark")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -138,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     from tangram_sim.real.fidelity import compare_runs, format_table, plot_fidelity
     from tangram_sim.real.memory import driver_info
     from tangram_sim.real.replay import prepare_replay, run_replay
+    from tangram_sim.sim.timemodel import Calibration
 
     t_start = time.perf_counter()
     device = resolve_device(args.device)
@@ -151,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "host": platform.node(),
         "device_info": driver_info(device),
-        "experiment": str(args.experiment),
+        "experiment": _shown(Path(args.experiment)),
         "sets": sets,
         "steps": {},
     }
@@ -161,12 +175,22 @@ def main(argv: list[str] | None = None) -> int:
                   lambda: prepare_replay(raw, base, replay_dir, devices=[str(device)], sets=sets))
     sim_yaml = replay_dir / "experiment.sim.yaml"
     if setup is not None:
-        report = _step("calibrate", steps, lambda: calibrate_experiment(
-            *load_yaml(sim_yaml), str(device), quick=not args.full_calibration,
-            log=lambda m: print(f"   {m}", flush=True)))
-        if report is not None:
-            report.write(cal_path)
-            result["calibration"] = report.calibration.to_dict()
+        if args.calibration:  # measured earlier: copied beside the results, so the folder stays whole
+            def reuse() -> Calibration:
+                cal = Calibration.load(args.calibration)
+                cal_path.write_text(Path(args.calibration).read_text())
+                return cal
+
+            calibration = _step("calibration (reused)", steps, reuse)
+        else:
+            report = _step("calibrate", steps, lambda: calibrate_experiment(
+                *load_yaml(sim_yaml), str(device), quick=not args.full_calibration,
+                log=lambda m: print(f"   {m}", flush=True)))
+            if report is not None:
+                report.write(cal_path)
+            calibration = report.calibration if report is not None else None
+        if calibration is not None:
+            result["calibration"] = calibration.to_dict()
 
         def bench() -> dict[str, Any]:
             module = _bench_module()
@@ -180,13 +204,14 @@ def main(argv: list[str] | None = None) -> int:
             (out / "bench_loader.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
             return r
 
-        result["bench"] = _step("bench", steps, bench)
+        if not args.skip_bench:
+            result["bench"] = _step("bench", steps, bench)
         summary = _step("replay", steps, lambda: run_replay(raw, base, replay_dir, devices=[str(device)],
                                                             sets=sets, progress=True))
         if summary is not None:
             print(summary[["system", "requests", "completed", "cold_starts", "mean_load_s", "p50_ttft_s",
                            "bytes_loaded", "full_hit_ratio"]].to_string(index=False))
-        if summary is not None and report is not None:
+        if summary is not None and calibration is not None:
             sim_raw, sim_base = load_yaml(sim_yaml)
             done = _step("simulate", steps, lambda: run_experiment(
                 sim_raw, sim_base, sim_dir, sets=[f"calibration={cal_path.resolve()}"], progress=False))
@@ -207,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "validate.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (out / "validate.md").write_text(_markdown(result))
     print(f"wrote {out / 'validate.md'} and {out / 'validate.json'} ({result['seconds']:.1f} s)")
-    ok = all(s["ok"] for s in steps.values()) and len(steps) == 6
+    ok = all(s["ok"] for s in steps.values()) and len(steps) == 6 - args.skip_bench
     worst = result.get("worst_headline_error", math.nan)
     if args.tolerance is not None and not (worst <= args.tolerance):
         print(f"fidelity: worst headline error {worst:.1%} exceeds {args.tolerance:.0%}")

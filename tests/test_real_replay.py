@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import tarfile
 from pathlib import Path
 
 import pandas as pd
@@ -216,3 +219,29 @@ def test_checkpoints_are_reused_by_a_second_replay(replayed: Path, tmp_path: Pat
     assert setup.trace["arrival_s"].iloc[-1] < 10.0  # compressed 40x
     with pytest.raises(TangramError):
         prepare_replay(raw, base, tmp_path, checkpoints=tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------ the GPU-machine kit, dry run
+def test_gpu_run_reuses_a_calibration_and_keeps_out_small(tmp_path: Path) -> None:
+    """`real/gpu_run.sh --skip-check` with a calibration measured earlier: no calibrate or bench
+    step, the calibration copied beside the results, and OUT holds a handful of files (no checkpoints)."""
+    cal = ROOT / "real" / "h200-2026-11-27" / "calibration.yaml"
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", "real/gpu_run.sh", "--device", "cpu", "--out", str(out), "--skip-check",
+         "--validate-set", "trace.n_requests=20", "--validate-arg", f"--calibration={cal}",
+         "--validate-arg", "--skip-bench"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "machine.txt", "results.tar.gz", "validate.json", "validate.log", "validate.md"]  # fmt: skip
+    result = json.loads((out / "validate.json").read_text())
+    assert list(result["steps"]) == ["checkpoints", "calibration (reused)", "replay", "simulate", "compare"]
+    assert all(s["ok"] for s in result["steps"].values())
+    assert result["experiment"] == "experiments/replay-cpu.yaml"
+    assert result["calibration"] == Calibration.load(cal).to_dict()
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = tar.getnames()
+    assert "./validate/calibration.yaml" in names and "./validate/fidelity.csv" in names
+    assert not any(n.endswith(".safetensors") for n in names)
