@@ -9,7 +9,8 @@ the device takes, so its clock is `time.perf_counter`, not an event queue. Every
 - the device starts instances in FCFS order of the requests that need them; queued requests of the
   active model join its batch past an older request of another model only while that one has waited
   less than `fairness_window_s`; an idle instance stays for `keep_alive_s` unless another model's
-  request is queued, which ends it at once;
+  request is queued, which ends it at once (the queues and these rules are
+  `tangram_sim.policies.lifecycle`, which the simulator uses too);
 - cold start = `RealGpu.start_instance` (packing plan, evictions, compaction, loads; the static KV pool
   of the baseline) then building the engine (the engine overhead); `load_s` is the first, `startup_s`
   the second;
@@ -35,7 +36,6 @@ import os
 import platform
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +51,7 @@ from tangram_sim.experiments.config import build_systems, dump_yaml, load_yaml
 from tangram_sim.models.catalog import list_models
 from tangram_sim.policies import KV, PACKING, RETENTION
 from tangram_sim.policies.kv import KvPolicy
+from tangram_sim.policies.lifecycle import ModelQueues, must_yield, preemption_victim
 from tangram_sim.policies.retention import RetentionPolicy
 from tangram_sim.real.checkpoints import SCALES, Derivation, make_checkpoint, make_derived_checkpoint
 from tangram_sim.real.executor import LoadStats, RealGpu, resolve_device
@@ -222,8 +223,7 @@ class _Replayer:
         self.progress = progress
         self.keys = {m: [lay.unit.key for lay in c.layouts(system.granularity, system.min_unit_bytes)]
                      for m, c in ckpts.items()}
-        self.queues: dict[str, deque[_Req]] = {m: deque() for m in ckpts}
-        self.queued = 0  # requests in all queues
+        self.queues: ModelQueues[_Req] = ModelQueues()  # FCFS per model, the simulator's rules
         self.active: str | None = None  # model of the running instance
         self.running: list[_Req] = []  # its continuous batch, in admission order
         self.next = 0  # index of the next arrival in `requests`
@@ -248,7 +248,7 @@ class _Replayer:
         reqs = self.requests
         while True:
             self._poll()
-            if not self.queued:
+            if not self.queues:
                 upcoming = reqs[self.next].arrival if self.next < len(reqs) else None
                 if self.active is None:
                     if upcoming is None:
@@ -264,10 +264,11 @@ class _Replayer:
                     continue
                 _sleep_until(self.now, expiry)
                 self._poll()
-                if not self.queued:
+                if not self.queues:
                     self._end_instance()
                 continue
-            head = self._head()
+            head = self.queues.head()
+            assert head is not None
             if self.active != head.model:
                 if self.active is not None:
                     self._end_instance()
@@ -291,28 +292,7 @@ class _Replayer:
             req = reqs[self.next]
             self.next += 1
             self.retention.arrive(req.model, self.keys[req.model], req.arrival)
-            self.queues[req.model].append(req)
-            self.queued += 1
-
-    def _head(self) -> _Req:
-        best = None
-        for queue in self.queues.values():
-            if queue and (best is None or queue[0].rid < best.rid):
-                best = queue[0]
-        assert best is not None
-        return best
-
-    def _blocker(self) -> _Req | None:
-        """The oldest queued request of another model than the active one."""
-        best = None
-        for model, queue in self.queues.items():
-            if queue and model != self.active and (best is None or queue[0].rid < best.rid):
-                best = queue[0]
-        return best
-
-    def _dequeue(self, model: str) -> _Req:
-        self.queued -= 1
-        return self.queues[model].popleft()
+            self.queues.push(req)
 
     # ------------------------------------------------------------ instances
     def _cold_start(self, head: _Req) -> None:
@@ -330,7 +310,7 @@ class _Replayer:
         try:
             stats: LoadStats = gpu.start_instance(ckpt, now=t0)
         except CapacityError as exc:  # validated to fit, so only a policy bug gets here
-            self._dequeue(head.model)
+            self.queues.pop(head.model)
             self._reject(head, f"load-failed: {exc}")
             return
         t1 = self.now()
@@ -367,22 +347,22 @@ class _Replayer:
         system = self.system
         model = self.active
         assert model is not None
-        own = self.queues[model]
+        queues = self.queues
         running = self.running
         while True:
             admitted = 0
-            while own and len(running) < system.max_batch:
-                req = own[0]
+            while len(running) < system.max_batch:
+                req = queues.first(model)
+                if req is None:
+                    break
                 now = self.now()
-                blocker = self._blocker()
-                if (blocker is not None and blocker.rid < req.rid
-                        and now - blocker.arrival >= system.fairness_window_s):
+                if must_yield(queues.head(exclude=model), req, now, system.fairness_window_s):
                     break  # an older request of another model has waited long enough
                 try:
                     step = gpu.prefill(model, req.prompt, now=now)
                 except CapacityError:
                     if not running and not admitted:
-                        self._dequeue(model)
+                        queues.pop(model)
                         self._reject(req, "kv-capacity")
                         continue
                     if req.kv_wait_since < 0:
@@ -390,7 +370,7 @@ class _Replayer:
                     break
                 end = self.now()
                 self.busy_s += end - now
-                self._dequeue(model)
+                queues.pop(model)
                 if req.kv_wait_since >= 0:
                     req.waited_for_kv_s += now - req.kv_wait_since
                     req.kv_wait_since = -1.0
@@ -421,11 +401,10 @@ class _Replayer:
             try:
                 gpu.decode_step([r.seq for r in running], now=now)
                 break
-            except CapacityError:  # the batch cannot grow: preempt the newest, as the simulator does
-                victim = running[-1]
-                if len(running) == 1:
-                    running.pop()
-                    self._reject(victim, "kv-capacity")
+            except CapacityError:  # the batch cannot grow: preempt as the simulator does
+                victim = preemption_victim(running)
+                if victim is None:  # alone and still too large
+                    self._reject(running.pop(), "kv-capacity")
                     return
                 self._preempt(victim)
         end = self.now()
@@ -445,8 +424,7 @@ class _Replayer:
         req.seq = -1
         req.done = 0
         req.preemptions += 1
-        self.queues[req.model].appendleft(req)
-        self.queued += 1
+        self.queues.push_front(req)
 
     def _complete(self, req: _Req, now: float) -> None:
         self.gpu.finish(req.seq)
@@ -533,8 +511,8 @@ def _check(reqs: Sequence[_Req], rep: _Replayer, gpu: RealGpu) -> None:
             break
     if rep.finished != len(reqs):
         problems.append(f"{rep.finished} outcomes recorded for {len(reqs)} requests")
-    if rep.queued or rep.active is not None:
-        problems.append(f"{rep.queued} requests still queued, instance {rep.active!r} still active")
+    if rep.queues or rep.active is not None:
+        problems.append(f"{len(rep.queues)} requests still queued, instance {rep.active!r} still active")
     gpu.check()
     arena = gpu.arena
     leaked = arena.bytes_in(State.KV) + arena.bytes_in(State.LOADING)
