@@ -8,7 +8,16 @@ import pytest
 
 from tangram_sim.arena import Arena, State
 from tangram_sim.errors import ConfigError
-from tangram_sim.policies.packing import PACKING, PackingPlan, execute_plan
+from tangram_sim.policies.packing import (
+    PACKING,
+    PackingPlan,
+    Placement,
+    _fill_holes,
+    _holes,
+    _Layout,
+    _walk,
+    execute_plan,
+)
 
 A = 256
 
@@ -149,3 +158,30 @@ def test_every_plan_executes_without_breaking_invariants(policy: str) -> None:
         assert {r.key for r in regions} == {k for k, _ in units}
         assert all(arena.lookup(k).offset == off for k, off in pinned.items())
         assert plan.needed_bytes == sum(r.size for r in regions)
+
+
+def test_holes_from_free_space_and_evictions_are_those_of_a_full_layout_walk() -> None:
+    """Plans try a no-move layout from the free regions and the evicted units alone: it must find
+    exactly the first-fit-decreasing placement that walking the whole arena finds."""
+    rng = random.Random(7)
+    tried = 0
+    for _ in range(500):
+        arena, units, order = random_state(rng)
+        units = sorted(((k, arena.align(n)) for k, n in units), key=lambda u: -u[1])
+        evicted = [arena.lookup(k) for k in order[: rng.randint(0, len(order))]]
+        evicted += evicted[:1]  # a key listed twice changes nothing
+        free_spans = [(r.offset, r.size) for r in arena.free_regions()]
+        fast = _fill_holes(_holes(free_spans, evicted, units[-1][1]), units)
+        layout = _Layout(_walk(arena), {r.key for r in evicted})
+        assert fast == layout.first_fit_decreasing(0, len(layout.kinds), units)
+        tried += fast is not None
+    assert tried > 100
+
+
+def test_placements_are_records_of_what_the_plan_places() -> None:
+    arena = fragmented("aa..b...")
+    plan = PACKING.create("pbp").plan(arena, [("x", 2 * A), ("y", A)], ["a"])
+    assert plan.placed == [("x", 2 * A, 2 * A), ("y", 5 * A, A)]
+    assert plan.placements == [Placement(k, o, n) for k, o, n in plan.placed]
+    assert [(r.key, r.offset) for r in execute_plan(arena, plan, owners=lambda k: ["new"])] == [
+        ("x", 2 * A), ("y", 5 * A)]

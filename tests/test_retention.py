@@ -212,3 +212,47 @@ def test_deterministic_and_complete(accesses: list[tuple[str, list[int]]], name:
     assert sorted(orders[0]) == sorted(r.key for r in regions)
     vals = [values[k] for k in orders[0]]
     assert vals == sorted(vals)
+
+
+@given(
+    counts=st.dictionaries(st.sampled_from("abc"), st.integers(1, 3)),
+    units=st.lists(
+        st.tuples(st.integers(0, 3), st.sampled_from([1, 2, 4]), st.integers(0, 12)), max_size=24
+    ),
+    decayed=st.booleans(),
+)
+def test_tangram_fast_order_equals_the_base_class_order(
+    counts: dict[str, int], units: list[tuple[int, int, int]], decayed: bool
+) -> None:
+    """Per-class ranking = sorting every unit by (value, offset, input position), the base class's
+    rule: with shared and separate owner sets, classes of equal value, equal offsets, repeats."""
+    pol = RETENTION.create("decayed-frequency" if decayed else "tangram")
+    for t, (model, n) in enumerate(counts.items()):
+        for _ in range(n):
+            pol.record_access(model, [], float(t))
+    owner_sets = [frozenset("a"), frozenset("ab"), frozenset("b"), {"c"}]  # a plain set works too
+    regions = [
+        Region(offset * 4, size * 4, State.RESIDENT, key=f"k{i}", owners=owner_sets[o])
+        for i, (o, size, offset) in enumerate(units)
+    ]
+    regions += regions[:2]  # a unit listed twice stays twice
+    now = float(len(counts))
+    assert pol.eviction_order(regions, now) == RetentionPolicy.eviction_order(pol, regions, now)
+    assert pol.eviction_order(iter(regions), now) == pol.eviction_order(regions, now)
+
+
+def test_on_evict_many_calls_on_evict_only_where_a_policy_keeps_per_unit_state() -> None:
+    seen = []
+
+    class Recording(RetentionPolicy):
+        def on_evict(self, key, now):
+            seen.append((key, now))
+
+    Recording().on_evict_many(["x", "y"], 3.0)
+    assert seen == [("x", 3.0), ("y", 3.0)]
+    gdsf = RETENTION.create("gdsf")
+    gdsf.record_access("a", ["big"], 0.0)
+    gdsf.value(unit("big", 10, {"a"}), 1.0)
+    gdsf.on_evict_many(["big"], 1.0)
+    assert gdsf.clock == pytest.approx(1 / 10)  # L rose to H(big) as on_evict("big") makes it
+    RETENTION.create("tangram").on_evict_many(iter(["x"]), 0.0)  # nothing to do, and no error

@@ -132,7 +132,11 @@ def plan_kv(arena: Arena, nbytes: int, block_bytes: int, eviction_order: Sequenc
     blocks = -(-nbytes // block_bytes)
     if blocks == 0:
         return KvPlan()
-    shadow = _ShadowFree(list(arena.free_regions()), block_bytes)
+    free = list(arena.free_regions())
+    # The common case, free space holds the blocks: no evictions to simulate, no shadow to build.
+    if sum(r.size // block_bytes for r in free) >= blocks:
+        return KvPlan(extents=_choose_extents([(r.offset, r.offset + r.size) for r in free], blocks, block_bytes))
+    shadow = _ShadowFree(free, block_bytes)
     evicted: list[Region] = []
     if shadow.blocks < blocks:
         seen: set[Key] = set()

@@ -21,7 +21,10 @@ and never mutate it; `execute_plan` is the single way to apply a plan (simulator
 
 from __future__ import annotations
 
+import bisect
 import heapq
+import itertools
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +32,10 @@ from tangram_sim.arena import Arena, Key, Region, State
 from tangram_sim.registry import Registry
 
 FREE, MOVABLE, FIXED = 0, 1, 2
+_size = operator.itemgetter(1)  # of a (key, nbytes) unit
+_start = operator.itemgetter(0)  # of an (offset, size) span
+_region_size = operator.attrgetter("size")
+_region_key = operator.attrgetter("key")
 
 
 @dataclass(slots=True, frozen=True)
@@ -46,11 +53,16 @@ class Placement:
     nbytes: int  # aligned bytes it occupies
 
 
+# A placement as plans hold it: (key, offset, nbytes), the fields of a Placement. Plans place
+# hundreds of units each, and a tuple costs a fraction of a record to make and to read.
+Placed = tuple[Key, int, int]
+
+
 @dataclass(slots=True)
 class PackingPlan:
     evictions: list[Key] = field(default_factory=list)  # applied first, in order
     moves: list[Move] = field(default_factory=list)  # then these, in order
-    placements: list[Placement] = field(default_factory=list)  # then the new units
+    placed: list[Placed] = field(default_factory=list)  # then the new units
     needed_bytes: int = 0  # aligned bytes of the units to place
     evicted_bytes: int = 0  # bytes of retained units dropped
     extra_evicted_bytes: int = 0  # evicted beyond the free-byte shortfall: unit overshoot + fragmentation
@@ -58,6 +70,11 @@ class PackingPlan:
     @property
     def moved_bytes(self) -> int:
         return sum(m.nbytes for m in self.moves)
+
+    @property
+    def placements(self) -> list[Placement]:
+        """The new units as records, in placement order (made from `placed` on each call)."""
+        return [Placement(*p) for p in self.placed]
 
 
 class _Layout:
@@ -115,11 +132,9 @@ class _Layout:
             out.append((first, last + 1))
         return out
 
-    def first_fit_decreasing(
-        self, i: int, j: int, units: Sequence[tuple[Key, int]]
-    ) -> list[Placement] | None:
+    def first_fit_decreasing(self, i: int, j: int, units: Sequence[tuple[Key, int]]) -> list[Placed] | None:
         """Place units (already sorted largest first) into the holes of [i, j) without moving."""
-        if not units or sum(size for _, size in units) > self.free(i, j):
+        if not units or sum(map(_size, units)) > self.free(i, j):
             return None if units else []
         smallest = units[-1][1]
         # Holes too small for the smallest unit can never be used: drop them up front.
@@ -128,7 +143,7 @@ class _Layout:
 
     def compact_left(
         self, i: int, j: int, units: Sequence[tuple[Key, int]]
-    ) -> tuple[list[Move], list[Placement]]:
+    ) -> tuple[list[Move], list[Placed]]:
         """Slide the movable entries of a fixed-free range [i, j) to its low end; carve one hole."""
         moves: list[Move] = []
         cursor = self.offs[i]
@@ -137,26 +152,61 @@ class _Layout:
                 if self.offs[k] != cursor:
                     moves.append(Move(self.keys[k], self.offs[k], cursor, self.sizes[k]))
                 cursor += self.sizes[k]
-        placements = []
+        placed = []
         for key, size in units:
-            placements.append(Placement(key, cursor, size))
+            placed.append((key, cursor, size))
             cursor += size
-        return moves, placements
+        return moves, placed
 
 
-def _fill_holes(holes: list[list[int]], units: Sequence[tuple[Key, int]]) -> list[Placement] | None:
-    """First fit of each unit (in the given order) into [offset, size] holes, carving from the front."""
-    placements: list[Placement] = []
-    for key, size in units:
-        for hole in holes:
-            if hole[1] >= size:
-                placements.append(Placement(key, hole[0], size))
-                hole[0] += size
-                hole[1] -= size
-                break
+def _walk(arena: Arena) -> list[tuple[int, int, int, Key]]:
+    """(offset, size, kind, key) of every region in address order."""
+    free, resident = State.FREE, State.RESIDENT
+    return [
+        (r.offset, r.size, FREE if r.state is free else MOVABLE if r.state is resident and not r.pin_count
+         else FIXED, r.key)
+        for r in arena.regions()
+    ]
+
+
+def _holes(free_spans: list[tuple[int, int]], evicted: Sequence[Region], smallest: int) -> list[list[int]]:
+    """[offset, size] of the free space once `evicted` are gone, coalesced and in address order, as
+    `_Layout.first_fit_decreasing` sees it (holes under `smallest` dropped): found from the free
+    regions and the evicted ones only, without walking the whole arena."""
+    spans = free_spans + [(r.offset, r.size) for r in evicted]
+    spans.sort(key=_start)  # offsets are distinct (but for a key listed twice, equal sizes too)
+    merged: list[list[int]] = []
+    end = -1
+    for offset, size in spans:
+        if offset == end:
+            merged[-1][1] += size
+        elif offset < end:  # a key listed twice in the eviction order
+            continue
         else:
+            merged.append([offset, size])
+        end = offset + size
+    return [hole for hole in merged if hole[1] >= smallest]
+
+
+def _fill_holes(holes: list[list[int]], units: Sequence[tuple[Key, int]]) -> list[Placed] | None:
+    """First fit of each unit (in the given order) into [offset, size] holes, carving from the front."""
+    placed: list[Placed] = []
+    n = len(holes)
+    first, last_size = 0, -1
+    for key, size in units:
+        # Holes only shrink, so a unit as large as the previous one cannot fit before the hole that
+        # one went to: resume there (plans hand over long runs of equal sizes).
+        i = first if size == last_size else 0
+        while i < n and holes[i][1] < size:
+            i += 1
+        if i == n:
             return None
-    return placements
+        hole = holes[i]
+        placed.append((key, hole[0], size))
+        hole[0] += size
+        hole[1] -= size
+        first, last_size = i, size
+    return placed
 
 
 def _split_units(
@@ -195,40 +245,47 @@ class PackingPolicy:
     def plan(
         self, arena: Arena, units: Sequence[tuple[Key, int]], eviction_order: Sequence[Key]
     ) -> PackingPlan | None:
+        a = arena.alignment
+        # Sizes as arena.align rounds them (max(a, ...) spelt out: a call per unit costs as much as
+        # the rest), largest first; the sort is stable, also reversed: equal sizes keep their order.
         aligned = sorted(
-            ((key, arena.align(nbytes)) for key, nbytes in units), key=lambda u: -u[1]
-        )  # stable sort: equal sizes keep the caller's order
-        needed = sum(size for _, size in aligned)
-        base = [
-            (r.offset, r.size, FREE if r.state is State.FREE else MOVABLE if r.movable else FIXED, r.key)
-            for r in arena.regions()
+            [(key, size if (size := (nbytes + a - 1) // a * a) > a else a) for key, nbytes in units],
+            key=_size,
+            reverse=True,
+        )
+        needed = sum(map(_size, aligned))
+        # The evictable (resident, unpinned) regions in eviction order; other keys are skipped.
+        resident = State.RESIDENT
+        order = [
+            r for r in arena.lookup_many(eviction_order) if r is not None and r.state is resident and not r.pin_count
         ]
-        size_of = {r.key: r.size for r in arena.evictable()}
-        order = [key for key in eviction_order if key in size_of]
         free_before = arena.free_bytes
-        # Smallest eviction prefix that gives enough free bytes at all.
-        k0, free = 0, free_before
-        while free < needed and k0 < len(order):
-            free += size_of[order[k0]]
-            k0 += 1
-        if free < needed:
+        # evicted_upto[k]: bytes the first k evictions free. The smallest prefix that gives enough
+        # free bytes at all is where the search starts.
+        evicted_upto = [0, *itertools.accumulate(map(_region_size, order))]
+        k0 = bisect.bisect_left(evicted_upto, needed - free_before)
+        if k0 > len(order):
             return None
+        free_spans = [(r.offset, r.size) for r in arena.free_regions()]
+        base: list[tuple[int, int, int, Key]] = []  # the whole layout, walked only if moves are needed
 
         def attempt(k: int) -> PackingPlan | None:
-            layout = _Layout(base, set(order[:k]))
-            placed = layout.first_fit_decreasing(0, len(layout.kinds), aligned)
+            evicted = order[:k]
+            # No-move layout first: it needs only the holes, i.e. free space plus the evicted units.
+            placed = _fill_holes(_holes(free_spans, evicted, aligned[-1][1]), aligned) if aligned else []
             moves: list[Move] = []
             if placed is None:
-                result = self._layout(layout, aligned)
+                if not base:
+                    base.extend(_walk(arena))
+                result = self._layout(_Layout(base, {r.key for r in evicted}), aligned)
                 if result is None:
                     return None
                 moves, placed = result
-            evicted = order[:k]
-            evicted_bytes = sum(size_of[key] for key in evicted)
+            evicted_bytes = evicted_upto[k]
             return PackingPlan(
-                evictions=list(evicted),
+                evictions=list(map(_region_key, evicted)),
                 moves=moves,
-                placements=placed,
+                placed=placed,
                 needed_bytes=needed,
                 evicted_bytes=evicted_bytes,
                 extra_evicted_bytes=evicted_bytes - max(0, needed - free_before),
@@ -238,7 +295,7 @@ class PackingPolicy:
 
     def _layout(
         self, layout: _Layout, units: list[tuple[Key, int]]
-    ) -> tuple[list[Move], list[Placement]] | None:
+    ) -> tuple[list[Move], list[Placed]] | None:
         """Room for `units` (largest first) by moving data, or None. first-fit never moves."""
         return None
 
@@ -306,8 +363,8 @@ class CompactAll(PackingPolicy):
             moves += seg_moves
             free = layout.free(i, j)
             holes.append([layout.offs[j - 1] + layout.sizes[j - 1] - free, free])
-        placements = _fill_holes(holes, units)
-        return None if placements is None else (moves, placements)
+        placed = _fill_holes(holes, units)
+        return None if placed is None else (moves, placed)
 
 
 @PACKING.register("min-move-window")
@@ -317,7 +374,7 @@ class MinMoveWindow(PackingPolicy):
     name = "min-move-window"
 
     def _layout(self, layout, units):
-        needed = sum(size for _, size in units)
+        needed = sum(map(_size, units))
         best: tuple[int, int, int] | None = None  # (moved bytes, i, j)
         for i, j in layout.segments():
             frees = layout.free_indices(i, j)
@@ -348,7 +405,7 @@ class PartitionedGainPacking(PackingPolicy):
 
     def _layout(self, layout, units):
         moves: list[Move] = []
-        placements: list[Placement] = []
+        placements: list[Placed] = []
         segments = layout.segments()
         # Fixed regions are forced splits: hand units to segments largest first, most room first.
         rooms = [(-layout.free(i, j), s) for s, (i, j) in enumerate(segments)]
@@ -368,7 +425,7 @@ class PartitionedGainPacking(PackingPolicy):
     def _solve(self, layout, i, j, units, moves, placements) -> bool:
         if not units:
             return True
-        if sum(size for _, size in units) > layout.free(i, j):
+        if sum(map(_size, units)) > layout.free(i, j):
             return False
         placed = layout.first_fit_decreasing(i, j, units)
         if placed is not None:
@@ -406,10 +463,10 @@ def execute_plan(
     """Apply a plan: evict, move (calling `on_move` first so a device copy can follow), then place
     every unit as LOADING, owned by `owners(key)` (every model whose weights include that unit).
     Returns the new regions in placement order."""
-    for key in plan.evictions:
-        arena.evict(key)
-    for move in plan.moves:
+    arena.evict_many(plan.evictions)
+    if plan.moves:
         if on_move is not None:
-            on_move(move)
-        arena.move(move.key, move.dst)
-    return [arena.place(p.key, p.offset, p.nbytes, State.LOADING, owners(p.key)) for p in plan.placements]
+            for move in plan.moves:
+                on_move(move)
+        arena.move_many([(move.key, move.dst) for move in plan.moves])
+    return arena.place_many(plan.placed, State.LOADING, owners)

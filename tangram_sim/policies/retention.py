@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from typing import ClassVar
 
@@ -42,6 +43,13 @@ class RetentionPolicy:
     def on_evict(self, key: Key, now: float) -> None:
         """The unit `key` was evicted at `now` (GDSF inflates its clock here)."""
 
+    def on_evict_many(self, keys: Iterable[Key], now: float) -> None:
+        """`on_evict` of each key in order: a cold start evicts hundreds of units, and most policies
+        keep nothing per unit, so for them (no `on_evict` of their own) this does not even loop."""
+        if type(self).on_evict is not RetentionPolicy.on_evict:
+            for key in keys:
+                self.on_evict(key, now)
+
     def value(self, region: Region, now: float) -> float:
         """Worth of keeping this resident unit at `now`; higher means keep longer."""
         raise NotImplementedError
@@ -69,6 +77,8 @@ def _sensitivity(sensitivity: Mapping[str, float] | None) -> dict[str, float]:
 
 
 RETENTION = Registry[RetentionPolicy]("retention policy")
+_offset = operator.attrgetter("offset")
+_key = operator.attrgetter("key")
 
 
 @RETENTION.register("tangram")
@@ -105,23 +115,55 @@ class TangramRetention(RetentionPolicy):
         return region.size / self.host_to_gpu_bps * weight / total
 
     def eviction_order(self, candidates: Iterable[Region], now: float) -> list[Key]:
-        """Same order as the base class; the model weights are computed once per call, not per unit,
-        because simulators rank hundreds of units at every cold start."""
+        """Same order as the base class, computed per class of units instead of per unit, because
+        simulators rank hundreds of units at every cold start: units of equal size and owner set (the
+        units of a model share one set) have equal value, so each class is valued once, the classes
+        are sorted by value, and units are sorted by offset only within a class (or classes of equal
+        value)."""
         weights, total = self._weights(now)
         if total <= 0.0:
             return super().eviction_order(candidates, now)
         bw = self.host_to_gpu_bps
-        scored = []
-        for i, r in enumerate(candidates):
-            owners = r.owners
-            if len(owners) == 1:
-                for m in owners:
-                    weight = weights.get(m, 0.0)
-            else:
-                weight = sum(weights.get(m, 0.0) for m in owners)
-            scored.append((r.size / bw * weight / total, r.offset, i, r.key))
-        scored.sort(key=lambda t: (t[0], t[1], t[2]))
-        return [t[3] for t in scored]
+        cands = list(candidates)
+        # id(owners) -> size -> the class's units in input order; they keep the owner set alive, so
+        # its id cannot be reused for another set during the call.
+        classes: dict[int, dict[int, list[Region]]] = {}
+        # the class of the previous unit (units come in runs of one class) and its members
+        owners: object = None
+        size = -1
+        members: list[Region] = []
+        for r in cands:
+            if r.owners is not owners or r.size != size:
+                owners, size = r.owners, r.size
+                by_size = classes.get(id(owners))
+                if by_size is None:
+                    by_size = classes[id(owners)] = {}
+                members = by_size.get(size)
+                if members is None:
+                    members = by_size[size] = []
+            members.append(r)
+        valued = []
+        for owners_id, by_size in classes.items():
+            weight = sum(weights.get(m, 0.0) for m in next(iter(by_size.values()))[0].owners)
+            for size, members in by_size.items():
+                valued.append((size / bw * weight / total, len(valued), (owners_id, size), members))
+        valued.sort()  # by value; the position keeps the tuples from comparing the rest
+        order: list[Key] = []
+        i = 0
+        while i < len(valued):
+            j = i + 1
+            while j < len(valued) and valued[j][0] == valued[i][0]:
+                j += 1
+            if j == i + 1:  # one class: by offset; the sort is stable, so ties keep input order
+                order += map(_key, sorted(valued[i][3], key=_offset))
+            else:  # classes of equal value interleave by offset, then input position
+                group = {cls for _, _, cls, _ in valued[i:j]}
+                ranked = sorted(
+                    (r.offset, n, r.key) for n, r in enumerate(cands) if (id(r.owners), r.size) in group
+                )
+                order += [key for _, _, key in ranked]
+            i = j
+        return order
 
 
 @RETENTION.register("decayed-frequency")

@@ -29,10 +29,11 @@ batch and KV size. This keeps events per request O(1) instead of O(output tokens
 from __future__ import annotations
 
 import math
+import operator
 import random
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import simpy
 
@@ -49,6 +50,7 @@ from tangram_sim.sim.systems import SystemSpec
 from tangram_sim.sim.timemodel import TimeModel
 
 EPS_TOKENS = 1e-6
+_key, _nbytes = operator.itemgetter(0), operator.itemgetter(1)  # of a (key, nbytes) unit
 
 
 class Request:
@@ -121,6 +123,12 @@ class ModelEntry:
     rank_aligned: tuple[tuple[int, ...], ...]  # per rank: shard sizes in the arena (aligned)
     nbytes: int  # total bytes over all ranks
     sensitivity: float  # retention weight from the experiment
+    # per rank: (key, shard bytes) of each unit, made once so that a cold start that misses every
+    # unit passes it on instead of rebuilding it unit by unit
+    rank_units: tuple[tuple[tuple[Key, int], ...], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rank_units = tuple(tuple(zip(k, n)) for k, n in zip(self.rank_keys, self.rank_bytes))
 
     @property
     def unit_keys(self) -> tuple[Key, ...]:
@@ -142,22 +150,25 @@ class Node:
         self.on_ssd: set[Key] = set()  # units fetched from remote (when the SSD is not pre-filled)
         self.cached_by_model: dict[str, int] = {}  # model -> bytes of its units in the cache
 
-    def cache_insert(self, key: Key, nbytes: int) -> None:
-        if nbytes > self.tiers.host_cache_bytes:
-            return
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return
-        by_model = self.cached_by_model
-        while self.cache_bytes + nbytes > self.tiers.host_cache_bytes:
-            old, size = self.cache.popitem(last=False)
-            self.cache_bytes -= size
-            for model in self.key_owners[old]:
-                by_model[model] -= size
-        self.cache[key] = nbytes
-        self.cache_bytes += nbytes
-        for model in self.key_owners[key]:
-            by_model[model] = by_model.get(model, 0) + nbytes
+    def cache_insert_many(self, units: Sequence[tuple[Key, int]]) -> None:
+        """Insert (key, nbytes) units in order, each becoming the most recently used."""
+        cache, key_owners, by_model = self.cache, self.key_owners, self.cached_by_model
+        limit = self.tiers.host_cache_bytes
+        for key, nbytes in units:
+            if nbytes > limit:
+                continue
+            if key in cache:
+                cache.move_to_end(key)
+                continue
+            while self.cache_bytes + nbytes > limit:
+                old, size = cache.popitem(last=False)
+                self.cache_bytes -= size
+                for model in key_owners[old]:
+                    by_model[model] -= size
+            cache[key] = nbytes
+            self.cache_bytes += nbytes
+            for model in key_owners[key]:
+                by_model[model] = by_model.get(model, 0) + nbytes
 
     def holds(self, entry: ModelEntry, model: str) -> bool:
         """The whole checkpoint of `model` is in this node's DRAM cache."""
@@ -271,7 +282,8 @@ class GpuWorker:
     # ------------------------------------------------------------ the process
     def _followers_waiting(self) -> bool:
         inst = self.instance
-        return inst is not None and any(w.queued for w in inst.group[1:])
+        # (a one-GPU group, the common case, has no followers: no generator to build)
+        return inst is not None and len(inst.group) > 1 and any(w.queued for w in inst.group[1:])
 
     def run(self):
         env = self.cluster.env
@@ -337,13 +349,10 @@ class GpuWorker:
         reused = loaded = moved = evicted = extra = 0
         copy_s = 0.0
         for rank, worker in enumerate(group):
-            missing, reused_keys, plan = worker._plan_rank(entry, rank, head.model, t0)
-            for key in plan.evictions:
-                worker.retention.on_evict(key, t0)
-            execute_plan(worker.arena, plan, owners=c.key_owners.__getitem__)
-            for key in reused_keys:
-                worker.arena.pin(key)
-            rank_loaded = sum(n for _, n in missing)
+            missing, rank_loaded, reused_keys, plan = worker._plan_rank(entry, rank, head.model, t0)
+            worker.retention.on_evict_many(plan.evictions, t0)
+            execute_plan(worker.arena, plan, owners=c.unit_owners.__getitem__)
+            worker.arena.pin_many(reused_keys)
             loaded += rank_loaded
             reused += sum(entry.rank_bytes[rank]) - rank_loaded
             moved += plan.moved_bytes
@@ -382,40 +391,49 @@ class GpuWorker:
             worker.sample()
 
     def _plan_rank(self, entry: ModelEntry, rank: int, model: str, now: float):
-        """This GPU's part of a cold start: which shards are missing, which are reused, the plan."""
+        """This GPU's part of a cold start: the missing shards and their bytes, the reused ones, and
+        the plan."""
         arena = self.arena
         packing = self.cluster.packing
-        missing: list[tuple[Key, int]] = []
+        found = arena.lookup_many(entry.rank_keys[rank])
+        missing: Sequence[tuple[Key, int]]
         reused_keys: list[Key] = []
-        missing_aligned = 0
-        present = arena.lookup
-        for key, nbytes, aligned in zip(entry.rank_keys[rank], entry.rank_bytes[rank], entry.rank_aligned[rank]):
-            if present(key) is None:
-                missing.append((key, nbytes))
-                missing_aligned += aligned
-            else:
-                reused_keys.append(key)
+        if found.count(None) == len(found):  # nothing retained: the model's units as they are
+            missing = entry.rank_units[rank]
+            missing_aligned = sum(entry.rank_aligned[rank])
+        else:
+            missing = []
+            missing_aligned = 0
+            for region, unit, aligned in zip(found, entry.rank_units[rank], entry.rank_aligned[rank]):
+                if region is None:
+                    missing.append(unit)
+                    missing_aligned += aligned
+                else:
+                    reused_keys.append(unit[0])
+        missing_bytes = sum(map(_nbytes, missing))
         plan = None
         if arena.free_bytes >= missing_aligned:
             plan = packing.plan(arena, missing, ())  # no eviction needed: skip ranking candidates
         if plan is None:
-            protected = set(reused_keys)  # reused units may move but must stay
-            order = [k for k in self.retention.eviction_order(arena.evictable(), now) if k not in protected]
+            order = self.retention.eviction_order(arena.evictable(), now)
+            if reused_keys:
+                protected = set(reused_keys)  # reused units may move but must stay
+                order = [k for k in order if k not in protected]
             plan = packing.plan(arena, missing, order)
         if plan is None:  # cannot happen for models validated to fit; never hang on it
             raise RuntimeError(f"gpu {self.gpu_id}: no packing plan for {model}")
-        return missing, reused_keys, plan
+        return missing, missing_bytes, reused_keys, plan
 
     def _transfers(self, missing: Sequence[tuple[Key, int]]) -> list[simpy.Event]:
         """Missing units stream host->GPU; those not in the DRAM cache come from SSD or remote first."""
         node = self.node
-        tiers = node.tiers
+        cache, on_ssd, ssd_holds_all = node.cache, node.on_ssd, node.tiers.ssd_holds_all
         from_dram = from_ssd = from_remote = 0
         for key, nbytes in missing:
-            if key in node.cache:
+            if key in cache:
                 from_dram += nbytes
-                node.cache.move_to_end(key)
-            elif tiers.ssd_holds_all or key in node.on_ssd:
+                cache.move_to_end(key)
+            elif ssd_holds_all or key in on_ssd:
                 from_ssd += nbytes
             else:
                 from_remote += nbytes
@@ -431,11 +449,10 @@ class GpuWorker:
 
     def _after_load(self, missing: Sequence[tuple[Key, int]]) -> None:
         node = self.node
-        for key, nbytes in missing:
-            if not node.tiers.ssd_holds_all:
-                node.on_ssd.add(key)
-            node.cache_insert(key, nbytes)
-            self.arena.finish_load(key, pin=True)
+        if not node.tiers.ssd_holds_all:
+            node.on_ssd.update(map(_key, missing))
+        node.cache_insert_many(missing)
+        self.arena.finish_load_many(map(_key, missing), pin=True)
 
     def _reserve_static_kv(self) -> None:
         """vLLM-style: reserve `fraction` of memory minus weights for KV when the instance starts."""
@@ -461,8 +478,7 @@ class GpuWorker:
             plans.append((worker, plan))
         capacity = min(plan.nbytes for _, plan in plans)  # ranks hold equal shards of every block
         for worker, plan in plans:
-            for key in plan.evictions:
-                worker.retention.on_evict(key, c.env.now)
+            worker.retention.on_evict_many(plan.evictions, c.env.now)
             keys = execute_kv_plan(worker.arena, plan, ("pool", worker.gpu_id, inst.started))
             inst.pool_keys += [(worker.arena, key) for key in keys]
         inst.pool = KvPool(capacity=capacity)
@@ -474,15 +490,9 @@ class GpuWorker:
         for arena, key in inst.pool_keys:
             arena.release(key)
         for rank, worker in enumerate(inst.group):
-            arena = worker.arena
-            retains = worker.retention.retains
-            for key in inst.entry.rank_keys[rank]:
-                region = arena.lookup(key)
-                if region is None or region.pin_count == 0:
-                    continue
-                region.pin_count -= 1  # arena.unpin without the lookup: this loop runs per unit
-                if not retains and region.pin_count == 0:
-                    arena.evict(key)
+            unpinned = worker.arena.unpin_many(inst.entry.rank_keys[rank])
+            if not worker.retention.retains:
+                worker.arena.evict_many(unpinned)
         c.warm_workers[inst.model].discard(self)
         c.recorder.log(c.env.now, self.gpu_id, "instance_end", -1, inst.model)
         self.instance = None
@@ -524,8 +534,7 @@ class GpuWorker:
                         return False
                 plans.append((worker, plan))
             for worker, plan in plans:
-                for key in plan.evictions:
-                    worker.retention.on_evict(key, now)
+                worker.retention.on_evict_many(plan.evictions, now)
                 keys = execute_kv_plan(worker.arena, plan, ("kv", req.rid), first_index=len(req.kv_keys))
                 req.kv_keys += [(worker.arena, key) for key in keys]
         req.kv_bytes += nbytes
@@ -715,8 +724,9 @@ class GpuWorker:
             arena.check_invariants()
             rec.samples_checked += 1
         pinned = 0
+        resident_state = State.RESIDENT
         for region in arena.regions():
-            if region.pin_count and region.state is State.RESIDENT:
+            if region.pin_count and region.state is resident_state:
                 pinned += region.size
         resident = arena.bytes_in(State.RESIDENT)
         rec.timeline.append((
@@ -778,6 +788,11 @@ class Cluster:
         for name, entry in entries.items():
             for key in entry.unit_keys:
                 self.key_owners[key] = (*self.key_owners.get(key, ()), name)
+        # The same owner sets as frozensets, one per distinct set: every arena region of a unit shares it.
+        interned: dict[tuple[str, ...], frozenset[str]] = {}
+        self.unit_owners: dict[Key, frozenset[str]] = {
+            key: interned.setdefault(owners, frozenset(owners)) for key, owners in self.key_owners.items()
+        }
         self.nodes = [Node(n, tiers, self.key_owners) for n in range(nodes)]
         self.workers = [
             GpuWorker(self, n * gpus_per_node + g, self.nodes[n]) for n in range(nodes) for g in range(gpus_per_node)
