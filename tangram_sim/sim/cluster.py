@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import operator
 import random
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +41,7 @@ from tangram_sim.arena import Arena, Key, State
 from tangram_sim.models.spec import ModelSpec
 from tangram_sim.models.units import ReuseUnit
 from tangram_sim.policies.kv import KvPolicy, KvPool, execute_kv_plan, kv_block_bytes, plan_kv
+from tangram_sim.policies.lifecycle import ModelQueues, must_yield, preemption_victim
 from tangram_sim.policies.packing import PackingPolicy, execute_plan
 from tangram_sim.policies.retention import RetentionPolicy
 from tangram_sim.policies.scheduler import PlacementOption, Scheduler
@@ -214,8 +215,7 @@ class GpuWorker:
         self.node = node
         self.arena = Arena(cluster.gpu.memory_bytes, alignment=cluster.alignment)
         self.pcie = Link(f"gpu{gpu_id}.pcie", cluster.gpu.pcie_bps)
-        self.queues: dict[str, deque[Request]] = {}  # per model, each in arrival order
-        self.queued = 0  # requests in all queues
+        self.queues: ModelQueues[Request] = ModelQueues()  # per model, each in arrival order
         self.instance: Instance | None = None
         self.retention: RetentionPolicy = cluster.make_retention()
         self.busy_until = 0.0  # scheduler's estimate of when queued work ends
@@ -230,11 +230,7 @@ class GpuWorker:
 
     # ------------------------------------------------------------ routing support
     def submit(self, req: Request) -> None:
-        queue = self.queues.get(req.model)
-        if queue is None:
-            queue = self.queues[req.model] = deque()
-        queue.append(req)
-        self.queued += 1
+        self.queues.push(req)
         c = self.cluster
         now = c.env.now
         real = req if req.slot_of is None else req.slot_of
@@ -260,22 +256,16 @@ class GpuWorker:
         return self.arena.model_bytes(model)
 
     def queued_for(self, model: str) -> int:
-        queue = self.queues.get(model)
-        return len(queue) if queue else 0
+        return self.queues.count_for(model)
 
-    def head(self) -> Request:
-        """The oldest queued request (FCFS order of instance starts)."""
-        best = None
-        for queue in self.queues.values():
-            if queue and (best is None or queue[0].rid < best.rid):
-                best = queue[0]
-        assert best is not None
-        return best
+    @property
+    def queued(self) -> int:
+        """Requests in all of this GPU's queues."""
+        return self.queues.count
 
     def _dequeue(self, model: str) -> Request:
-        req = self.queues[model].popleft()
-        self.queued -= 1
-        if not self.queued:
+        req = self.queues.pop(model)
+        if not self.queues.count:
             self.tail_model = self.instance.model if self.instance is not None else None
         return req
 
@@ -305,7 +295,8 @@ class GpuWorker:
                         self._end_instance()
                 self._wake = None
                 continue
-            head = self.head()
+            head = self.queues.head()  # FCFS order of instance starts
+            assert head is not None
             if head.slot_of is not None:  # a tensor-parallel instance needs this GPU as a follower
                 self._dequeue(head.model)
                 if self.instance is not None:
@@ -502,8 +493,7 @@ class GpuWorker:
             if not inst.gang.released.triggered:
                 inst.gang.released.succeed()
             # Requests routed to the running instance need a new group: place them again, in order.
-            queue = self.queues.get(inst.model)
-            while queue:
+            while self.queues.count_for(inst.model):
                 c.route(self._dequeue(inst.model), replace=True)
 
     # ------------------------------------------------------------ KV
@@ -573,12 +563,12 @@ class GpuWorker:
         while True:
             # Admit our queued requests in order while the batch, KV memory and fairness allow.
             admitted: list[Request] = []
-            own = self.queues.get(inst.model)
-            while own and len(running) + len(admitted) < system.max_batch:
-                req = own[0]
-                blocker = self._blocker(inst)
-                if (blocker is not None and blocker.rid < req.rid
-                        and env.now - blocker.arrival >= system.fairness_window_s):
+            queues = self.queues
+            while len(running) + len(admitted) < system.max_batch:
+                req = queues.first(inst.model)
+                if req is None:
+                    break
+                if must_yield(self._blocker(inst), req, env.now, system.fairness_window_s):
                     break  # an older request of another model has waited long enough
                 if not self._kv_take(req, self._want_tokens(req, 0)):
                     if not running and not admitted:
@@ -658,23 +648,20 @@ class GpuWorker:
                 if req.input_tokens + req.done_tokens < req.kv_limit - EPS_TOKENS:
                     continue
                 while not self._kv_take(req, self._want_tokens(req, 0)):
-                    victim = running[-1]
-                    if victim is req and len(running) == 1:
+                    victim = preemption_victim(running, growing=req)
+                    if victim is None:  # alone and still too large
                         running.remove(req)
                         self._reject(req, "kv-capacity")
                         break
-                    if victim is req:
-                        victim = running[-2]
                     self._preempt(victim)
 
     def _blocker(self, inst: Instance) -> Request | None:
         """The oldest request waiting on this instance's GPUs for something else than it."""
         best = None
         for worker in inst.group:
-            for model, queue in worker.queues.items():
-                if queue and (worker is not self or model != inst.model):
-                    if best is None or queue[0].rid < best.rid:
-                        best = queue[0]
+            oldest = worker.queues.head(exclude=inst.model if worker is self else None)
+            if oldest is not None and (best is None or oldest.rid < best.rid):
+                best = oldest
         return best
 
     def _preempt(self, req: Request) -> None:
@@ -683,8 +670,7 @@ class GpuWorker:
         self._kv_free(req)
         req.preemptions += 1
         req.done_tokens = 0.0
-        self.queues[req.model].appendleft(req)
-        self.queued += 1
+        self.queues.push_front(req)
         self.cluster.recorder.log(self.cluster.env.now, self.gpu_id, "preempted", req.rid, "")
 
     def _complete(self, req: Request) -> None:
