@@ -52,20 +52,20 @@ class ModelQueues(Generic[R]):
         for queue in self._by_model.values():
             yield from queue
 
+    def _queue(self, model: str) -> deque[R]:
+        queue = self._by_model.get(model)
+        if queue is None:
+            queue = self._by_model[model] = deque()
+        return queue
+
     def push(self, req: R) -> None:
         """A new arrival: behind every queued request of its model."""
-        queue = self._by_model.get(req.model)
-        if queue is None:
-            queue = self._by_model[req.model] = deque()
-        queue.append(req)
+        self._queue(req.model).append(req)
         self.count += 1
 
     def push_front(self, req: R) -> None:
         """A preempted request: back at the head of its model's queue, to be recomputed first."""
-        queue = self._by_model.get(req.model)
-        if queue is None:
-            queue = self._by_model[req.model] = deque()
-        queue.appendleft(req)
+        self._queue(req.model).appendleft(req)
         self.count += 1
 
     def first(self, model: str) -> R | None:
