@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pandas as pd
 import pytest
@@ -84,6 +85,26 @@ def test_warm_requests_batch_onto_the_active_instance() -> None:
     ends = warm.arrival_s + warm.e2e_s
     starts = warm.arrival_s + warm.queue_s
     assert (starts.max() < ends.min())
+
+
+def test_prefill_batch_one_prefills_admitted_requests_one_by_one() -> None:
+    """Three requests queued behind a cold start are admitted together: batched, they share one prefill
+    iteration and one first-token time; with prefill_batch 1, each pays its own prefill in turn."""
+    rows = [(0.0, "qwen2.5-3b", 100, 4), (0.01, "qwen2.5-3b", 100, 4), (0.02, "qwen2.5-3b", 300, 4)]
+    models = {"qwen2.5-3b": ModelChoice(QWEN)}
+    c = cluster()
+    first_tokens = {}
+    for batch in (0, 1):
+        res = simulate(models, trace(rows), c, make_system("t", "tangram", {"prefill_batch": batch}))
+        r = res.requests
+        first_tokens[batch] = (r.arrival_s + r.ttft_s).tolist()
+    roof = Roofline(c.gpu)
+    assert first_tokens[0] == pytest.approx([first_tokens[0][0]] * 3, abs=1e-12)
+    start = first_tokens[0][0] - roof.prefill_s(QWEN, 500)  # the cold start ends here in both runs
+    expected = [start + t for t in itertools.accumulate(roof.prefill_s(QWEN, n) for n in (100, 100, 300))]
+    assert first_tokens[1] == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ConfigError, match="prefill_batch"):
+        make_system("t", "tangram", {"prefill_batch": -1})
 
 
 def test_same_seed_same_summary_and_seeds_matter_for_random_scheduling() -> None:

@@ -593,20 +593,24 @@ class GpuWorker:
                 req.admitted_at = env.now
                 admitted.append(req)
             if admitted:
-                tokens = sum(r.input_tokens for r in admitted)
-                dt = tm.prefill_s(spec, tokens, tp)
-                yield env.timeout(dt)
-                self.busy_s += dt
-                now = env.now
-                for req in admitted:
-                    req.done_tokens = 1.0
-                    if math.isnan(req.ttft_s):  # a preempted request keeps its first TTFT
-                        req.ttft_s = now - req.arrival
-                    c.recorder.log(now, self.gpu_id, "first_token", req.rid, "")
-                    if req.output_tokens <= 1:
-                        self._complete(req)
-                    else:
-                        running.append(req)
+                # One prefill iteration for the whole admission, or `prefill_batch` requests at a time
+                # (each group pays the per-iteration base cost and gets its first tokens at its end).
+                group = system.prefill_batch or len(admitted)
+                for first in range(0, len(admitted), group):
+                    batch = admitted[first : first + group]
+                    dt = tm.prefill_s(spec, sum(r.input_tokens for r in batch), tp)
+                    yield env.timeout(dt)
+                    self.busy_s += dt
+                    now = env.now
+                    for req in batch:
+                        req.done_tokens = 1.0
+                        if math.isnan(req.ttft_s):  # a preempted request keeps its first TTFT
+                            req.ttft_s = now - req.arrival
+                        c.recorder.log(now, self.gpu_id, "first_token", req.rid, "")
+                        if req.output_tokens <= 1:
+                            self._complete(req)
+                        else:
+                            running.append(req)
                 continue
             if not running:
                 return

@@ -28,6 +28,8 @@ class SystemSpec:
     fairness_window_s: float = 5.0  # queued requests of the active model may overtake an older
     # request of another model (joining the running batch) only while that one has waited less
     engine_overhead_s: float = 0.2  # instance start cost before weights load (runtime init, graphs)
+    prefill_batch: int = 0  # requests prefilled together in one iteration: 0 = all admitted at once
+    # (vLLM-like batched prefill); 1 = one by one, as the real executor's engine prefills
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -72,6 +74,7 @@ _FIELD_TYPES = {
     "max_batch": int,
     "fairness_window_s": float,
     "engine_overhead_s": float,
+    "prefill_batch": int,
 }
 
 
@@ -114,5 +117,7 @@ def _validate(spec: SystemSpec, where: str) -> None:
     for key in ("max_batch", "kv_block_tokens", "kv_chunk_blocks", "min_unit_bytes"):
         if getattr(spec, key) < 1:
             raise ConfigError(f"{where}.{key}: expected >= 1")
+    if spec.prefill_batch < 0:
+        raise ConfigError(f"{where}.prefill_batch: expected >= 0 (0: every admitted request at once)")
     if not 0 < spec.kv_fraction <= 1:
         raise ConfigError(f"{where}.kv_fraction: expected a number in (0, 1]")
