@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
+import importlib
 import json
 import platform
 import re
@@ -28,14 +28,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_real_checkpoints.py", "tests/test_real_loader.py", "tests/test_real_engine.py"]
-
-
-def _bench_module() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_loader", ROOT / "benchmarks" / "bench_loader.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_pytest(out: Path, timeout: float) -> dict[str, Any]:
@@ -114,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("running pytest -m gpu ...", flush=True)
         result["pytest"] = run_pytest(out, args.test_timeout)
-    bench = _bench_module()
+    bench = importlib.import_module("benchmarks.bench_loader")  # ROOT is on sys.path
     gb = args.gb
     if gb is None and args.model is None and device.type == "cpu":
         gb = 0.5

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
+import importlib
 import json
 import math
 import platform
@@ -80,14 +80,6 @@ def _step(name: str, steps: dict[str, Any], fn: Callable[[], Any]) -> Any:
     steps[name] = {"ok": True, "seconds": time.perf_counter() - t0}
     print(f"   {name}: {steps[name]['seconds']:.1f} s", flush=True)
     return result
-
-
-def _bench_module() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_loader", ROOT / "benchmarks" / "bench_loader.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _markdown(r: dict[str, Any]) -> str:
@@ -193,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             result["calibration"] = calibration.to_dict()
 
         def bench() -> dict[str, Any]:
-            module = _bench_module()
+            module = importlib.import_module("benchmarks.bench_loader")  # ROOT is on sys.path
             if device.type == "cuda":  # the experiment's largest checkpoint: a real-size model
                 path = max(setup.ckpts.values(), key=lambda c: c.spec.weight_bytes).path
             else:  # tiny checkpoints measure overheads, not bandwidth: a 0.25 GB synthetic one
