@@ -58,7 +58,13 @@ from tangram_sim.real.executor import LoadStats, RealGpu, resolve_device
 from tangram_sim.real.loader import DEFAULT_CHUNK_BYTES, Checkpoint, open_checkpoint
 from tangram_sim.real.memory import driver_info
 from tangram_sim.sim.hardware import GPUS, GiB
-from tangram_sim.sim.metrics import TIMELINE_COLUMNS, requests_frame, summarize, timeline_frame
+from tangram_sim.sim.metrics import (
+    TIMELINE_COLUMNS,
+    accounting_problems,
+    requests_frame,
+    summarize,
+    timeline_frame,
+)
 from tangram_sim.sim.systems import SystemSpec
 from tangram_sim.traces.spec import load_trace, resolve_path
 
@@ -498,19 +504,7 @@ def _prompts(trace: pd.DataFrame, vocab: dict[str, int], seed: int) -> list[list
 
 
 def _check(reqs: Sequence[_Req], rep: _Replayer, gpu: RealGpu) -> None:
-    problems = []
-    for r in reqs:
-        if r.outcome not in ("completed", "rejected"):
-            problems.append(f"request {r.rid} ({r.model}) has no outcome")
-        elif r.outcome == "rejected" and not r.reason:
-            problems.append(f"request {r.rid} rejected without a reason")
-        if r.cold and r.bytes_loaded + r.bytes_reused != r.bytes_needed:
-            problems.append(f"request {r.rid}: loaded {r.bytes_loaded} + reused {r.bytes_reused} != "
-                            f"needed {r.bytes_needed}")
-        if len(problems) > 5:
-            break
-    if rep.finished != len(reqs):
-        problems.append(f"{rep.finished} outcomes recorded for {len(reqs)} requests")
+    problems = accounting_problems(reqs, rep.finished)
     if rep.queues or rep.active is not None:
         problems.append(f"{len(rep.queues)} requests still queued, instance {rep.active!r} still active")
     gpu.check()

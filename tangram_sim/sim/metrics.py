@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -79,3 +80,27 @@ def summarize(requests: pd.DataFrame, gpu_busy_s: float, compaction_bytes: int) 
     for target in SLO_TARGETS_S:
         out[f"slo_ttft_{target:g}s"] = float((done["ttft_s"] <= target).sum() / n) if n else math.nan
     return out
+
+
+def accounting_problems(requests: Iterable[Any], finished: int, limit: int = 5) -> list[str]:
+    """What breaks the per-request accounting at the end of a run (the simulator's or the replay's):
+    a request without an outcome, a rejection without a reason, a cold start whose loaded + reused
+    bytes differ from the bytes it needed, or a recorded outcome count that differs from the requests.
+    Stops listing requests after `limit` + 1 problems; the caller adds its own driver's checks."""
+    problems: list[str] = []
+    total = 0
+    for r in requests:
+        total += 1
+        if len(problems) > limit:
+            continue  # keep counting the requests
+        if r.outcome not in ("completed", "rejected"):
+            problems.append(f"request {r.rid} ({r.model}) has no outcome")
+        elif r.outcome == "rejected" and not r.reason:
+            problems.append(f"request {r.rid} rejected without a reason")
+        if r.cold and r.bytes_loaded + r.bytes_reused != r.bytes_needed:
+            problems.append(
+                f"request {r.rid}: loaded {r.bytes_loaded} + reused {r.bytes_reused} != needed {r.bytes_needed}"
+            )
+    if finished != total:
+        problems.append(f"{finished} outcomes recorded for {total} requests")
+    return problems

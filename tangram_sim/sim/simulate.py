@@ -19,7 +19,7 @@ from tangram_sim.models.units import build_units
 from tangram_sim.policies import KV, PACKING, RETENTION, SCHEDULER
 from tangram_sim.sim.cluster import Cluster, ModelEntry, Recorder, Request
 from tangram_sim.sim.hardware import GpuSpec, TierSpec
-from tangram_sim.sim.metrics import requests_frame, summarize, timeline_frame
+from tangram_sim.sim.metrics import accounting_problems, requests_frame, summarize, timeline_frame
 from tangram_sim.sim.systems import SystemSpec
 from tangram_sim.sim.timemodel import Calibrated, Calibration, Roofline
 
@@ -218,20 +218,7 @@ def simulate(
 
 def _check_conservation(requests: list[Request], cluster: Cluster) -> None:
     """Every request has an outcome; every cold start's bytes add up; every arena is consistent."""
-    problems = []
-    for r in requests:
-        if r.outcome not in ("completed", "rejected"):
-            problems.append(f"request {r.rid} ({r.model}) has no outcome")
-        elif r.outcome == "rejected" and not r.reason:
-            problems.append(f"request {r.rid} rejected without a reason")
-        if r.cold and r.bytes_loaded + r.bytes_reused != r.bytes_needed:
-            problems.append(
-                f"request {r.rid}: loaded {r.bytes_loaded} + reused {r.bytes_reused} != needed {r.bytes_needed}"
-            )
-        if len(problems) > 5:
-            break
-    if cluster.finished != len(requests):
-        problems.append(f"{cluster.finished} outcomes recorded for {len(requests)} requests")
+    problems = accounting_problems(requests, cluster.finished)
     for w in cluster.workers:
         arena = w.arena
         arena.check_invariants()
