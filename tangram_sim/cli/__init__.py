@@ -6,7 +6,9 @@ leaf parser via `set_defaults(func=...)`. Modules are discovered by name, so add
 edit here; keep heavy imports (torch, simpy, matplotlib) inside the command functions so that
 `--help` and the other groups stay fast and work without optional dependencies.
 
-User mistakes raise `TangramError`; `main` prints them as `error: <message>` and returns 2.
+User mistakes raise `TangramError`; `main` prints them as `error: <message>` and returns 2, and does
+the same for an `OSError` on a path the user gave (name too long, permission denied). Ctrl-C prints
+`interrupted` and returns 130. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the process exit status instead of raising."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: the shell's convention, 128 + SIGINT, without a traceback
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -55,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        _check_common_options(args)
         result = func(args)
     except TangramError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -65,4 +76,22 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):
             pass
         return 0
+    except OSError as exc:  # a path the user gave cannot be used: too long, no permission, disk full
+        print(f"error: {_os_error(exc)}", file=sys.stderr)
+        return 2
     return 0 if result is None else int(result)
+
+
+def _check_common_options(args: argparse.Namespace) -> None:
+    """Options several commands share, checked once here rather than by each command."""
+    jobs = getattr(args, "jobs", None)
+    if jobs is not None and jobs < 1:  # 0 would mean "no worker at all", not "the default"
+        raise TangramError(f"--jobs: expected an integer >= 1, got {jobs}")
+
+
+def _os_error(exc: OSError) -> str:
+    """`<file>: <reason>` on one line; a very long file name is shortened so the reason stays visible."""
+    reason = " ".join((exc.strerror or str(exc) or type(exc).__name__).split())
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    shown = [n if len(n) <= 120 else f"{n[:60]}...{n[-40:]}" for n in names]
+    return f"{' -> '.join(shown)}: {reason}" if shown else reason

@@ -67,6 +67,7 @@ def add_parser(subparsers: Any) -> None:
         help="draw (input, output) token pairs from this trace instead",
     )
     p_syn.add_argument("--seed", type=int, default=0, help="random seed (same seed, same trace)")
+    p_syn.add_argument("--force", action="store_true", help="overwrite --out if it already exists")
     p_syn.set_defaults(func=cmd_synth)
 
 
@@ -209,6 +210,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
         raise TraceError(message) from None
     if not out.parent.exists():
         raise TraceError(f"--out: folder '{out.parent}' does not exist")
+    # The options are checked first (they are cheaper to fix); an existing file may be the user's
+    # only copy of a real trace, so it is replaced only on request.
+    if out.is_dir():
+        raise TraceError(f"--out: '{out}' is a folder; expected a file name")
+    if out.exists() and not args.force:
+        raise TraceError(f"--out: '{out}' already exists; pass --force to overwrite it")
     if suffix == ".csv":
         df.to_csv(out, index=False)
     else:
@@ -230,6 +237,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TangramError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        from tangram_sim.cli import _os_error
+
+        print(f"error: {_os_error(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ objects the simulator takes. Keeping the raw dict lets a sweep or `--set` change
 (`cluster.gpus_per_node`, `trace.mapping.alpha`, `systems.1.overrides.keep_alive_s`) before the
 point is validated, so every point gets the same checks and the same error messages.
 
+Every number is checked to be finite and in its physical range (efficiencies in (0, 1], sizes and
+bandwidths > 0, times >= 0, counts >= 1); an error names the dotted key, the range and the value. Files
+and `--set` values are read as YAML 1.1 (PyYAML) plus one YAML 1.2 rule: `5e-2` and `1e9` are numbers.
+
 Schema (defaults in brackets):
 
     name: str                              # required
@@ -46,6 +50,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,21 +75,50 @@ OUTPUT_KEYS = ("requests", "timeline", "plots", "sample_interval_s")
 REAL_KEYS = ("scale", "dtype", "checkpoints", "time_scale", "readers", "chunk_mb", "staging", "threads")
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads exponent forms without a dot (`5e-2`, `1e9`, `1.5e3`) as floats.
+
+    PyYAML implements YAML 1.1, whose floats need a dot and a signed exponent, so `5e-2` would arrive
+    as the string '5e-2' and fail a number check; YAML 1.2 and most other readers take it as a number.
+    """
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text the way experiment files and `--set` values are read (see `YamlLoader`)."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(path: str | Path) -> tuple[dict[str, Any], Path]:
     """Read an experiment file; returns the raw dict and the folder relative paths resolve against."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: experiment file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; expected an experiment YAML file") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8-sig")  # a leading BOM is fine
+    except UnicodeDecodeError as exc:  # e.g. `tangram-sim run trace.parquet`
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "expected an experiment YAML"
+        ) from None
+    try:
+        raw = yaml_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"{path}{where}: malformed YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of experiment keys at the top level")
@@ -134,7 +169,7 @@ def parse_set(assignment: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
     key, text = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(text)
+        value = yaml_load(text)
     except yaml.YAMLError:
         value = text
     return key.strip(), value
@@ -175,20 +210,75 @@ def _check_keys(section: Any, allowed: tuple[str, ...], where: str) -> dict[str,
     return section
 
 
-def _get(section: dict[str, Any], key: str, where: str, kind: type | tuple[type, ...], default: Any,
-         positive: bool = False) -> Any:
+def _get(section: dict[str, Any], key: str, where: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    """A non-numeric key (string, flag, mapping), type-checked; numbers go through `_num`."""
     value = section.get(key, default)
     if value is None:
         return default
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(value, bool) and kind is not bool:
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         raise ConfigError(f"{where}.{key}: expected {_kind_name(kind)}, got {value!r}")
-    if not isinstance(value, kind):
-        raise ConfigError(f"{where}.{key}: expected {_kind_name(kind)}, got {value!r}")
-    if positive and value <= 0:
-        raise ConfigError(f"{where}.{key}: expected a positive value, got {value!r}")
     return value
+
+
+# Ranges a number may be asked to lie in; `check_number` names them in its errors.
+POSITIVE = "positive"  # > 0: sizes, bandwidths, rates, scale factors
+NON_NEGATIVE = "non-negative"  # >= 0: times, cache sizes
+FRACTION = "fraction"  # (0, 1]: efficiencies, shares of memory
+UNIT_INTERVAL = "unit-interval"  # [0, 1]
+_RANGES = {POSITIVE: "a positive value", NON_NEGATIVE: ">= 0", FRACTION: "in (0, 1]", UNIT_INTERVAL: "in [0, 1]"}
+
+
+def check_number(value: Any, where: str, bound: str, *, integer: bool = False, minimum: int = 1) -> Any:
+    """`value` as a finite number in range `bound`, else a one-line ConfigError naming `where`.
+
+    Integers are checked against `minimum` instead (counts >= 1, seeds >= 0). NaN and infinity are
+    refused everywhere: a NaN efficiency or delay runs "successfully" and fills the summary with NaN.
+    """
+    if integer:
+        what = f"an integer >= {minimum}"
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{where}: expected {what}, got {value!r}{_string_hint(value)}")
+        return value
+    what = "a positive value" if bound == POSITIVE else f"a number {_RANGES[bound]}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where}: expected {_number_kind(bound)}, got {value!r}{_string_hint(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        number = math.inf
+    ok = math.isfinite(number) and {
+        POSITIVE: number > 0,
+        NON_NEGATIVE: number >= 0,
+        FRACTION: 0 < number <= 1,
+        UNIT_INTERVAL: 0 <= number <= 1,
+    }[bound]
+    if not ok:
+        raise ConfigError(f"{where}: expected {what}, got {value!r}")
+    return number
+
+
+def _number_kind(bound: str) -> str:
+    return "a number > 0" if bound == POSITIVE else f"a number {_RANGES[bound]}"
+
+
+def _string_hint(value: Any) -> str:
+    """Why a number written as a string was refused (the loader already reads bare `5e-2` as a number)."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return " (a quoted string; write the number without quotes)"
+    return ""
+
+
+def _num(section: dict[str, Any], key: str, where: str, default: Any, bound: str = POSITIVE, *,
+         integer: bool = False, minimum: int = 1) -> Any:
+    """A numeric key of `section` checked with `check_number`, or `default` when absent or null."""
+    value = section.get(key)
+    if value is None:
+        return default
+    return check_number(value, f"{where}.{key}", bound, integer=integer, minimum=minimum)
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -217,28 +307,30 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
     if not isinstance(name, str) or not name.strip():
         raise ConfigError("name: expected a non-empty string naming the experiment")
     out["name"] = name
-    out["seed"] = _get(raw, "seed", "experiment", int, 0)
+    # numpy refuses negative seeds, so a negative one would fail later in a worker with a traceback
+    seed = raw.get("seed")
+    out["seed"] = 0 if seed is None else check_number(seed, "seed", NON_NEGATIVE, integer=True, minimum=0)
     out["description"] = _get(raw, "description", "experiment", str, "")
 
     cl = _check_keys(raw.get("cluster"), CLUSTER_KEYS, "cluster")
     cluster = {
-        "nodes": _get(cl, "nodes", "cluster", int, 1, positive=True),
-        "gpus_per_node": _get(cl, "gpus_per_node", "cluster", int, 1, positive=True),
+        "nodes": _num(cl, "nodes", "cluster", 1, integer=True),
+        "gpus_per_node": _num(cl, "gpus_per_node", "cluster", 1, integer=True),
         "gpu": _get(cl, "gpu", "cluster", str, "a100-80gb"),
-        "gpu_memory_gib": _get(cl, "gpu_memory_gib", "cluster", float, None, positive=True),
+        "gpu_memory_gib": _num(cl, "gpu_memory_gib", "cluster", None),
         "gpu_overrides": _get(cl, "gpu_overrides", "cluster", dict, {}),
-        "compute_efficiency": _get(cl, "compute_efficiency", "cluster", float, 0.5, positive=True),
-        "memory_efficiency": _get(cl, "memory_efficiency", "cluster", float, 0.7, positive=True),
+        "compute_efficiency": _num(cl, "compute_efficiency", "cluster", 0.5, FRACTION),
+        "memory_efficiency": _num(cl, "memory_efficiency", "cluster", 0.7, FRACTION),
     }
     if cluster["gpu"] not in GPUS:
         raise ConfigError(f"cluster.gpu: unknown GPU {cluster['gpu']!r}; expected one of: {', '.join(GPUS)}")
     tiers = _check_keys(cl.get("tiers"), TIER_KEYS, "cluster.tiers")
     cluster["tiers"] = {
-        "host_cache_gib": _get(tiers, "host_cache_gib", "cluster.tiers", float, 256.0),
-        "ssd_gbps": _get(tiers, "ssd_gbps", "cluster.tiers", float, 6.0, positive=True),
-        "network_gbps": _get(tiers, "network_gbps", "cluster.tiers", float, 1.25, positive=True),
+        "host_cache_gib": _num(tiers, "host_cache_gib", "cluster.tiers", 256.0, NON_NEGATIVE),
+        "ssd_gbps": _num(tiers, "ssd_gbps", "cluster.tiers", 6.0),
+        "network_gbps": _num(tiers, "network_gbps", "cluster.tiers", 1.25),
         "ssd_holds_all": _get(tiers, "ssd_holds_all", "cluster.tiers", bool, True),
-        "unit_overhead_s": _get(tiers, "unit_overhead_s", "cluster.tiers", float, 0.0),
+        "unit_overhead_s": _num(tiers, "unit_overhead_s", "cluster.tiers", 0.0, NON_NEGATIVE),
     }
     gpu_spec(cluster["gpu"], cluster["gpu_overrides"], cluster["gpu_memory_gib"])  # field checks
     out["cluster"] = cluster
@@ -261,8 +353,8 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
         seen.add(mname)
         entry = {
             "name": mname,
-            "sensitivity": _get(m, "sensitivity", where, float, 1.0, positive=True),
-            "tensor_parallel": _get(m, "tensor_parallel", where, int, 1, positive=True),
+            "sensitivity": _num(m, "sensitivity", where, 1.0),
+            "tensor_parallel": _num(m, "tensor_parallel", where, 1, integer=True),
         }
         if m.get("derive") is not None:
             d = _check_keys(m["derive"], ("base", "share", "share_first_layers"), f"{where}.derive")
@@ -273,9 +365,8 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
             if "share" in d and not (isinstance(d["share"], list) and all(isinstance(p, str) for p in d["share"])):
                 raise ConfigError(f"{where}.derive.share: expected a list of tensor name patterns")
             if "share_first_layers" in d:
-                frac = _get(d, "share_first_layers", f"{where}.derive", float, 0.5)
-                if not 0 <= frac <= 1:
-                    raise ConfigError(f"{where}.derive.share_first_layers: expected a fraction in [0, 1]")
+                d = {**d, "share_first_layers": check_number(
+                    d["share_first_layers"], f"{where}.derive.share_first_layers", UNIT_INTERVAL)}
             entry["derive"] = dict(d)
         if m.get("checkpoint") is not None:
             if "derive" in entry:
@@ -321,9 +412,13 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
 
     outputs = _check_keys(raw.get("outputs"), OUTPUT_KEYS, "outputs")
     interval = outputs.get("sample_interval_s", "auto")
-    if interval != "auto" and not (isinstance(interval, (int, float)) and not isinstance(interval, bool)
-                                   and interval >= 0):
-        raise ConfigError(f"outputs.sample_interval_s: expected auto or a number >= 0, got {interval!r}")
+    if interval is None:
+        interval = "auto"
+    if interval != "auto":
+        try:
+            interval = check_number(interval, "outputs.sample_interval_s", NON_NEGATIVE)
+        except ConfigError:
+            raise ConfigError(f"outputs.sample_interval_s: expected auto or a number >= 0, got {interval!r}") from None
     out["outputs"] = {
         "requests": _get(outputs, "requests", "outputs", bool, True),
         "timeline": _get(outputs, "timeline", "outputs", bool, True),
@@ -340,15 +435,18 @@ def _validate_real(section: Any, base_dir: Path | None) -> dict[str, Any]:
     real = _check_keys(section, REAL_KEYS, "real")
     out: dict[str, Any] = {
         "scale": _get(real, "scale", "real", str, "tiny"),
-        "time_scale": _get(real, "time_scale", "real", float, 1.0, positive=True),
+        "time_scale": _num(real, "time_scale", "real", 1.0),
     }
     if out["scale"] not in ("tiny", "full"):
         raise ConfigError(f"real.scale: expected tiny or full, got {out['scale']!r}")
-    for key, kind in (("dtype", str), ("checkpoints", str), ("readers", int), ("chunk_mb", float),
-                      ("staging", str), ("threads", int)):
-        value = _get(real, key, "real", kind, None, positive=kind is not str)
-        if value is not None:
-            out[key] = value
+    for key in ("dtype", "checkpoints", "staging"):
+        if real.get(key) is not None:
+            out[key] = _get(real, key, "real", str, None)
+    for key in ("readers", "threads"):
+        if real.get(key) is not None:
+            out[key] = _num(real, key, "real", None, integer=True)
+    if real.get("chunk_mb") is not None:
+        out["chunk_mb"] = _num(real, "chunk_mb", "real", None)
     if out.get("staging", "auto") not in ("auto", "always", "never"):
         raise ConfigError(f"real.staging: expected auto, always or never, got {out['staging']!r}")
     if "checkpoints" in out:
@@ -382,31 +480,42 @@ def build_models(config: dict[str, Any], base_dir: Path | None) -> dict[str, Any
             continue
         name = m["name"]
         if m.get("checkpoint"):
-            spec = get_model(m["checkpoint"])
+            spec = _named(get_model, m["checkpoint"], f"models.{i}.checkpoint")
             specs[name] = spec if spec.name == name else dataclasses.replace(spec, name=name)
             continue
         try:
             spec = get_model(name)
-        except TangramError:
+        except TangramError as exc:
             candidate = None
             try:
                 candidate = _resolve_path(name, base_dir, f"models.{i}.name")
             except ConfigError:
                 pass
             if candidate is None:
-                raise
-            spec = get_model(str(candidate))
+                raise ConfigError(f"models.{i}.name: {exc}") from None
+            spec = _named(get_model, str(candidate), f"models.{i}.name")
         specs[name] = spec
     for i, m in pending:
         d = m["derive"]
         base = specs.get(d["base"])
         if base is None:
             raise ConfigError(f"models.{i}.derive.base: {d['base']!r} is not a (non-derived) model listed in models")
-        share = d.get("share") or share_patterns_first_layers(base, d.get("share_first_layers", 0.5))
-        specs[m["name"]] = derive_model(base, m["name"], share)
+        try:
+            share = d.get("share") or share_patterns_first_layers(base, d.get("share_first_layers", 0.5))
+            specs[m["name"]] = derive_model(base, m["name"], share)
+        except TangramError as exc:
+            raise ConfigError(f"models.{i}.derive: {exc}") from None
     return {
         m["name"]: ModelChoice(specs[m["name"]], m["sensitivity"], m["tensor_parallel"]) for m in config["models"]
     }
+
+
+def _named(load: Any, source: str, where: str) -> Any:
+    """`load(source)` with its one-line error prefixed by the dotted key that named the source."""
+    try:
+        return load(source)
+    except TangramError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def build_cluster(config: dict[str, Any]) -> Any:

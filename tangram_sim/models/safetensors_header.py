@@ -113,12 +113,31 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     entries = [_parse_entry(path, name, info, data_start, data_size) for name, info in header.items()]
     if not entries:
         raise _fail(path, "header lists no tensors", "at least one tensor")
+    # The format requires the tensors to tile the data exactly, with no overlap, no gap and nothing
+    # after the last one (the safetensors library refuses such files); a hole would also let a file
+    # hide other content between tensors, which a loader reading whole ranges would copy along.
     prev: HeaderEntry | None = None
+    cursor = data_start
     for e in sorted(entries, key=lambda e: (e.start, e.end)):
         if prev is not None and e.start < prev.end:
             raise _fail(path, f"tensors {prev.name!r} and {e.name!r} overlap", "disjoint data_offsets")
+        if e.start > cursor:
+            after = f"after tensor {prev.name!r}" if prev is not None else "before the first tensor"
+            raise _fail(
+                path,
+                f"{e.start - cursor} unused bytes {after} (data offsets {cursor - data_start}.."
+                f"{e.start - data_start}, before {e.name!r})",
+                "tensors that cover the data without gaps",
+            )
         if e.end > e.start:
             prev = e
+        cursor = max(cursor, e.end)
+    if cursor < file_size:
+        raise _fail(
+            path,
+            f"{file_size - cursor} bytes after the last tensor's data",
+            "the file to end where the last tensor ends",
+        )
     return SafetensorsHeader(
         path=path.resolve(),
         file_size=file_size,

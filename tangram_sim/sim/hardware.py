@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -51,14 +52,29 @@ def gpu_spec(name: str, overrides: dict[str, Any] | None = None, memory_gib: flo
         raise ConfigError(f"cluster.gpu: unknown GPU {name!r}; expected one of: {', '.join(GPUS)}")
     spec = GPUS[name]
     changes = dict(overrides or {})
-    if memory_gib is not None:
-        changes["memory_bytes"] = int(memory_gib * GiB)
     valid = {f.name for f in fields(GpuSpec)} - {"name"}
     for key, value in changes.items():
         if key not in valid:
             raise ConfigError(f"cluster.gpu_overrides.{key}: unknown field; expected one of {sorted(valid)}")
-        if not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"cluster.gpu_overrides.{key}: expected a positive number, got {value!r}")
+        changes[key] = _positive(value, f"cluster.gpu_overrides.{key}")
+    if memory_gib is not None:
+        changes["memory_bytes"] = _positive(memory_gib, "cluster.gpu_memory_gib") * GiB
     if "memory_bytes" in changes:
         changes["memory_bytes"] = int(changes["memory_bytes"])
+        if changes["memory_bytes"] < 1:  # a positive size that rounds down to no byte at all
+            where = "cluster.gpu_memory_gib" if memory_gib is not None else "cluster.gpu_overrides.memory_bytes"
+            raise ConfigError(f"{where}: expected at least one byte of GPU memory, got {changes['memory_bytes']}")
     return replace(spec, **changes)
+
+
+def _positive(value: Any, where: str) -> float:
+    """A finite number > 0 (NaN compares false with everything, so `value <= 0` alone lets it through)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok:
+        try:
+            ok = math.isfinite(value) and value > 0
+        except OverflowError:  # an integer too large for a float
+            ok = False
+    if not ok:
+        raise ConfigError(f"{where}: expected a positive number, got {value!r}")
+    return float(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -78,11 +79,27 @@ _FIELD_TYPES = {
 }
 
 
+# Range of each numeric field: ("min", x) for integers >= x; "time" (>= 0, finite); "fraction" (0, 1].
+_FIELD_RANGES: dict[str, tuple[str, int]] = {
+    "min_unit_bytes": ("min", 1),
+    "kv_block_tokens": ("min", 1),
+    "kv_chunk_blocks": ("min", 1),
+    "max_batch": ("min", 1),
+    "prefill_batch": ("min", 0),  # 0: every admitted request at once
+    "keep_alive_s": ("time", 0),
+    "fairness_window_s": ("time", 0),
+    "engine_overhead_s": ("time", 0),
+    "kv_fraction": ("fraction", 0),
+}
+
+
 def make_system(name: str, preset: str = "tangram", overrides: dict[str, Any] | None = None,
                 where: str = "systems") -> SystemSpec:
-    """Preset + overrides, type-checked; errors name `<where>.overrides.<key>`."""
+    """Preset + overrides, type- and range-checked; errors name `<where>.overrides.<key>`."""
     if preset not in PRESETS:
         raise ConfigError(f"{where}.preset: unknown preset {preset!r}; expected one of: {', '.join(PRESETS)}")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError(f"{where}.overrides: expected a mapping of system fields, got {overrides!r}")
     values: dict[str, Any] = dict(PRESETS[preset])
     for key, value in (overrides or {}).items():
         if key not in _FIELD_TYPES:
@@ -91,13 +108,31 @@ def make_system(name: str, preset: str = "tangram", overrides: dict[str, Any] | 
             )
         want = _FIELD_TYPES[key]
         if want is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an integer too large for a float: out of range below
+                value = math.inf
         if not isinstance(value, want) or isinstance(value, bool):
             raise ConfigError(f"{where}.overrides.{key}: expected {want.__name__}, got {value!r}")
+        problem = _out_of_range(key, value)
+        if problem:
+            raise ConfigError(f"{where}.overrides.{key}: expected {problem}, got {value!r}")
         values[key] = value
     spec = replace(SystemSpec(name=name), **values)
     _validate(spec, where)
     return spec
+
+
+def _out_of_range(key: str, value: Any) -> str | None:
+    """What `value` of field `key` should have been, or None when it is in range (NaN never is)."""
+    if key not in _FIELD_RANGES:
+        return None
+    kind, low = _FIELD_RANGES[key]
+    if kind == "min":
+        return None if value >= low else f"an integer >= {low}"
+    if kind == "time":
+        return None if math.isfinite(value) and value >= 0 else "a number >= 0"
+    return None if 0 < value <= 1 else "a number in (0, 1]"
 
 
 def _validate(spec: SystemSpec, where: str) -> None:
@@ -111,13 +146,8 @@ def _validate(spec: SystemSpec, where: str) -> None:
             )
     if spec.granularity not in ("model", "tensor", "group"):
         raise ConfigError(f"{where}.granularity: expected model, tensor or group, got {spec.granularity!r}")
-    for key in ("keep_alive_s", "engine_overhead_s", "fairness_window_s"):
-        if getattr(spec, key) < 0:
-            raise ConfigError(f"{where}.{key}: expected >= 0")
-    for key in ("max_batch", "kv_block_tokens", "kv_chunk_blocks", "min_unit_bytes"):
-        if getattr(spec, key) < 1:
-            raise ConfigError(f"{where}.{key}: expected >= 1")
-    if spec.prefill_batch < 0:
-        raise ConfigError(f"{where}.prefill_batch: expected >= 0 (0: every admitted request at once)")
-    if not 0 < spec.kv_fraction <= 1:
-        raise ConfigError(f"{where}.kv_fraction: expected a number in (0, 1]")
+    # Presets only set names, so a field out of range here came from a SystemSpec built directly.
+    for key in _FIELD_RANGES:
+        problem = _out_of_range(key, getattr(spec, key))
+        if problem:
+            raise ConfigError(f"{where}.{key}: expected {problem}, got {getattr(spec, key)!r}")
