@@ -13,8 +13,9 @@ from tangram_sim.cli import main
 from tangram_sim.errors import TangramError
 from tangram_sim.models import get_model
 from tangram_sim.real.fidelity import compare_runs, fidelity_table, format_table
+from tangram_sim.rundir import adopt_legacy
 from tangram_sim.sim.hardware import TierSpec, gpu_spec
-from tangram_sim.sim.metrics import REQUEST_COLUMNS
+from tangram_sim.core.metrics import REQUEST_COLUMNS
 from tangram_sim.sim.simulate import ClusterSpec, ModelChoice, simulate
 from tangram_sim.sim.systems import make_system
 from tangram_sim.sim.timemodel import Calibration
@@ -55,6 +56,7 @@ def test_compare_cli_writes_csv_and_plot_and_checks_the_tolerance(tmp_path: Path
             requests("tangram", [scale * x for x in (0.5, 1.0, 0.0)], [2.0, 3.0, 1.0], [5, 0, 0]),
         ])
         frame.to_parquet(d / "requests.parquet")
+        adopt_legacy(d)  # compare refuses folders without a complete run.json
     assert main(["compare", str(sim_dir), str(real_dir), "--tolerance", "0.5"]) == 0
     table = pd.read_csv(sim_dir / "fidelity.csv")
     assert list(table["system"]) == ["serverlessllm", "tangram"]
@@ -70,13 +72,17 @@ def test_runs_of_different_requests_are_refused(tmp_path: Path) -> None:
     a.mkdir(), b.mkdir()
     requests("tangram", [1.0, 2.0], [1.0, 1.0], [1, 1]).to_parquet(a / "requests.parquet")
     requests("tangram", [1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [1, 1, 1]).to_parquet(b / "requests.parquet")
+    adopt_legacy(a), adopt_legacy(b)
     with pytest.raises(TangramError, match="different requests"):
         compare_runs(a, b)
     requests("other", [1.0, 2.0], [1.0, 1.0], [1, 1]).to_parquet(b / "requests.parquet")
     with pytest.raises(TangramError, match="no system is in both runs"):
         compare_runs(a, b)
-    with pytest.raises(TangramError, match="no requests.parquet"):
+    with pytest.raises(TangramError, match="no run.json"):
         compare_runs(a, tmp_path / "a" / "..")
+    (a / "requests.parquet").unlink()
+    with pytest.raises(TangramError, match="no requests.parquet"):
+        compare_runs(a, b)
     assert main(["compare", str(a), str(tmp_path / "missing")]) == 2
 
 

@@ -15,7 +15,6 @@ from tangram_sim.sim.simulate import (
     ClusterSpec,
     ModelChoice,
     SimulationInvariantError,
-    _check_conservation,
     simulate,
 )
 from tangram_sim.sim.systems import make_system
@@ -147,20 +146,21 @@ def test_every_policy_combination_conserves_requests_and_bytes(retention: str, p
 def test_conservation_failures_are_loud() -> None:
     res_cluster = cluster()
     models = {"qwen2.5-3b": ModelChoice(QWEN)}
-    from tangram_sim.sim import simulate as sim_module
+    from tangram_sim.core import run as run_module
+    from tangram_sim.core.run import check_run as _check_conservation
 
     captured = {}
-    original = sim_module._check_conservation
+    original = run_module.check_run
 
     def capture(requests, c):
         captured["requests"], captured["cluster"] = requests, c
         original(requests, c)
 
-    sim_module._check_conservation = capture
+    run_module.check_run = capture
     try:
         simulate(models, trace([(0.0, "qwen2.5-3b", 10, 2)]), res_cluster, make_system("t", "tangram"))
     finally:
-        sim_module._check_conservation = original
+        run_module.check_run = original
     requests, c = captured["requests"], captured["cluster"]
     requests[0].bytes_loaded -= 1
     with pytest.raises(SimulationInvariantError, match="loaded"):

@@ -42,12 +42,14 @@ import pandas as pd
 import torch
 import yaml
 
+from tangram_sim.arena import ARENA_ALIGNMENT as ALIGNMENT
+from tangram_sim.core.run import kv_policy as _kv_policy
 from tangram_sim.errors import ConfigError
 from tangram_sim.policies import PACKING, RETENTION
 from tangram_sim.real.executor import RealGpu, resolve_device
 from tangram_sim.real.loader import DEFAULT_CHUNK_BYTES, Checkpoint
 from tangram_sim.real.memory import driver_info
-from tangram_sim.real.replay import ALIGNMENT, _kv_policy, torch_threads
+from tangram_sim.real.replay import torch_threads
 from tangram_sim.sim.systems import SystemSpec, make_system
 from tangram_sim.sim.timemodel import Calibration, ModelCoefficients
 
@@ -492,7 +494,7 @@ def calibrate_experiment(
 
     from tangram_sim.experiments.runner import prepare
     from tangram_sim.real.loader import open_checkpoint
-    from tangram_sim.real.replay import _checkpoints, loader_options
+    from tangram_sim.real.setup import _checkpoints, loader_options
     from tangram_sim.sim.hardware import GiB
     from tangram_sim.traces.spec import load_trace
 

@@ -1,0 +1,117 @@
+"""A SimPy environment that follows the wall clock, with device work on threads, and its lag.
+
+Why not `simpy.rt.RealtimeEnvironment`: its `step` sleeps with `time.sleep` until the next scheduled
+event, so the completion of work running on another thread (a real device's copy or forward pass)
+could not wake it; and a real device that blocked the clock's thread would delay every other GPU's
+events by its whole duration. Here each device runs its work on its own thread (`run_on`); the clock's
+thread only keeps the books, waiting on a queue of completions with a timeout until the next scheduled
+event. A completion is stamped with the time its work was submitted plus the seconds the work measured
+on its thread (not the hand-over between threads, which no device model includes), and never before
+the present.
+
+Time is in trace seconds; `factor` is the wall seconds per trace second (1: real time; 0.001 runs a
+modelled replay 1000x faster than real time). Every processed event records its lag: how late, in
+trace seconds, it was processed after its scheduled time. A replay whose lag grows has fallen behind
+the trace, and its outcomes then differ from what the trace asked for.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any
+
+import numpy as np
+import simpy
+from simpy.core import EmptySchedule, Infinity
+
+__all__ = ["LagStats", "WallClockEnvironment"]
+
+
+class LagStats(dict):
+    """p50/p99/max lag in seconds and the number of events, as one summary-ready mapping."""
+
+
+class WallClockEnvironment(simpy.Environment):
+    """`simpy.Environment` whose events happen no earlier than their wall time (see module docstring)."""
+
+    def __init__(self, factor: float = 1.0) -> None:
+        if not factor > 0:
+            raise ValueError(f"wall-clock factor {factor}: expected > 0")
+        super().__init__(0.0)
+        self.factor = factor  # wall seconds per trace second
+        self._done: queue.SimpleQueue[tuple[simpy.Event, float, bool, Any, float]] = queue.SimpleQueue()
+        self._pending = 0  # device work submitted and not yet delivered
+        self._start = time.perf_counter()
+        self.lags: list[float] = []  # per processed event: trace seconds late
+        self.finished: Callable[[], bool] = lambda: False  # all work done: stop following the clock
+        self.device_s = 0.0  # seconds of device work measured on the threads
+
+    def wall(self) -> float:
+        """Trace seconds since the start, by the wall clock."""
+        return (time.perf_counter() - self._start) / self.factor
+
+    def restart(self) -> None:
+        """Take the present wall time as trace time 0 (call just before `run`)."""
+        self._start = time.perf_counter()
+
+    def run_on(self, executor: Executor, work: Callable[[], Any]) -> simpy.Event:
+        """Run `work` on `executor`'s thread; the returned event succeeds with its result (or fails with
+        its exception) at submission time + the seconds `work` took."""
+        event = self.event()
+        submitted = self._now
+
+        def job() -> None:
+            t0 = time.perf_counter()
+            try:
+                out, ok = work(), True
+            except BaseException as exc:  # delivered to the waiting process, which raises it
+                out, ok = exc, False
+            self._done.put((event, submitted, ok, out, time.perf_counter() - t0))
+
+        self._pending += 1
+        executor.submit(job)
+        return event
+
+    def _deliver(self, item: tuple[simpy.Event, float, bool, Any, float]) -> None:
+        event, submitted, ok, out, seconds = item
+        self._pending -= 1
+        self.device_s += seconds
+        at = max(self._now, submitted + seconds / self.factor)
+        event._ok = ok
+        event._value = out
+        self.schedule(event, delay=at - self._now)
+
+    def step(self) -> None:
+        while True:
+            try:
+                self._deliver(self._done.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            t = self.peek()
+            if t is Infinity and not self._pending:
+                raise EmptySchedule
+            if self.finished() and not self._pending:
+                break  # nothing real is left to wait for: run the bookkeeping to its end at once
+            wall = self.wall()
+            if t <= wall:
+                break
+            wait = None if t is Infinity else (t - wall) * self.factor
+            try:
+                self._deliver(self._done.get(timeout=wait))
+            except queue.Empty:
+                pass
+        if not self.finished():
+            self.lags.append(max(0.0, self.wall() - self.peek()))
+        super().step()
+
+    def lag_stats(self) -> LagStats:
+        """p50, p99 and max lag (trace seconds) over the events processed so far."""
+        lags = np.asarray(self.lags, dtype=np.float64)
+        if not len(lags):
+            return LagStats(lag_p50_s=0.0, lag_p99_s=0.0, lag_max_s=0.0, lag_events=0)
+        return LagStats(lag_p50_s=float(np.percentile(lags, 50)), lag_p99_s=float(np.percentile(lags, 99)),
+                        lag_max_s=float(lags.max()), lag_events=int(len(lags)))

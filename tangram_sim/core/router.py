@@ -1,0 +1,193 @@
+"""The cluster: nodes x GPUs, each a `GpuWorker` over a device, and the routing of arrivals.
+
+Lifecycle of a request: arrival -> routing (an active instance of its model whose queue holds only
+that model, else the system's scheduler places a new instance) -> the GPU's queue -> a cold start when
+its model is not active there and it is the oldest queued request -> batched prefill (first token =
+TTFT) -> decode in a continuous batch, KV growing chunk by chunk -> completion (see `core.worker`).
+The retention policy of every GPU the request may run on records one access per request, at arrival.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+import simpy
+
+from tangram_sim.arena import Key
+from tangram_sim.core.device import Device
+from tangram_sim.core.records import Gang, ModelEntry, Request
+from tangram_sim.core.storage import Node
+from tangram_sim.core.worker import GpuWorker
+from tangram_sim.policies.kv import KvPolicy, kv_block_bytes
+from tangram_sim.policies.packing import PackingPolicy
+from tangram_sim.policies.retention import RetentionPolicy
+from tangram_sim.policies.scheduler import PlacementOption, Scheduler
+from tangram_sim.sim.hardware import TierSpec
+from tangram_sim.sim.systems import SystemSpec
+from tangram_sim.sim.timemodel import TimeModel
+
+
+class Recorder:
+    """Event log (optional) and memory timeline samples; tests assert on the log."""
+
+    def __init__(self, record_events: bool, sample_interval_s: float, check_invariants: bool) -> None:
+        self.events: list[tuple[float, int, str, int, str]] | None = [] if record_events else None
+        self.timeline: list[tuple] = []  # TIMELINE_COLUMNS rows
+        self.sample_interval_s = sample_interval_s  # at most one sample per GPU this often
+        self.check_invariants = check_invariants  # arena invariants at every sample
+        self.samples_checked = 0
+
+    def log(self, now: float, gpu: int, kind: str, rid: int = -1, detail: str = "") -> None:
+        if self.events is not None:
+            self.events.append((now, gpu, kind, rid, detail))
+
+
+class Cluster:
+    """Nodes x GPUs, the system's policies, and the routing of arrivals."""
+
+    def __init__(
+        self,
+        env: simpy.Environment,
+        *,
+        devices: Sequence[Device],
+        gpus_per_node: int,
+        tiers: TierSpec,
+        system: SystemSpec,
+        entries: dict[str, ModelEntry],
+        time_model: TimeModel,
+        make_retention: Callable[[], RetentionPolicy],
+        packing: PackingPolicy,
+        kv: KvPolicy,
+        scheduler: Scheduler,
+        rng: random.Random,
+        recorder: Recorder,
+        engine_overhead_s: float,
+    ) -> None:
+        self.env = env
+        self.system = system
+        self.entries = entries
+        self.time_model = time_model  # for the scheduler's estimates only: devices take their own time
+        self.make_retention = make_retention
+        self.packing = packing
+        self.kv = kv
+        self.scheduler = scheduler
+        self.rng = rng
+        self.recorder = recorder
+        self.engine_overhead_s = engine_overhead_s  # for the scheduler's estimates
+        # KV of a tensor-parallel model is split by heads: each rank holds 1/tp of every block.
+        self.block_bytes = {
+            name: kv_block_bytes(-(-e.spec.kv_bytes_per_token // e.tp), system.kv_block_tokens)
+            for name, e in entries.items()
+        }
+        self.gpus_per_node = gpus_per_node
+        self._groups: dict[int, list[tuple[GpuWorker, ...]]] = {}
+        self.key_owners: dict[Key, tuple[str, ...]] = {}
+        for name, entry in entries.items():
+            for key in entry.unit_keys:
+                self.key_owners[key] = (*self.key_owners.get(key, ()), name)
+        # The same owner sets as frozensets, one per distinct set: every arena region of a unit shares it.
+        interned: dict[tuple[str, ...], frozenset[str]] = {}
+        self.unit_owners: dict[Key, frozenset[str]] = {
+            key: interned.setdefault(owners, frozenset(owners)) for key, owners in self.key_owners.items()
+        }
+        n_nodes = len(devices) // gpus_per_node
+        self.nodes = [Node(n, tiers, self.key_owners) for n in range(n_nodes)]
+        self.workers = [GpuWorker(self, d, self.nodes[i // gpus_per_node]) for i, d in enumerate(devices)]
+        self.warm_workers: dict[str, set[GpuWorker]] = {}
+        self.finished = 0
+        self._estimates: dict[tuple[str, int, int], float] = {}
+        for w in self.workers:
+            env.process(w.run())
+
+    def service_estimate(self, req: Request, cold: bool, worker: GpuWorker) -> float:
+        """Rough busy time a request adds to a GPU, for queue-wait estimates (not the lifecycle)."""
+        key = (req.model, req.input_tokens, req.output_tokens)
+        est = self._estimates.get(key)
+        if est is None:
+            spec = self.entries[req.model].spec
+            tm = self.time_model
+            est = tm.prefill_s(spec, req.input_tokens) + (req.output_tokens - 1) * tm.decode_step_s(
+                spec, 1, req.input_tokens
+            )
+            if len(self._estimates) < 200_000:
+                self._estimates[key] = est
+        if cold:
+            entry = self.entries[req.model]
+            missing = entry.nbytes - worker.resident_bytes(req.model)
+            est += self.engine_overhead_s + missing / worker.device.pcie_bps
+        return est
+
+    def route(self, req: Request, replace: bool = False) -> None:
+        """Warm instance with a clean queue if any, else the scheduler's choice (a GPU or a gang)."""
+        entry = self.entries[req.model]
+        best = None
+        best_load = 0
+        for w in self.warm_workers.get(req.model, ()):
+            queued = w.queued
+            if w.queued_for(req.model) != queued or w.followers_waiting():
+                continue  # another model waits there: the request would queue behind a switch
+            load = queued + len(w.instance.running)
+            if best is None or load < best_load or (load == best_load and w.gpu_id < best.gpu_id):
+                best, best_load = w, load
+        if best is not None and best_load < self.system.max_batch:
+            group = best.instance.group
+        else:
+            options = self.placement_options(req)
+            choice = self.scheduler.choose(req.model, options, self.rng)
+            group = tuple(self.workers[g] for g in options[choice].gpus)
+            best = group[0]
+            if entry.tp > 1:
+                req.gang = Gang(self.env, group)
+        self.recorder.log(self.env.now, best.gpu_id, "rerouted" if replace else "routed", req.rid, req.model)
+        if not replace:
+            now = self.env.now
+            for rank, worker in enumerate(group):
+                worker.retention.record_access(req.model, entry.rank_keys[rank], now)
+        best.submit(req)
+        if req.gang is not None:
+            for follower in group[1:]:
+                slot = Request(req.rid, req.arrival, req.model, 0, 0)
+                slot.slot_of = req
+                follower.submit(slot)
+
+    def placement_groups(self, tp: int) -> list[tuple[GpuWorker, ...]]:
+        """Aligned groups of `tp` GPUs inside one node (a GPU always has the same rank in them)."""
+        groups = self._groups.get(tp)
+        if groups is None:
+            groups = []
+            for node in range(len(self.nodes)):
+                first = node * self.gpus_per_node
+                for start in range(0, self.gpus_per_node - tp + 1, tp):
+                    groups.append(tuple(self.workers[first + start + r] for r in range(tp)))
+            self._groups[tp] = groups
+        return groups
+
+    def placement_options(self, req: Request) -> list[PlacementOption]:
+        entry = self.entries[req.model]
+        now = self.env.now
+        tp = entry.tp
+        prefill = self.time_model.prefill_s(entry.spec, req.input_tokens, tp)
+        options = []
+        in_cache: dict[int, bool] = {}
+        for group in self.placement_groups(tp):
+            node = group[0].node
+            if node.node_id not in in_cache:
+                in_cache[node.node_id] = node.holds(entry, req.model)
+            options.append(
+                PlacementOption(
+                    gpus=tuple(w.gpu_id for w in group),
+                    node=node.node_id,
+                    queue_wait_s=max(0.0, max(w.busy_until for w in group) - now),
+                    free_bytes=min(w.arena.free_bytes for w in group),
+                    resident_bytes=sum(w.resident_bytes(req.model) for w in group),
+                    model_bytes=entry.nbytes,
+                    in_host_cache=in_cache[node.node_id],
+                    # ranks load their shards in parallel, each over its own link
+                    host_to_gpu_bps=group[0].device.pcie_bps * tp,
+                    storage_bps=node.ssd.bps if node.tiers.ssd_holds_all else node.network.bps,
+                    prefill_s=prefill,
+                    load_overhead_s=self.engine_overhead_s,
+                )
+            )
+        return options

@@ -1,0 +1,161 @@
+"""One run of the lifecycle: policies from a `SystemSpec`, arrivals, the clock, then the end checks.
+
+`simulate` (modelled devices, `simpy.Environment`) and the real replay (real devices, the wall clock)
+both call `run_lifecycle`, so a request meets the same router, worker and policies in both.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import simpy
+
+from tangram_sim.arena import State
+from tangram_sim.core.clock import WallClockEnvironment
+from tangram_sim.core.device import Device
+from tangram_sim.core.metrics import accounting_problems, requests_frame, summarize, timeline_frame
+from tangram_sim.core.records import ModelEntry, Request
+from tangram_sim.core.router import Cluster, Recorder
+from tangram_sim.policies import KV, PACKING, RETENTION, SCHEDULER
+from tangram_sim.policies.kv import KvPolicy
+from tangram_sim.policies.packing import PackingPolicy
+from tangram_sim.policies.retention import RetentionPolicy
+from tangram_sim.policies.scheduler import Scheduler
+from tangram_sim.sim.hardware import TierSpec
+from tangram_sim.sim.systems import SystemSpec
+from tangram_sim.sim.timemodel import TimeModel
+
+
+class RunInvariantError(AssertionError):
+    """A conservation check failed at the end of a run: a bug, never a user mistake."""
+
+
+@dataclass(slots=True)
+class Policies:
+    make_retention: Callable[[], RetentionPolicy]  # one retention policy per GPU (per-GPU access counts)
+    packing: PackingPolicy  # stateless: shared
+    kv: KvPolicy  # stateless: shared
+    scheduler: Scheduler  # placement of new instances
+
+
+def build_policies(system: SystemSpec, *, h2d_bps: float, sensitivity: dict[str, float],
+                   trace: pd.DataFrame) -> Policies:
+    """The system's policies with the parameters they take from the run: tangram's cost rule gets the
+    host-to-GPU bandwidth and the models' sensitivities, Belady's heuristic the trace's future."""
+    params = dict(system.retention_params)
+    if system.retention in ("tangram", "decayed-frequency"):
+        params.setdefault("host_to_gpu_bps", h2d_bps)
+        params.setdefault("sensitivity", dict(sensitivity))
+    if system.retention == "belady":
+        future: dict[str, list[float]] = {}
+        for t, m in zip(trace["arrival_s"].to_numpy(dtype=np.float64).tolist(),
+                        trace["model"].astype(str).tolist()):
+            future.setdefault(m, []).append(t)
+        params["future"] = future
+
+    def make_retention() -> RetentionPolicy:
+        return RETENTION.create(system.retention, **params)
+
+    make_retention()  # fail on bad parameters before the run starts
+    return Policies(make_retention, PACKING.create(system.packing), kv_policy(system),
+                    SCHEDULER.create(system.scheduler))
+
+
+def kv_policy(system: SystemSpec) -> KvPolicy:
+    """The system's KV policy (static reservations take its fraction)."""
+    extra = {"fraction": system.kv_fraction} if system.kv == "static" else {}
+    return KV.create(system.kv, block_tokens=system.kv_block_tokens, **extra)
+
+
+def trace_requests(trace: pd.DataFrame) -> list[Request]:
+    """One request record per trace row, `rid` = row."""
+    arrivals = trace["arrival_s"].to_numpy(dtype=np.float64)
+    models = trace["model"].astype(str).to_numpy()
+    inputs = trace["input_tokens"].to_numpy(dtype=np.int64)
+    outputs = trace["output_tokens"].to_numpy(dtype=np.int64)
+    return [Request(i, float(arrivals[i]), str(models[i]), int(inputs[i]), int(outputs[i]))
+            for i in range(len(arrivals))]
+
+
+@dataclass(slots=True)
+class LifecycleRun:
+    requests: list[Request]  # every trace request, with its outcome
+    cluster: Cluster  # workers, their arenas and counters at the end
+    recorder: Recorder  # events and timeline
+
+    def frames(self) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+        """The request table, the timeline and the summary row (without the system's name)."""
+        frame = requests_frame(self.requests)
+        workers = self.cluster.workers
+        summary = summarize(frame, sum(w.busy_s for w in workers), sum(w.compaction_bytes for w in workers))
+        return frame, timeline_frame(self.recorder.timeline), summary
+
+
+def run_lifecycle(
+    env: simpy.Environment,
+    devices: Sequence[Device],
+    requests: list[Request],
+    *,
+    gpus_per_node: int,
+    tiers: TierSpec,
+    system: SystemSpec,
+    entries: dict[str, ModelEntry],
+    time_model: TimeModel,
+    policies: Policies,
+    seed: int,
+    recorder: Recorder,
+    engine_overhead_s: float,
+    progress: Callable[[int], Any] | None = None,
+) -> LifecycleRun:
+    """Route `requests` (in arrival order) through a cluster of `devices` until every one has an outcome,
+    then check the accounting; raises RunInvariantError on any failure."""
+    cluster = Cluster(
+        env, devices=devices, gpus_per_node=gpus_per_node, tiers=tiers, system=system, entries=entries,
+        time_model=time_model, make_retention=policies.make_retention, packing=policies.packing,
+        kv=policies.kv, scheduler=policies.scheduler, rng=random.Random(seed), recorder=recorder,
+        engine_overhead_s=engine_overhead_s,
+    )
+
+    if isinstance(env, WallClockEnvironment):  # once all is served, the keep-alives need no waiting
+        env.finished = lambda: cluster.finished == len(requests)
+
+    def arrivals():
+        step = max(1, len(requests) // 200)
+        for i, req in enumerate(requests):
+            delay = req.arrival - env.now
+            if delay > 0:
+                yield env.timeout(delay)
+            cluster.route(req)
+            if progress is not None and i % step == 0:
+                progress(i)
+
+    env.process(arrivals())
+    env.run()
+    for w in cluster.workers:
+        w.sample(force=True)
+    check_run(requests, cluster)
+    return LifecycleRun(requests, cluster, recorder)
+
+
+def check_run(requests: list[Request], cluster: Cluster) -> None:
+    """Every request has an outcome; every cold start's bytes add up; every arena is consistent and holds
+    no KV, loading or pinned bytes; no instance or queue is left."""
+    problems = accounting_problems(requests, cluster.finished)
+    for w in cluster.workers:
+        arena = w.arena
+        arena.check_invariants()
+        if w.instance is not None:
+            problems.append(f"gpu {w.gpu_id}: instance of {w.instance.model} still active at the end")
+        leaked_kv = arena.bytes_in(State.KV) + arena.bytes_in(State.LOADING)
+        pinned = sum(r.size for r in arena.regions() if r.pin_count)
+        if leaked_kv or pinned:
+            problems.append(f"gpu {w.gpu_id}: {leaked_kv} KV/loading and {pinned} pinned bytes left after the run")
+        if w.queued:
+            problems.append(f"gpu {w.gpu_id} still has {w.queued} queued requests")
+    if problems:
+        raise RunInvariantError("; ".join(problems))

@@ -1,0 +1,117 @@
+"""The modelled GPU: a `core.device.Device` whose every step takes the time model's time.
+
+A cold start is the engine overhead, then the compaction copies (device-to-device bandwidth plus a
+per-unit overhead; ranks copy in parallel, the slowest sets the pace), then the loads: each missing
+unit streams host->GPU over the GPU's PCIe link, from the node's DRAM cache, else its SSD, else the
+network, as fluid transfers that share links fairly (`core.links`). Prefill is one time-model iteration
+per group. Decode is a fluid: between events (an arrival that can join, a completion, a KV growth
+point) every running sequence advances at one token per step, the step time from the time model for
+the current batch and KV size; this keeps events per request O(1) instead of O(output tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import simpy
+
+from tangram_sim.arena import Arena, Key
+from tangram_sim.core.device import RankLoad, Work
+from tangram_sim.core.links import Fabric, Link
+from tangram_sim.core.records import Request
+from tangram_sim.core.worker import Instance
+from tangram_sim.sim.timemodel import TimeModel
+
+
+class ModelledDevice:
+    """One simulated GPU (see the module docstring); all of them share one `Fabric` of links."""
+
+    def __init__(self, env: simpy.Environment, gpu_id: int, memory_bytes: int, alignment: int,
+                 pcie_bps: float, fabric: Fabric, time_model: TimeModel, engine_overhead_s: float,
+                 unit_overhead_s: float, d2d_bps: float) -> None:
+        self.env = env
+        self.gpu_id = gpu_id  # position in the cluster
+        self.arena = Arena(memory_bytes, alignment=alignment)  # the books are the whole device
+        self.pcie = Link(f"gpu{gpu_id}.pcie", pcie_bps)  # host->GPU, shared by this GPU's transfers
+        self.pcie_bps = pcie_bps
+        self.fabric = fabric  # every link of the cluster
+        self.time_model = time_model
+        self.engine_overhead_s = engine_overhead_s  # runtime start before the weights load
+        self.unit_overhead_s = unit_overhead_s  # per loaded unit (allocation, copy launch)
+        self.d2d_bps = d2d_bps  # compaction copies
+
+    def start_instance(self, inst: Instance, head: Request, loads: Sequence[RankLoad]) -> Work:
+        env = self.env
+        t0 = env.now
+        # Ranks copy and load in parallel; the slowest one sets the pace.
+        copy_s = 0.0
+        for load in loads:
+            copy_s = max(copy_s, load.moved_bytes / self.d2d_bps + self.unit_overhead_s * len(load.missing))
+        if self.engine_overhead_s:
+            yield env.timeout(self.engine_overhead_s)
+        t_load = env.now
+        if copy_s:
+            yield env.timeout(copy_s)
+        transfers = [ev for load in loads if load.missing for ev in load.worker.device._transfers(load)]
+        if transfers:
+            yield env.all_of(transfers)
+        return t_load - t0, env.now - t_load
+
+    def _transfers(self, load: RankLoad) -> list[simpy.Event]:
+        """Missing units stream host->GPU; those not in the DRAM cache come from SSD or remote first."""
+        node = load.worker.node
+        cache, on_ssd, ssd_holds_all = node.cache, node.on_ssd, node.tiers.ssd_holds_all
+        from_dram = from_ssd = from_remote = 0
+        for key, nbytes in load.missing:
+            if key in cache:
+                from_dram += nbytes
+                cache.move_to_end(key)
+            elif ssd_holds_all or key in on_ssd:
+                from_ssd += nbytes
+            else:
+                from_remote += nbytes
+        fabric = self.fabric
+        events = []
+        if from_dram:
+            events.append(fabric.transfer(from_dram, (self.pcie,)))
+        if from_ssd:
+            events.append(fabric.transfer(from_ssd, (node.ssd, self.pcie)))
+        if from_remote:
+            events.append(fabric.transfer(from_remote, (node.network, self.pcie)))
+        return events
+
+    def prefill(self, inst: Instance, batch: Sequence[Request]) -> Work:
+        dt = self.time_model.prefill_s(inst.entry.spec, sum(r.input_tokens for r in batch), len(inst.group))
+        yield self.env.timeout(dt)
+        return dt
+
+    def decode(self, inst: Instance, running: Sequence[Request], horizon: float, kv_tokens: float,
+               wake: simpy.Event | None) -> Work:
+        env = self.env
+        step = self.time_model.decode_step_s(inst.entry.spec, len(running), kv_tokens, len(inst.group))
+        start = env.now
+        if wake is not None:
+            yield wake | env.timeout(horizon * step)
+        else:
+            yield env.timeout(horizon * step)
+        elapsed = env.now - start
+        return elapsed, (min(horizon, elapsed / step) if step > 0 else horizon)
+
+    # Memory binding has no cost in the model: the arena's books are all there is.
+    def kv_grown(self, inst: Instance, req: Request, keys: Sequence[Key], nbytes: int) -> None:
+        pass
+
+    def kv_freed(self, inst: Instance, req: Request) -> None:
+        pass
+
+    def pool_reserved(self, inst: Instance, keys: Sequence[Key]) -> None:
+        pass
+
+    def end_instance(self, inst: Instance) -> None:
+        pass
+
+    def sampled(self, now: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
