@@ -13,6 +13,7 @@ import yaml
 from tangram_sim.cli import main
 from tangram_sim.errors import TangramError
 from tangram_sim.plots import FIGURES, load_run, render_all, write_report
+from tangram_sim.rundir import adopt_legacy
 
 MODELS = {"qwen2.5-3b": 6.17e9, "llama-3-8b": 16.06e9, "yi-9b": 17.66e9}
 CAPACITY = 40 * 2**30
@@ -118,6 +119,7 @@ def make_run(root: Path, systems: list[str], *, sweep: dict[str, list[Any]] | No
     if parquet:
         pd.concat(requests, ignore_index=True).to_parquet(root / "requests.parquet", index=False)
         pd.concat(timelines, ignore_index=True).to_parquet(root / "timeline.parquet", index=False)
+    adopt_legacy(root)  # a finished run: plot and the report refuse folders without a complete run.json
     return root
 
 
@@ -215,8 +217,10 @@ def test_load_run_orders_systems_as_configured(tmp_path: Path) -> None:
 def test_load_run_errors_name_the_path(tmp_path: Path) -> None:
     with pytest.raises(TangramError, match="not a directory"):
         load_run(tmp_path / "missing")
-    with pytest.raises(TangramError, match="summary.csv"):
+    with pytest.raises(TangramError, match="no run.json"):
         load_run(tmp_path)
+    with pytest.raises(TangramError, match="summary.csv"):
+        load_run(tmp_path, require_complete=False)
     run_dir = make_run(tmp_path / "bad", ["a"], parquet=False)
     (run_dir / "config.yaml").write_text("name: [unclosed\n")
     with pytest.raises(TangramError, match="config.yaml"):

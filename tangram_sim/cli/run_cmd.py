@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,28 +26,59 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip plots and report")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="drop malformed trace rows (counted and reported) instead of stopping at the first")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted or partly failed run in --out: run only the jobs it has not "
+                        "stored (same configuration only)")
+    p.add_argument("--force", action="store_true",
+                   help="empty --out first even if it holds something other than a run of this experiment")
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from tangram_sim.experiments import load_yaml, run_experiment
+    from tangram_sim.rundir import RunFailed
 
     raw, base_dir = load_yaml(args.experiment)
     sets = list(args.sets)
     if args.calibration:
         sets.append(f"calibration={Path(args.calibration).resolve()}")
     out = Path(args.out) if args.out else Path("results") / str(raw.get("name", Path(args.experiment).stem))
-    summary = run_experiment(
-        raw, base_dir, out, sets=sets, backend=args.backend, n_jobs=args.jobs, progress=not args.quiet,
-        plots=False if args.no_plots else None, skip_bad_rows=args.skip_bad_rows,
-    )
+    try:
+        summary = run_experiment(
+            raw, base_dir, out, sets=sets, backend=args.backend, n_jobs=args.jobs, progress=not args.quiet,
+            plots=False if args.no_plots else None, skip_bad_rows=args.skip_bad_rows, resume=args.resume,
+            force=args.force,
+        )
+    except RunFailed as exc:  # what succeeded is written: show it, then the one-line error
+        if not args.quiet and exc.summary is not None and not exc.summary.empty:
+            _print_table(exc.summary)
+        _print_written(out, exc.record)
+        raise
+    record = summary.attrs.get("record")
     if not args.quiet:
-        cols = [c for c in ("system", "point", "requests", "completed", "rejected", "mean_load_s", "p50_ttft_s",
-                            "p99_ttft_s", "io_reduction", "full_hit_ratio") if c in summary.columns]
-        print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-        print(f"results in {out}/ (summary.csv, requests.parquet, timeline.parquet, plots/, report.md)")
+        _print_table(summary)
+        if summary.attrs.get("already_complete"):
+            print(f"{out}/ is already complete ({record.jobs_total} job(s)); nothing to resume")
+        else:
+            _print_written(out, record)
     skipped = summary.attrs.get("skipped_rows", 0)
     if skipped:
         print(f"warning: skipped {skipped} malformed trace row(s) (--skip-bad-rows)")
     return 0
+
+
+def _print_table(summary: Any) -> None:
+    cols = [c for c in ("system", "point", "requests", "completed", "rejected", "mean_load_s", "p50_ttft_s",
+                        "p99_ttft_s", "io_reduction", "full_hit_ratio") if c in summary.columns]
+    print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def _print_written(out: Path, record: Any) -> None:
+    """What this run actually wrote (from its run.json), figures counted rather than listed."""
+    if record is None:
+        return
+    files = [f for f in record.files if not f.startswith("plots/")]
+    figures = len(record.files) - len(files)
+    shown = files + ([f"plots/ ({figures} figure{'s' if figures != 1 else ''})"] if figures else []) + ["run.json"]
+    print(f"results in {out}/ ({', '.join(shown)})")

@@ -2,6 +2,8 @@
 
 Jobs are independent and deterministic (seeded), so the local process pool and Ray give identical
 results; outputs are always assembled in (point, system) order, whatever order jobs finish in.
+Each job's results are stored in the run directory as soon as it finishes (`tangram_sim.rundir`), so a
+failing point, a crash or Ctrl-C loses only the jobs still running, and `--resume` runs only those.
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
+import sys
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,18 +23,18 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from tangram_sim.errors import ConfigError
+from tangram_sim.errors import ConfigError, TangramError
 from tangram_sim.experiments.config import (
     apply_point,
     build_cluster,
     build_models,
     build_systems,
-    dump_yaml,
     parse_set,
     set_dotted,
     sweep_points,
     validate,
 )
+from tangram_sim.rundir import JobKey, RunFailed, RunWriter, check_out_dir
 
 
 @dataclass(slots=True)
@@ -113,28 +117,73 @@ def run_job(job: Job) -> JobResult:
     )
 
 
-def _execute(jobs: list[Job], backend: str, n_jobs: int, progress: bool) -> list[JobResult]:
-    bar = tqdm(total=len(jobs), desc="jobs", unit="job", disable=not progress)
-    results: list[JobResult] = []
+OnResult = Callable[[Job, "JobResult | BaseException"], None]
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C in a terminal reaches every process of the group: the workers ignore it (no traceback per
+    # worker) and the parent, which gets it too, stops them itself (_stop_pool).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_caught(job: Job) -> JobResult | Exception:
+    try:
+        return run_job(job)
+    except Exception as exc:  # one job's failure must not lose the others
+        return exc
+
+
+def _execute(jobs: list[Job], backend: str, n_jobs: int, progress: bool, on_result: OnResult) -> None:
+    """Run the jobs; hand each result, or the exception the job raised, to on_result as it finishes."""
+    if not jobs:
+        return
+    # A bar redraws itself with carriage returns: in a log file (stderr not a terminal) that is noise.
+    bar = tqdm(total=len(jobs), desc="jobs", unit="job", disable=not (progress and sys.stderr.isatty()))
+
+    def done(job: Job, result: JobResult | BaseException) -> None:
+        if isinstance(result, BaseException) and not isinstance(result, Exception):
+            raise result  # KeyboardInterrupt or SystemExit inside a job: stop the run, not just the job
+        on_result(job, result)
+        bar.update()
+
     try:
         if backend == "ray":
-            results = _execute_ray(jobs, n_jobs, bar.update)
+            _execute_ray(jobs, n_jobs, done)
         elif n_jobs <= 1 or len(jobs) == 1:
             for job in jobs:
-                results.append(run_job(job))
-                bar.update()
+                done(job, _run_caught(job))
         else:
-            with ProcessPoolExecutor(max_workers=min(n_jobs, len(jobs))) as pool:
-                futures = [pool.submit(run_job, job) for job in jobs]
-                for future in as_completed(futures):
-                    results.append(future.result())
-                    bar.update()
+            _execute_pool(jobs, n_jobs, done)
     finally:
         bar.close()
-    return sorted(results, key=lambda r: (r.point, r.system))
 
 
-def _execute_ray(jobs: list[Job], n_jobs: int, tick: Callable[[], Any]) -> list[JobResult]:
+def _execute_pool(jobs: list[Job], n_jobs: int, done: OnResult) -> None:
+    pool = ProcessPoolExecutor(max_workers=min(n_jobs, len(jobs)), initializer=_ignore_sigint)
+    try:
+        futures: dict[Future[JobResult], Job] = {pool.submit(run_job, job): job for job in jobs}
+        for future in as_completed(futures):
+            exc = future.exception()
+            done(futures[future], exc if exc is not None else future.result())
+    except BaseException:  # Ctrl-C, or storing a result failed: stop everything still queued or running
+        _stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    # cancel_futures drops the queued jobs, but a running simulation can take minutes and the executor
+    # has no public way to stop it: its worker processes are terminated.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=5)
+
+
+def _execute_ray(jobs: list[Job], n_jobs: int, done: OnResult) -> None:
     try:
         import ray
     except ImportError:
@@ -147,18 +196,82 @@ def _execute_ray(jobs: list[Job], n_jobs: int, tick: Callable[[], Any]) -> list[
         else:
             ray.init(num_cpus=max(1, n_jobs), include_dashboard=False, log_to_driver=False)
         started_here = True
+    pending: dict[Any, Job] = {}
     try:
         remote = ray.remote(run_job)
-        pending = [remote.remote(job) for job in jobs]
-        results = []
+        pending = {remote.remote(job): job for job in jobs}
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            results.extend(ray.get(done))
-            tick()
-        return results
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(ready[0])
+            try:
+                result: JobResult | BaseException = ray.get(ready[0])
+            except Exception as exc:  # RayTaskError: the job's own exception is its cause
+                result = getattr(exc, "cause", None) or exc
+            done(job, result)
+    except BaseException:
+        for ref in pending:
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:  # already finished or gone: nothing to stop
+                pass
+        raise
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _check_traces(jobs: Iterable[Job]) -> None:
+    """Load every distinct trace of the jobs before anything starts, so that a bad trace is one error up
+    front (no progress bar, nothing written). Loads are cached: serial jobs and forked workers reuse them."""
+    seen = set()
+    for job in jobs:
+        key = (json.dumps(job.config["trace"], sort_keys=True), job.config["seed"],
+               tuple(m["name"] for m in job.config["models"]))
+        if key not in seen:
+            seen.add(key)
+            load_point_trace(job.config, job.base_dir, job.skip_bad_rows)
+
+
+def point_label(point: int, values: dict[str, Any]) -> str:
+    """How a failure names its point: `point 2 (cluster.gpu_memory_gib=24)`."""
+    if not values:
+        return f"point {point}"
+    shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+    return f"point {point} ({shown})"
+
+
+def _error_line(exc: BaseException) -> str:
+    if isinstance(exc, TangramError):
+        return str(exc)
+    return f"{exc.__class__.__name__}: {exc}"
+
+
+def _key(job: Job) -> JobKey:
+    return JobKey(job.point, job.system)
+
+
+def _run_jobs(writer: RunWriter, points: list[dict], jobs: list[Job], backend: str, n_jobs: int,
+              progress: bool) -> BaseException | None:
+    """Run the jobs, storing each as it finishes; returns the first failure that is not a user error
+    (a bug: re-raised once the others are written, so its traceback is not lost)."""
+    bugs: list[BaseException] = []
+
+    def store(job: Job, result: JobResult | BaseException) -> None:
+        system = job.config["systems"][job.system]["name"]
+        values = points[job.point]["point"]
+        if isinstance(result, BaseException):
+            writer.fail_job(_key(job), system, point_label(job.point, values), _error_line(result))
+            if not isinstance(result, TangramError):
+                bugs.append(result)
+            return
+        row = {"system": system, "point": job.point, **values}
+        row.update({k: v for k, v in result.summary.items() if k != "system"})
+        timing = {"system": system, "point": job.point, **values, "wall_s": round(result.wall_s, 3)}
+        writer.write_job(_key(job), row, {"requests": result.requests, "timeline": result.timeline},
+                         timing=timing, info={"skipped_rows": result.skipped_rows})
+
+    _execute(jobs, backend, n_jobs, progress, store)
+    return bugs[0] if bugs else None
 
 
 def run_experiment(
@@ -172,51 +285,77 @@ def run_experiment(
     progress: bool = True,
     plots: bool | None = None,
     skip_bad_rows: bool = False,
+    resume: bool = False,
+    force: bool = False,
 ) -> pd.DataFrame:
-    """Run everything and write config.yaml, summary.csv, requests/timeline parquet, plots, report."""
+    """Run every (point, system) job and write the run directory (layout: `tangram_sim.rundir`).
+
+    Each job is stored as it finishes; at the end config.yaml, summary.csv, timings.csv,
+    requests/timeline parquet, plots and report.md, and run.json last. resume: run only the jobs not
+    stored by an earlier run of the same configuration; force: empty a folder that holds something else.
+    Returns the summary table, with attrs "record" (the RunRecord), "skipped_rows" and, when resume found
+    the run complete already, "already_complete". When jobs fail, the others are written and RunFailed
+    is raised; on Ctrl-C the workers are stopped and run.json says "interrupted".
+    """
     if backend not in ("local", "ray"):
         raise ConfigError(f"--backend: expected local or ray, got {backend!r}")
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
     resolved, points = prepare(raw, base_dir, sets)
     jobs = [
         Job(i, s, p["config"], str(base_dir) if base_dir else None, skip_bad_rows)
         for i, p in enumerate(points)
         for s in range(len(p["config"]["systems"]))
     ]
-    results = _execute(jobs, backend, n_jobs, progress)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(dump_yaml(resolved))
-    sweep_keys = list(points[0]["point"])
-    rows = []
-    requests, timelines = [], []
-    for r in results:
-        point = points[r.point]["point"]
-        system = points[r.point]["config"]["systems"][r.system]["name"]
-        row = {"system": system, "point": r.point, **point}
-        row.update({k: v for k, v in r.summary.items() if k != "system"})
-        row["wall_s"] = round(r.wall_s, 3)
-        rows.append(row)
-        for frame, sink in ((r.requests, requests), (r.timeline, timelines)):
-            if frame is not None:
-                frame = frame.copy()
-                frame.insert(0, "point", r.point)
-                frame.insert(0, "system", system)
-                sink.append(frame)
-    summary = pd.DataFrame(rows)
-    summary.attrs["skipped_rows"] = max((r.skipped_rows for r in results), default=0)
-    summary.drop(columns=["wall_s"]).to_csv(out_dir / "summary.csv", index=False, float_format="%.6g")
-    pd.DataFrame(rows)[["system", "point", *sweep_keys, "wall_s"]].to_csv(out_dir / "timings.csv", index=False)
-    if requests:
-        pd.concat(requests, ignore_index=True).to_parquet(out_dir / "requests.parquet", index=False)
-    if timelines:
-        pd.concat(timelines, ignore_index=True).to_parquet(out_dir / "timeline.parquet", index=False)
-    if plots if plots is not None else resolved["outputs"]["plots"]:
-        render(out_dir)
+    writer = RunWriter(out_dir, resolved, kind="run", resume=resume, force=force)
+    done = writer.check([_key(j) for j in jobs])
+    if writer.already_complete:
+        return _stored_summary(writer)
+    pending = [j for j in jobs if _key(j) not in done]
+    _check_traces(pending)
+    writer.open()
+    try:
+        bug = _run_jobs(writer, points, pending, backend, n_jobs, progress)
+        summary = writer.combine()
+        if not writer.failures and (plots if plots is not None else resolved["outputs"]["plots"]):
+            writer.add_files(render(out_dir))
+        skipped = max((int(p.info.get("skipped_rows", 0)) for p in writer.parts()), default=0)
+        record = writer.close(meta={"sweep_keys": list(points[0]["point"]), "skipped_rows": skipped,
+                                    "backend": backend})
+    except BaseException as exc:  # the record must not say "running" (or "complete") after this
+        _close_quietly(writer, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        raise
+    summary.attrs.update(record=record, skipped_rows=skipped)
+    if bug is not None:
+        raise bug
+    if record.failures:
+        raise RunFailed(out_dir, record, summary)
     return summary
 
 
-def render(out_dir: Path) -> None:
+def _close_quietly(writer: RunWriter, status: str) -> None:
+    try:
+        writer.close(status=status)
+    except Exception:  # keep the error (or Ctrl-C) that stopped the run, not a second one
+        pass
+
+
+def _stored_summary(writer: RunWriter) -> pd.DataFrame:
+    """--resume of a run that is already complete: its summary, nothing run or written."""
+    record = writer.close()
+    path = writer.out_dir / "summary.csv"
+    if not path.is_file():
+        raise ConfigError(f"{writer.out_dir}: run.json says complete but summary.csv is missing; "
+                          "drop --resume to run it again")
+    summary = pd.read_csv(path)
+    summary.attrs.update(record=record, skipped_rows=int(record.meta.get("skipped_rows", 0) or 0),
+                         already_complete=True)
+    return summary
+
+
+def render(out_dir: Path) -> list[Path]:
+    """Draw the plots and write report.md of a run being written (before its run.json is complete)."""
     from tangram_sim.plots import render_all, write_report
 
-    render_all(out_dir)
-    write_report(out_dir)
+    pngs = render_all(out_dir, require_complete=False)
+    return [*pngs, write_report(out_dir, require_complete=False)]

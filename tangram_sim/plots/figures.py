@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from tangram_sim import rundir
 from tangram_sim.errors import TangramError
 
 GB = 1e9  # reports use decimal GB, as the paper and the model catalog do
@@ -114,11 +115,18 @@ def _read_parquet(path: Path) -> pd.DataFrame | None:
         ) from None
 
 
-def load_run(run_dir: Path | str) -> RunData:
-    """Read a directory written by `tangram-sim run`; raise TangramError if it is not one."""
+def load_run(run_dir: Path | str, *, require_complete: bool = True) -> RunData:
+    """Read a directory written by `tangram-sim run`; raise TangramError if it is not one.
+
+    require_complete: refuse a run whose run.json is missing or not "complete" (interrupted, failed,
+    still running), so figures never show part of a run as if it were all of it; the run itself
+    passes False to draw its figures before it writes its final run.json.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise TangramError(f"{run_dir}: not a directory; expected a run directory from `tangram-sim run`")
+    if require_complete:
+        rundir.require_complete(run_dir)
     summary_path = run_dir / "summary.csv"
     if not summary_path.is_file():
         raise TangramError(f"{run_dir}: no summary.csv; expected a run directory from `tangram-sim run`")
@@ -612,13 +620,14 @@ FIGURES: tuple[FigureSpec, ...] = (
 )
 
 
-def render_all(run_dir: Path | str) -> list[Path]:
+def render_all(run_dir: Path | str, *, require_complete: bool = True) -> list[Path]:
     """Draw every applicable figure into run_dir/plots/ and return the written paths.
 
     A figure that does not apply is skipped, and an old file of that name is removed, so the
     plots folder (and the report that embeds it) never shows results of an earlier run.
+    require_complete: see `load_run`.
     """
-    run = load_run(run_dir)
+    run = load_run(run_dir, require_complete=require_complete)
     out = run.run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -229,9 +229,9 @@ def _figures(run: RunData) -> list[str]:
     return lines
 
 
-def write_report(run_dir: Path | str) -> Path:
-    """Write run_dir/report.md from the run's files and return its path."""
-    run = load_run(run_dir)
+def write_report(run_dir: Path | str, *, require_complete: bool = True) -> Path:
+    """Write run_dir/report.md from the run's files and return its path (require_complete: see load_run)."""
+    run = load_run(run_dir, require_complete=require_complete)
     out: list[str] = [f"# {run.name}", ""]
     description = run.config.get("description")
     if description:

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from tangram_sim.errors import TangramError
+from tangram_sim.rundir import require_complete
 
 __all__ = ["METRICS", "Fidelity", "compare_runs", "fidelity_table", "plot_fidelity"]
 
@@ -154,11 +155,16 @@ def fidelity_table(sim: pd.DataFrame, real: pd.DataFrame) -> pd.DataFrame:
 
 
 def compare_runs(sim_dir: str | Path, real_dir: str | Path) -> Fidelity:
-    """Read both run directories and compute the fidelity table."""
+    """Read both run directories and compute the fidelity table.
+
+    Both must be complete runs (run.json "complete"): an interrupted or failed run holds only some
+    systems or points, and its errors would look like the simulator's.
+    """
     sim_dir, real_dir = Path(sim_dir), Path(real_dir)
     for d in (sim_dir, real_dir):
         if not d.is_dir():
             raise TangramError(f"{d}: not a directory; expected a run directory")
+        require_complete(d)
     return Fidelity(fidelity_table(_requests(sim_dir), _requests(real_dir)), sim_dir, real_dir)
 
 
