@@ -133,9 +133,15 @@ def test_non_utf8_experiment_file_is_one_line(tmp_path: Path) -> None:
 
 
 def test_unknown_model_names_models_n_name() -> None:
-    config = validate(small(**{"models.1.name": "no-such-model"}), None)
+    # caught by validate, before any job runs, and by build_models for configs validated earlier
+    with pytest.raises(ConfigError, match=r"^models.1.name: unknown model 'no-such-model'"):
+        validate(small(**{"models.1.name": "no-such-model"}), None)
+    config = validate(small(), None)
+    config["models"][1]["name"] = "no-such-model"
     with pytest.raises(ConfigError, match=r"^models.1.name: unknown model 'no-such-model'"):
         build_models(config, None)
+    with pytest.raises(ConfigError, match=r"^models.1.derive.base: 'nope' is not"):
+        validate(small(**{"models.1.derive": {"base": "nope", "share_first_layers": 0.5}}), None)
 
 
 def test_system_overrides_name_overrides_key_and_keep_types() -> None:

@@ -68,7 +68,7 @@ def _main(argv: list[str] | None) -> int:
         _check_common_options(args)
         result = func(args)
     except TangramError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head`: stop quietly, as other CLI tools do
         try:
@@ -77,9 +77,15 @@ def _main(argv: list[str] | None) -> int:
             pass
         return 0
     except OSError as exc:  # a path the user gave cannot be used: too long, no permission, disk full
-        print(f"error: {_os_error(exc)}", file=sys.stderr)
+        print(f"error: {one_line(_os_error(exc))}", file=sys.stderr)
         return 2
     return 0 if result is None else int(result)
+
+
+def one_line(message: str) -> str:
+    """`message` with line breaks and other control characters written as escapes (`\\x0b`), so an
+    error that quotes bytes of a damaged file still prints as the one line the CLI promises."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
 
 
 def _check_common_options(args: argparse.Namespace) -> None:

@@ -235,12 +235,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except TangramError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from tangram_sim.cli import one_line
+
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:
-        from tangram_sim.cli import _os_error
+        from tangram_sim.cli import _os_error, one_line
 
-        print(f"error: {_os_error(exc)}", file=sys.stderr)
+        print(f"error: {one_line(_os_error(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -376,6 +376,9 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
             entry["checkpoint"] = str(_resolve_path(m["checkpoint"], base_dir, f"{where}.checkpoint"))
         out_models.append(entry)
     out["models"] = out_models
+    # Resolve the models now (specs are cached): an unknown name or unreadable checkpoint then fails
+    # before any job starts, with the key that names it, instead of once per job inside the workers.
+    build_models(out, base_dir)
 
     trace = raw.get("trace")
     if not isinstance(trace, dict):
