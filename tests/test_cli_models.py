@@ -9,10 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
-from tangram_sim.cli import build_parser, main
-from tangram_sim.models import get_model, list_models
+pytest.importorskip("safetensors", reason="writes checkpoints with safetensors (pip install -e '.[real]')")
+
+from safetensors.numpy import save_file  # noqa: E402
+
+from tangram_sim.cli import build_parser, main  # noqa: E402
+from tangram_sim.models import get_model, list_models  # noqa: E402
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

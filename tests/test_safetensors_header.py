@@ -9,11 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
-import tangram_sim.models.safetensors_header as sth
-from tangram_sim.errors import ModelError
-from tangram_sim.models import (
+pytest.importorskip("safetensors", reason="writes real checkpoints with safetensors (pip install -e '.[real]')")
+
+from safetensors.numpy import save_file  # noqa: E402
+
+import tangram_sim.models.safetensors_header as sth  # noqa: E402
+from tangram_sim.errors import ModelError  # noqa: E402
+from tangram_sim.models import (  # noqa: E402
     build_model_spec,
     build_units,
     get_model,
@@ -22,7 +25,7 @@ from tangram_sim.models import (
     spec_from_safetensors,
     tensor_locations,
 )
-from tangram_sim.models.spec import tensor_block
+from tangram_sim.models.spec import tensor_block  # noqa: E402
 
 TINY_LLAMA = {
     "model_type": "llama",
