@@ -5,18 +5,28 @@
 2. A synthetic trace of 1,000,000 requests on 128 GPUs (16 nodes x 8), 32 models, under tangram
    (`--skip-large` leaves it out).
 
-    python benchmarks/bench_sim.py [--skip-large] [--large-requests 1000000] [--profile]
+Each line also prints SimPy's raw rate on this machine, measured just before it (one process yielding
+bare timeouts), and the simulator's requests per 1,000 raw timeouts: a figure that compares across
+machines. `--against REV` runs every line a second time, right after, on the package as it was at git
+revision REV (a temporary worktree), and prints the same-run ratio.
+
+    python benchmarks/bench_sim.py [--skip-large] [--large-requests 1000000] [--profile] [--against REV]
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import simpy
 
 from tangram_sim.models import derive_model, get_model
 from tangram_sim.sim.hardware import gpu_spec
@@ -31,13 +41,33 @@ EIGHT = ["qwen2.5-3b", "phi-3-mini-4k", "llama-3-8b", "yi-9b", "qwen2.5-14b", "g
          "deepseek-r1-distill-qwen-14b"]
 
 
-def timed(label: str, models, trace, cluster, preset: str, profile: bool) -> None:
+def simpy_rate(n: int = 200_000) -> float:
+    """Bare SimPy timeouts processed per second (best of three)."""
+
+    def proc(env: simpy.Environment):
+        for _ in range(n):
+            yield env.timeout(1.0)
+
+    best = 0.0
+    for _ in range(3):
+        env = simpy.Environment()
+        env.process(proc(env))
+        t0 = time.perf_counter()
+        env.run()
+        best = max(best, n / (time.perf_counter() - t0))
+    return best
+
+
+def timed(label: str, models, trace, cluster, preset: str, profile: bool) -> float:
+    """Prints one line; returns requests per wall-second."""
+    raw = simpy_rate()
     system = make_system(preset, preset)
     profiler = cProfile.Profile() if profile else None
     t0 = time.perf_counter()
     if profiler:
         profiler.enable()
-    res = simulate(models, trace, cluster, system, seed=0, sample_interval_s=30.0, progress=True)
+    res = simulate(models, trace, cluster, system, seed=0, sample_interval_s=30.0,
+                   progress=sys.stderr.isatty())
     if profiler:
         profiler.disable()
     wall = time.perf_counter() - t0
@@ -45,9 +75,29 @@ def timed(label: str, models, trace, cluster, preset: str, profile: bool) -> Non
     print(
         f"{label:34s} {preset:14s} {len(trace):>9,d} req  {wall:7.2f} s wall  {len(trace) / wall:>9,.0f} req/s  "
         f"(cold starts {s['cold_starts']:,d}, mean load {s['mean_load_s']:.3f} s, p50 TTFT {s['p50_ttft_s']:.3f} s)"
+        f"  simpy {raw:,.0f} timeouts/s, {1000 * len(trace) / wall / raw:.2f} req per 1k timeouts",
+        flush=True,
     )
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
+    return len(trace) / wall
+
+
+def against(rev: str, line: int, args: argparse.Namespace) -> float:
+    """Requests per wall-second of benchmark line `line` on the package at git revision `rev`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree), rev], check=True)
+        try:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--only", str(line),
+                   "--large-requests", str(args.large_requests)]
+            env = {**os.environ, "PYTHONPATH": str(tree)}
+            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=True)
+    last = [ln for ln in out.splitlines() if "req/s" in ln][-1]
+    print(f"  {rev:>32s}: {last.strip()}", flush=True)
+    return float(last.split(" req/s")[0].split()[-1].replace(",", ""))
 
 
 def main() -> None:
@@ -55,17 +105,27 @@ def main() -> None:
     parser.add_argument("--skip-large", action="store_true")
     parser.add_argument("--large-requests", type=int, default=1_000_000)
     parser.add_argument("--profile", action="store_true", help="cProfile each run (slower)")
+    parser.add_argument("--against", metavar="REV", default=None,
+                        help="also run each line on git revision REV and print the same-run ratio")
+    parser.add_argument("--only", type=int, default=None, help=argparse.SUPPRESS)  # one line (for --against)
     args = parser.parse_args()
 
     trace = read_azure_llm(ROOT / "traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv")
     trace = apply_mapping(trace, EIGHT, {"kind": "zipf", "alpha": 1.0}, np.random.default_rng(0))
     models = {n: ModelChoice(get_model(n)) for n in EIGHT}
+    line = 0
     for memory_gib in (80, 40):  # 80: the catalog A100; 40: memory pressure, ~20% of requests cold
         cluster = ClusterSpec(1, 8, gpu_spec("a100-80gb", memory_gib=memory_gib))
         for preset in ("tangram", "serverlessllm"):
-            timed(f"azure conv, 8 GPUs x {memory_gib} GiB", models, trace, cluster, preset, args.profile)
+            if args.only in (None, line):
+                rate = timed(f"azure conv, 8 GPUs x {memory_gib} GiB", models, trace, cluster, preset,
+                             args.profile)
+                if args.against:
+                    print(f"  same-run ratio, this tree / {args.against}: "
+                          f"{rate / against(args.against, line, args):.3f}", flush=True)
+            line += 1
 
-    if args.skip_large:
+    if args.skip_large or args.only not in (None, line):
         return
     # 32 models: the 8 above plus fine-tunes of the small ones (sharing half their layers), so that
     # 128 GPUs see real reuse and real misses.
@@ -80,7 +140,9 @@ def main() -> None:
     big = synthesize(names, np.random.default_rng(1), rate=rate, n_requests=args.large_requests,
                      arrival="gamma", cv=2.0, zipf_alpha=1.0, input_mean=1024, output_mean=128)
     big_cluster = ClusterSpec(16, 8, gpu_spec("a100-80gb"))
-    timed(f"synthetic {rate:.0f} req/s, 128 GPUs", big_models, big, big_cluster, "tangram", args.profile)
+    got = timed(f"synthetic {rate:.0f} req/s, 128 GPUs", big_models, big, big_cluster, "tangram", args.profile)
+    if args.against and args.only is None:
+        print(f"  same-run ratio, this tree / {args.against}: {got / against(args.against, line, args):.3f}")
 
 
 if __name__ == "__main__":

@@ -7,13 +7,15 @@ Run from the repository root (see real/README.md):
 
 Steps, each timed, everything under `--out`:
 
-1. checkpoints: the experiment's models, made at its `real.scale` (`OUT/replay/checkpoints/`), and
-   `OUT/replay/experiment.sim.yaml`, the same experiment for the simulator;
+1. checkpoints: the experiment's models, made at its `real.scale` (`OUT/prepare/checkpoints/`), and
+   `OUT/prepare/experiment.sim.yaml`, the same experiment for the simulator (calibration reads it);
 2. calibrate: `OUT/calibration.yaml` (bandwidths, load/engine overheads, prefill/decode per model);
    `--calibration FILE` reuses one measured earlier on the same card instead (it takes minutes);
 3. bench: the loader against safetensors on the largest checkpoint (on the CPU a 0.25 GB synthetic
    one in `OUT/bench-checkpoint/`) (`OUT/bench_loader.json`); `--skip-bench` leaves it out;
-4. replay: the trace under serverlessllm and tangram on the device (`OUT/replay/`);
+4. replay: the trace under serverlessllm and tangram on the device (`OUT/replay/`), one GPU per arena:
+   `--split N` carves the device into N arenas (default: 2 on CUDA, 1 on the CPU), so the router's
+   placement across GPUs is exercised too;
 5. simulate: `tangram-sim run OUT/replay/experiment.sim.yaml --calibration OUT/calibration.yaml`
    (`OUT/sim/`);
 6. compare: `OUT/fidelity.csv`, `OUT/fidelity.png`;
@@ -90,7 +92,8 @@ def _markdown(r: dict[str, Any]) -> str:
         f"- date: {r['date']}; host {r['host']}; python {r['python']}, torch {info.get('torch')}",
         f"- device: {info['device']}, card: {info.get('card')}, driver: {info.get('driver')}, "
         f"CUDA: {info.get('cuda')}, PCIe: {info.get('pcie')}",
-        f"- experiment: {r['experiment']} with {', '.join(r['sets']) or 'no overrides'}",
+        f"- experiment: {r['experiment']} with {', '.join(r['sets']) or 'no overrides'}; "
+        f"{r.get('split', 1)} arena(s) per device",
         f"- total: {r['seconds']:.1f} s",
         "",
         "| step | ok | seconds |",
@@ -111,6 +114,15 @@ def _markdown(r: dict[str, Any]) -> str:
         ]
     if r.get("bench"):
         lines += ["", "## Loader benchmark", "", "```", r["bench_text"], "```"]
+    late = [x for x in r.get("lag", []) if x["lag_p99_s"] > x["lag_bound_s"]]
+    if r.get("lag"):
+        lines += ["", "## Replay lag", ""]
+        lines += [f"- {x['system']}: p50 {x['lag_p50_s'] * 1e3:.2f} ms, p99 {x['lag_p99_s'] * 1e3:.2f} ms, "
+                  f"max {x['lag_max_s'] * 1e3:.2f} ms (bound {x['lag_bound_s'] * 1e3:.2f} ms)" for x in r["lag"]]
+    if late:
+        lines += ["", f"**WARNING: the replay fell behind the wall clock under {', '.join(x['system'] for x in late)}**: "
+                  "device work ran later than the trace placed it, so idle gaps and the overlap of GPUs differ "
+                  "from the trace's; lower `real.time_scale` or the load and run again."]
     if r.get("fidelity"):
         lines += ["", "## Fidelity (simulation vs replay)", "", "```", r["fidelity_text"], "```", "",
                   f"Headline (mean load time, p50 TTFT): worst error {r['worst_headline_error']:.1%}; "
@@ -133,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="reuse this calibration.yaml (from an earlier run on the same card) "
                              "instead of the calibrate step")
     parser.add_argument("--skip-bench", action="store_true", help="leave out the loader benchmark")
+    parser.add_argument("--split", type=int, default=None,
+                        help="arenas (GPUs of the replay) carved out of the device (default: 2 on CUDA, 1 on CPU)")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -150,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sets = (CUDA_SETS if device.type == "cuda" else []) + list(args.sets)
+    split = args.split if args.split is not None else (2 if device.type == "cuda" else 1)
     raw, base = load_yaml(args.experiment)
-    replay_dir, sim_dir, cal_path = out / "replay", out / "sim", out / "calibration.yaml"
+    prep_dir, replay_dir, sim_dir = out / "prepare", out / "replay", out / "sim"
+    cal_path = out / "calibration.yaml"
     result: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -159,13 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         "device_info": driver_info(device),
         "experiment": _shown(Path(args.experiment)),
         "sets": sets,
+        "split": split,
         "steps": {},
     }
     steps = result["steps"]
 
-    setup = _step("checkpoints", steps,
-                  lambda: prepare_replay(raw, base, replay_dir, devices=[str(device)], sets=sets))
-    sim_yaml = replay_dir / "experiment.sim.yaml"
+    setup = _step("checkpoints", steps, lambda: prepare_replay(raw, base, prep_dir, devices=[str(device)],
+                                                               split=split, sets=sets))
+    sim_yaml = prep_dir / "experiment.sim.yaml"
     if setup is not None:
         if args.calibration:  # measured earlier: copied beside the results, so the folder stays whole
             def reuse() -> Calibration:
@@ -198,19 +215,24 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.skip_bench:
             result["bench"] = _step("bench", steps, bench)
-        summary = _step("replay", steps, lambda: run_replay(raw, base, replay_dir, devices=[str(device)],
-                                                            sets=sets, progress=True))
+        summary = _step("replay", steps, lambda: run_replay(
+            raw, base, replay_dir, devices=[str(device)], split=split, sets=sets, progress=True, force=True,
+            checkpoints=prep_dir / "checkpoints"))
         if summary is not None:
             print(summary[["system", "requests", "completed", "cold_starts", "mean_load_s", "p50_ttft_s",
-                           "bytes_loaded", "full_hit_ratio"]].to_string(index=False))
+                           "bytes_loaded", "full_hit_ratio", "lag_p99_s"]].to_string(index=False))
+            result["lag"] = summary[["system", "lag_p50_s", "lag_p99_s", "lag_max_s", "lag_bound_s"]].to_dict(
+                orient="records")
         if summary is not None and calibration is not None:
-            sim_raw, sim_base = load_yaml(sim_yaml)
+            sim_raw, sim_base = load_yaml(replay_dir / "experiment.sim.yaml")
             done = _step("simulate", steps, lambda: run_experiment(
                 sim_raw, sim_base, sim_dir, sets=[f"calibration={cal_path.resolve()}"], progress=False))
             if done is not None:
                 def compare() -> Any:
                     fid = compare_runs(sim_dir, replay_dir)
                     fid.table.to_csv(out / "fidelity.csv", index=False, float_format="%.6g")
+                    if fid.gpus is not None:
+                        fid.gpus.to_csv(out / "fidelity_gpus.csv", index=False)
                     plot_fidelity(fid, out / "fidelity.png")
                     return fid
 

@@ -8,6 +8,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -82,6 +83,33 @@ def test_a_prompt_larger_than_the_kv_pool_is_rejected_with_a_reason(ckpts: dict)
                      warmup=False).requests
     assert r["outcome"].tolist() == ["rejected", "completed"]
     assert r.loc[0, "reason"] == "kv-capacity" and r.loc[0, "cold"]
+
+
+def test_two_cpu_devices_replay_the_simulation_outcomes_and_bytes(ckpts: dict) -> None:
+    """Arrivals far enough apart that timing cannot change a decision: the replay on two CPU "GPUs" and
+    the simulation route, start, reuse, evict and load exactly alike (times differ: they are measured)."""
+    from tangram_sim.sim.hardware import TierSpec, gpu_spec
+    from tangram_sim.sim.simulate import ClusterSpec, ModelChoice, simulate
+
+    rng = np.random.default_rng(5)
+    models = ["llama-3-8b", "qwen2.5-3b"]
+    rows = [(0.2 * i, models[int(m)], int(n), 3)
+            for i, (m, n) in enumerate(zip(rng.integers(0, 2, 20), rng.integers(8, 40, 20)))]
+    t = trace(rows)
+    cap = int(1.3 * max(c.spec.weight_bytes for c in ckpts.values()))  # one model per GPU, tight
+    gpu = gpu_spec("a100-80gb", memory_gib=cap / GiB)
+    cluster = ClusterSpec(nodes=1, gpus_per_node=2, gpu=gpu, tiers=TierSpec(host_cache_bytes=0))
+    cols = ["gpu", "cold", "outcome", "bytes_needed", "bytes_loaded", "bytes_reused", "bytes_moved",
+            "bytes_evicted"]
+    for preset in ("serverlessllm", "tangram"):
+        # no modelled engine start: the simulated service must end well before the next arrival too
+        system = make_system(preset, preset, {"keep_alive_s": 0.1, "engine_overhead_s": 0.0})
+        real = replay_trace(ckpts, t, system, devices=["cpu", "cpu"], capacity=gpu.memory_bytes, threads=1,
+                            h2d_bps=gpu.pcie_bps).requests
+        sim = simulate({m: ModelChoice(c.spec) for m, c in ckpts.items()}, t, cluster, system).requests
+        pd.testing.assert_frame_equal(real[cols], sim[cols], obj=preset)
+        if preset == "tangram":  # affinity keeps each model where its units are: both devices serve
+            assert set(real["gpu"]) == {0, 1} and real["bytes_reused"].sum() > 0
 
 
 def test_replay_setup_errors_are_one_line(tmp_path: Path) -> None:

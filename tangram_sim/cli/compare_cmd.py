@@ -38,8 +38,11 @@ def _compare(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.sim_dir)
     out.mkdir(parents=True, exist_ok=True)
     fid.table.to_csv(out / "fidelity.csv", index=False, float_format="%.6g")
-    print(format_table(fid))
     written = [out / "fidelity.csv"]
+    if fid.gpus is not None:
+        fid.gpus.to_csv(out / "fidelity_gpus.csv", index=False)
+        written.append(out / "fidelity_gpus.csv")
+    print(format_table(fid))
     if not args.no_plot:
         written.append(plot_fidelity(fid, out / "fidelity.png"))
     print(f"wrote {', '.join(str(p) for p in written)}")

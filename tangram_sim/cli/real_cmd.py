@@ -72,16 +72,21 @@ def add_parser(subparsers: Any) -> None:
     rp = sub.add_parser(
         "replay",
         help="replay an experiment's trace on a real device with each system's policies",
-        description="Replays the experiment's trace (arrivals divided by the time scale) on one device with "
-        "the same scheduler, retention, packing and KV code as the simulator, on checkpoints made at "
+        description="Replays the experiment's trace (arrivals divided by the time scale) on real devices, "
+        "one arena per GPU, through the simulator's own request lifecycle (router, scheduler, retention, "
+        "packing, KV, batching) on a wall clock, on checkpoints made at "
         "real.scale (or real.checkpoints / --checkpoints). Writes the layout of `tangram-sim run` "
         "(summary.csv, requests/timeline parquet, plots, report.md) plus memory.parquet (device memory "
         "readings), loads.parquet (where each cold start's time went), checkpoints/ and "
-        "experiment.sim.yaml: the same experiment for `tangram-sim run --calibration`.",
+        "experiment.sim.yaml: the same experiment for `tangram-sim run --calibration`. The lag (how late "
+        "events ran after their trace time) is reported; a replay that fell behind says so.",
     )
     rp.add_argument("experiment", help="experiment YAML (see experiments/replay-cpu.yaml)")
-    rp.add_argument("--device", action="append", default=None, metavar="DEV",
-                    help="cpu, cuda or cuda:N (default: cuda when available); one device for now")
+    rp.add_argument("--device", "--devices", dest="device", action="append", default=None, metavar="DEV",
+                    help="cpu, cuda (every visible GPU) or cuda:N; a comma list or repeated for several "
+                    "GPUs, e.g. cuda:0,cuda:1 or cpu,cpu (default: cuda when available)")
+    rp.add_argument("--split", type=int, default=1, metavar="N",
+                    help="carve each device into N arenas, each a GPU of the replay (default 1)")
     rp.add_argument("--out", default=None, help="output folder (default: results/<name>-replay)")
     rp.add_argument("--time-scale", type=float, default=None, metavar="X",
                     help="replay X times faster than the trace (default: real.time_scale, else 1)")
@@ -92,6 +97,8 @@ def add_parser(subparsers: Any) -> None:
     rp.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override a dotted key of the experiment (repeatable)")
     rp.add_argument("--no-plots", action="store_true", help="skip plots and report")
+    rp.add_argument("--force", action="store_true",
+                    help="empty --out first even if it holds something other than a replay of this experiment")
     rp.add_argument("--quiet", action="store_true", help="no progress bar or table")
     rp.set_defaults(func=cmd_replay)
 
@@ -313,13 +320,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     name = raw.get("name", Path(args.experiment).stem)
     out = Path(args.out) if args.out else Path("results") / f"{name}-replay"
     summary = run_replay(
-        raw, base_dir, out, devices=args.device or [_default_device()], time_scale=args.time_scale,
+        raw, base_dir, out, devices=args.device or [_default_device()], split=args.split,
+        time_scale=args.time_scale,
         systems=args.system, checkpoints=args.checkpoints, sets=args.sets, progress=not args.quiet,
-        plots=False if args.no_plots else None,
+        plots=False if args.no_plots else None, force=args.force,
     )
     if not args.quiet:
         cols = [c for c in ("system", "requests", "completed", "rejected", "cold_starts", "mean_load_s",
-                            "p50_ttft_s", "p99_ttft_s", "bytes_loaded", "full_hit_ratio", "replay_end_s")
+                            "p50_ttft_s", "p99_ttft_s", "bytes_loaded", "full_hit_ratio", "lag_p99_s",
+                            "replay_end_s")
                 if c in summary.columns]
         print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         print(f"results in {out}/ (summary.csv, requests/timeline/memory/loads parquet, replay.json"

@@ -4,15 +4,22 @@ Why not `simpy.rt.RealtimeEnvironment`: its `step` sleeps with `time.sleep` unti
 event, so the completion of work running on another thread (a real device's copy or forward pass)
 could not wake it; and a real device that blocked the clock's thread would delay every other GPU's
 events by its whole duration. Here each device runs its work on its own thread (`run_on`); the clock's
-thread only keeps the books, waiting on a queue of completions with a timeout until the next scheduled
-event. A completion is stamped with the time its work was submitted plus the seconds the work measured
-on its thread (not the hand-over between threads, which no device model includes), and never before
-the present.
+thread only keeps the books, waiting on a queue of completions with a timeout until the next event.
+
+The timeline is the trace's arrivals plus the device work as measured on the devices' threads: a
+completion is stamped with its submission time plus the seconds its work took. The lifecycle's own
+Python bookkeeping and the hand-over between threads are not charged to any request (no device model
+includes them, and a production scheduler's are far smaller). Events are processed in that timeline's
+order: an event waits while a device's pending work could still finish before it (its submission time
+plus the seconds it has run so far is earlier), and, when the clock is ahead of the wall, until its
+wall time. So the order of events, and with it every lifecycle decision, follows from the trace and the
+measured durations alone.
 
 Time is in trace seconds; `factor` is the wall seconds per trace second (1: real time; 0.001 runs a
-modelled replay 1000x faster than real time). Every processed event records its lag: how late, in
-trace seconds, it was processed after its scheduled time. A replay whose lag grows has fallen behind
-the trace, and its outcomes then differ from what the trace asked for.
+modelled replay 1000x faster than real time). Every processed event records its lag: how much later
+(trace seconds) than its time it ran by the wall clock. The bookkeeping makes a saturated device fall
+behind the wall; a lag that grows means that device work ran later than the trace placed it, so work
+of different GPUs overlaps otherwise than it would have and an idle device was not idle as long.
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ class WallClockEnvironment(simpy.Environment):
         super().__init__(0.0)
         self.factor = factor  # wall seconds per trace second
         self._done: queue.SimpleQueue[tuple[simpy.Event, float, bool, Any, float]] = queue.SimpleQueue()
-        self._pending = 0  # device work submitted and not yet delivered
+        self._pending: dict[int, tuple[float, list[float]]] = {}  # device work not yet delivered: id ->
+        # (submission time, [wall start on its thread] once started)
         self._start = time.perf_counter()
         self.lags: list[float] = []  # per processed event: trace seconds late
         self.finished: Callable[[], bool] = lambda: False  # all work done: stop following the clock
@@ -62,22 +70,24 @@ class WallClockEnvironment(simpy.Environment):
         its exception) at submission time + the seconds `work` took."""
         event = self.event()
         submitted = self._now
+        started: list[float] = []
 
         def job() -> None:
             t0 = time.perf_counter()
+            started.append(t0)
             try:
                 out, ok = work(), True
             except BaseException as exc:  # delivered to the waiting process, which raises it
                 out, ok = exc, False
             self._done.put((event, submitted, ok, out, time.perf_counter() - t0))
 
-        self._pending += 1
+        self._pending[id(event)] = (submitted, started)
         executor.submit(job)
         return event
 
     def _deliver(self, item: tuple[simpy.Event, float, bool, Any, float]) -> None:
         event, submitted, ok, out, seconds = item
-        self._pending -= 1
+        del self._pending[id(event)]
         self.device_s += seconds
         at = max(self._now, submitted + seconds / self.factor)
         event._ok = ok
@@ -97,9 +107,15 @@ class WallClockEnvironment(simpy.Environment):
             if self.finished() and not self._pending:
                 break  # nothing real is left to wait for: run the bookkeeping to its end at once
             wall = self.wall()
-            if t <= wall:
+            bound, running = self._earliest_completion(wall)
+            if t <= bound and t <= wall:
                 break
-            wait = None if t is Infinity else (t - wall) * self.factor
+            if t is Infinity:
+                wait = None
+            else:  # until the wall reaches t and pending work has run long enough to end after t
+                wait = max(t - wall, t - bound if running else 0.0) * self.factor
+                if not running and t > bound:
+                    wait = 1e-3  # work not started on its thread yet: look again soon
             try:
                 self._deliver(self._done.get(timeout=wait))
             except queue.Empty:
@@ -107,6 +123,21 @@ class WallClockEnvironment(simpy.Environment):
         if not self.finished():
             self.lags.append(max(0.0, self.wall() - self.peek()))
         super().step()
+
+    def _earliest_completion(self, wall: float) -> tuple[float, bool]:
+        """The earliest time a pending piece of device work can still be stamped with, and whether that
+        piece has started (its bound then grows with the wall clock)."""
+        best, running = Infinity, False
+        now_wall = time.perf_counter()
+        for submitted, started in self._pending.values():
+            if started:
+                bound = submitted + (now_wall - started[0]) / self.factor
+                run = True
+            else:
+                bound, run = submitted, False
+            if bound < best:
+                best, running = bound, run
+        return best, running
 
     def lag_stats(self) -> LagStats:
         """p50, p99 and max lag (trace seconds) over the events processed so far."""

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import simpy
 
-from tangram_sim.arena import Key
+from tangram_sim.arena import Key, State
 from tangram_sim.core.device import Device
 from tangram_sim.core.records import Gang, ModelEntry, Request
 from tangram_sim.core.storage import Node
@@ -41,6 +41,30 @@ class Recorder:
     def log(self, now: float, gpu: int, kind: str, rid: int = -1, detail: str = "") -> None:
         if self.events is not None:
             self.events.append((now, gpu, kind, rid, detail))
+
+    def sample(self, worker: GpuWorker, force: bool = False) -> None:
+        """One timeline row of a GPU's arena (at most one per `sample_interval_s` unless forced); the
+        arena's invariants are checked at each."""
+        now = worker.cluster.env.now
+        if not force and now - worker.last_sample < self.sample_interval_s:
+            return
+        worker.last_sample = now
+        arena = worker.arena
+        if self.check_invariants:
+            arena.check_invariants()
+            self.samples_checked += 1
+        pinned = 0
+        resident_state = State.RESIDENT
+        for region in arena.regions():
+            if region.pin_count and region.state is resident_state:
+                pinned += region.size
+        resident = arena.bytes_in(State.RESIDENT)
+        self.timeline.append((
+            now, worker.gpu_id, worker.active_model(),
+            pinned, resident - pinned, arena.bytes_in(State.KV), arena.bytes_in(State.LOADING),
+            arena.free_bytes, arena.largest_free(), arena.fragmentation(),
+        ))
+        worker.device.sampled(now)
 
 
 class Cluster:

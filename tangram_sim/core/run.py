@@ -7,6 +7,7 @@ both call `run_lifecycle`, so a request meets the same router, worker and polici
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -137,7 +138,7 @@ def run_lifecycle(
     env.process(arrivals())
     env.run()
     for w in cluster.workers:
-        w.sample(force=True)
+        recorder.sample(w, force=True)
     check_run(requests, cluster)
     return LifecycleRun(requests, cluster, recorder)
 
@@ -159,3 +160,53 @@ def check_run(requests: list[Request], cluster: Cluster) -> None:
             problems.append(f"gpu {w.gpu_id} still has {w.queued} queued requests")
     if problems:
         raise RunInvariantError("; ".join(problems))
+
+
+@dataclass(slots=True)
+class WallClockRun:
+    requests: pd.DataFrame  # REQUEST_COLUMNS
+    timeline: pd.DataFrame  # TIMELINE_COLUMNS
+    summary: dict[str, Any]  # `summarize` plus lag_p50_s/lag_p99_s/lag_max_s/lag_events, replay_end_s,
+    # device_s (seconds of device work measured on the devices' threads)
+    wall_s: float  # seconds the run took
+    devices: Sequence[Device]  # as the run left them (their own records: loads, memory readings)
+
+
+def run_on_wall_clock(
+    make_devices: Callable[[WallClockEnvironment], Sequence[Device]],
+    trace: pd.DataFrame,
+    system: SystemSpec,
+    *,
+    entries: dict[str, ModelEntry],
+    sensitivity: dict[str, float],
+    h2d_bps: float,
+    time_model: TimeModel,
+    seed: int = 0,
+    sample_interval_s: float = 0.01,
+    factor: float = 1.0,
+    progress: Callable[[int], Any] | None = None,
+) -> WallClockRun:
+    """The replay driver: the lifecycle on one node of `make_devices(env)`'s GPUs, arrivals at their wall
+    time (`factor` wall seconds per trace second), the storage tiers of a replay (every unit read from its
+    files: no host cache). `time_model` and the system's engine overhead only feed the scheduler's
+    estimates, as in `simulate`; the devices take the time they take."""
+    policies = build_policies(system, h2d_bps=h2d_bps, sensitivity=sensitivity, trace=trace)
+    env = WallClockEnvironment(factor)
+    devices = make_devices(env)
+    recorder = Recorder(False, sample_interval_s, check_invariants=True)
+    requests = trace_requests(trace)
+    env.restart()
+    t0 = time.perf_counter()
+    run = run_lifecycle(
+        env, devices, requests, gpus_per_node=len(devices), tiers=TierSpec(host_cache_bytes=0), system=system,
+        entries=entries, time_model=time_model, policies=policies, seed=seed, recorder=recorder,
+        engine_overhead_s=system.engine_overhead_s, progress=progress,
+    )
+    wall = time.perf_counter() - t0
+    frame, timeline, numbers = run.frames()
+    summary: dict[str, Any] = {"system": system.name}
+    summary.update(numbers)
+    summary.update(env.lag_stats())
+    summary["replay_end_s"] = float(env.now)
+    summary["device_s"] = env.device_s
+    return WallClockRun(frame, timeline, summary, wall, devices)

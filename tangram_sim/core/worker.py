@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING
 
 import simpy
 
-from tangram_sim.arena import Key, State
+from tangram_sim.arena import Key
 from tangram_sim.core.device import Device, RankLoad
+from tangram_sim.core.kvbook import kv_free, kv_take, reserve_static_kv, want_tokens
 from tangram_sim.core.records import EPS_TOKENS, Gang, ModelEntry, Request
 from tangram_sim.core.storage import Node
-from tangram_sim.policies.kv import KvPool, execute_kv_plan, plan_kv
+from tangram_sim.policies.kv import KvPool
 from tangram_sim.policies.lifecycle import ModelQueues, must_yield, preemption_victim
 from tangram_sim.policies.packing import Move, execute_plan
 from tangram_sim.policies.retention import RetentionPolicy
@@ -81,7 +82,7 @@ class GpuWorker:
         self.busy_s = 0.0  # time spent loading, prefilling or decoding
         self.compaction_bytes = 0
         self.cold_starts = 0
-        self._last_sample = -math.inf
+        self.last_sample = -math.inf  # when the timeline last sampled this GPU
 
     # ------------------------------------------------------------ routing support
     def submit(self, req: Request) -> None:
@@ -224,9 +225,9 @@ class GpuWorker:
         c.recorder.log(env.now, self.gpu_id, "loaded", head.rid,
                        f"loaded={loaded} reused={reused} moved={moved} evicted={evicted}")
         if not c.kv.on_demand:
-            self._reserve_static_kv()
+            reserve_static_kv(self)
         for worker in group:
-            worker.sample()
+            c.recorder.sample(worker)
 
     def _plan_rank(self, entry: ModelEntry, rank: int, model: str, now: float):
         """This GPU's part of a cold start: the missing shards and their bytes, the reused ones, and
@@ -262,36 +263,6 @@ class GpuWorker:
             raise LifecycleError(f"gpu {self.gpu_id}: no packing plan for {model}")
         return missing, missing_bytes, reused_keys, plan
 
-    def _reserve_static_kv(self) -> None:
-        """vLLM-style: reserve `fraction` of memory minus weights for KV when the instance starts."""
-        c = self.cluster
-        inst = self.instance
-        block = c.block_bytes[inst.model]
-        plans = []
-        for rank, worker in enumerate(inst.group):
-            arena = worker.arena
-            weights = sum(inst.entry.rank_aligned[rank])
-            want = c.kv.reservation_bytes(arena.capacity, weights)
-            if want < arena.capacity - weights - want:
-                # The fraction leaves less KV than it leaves unused (a model near the GPU's size): like
-                # raising vLLM's gpu_memory_utilization, reserve everything the weights leave.
-                want = arena.capacity - weights
-            want -= want % block
-            plan = plan_kv(arena, want, block, ())
-            if plan.must_wait:
-                plan = plan_kv(arena, want, block, worker.retention.eviction_order(arena.evictable(), c.env.now))
-            if plan.must_wait:  # fragmentation: take the whole blocks the holes hold
-                fits = sum(r.size - r.size % block for r in arena.free_regions())
-                plan = plan_kv(arena, fits, block, ())
-            plans.append((worker, plan))
-        capacity = min(plan.nbytes for _, plan in plans)  # ranks hold equal shards of every block
-        for worker, plan in plans:
-            worker.retention.on_evict_many(plan.evictions, c.env.now)
-            keys = execute_kv_plan(worker.arena, plan, ("pool", worker.gpu_id, inst.started))
-            inst.pool_keys += [(worker, key) for key in keys]
-            worker.device.pool_reserved(inst, keys)
-        inst.pool = KvPool(capacity=capacity)
-
     def _end_instance(self) -> None:
         inst = self.instance
         assert inst is not None and not inst.running
@@ -307,71 +278,13 @@ class GpuWorker:
         c.recorder.log(c.env.now, self.gpu_id, "instance_end", -1, inst.model)
         self.instance = None
         for worker in inst.group:
-            worker.sample()
+            c.recorder.sample(worker)
         if inst.gang is not None:
             if not inst.gang.released.triggered:
                 inst.gang.released.succeed()
             # Requests routed to the running instance need a new group: place them again, in order.
             while self.queues.count_for(inst.model):
                 c.route(self._dequeue(inst.model), replace=True)
-
-    # ------------------------------------------------------------ KV
-    def _kv_take(self, req: Request, tokens: int) -> bool:
-        """Grow `req`'s KV to cover `tokens` on every rank; False when the memory is not there."""
-        c = self.cluster
-        inst = self.instance
-        block_tokens = c.system.kv_block_tokens
-        blocks_now = req.kv_limit // block_tokens
-        blocks_new = -(-tokens // block_tokens)
-        if blocks_new <= blocks_now:
-            return True
-        block = c.block_bytes[inst.model]
-        nbytes = (blocks_new - blocks_now) * block
-        if inst.pool is not None:
-            if not inst.pool.can_take(nbytes):
-                return False
-            inst.pool.take(nbytes)
-            for worker in inst.group:
-                worker.device.kv_grown(inst, req, (), nbytes)
-        else:
-            now = c.env.now
-            plans = []
-            for worker in inst.group:  # plan every rank first: all or nothing
-                arena = worker.arena
-                plan = plan_kv(arena, nbytes, block, ())
-                if plan.must_wait:
-                    plan = plan_kv(arena, nbytes, block, worker.retention.eviction_order(arena.evictable(), now))
-                    if plan.must_wait:
-                        return False
-                plans.append((worker, plan))
-            for worker, plan in plans:
-                worker.retention.on_evict_many(plan.evictions, now)
-                keys = execute_kv_plan(worker.arena, plan, ("kv", req.rid), first_index=len(req.kv_keys))
-                req.kv_keys += [(worker.arena, key) for key in keys]
-                worker.device.kv_grown(inst, req, keys, nbytes)
-        req.kv_bytes += nbytes
-        req.kv_limit = blocks_new * block_tokens
-        return True
-
-    def _kv_free(self, req: Request) -> None:
-        inst = self.instance
-        for worker in inst.group:
-            worker.device.kv_freed(inst, req)
-        if inst.pool is not None:
-            inst.pool.give_back(req.kv_bytes)
-        else:
-            for arena, key in req.kv_keys:
-                arena.release(key)
-        req.kv_keys = []
-        req.kv_bytes = 0
-        req.kv_limit = 0
-
-    def _want_tokens(self, req: Request) -> int:
-        """KV tokens to hold: prompt + generated + one growth chunk, never past what it will need."""
-        need = req.input_tokens + req.output_tokens
-        have = req.input_tokens + int(req.done_tokens + EPS_TOKENS)
-        chunk = self.cluster.system.kv_block_tokens * self.cluster.system.kv_chunk_blocks
-        return min(need, have + chunk)
 
     # ------------------------------------------------------------ serving
     def _serve(self):
@@ -392,7 +305,7 @@ class GpuWorker:
                     break
                 if must_yield(self._blocker(inst), req, env.now, system.fairness_window_s):
                     break  # an older request of another model has waited long enough
-                if not self._kv_take(req, self._want_tokens(req)):
+                if not kv_take(self, req, want_tokens(c.system, req)):
                     if not running and not admitted:
                         self._dequeue(inst.model)
                         self._reject(req, "kv-capacity")
@@ -464,7 +377,7 @@ class GpuWorker:
                     continue  # preempted while growing another request
                 if req.input_tokens + req.done_tokens < req.kv_limit - EPS_TOKENS:
                     continue
-                while not self._kv_take(req, self._want_tokens(req)):
+                while not kv_take(self, req, want_tokens(c.system, req)):
                     victim = preemption_victim(running, growing=req)
                     if victim is None:  # alone and still too large
                         running.remove(req)
@@ -484,7 +397,7 @@ class GpuWorker:
     def _preempt(self, req: Request) -> None:
         """Free a running request's KV and put it back at the queue head; it recomputes later."""
         self.instance.running.remove(req)
-        self._kv_free(req)
+        kv_free(self, req)
         req.preemptions += 1
         req.done_tokens = 0.0
         self.queues.push_front(req)
@@ -492,50 +405,25 @@ class GpuWorker:
 
     def _complete(self, req: Request) -> None:
         now = self.cluster.env.now
-        self._kv_free(req)
+        kv_free(self, req)
         req.e2e_s = now - req.arrival
         req.outcome = "completed"
         self.cluster.finished += 1
         self.cluster.recorder.log(now, self.gpu_id, "completed", req.rid, "")
-        self.sample()
+        self.cluster.recorder.sample(self)
 
     def _reject(self, req: Request, reason: str) -> None:
         if req.kv_bytes:
-            self._kv_free(req)
+            kv_free(self, req)
         req.outcome = "rejected"
         req.reason = reason
         req.gpu = self.gpu_id
         self.cluster.finished += 1
         self.cluster.recorder.log(self.cluster.env.now, self.gpu_id, "rejected", req.rid, reason)
 
-    # ------------------------------------------------------------ timeline
-    def _active_model(self) -> str:
+    def active_model(self) -> str:
         """Model this GPU runs, as leader or as a held member of a tensor-parallel gang."""
         inst = self.instance
         if inst is None and self.held_by is not None:
             inst = self.held_by.instance
         return inst.model if inst is not None else ""
-
-    def sample(self, force: bool = False) -> None:
-        """One timeline row of this GPU's arena (at most one per `sample_interval_s` unless forced)."""
-        rec = self.cluster.recorder
-        now = self.cluster.env.now
-        if not force and now - self._last_sample < rec.sample_interval_s:
-            return
-        self._last_sample = now
-        arena = self.arena
-        if rec.check_invariants:
-            arena.check_invariants()
-            rec.samples_checked += 1
-        pinned = 0
-        resident_state = State.RESIDENT
-        for region in arena.regions():
-            if region.pin_count and region.state is resident_state:
-                pinned += region.size
-        resident = arena.bytes_in(State.RESIDENT)
-        rec.timeline.append((
-            now, self.gpu_id, self._active_model(),
-            pinned, resident - pinned, arena.bytes_in(State.KV), arena.bytes_in(State.LOADING),
-            arena.free_bytes, arena.largest_free(), arena.fragmentation(),
-        ))
-        self.device.sampled(now)

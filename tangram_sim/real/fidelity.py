@@ -9,7 +9,9 @@ same requests on both sides, matched by `rid`) and reports, per system present i
 - the full-hit ratio (cold starts that loaded nothing): its error is the difference in points, since
   the ratio is often 0 for the baseline;
 - per request: the Pearson correlation of load times and of TTFTs, and the share of requests that are
-  cold on both sides or warm on both sides.
+  cold on both sides or warm on both sides;
+- per GPU: requests served, cold starts and bytes loaded on each side (the router's decisions);
+- the replay's lag (p50/p99/max, from its summary.csv): how far behind the wall clock it ran.
 
 Pure pandas/numpy (no torch): it runs wherever the two folders are.
 """
@@ -50,11 +52,15 @@ AGREEMENT = (
 HEADLINE = ("mean_load_s", "p50_ttft_s")  # the figures the fidelity goal is stated on
 
 
+LAG = ("lag_p50_s", "lag_p99_s", "lag_max_s", "lag_bound_s")  # the replay's, from its summary.csv
+
+
 @dataclass(slots=True)
 class Fidelity:
-    table: pd.DataFrame  # one row per system: <metric>_sim, <metric>_real, <metric>_err, agreement
+    table: pd.DataFrame  # one row per system: <metric>_sim, <metric>_real, <metric>_err, agreement, lag
     sim_dir: Path  # the simulation's run directory
     real_dir: Path  # the replay's run directory
+    gpus: pd.DataFrame | None = None  # per (system, point, gpu): requests, cold starts, bytes, both sides
 
     def worst_headline_error(self) -> float:
         """Largest |relative error| of mean load time and p50 TTFT over the systems (NaN if none)."""
@@ -165,7 +171,46 @@ def compare_runs(sim_dir: str | Path, real_dir: str | Path) -> Fidelity:
         if not d.is_dir():
             raise TangramError(f"{d}: not a directory; expected a run directory")
         require_complete(d)
-    return Fidelity(fidelity_table(_requests(sim_dir), _requests(real_dir)), sim_dir, real_dir)
+    sim, real = _requests(sim_dir), _requests(real_dir)
+    table = fidelity_table(sim, real)
+    lag = _lag(real_dir)
+    for col in LAG:
+        table[col] = [lag.get((str(r.system), int(r.point)), {}).get(col, math.nan) for r in table.itertuples()]
+    return Fidelity(table, sim_dir, real_dir, gpu_table(sim, real, table))
+
+
+def _lag(run_dir: Path) -> dict[tuple[str, int], dict[str, float]]:
+    """(system, point) -> the lag figures of a replay's summary.csv (none for a simulation)."""
+    path = run_dir / "summary.csv"
+    try:
+        summary = pd.read_csv(path)
+    except (OSError, ValueError):
+        return {}
+    if not set(LAG) <= set(summary.columns):
+        return {}
+    if "point" not in summary.columns:
+        summary["point"] = 0
+    return {(str(r["system"]), int(r["point"])): {c: float(r[c]) for c in LAG} for _, r in summary.iterrows()}
+
+
+def gpu_table(sim: pd.DataFrame, real: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Per (system, point, GPU) of the compared systems: requests served, cold starts and bytes loaded,
+    simulated and replayed."""
+    rows = []
+    for t in table.itertuples():
+        sides = {}
+        for name, frame in (("sim", sim), ("real", real)):
+            f = frame[(frame["system"] == t.system) & (frame["point"] == t.point)]
+            sides[name] = f.groupby("gpu").agg(requests=("rid", "size"), cold_starts=("cold", "sum"),
+                                               bytes_loaded=("bytes_loaded", "sum"))
+        for gpu in sorted(set(sides["sim"].index) | set(sides["real"].index)):
+            row: dict[str, Any] = {"system": t.system, "point": t.point, "gpu": int(gpu)}
+            for col in ("requests", "cold_starts", "bytes_loaded"):
+                for name in ("sim", "real"):
+                    side = sides[name]
+                    row[f"{col}_{name}"] = int(side.loc[gpu, col]) if gpu in side.index else 0
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _fmt(value: float, unit: str) -> str:
@@ -200,6 +245,18 @@ def format_table(fid: Fidelity) -> str:
         for col, label in AGREEMENT:
             value = row[col]
             lines.append(f"  {label}: {'-' if math.isnan(value) else f'{value:.3f}'}")
+        if fid.gpus is not None and len(fid.gpus):
+            g = fid.gpus[(fid.gpus["system"] == row["system"]) & (fid.gpus["point"] == row["point"])]
+            for r in g.itertuples():
+                lines.append(f"  gpu {r.gpu}: requests {r.requests_sim} / {r.requests_real}, cold starts "
+                             f"{r.cold_starts_sim} / {r.cold_starts_real}, bytes loaded "
+                             f"{r.bytes_loaded_sim / 1e6:.2f} / {r.bytes_loaded_real / 1e6:.2f} MB "
+                             "(simulated / replayed)")
+        if "lag_p99_s" in row and not math.isnan(row["lag_p99_s"]):
+            late = row["lag_p99_s"] > row["lag_bound_s"]
+            lines.append(f"  replay lag: p50 {row['lag_p50_s'] * 1e3:.2f} ms, p99 {row['lag_p99_s'] * 1e3:.2f} ms, "
+                         f"max {row['lag_max_s'] * 1e3:.2f} ms (bound {row['lag_bound_s'] * 1e3:.2f} ms)"
+                         + ("  WARNING: the replay fell behind the wall clock" if late else ""))
     return "\n".join(lines)
 
 

@@ -2,10 +2,11 @@
 
 The router, the workers, the policies and the end checks are the simulator's own (`core.run`); only the
 devices (torch copies and forward passes, durations measured on each device's thread) and the clock
-(`core.clock.WallClockEnvironment`: arrivals at their wall time) differ. So a replay and the simulation
-of its `experiment.sim.yaml` differ only where the time model differs from the device, and through the
-lag: how late the replay processed its events. The lag is reported (p50/p99/max) and a replay whose p99
-lag exceeds `real.lag_bound_s` says loudly that its outcomes no longer follow the trace.
+(`core.clock.WallClockEnvironment`: arrivals at their wall time, device work for as long as it took)
+differ. So a replay and the simulation of its `experiment.sim.yaml` differ where the time model differs
+from the device. The lag (how much later than their trace time events ran by the wall clock) is
+reported (p50/p99/max); a replay whose p99 lag exceeds `real.lag_bound_s` says so loudly, because its
+device work then ran at other moments than the trace placed it (other idle gaps, other overlaps).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,15 +25,14 @@ import torch
 from tangram_sim.arena import ARENA_ALIGNMENT
 from tangram_sim.core.clock import WallClockEnvironment
 from tangram_sim.core.records import build_entries
-from tangram_sim.core.router import Recorder
-from tangram_sim.core.run import build_policies, run_lifecycle, trace_requests
+from tangram_sim.core.run import run_on_wall_clock
 from tangram_sim.errors import ConfigError
 from tangram_sim.experiments.config import load_yaml
 from tangram_sim.real.device import LOAD_COLUMNS, MEMORY_COLUMNS, RealDevice
 from tangram_sim.real.executor import RealGpu, resolve_device
 from tangram_sim.real.loader import DEFAULT_CHUNK_BYTES, Checkpoint
 from tangram_sim.real.setup import ReplaySetup, loader_options, prepare_replay
-from tangram_sim.sim.hardware import GPUS, TierSpec
+from tangram_sim.sim.hardware import GPUS
 from tangram_sim.sim.systems import SystemSpec
 from tangram_sim.sim.timemodel import Roofline, TimeModel
 
@@ -132,51 +131,39 @@ def replay_trace(
     prompts = _prompts(trace, vocab, seed)
     sens = {m: float((sensitivity or {}).get(m, 1.0)) for m in ckpts}
     entries = build_entries({m: (c.spec, sens[m], 1) for m, c in ckpts.items()}, system, ARENA_ALIGNMENT)
-    policies = build_policies(system, h2d_bps=h2d_bps, sensitivity=sens, trace=trace)
-    tm = time_model or Roofline(GPUS["a100-80gb"])
     loader = dict(readers=readers, chunk_bytes=chunk_bytes, staging=staging)
-    requests = trace_requests(trace)
+    gpus: list[RealDevice] = []
+
+    def make_devices(env: WallClockEnvironment) -> list[RealDevice]:
+        for i, dev in enumerate(devs):
+            gpus.append(RealDevice(env, i, dev, capacity, ARENA_ALIGNMENT, ckpts, system.granularity,
+                                   system.min_unit_bytes, system.kv_block_tokens, prompts, h2d_bps, **loader))
+        return gpus
+
     with torch_threads(threads):
         if warmup:
             _warm_up(ckpts, devs, system, loader)
-        env = WallClockEnvironment()
-        gpus: list[RealDevice] = []
+        gc.collect()
+        gc_was = gc.isenabled()
+        gc.disable()  # a collection pause inside a sub-millisecond load would be charged to that load
         try:
-            for i, dev in enumerate(devs):
-                gpus.append(RealDevice(env, i, dev, capacity, ARENA_ALIGNMENT, ckpts, system.granularity,
-                                       system.min_unit_bytes, system.kv_block_tokens, prompts, h2d_bps, **loader))
-            recorder = Recorder(False, sample_interval_s, check_invariants=True)
-            gc.collect()
-            gc_was = gc.isenabled()
-            gc.disable()  # a collection pause inside a sub-millisecond load would be charged to that load
-            t0 = time.perf_counter()
-            try:
-                env.restart()
-                run = run_lifecycle(
-                    env, gpus, requests, gpus_per_node=len(gpus), tiers=TierSpec(host_cache_bytes=0),
-                    system=system, entries=entries, time_model=tm, policies=policies, seed=seed,
-                    recorder=recorder, engine_overhead_s=system.engine_overhead_s, progress=progress,
-                )
-            finally:
-                if gc_was:
-                    gc.enable()
-            wall = time.perf_counter() - t0
+            run = run_on_wall_clock(
+                make_devices, trace, system, entries=entries, sensitivity=sens, h2d_bps=h2d_bps,
+                time_model=time_model or Roofline(GPUS["a100-80gb"]), seed=seed,
+                sample_interval_s=sample_interval_s, progress=progress,
+            )
             for g in gpus:
                 g.check()
         finally:
+            if gc_was:
+                gc.enable()
             for g in gpus:
                 g.close()
-    frame, timeline, numbers = run.frames()
-    summary: dict[str, Any] = {"system": system.name}
-    summary.update(numbers)
-    lag = env.lag_stats()
-    summary.update(lag)
+    summary = dict(run.summary)
     summary["lag_bound_s"] = lag_bound_s
-    summary["replay_end_s"] = float(env.now)
-    summary["device_s"] = env.device_s
     loads = pd.DataFrame([row for g in gpus for row in g.loads], columns=LOAD_COLUMNS)
     memory = pd.DataFrame([row for g in gpus for row in g.memory], columns=MEMORY_COLUMNS)
-    return ReplayResult(system.name, frame, timeline, memory, loads, summary, wall)
+    return ReplayResult(system.name, run.requests, run.timeline, memory, loads, summary, run.wall_s)
 
 
 def _warm_up(ckpts: dict[str, Checkpoint], devs: Sequence[torch.device], system: SystemSpec,
@@ -233,9 +220,10 @@ def lag_warning(summary: dict[str, Any]) -> str | None:
     p99, bound = summary.get("lag_p99_s", 0.0), summary.get("lag_bound_s", LAG_BOUND_S)
     if p99 <= bound:
         return None
-    return (f"warning: {summary['system']}: the replay fell behind its trace (lag p99 {p99 * 1e3:.2f} ms, "
-            f"max {summary.get('lag_max_s', 0.0) * 1e3:.2f} ms > bound {bound * 1e3:.2f} ms): its outcomes "
-            "differ from what the trace asked for; lower real.time_scale or the load")
+    return (f"warning: {summary['system']}: the replay fell behind the wall clock (lag p99 {p99 * 1e3:.2f} ms, "
+            f"max {summary.get('lag_max_s', 0.0) * 1e3:.2f} ms > bound {bound * 1e3:.2f} ms): device work ran "
+            "later than the trace placed it, so idle gaps and the overlap of GPUs differ from the trace's; "
+            "lower real.time_scale or the load")
 
 
 def run_replay(
@@ -251,27 +239,57 @@ def run_replay(
     sets: Sequence[str] = (),
     progress: bool = False,
     plots: bool | None = None,
+    force: bool = False,
 ) -> pd.DataFrame:
-    """Replay every (chosen) system and write the run-dir layout; returns the summary table."""
-    from tangram_sim.real.results import write_results
+    """Replay every (chosen) system into a run directory (`tangram_sim.rundir`): each system's results
+    are stored as soon as it is done, run.json is written last; returns the summary table."""
+    from pathlib import Path
 
-    setup = prepare_replay(raw, base_dir, out_dir, devices=devices, split=split, time_scale=time_scale,
-                           systems=systems, checkpoints=checkpoints, sets=sets)
-    for note in setup.notes:
-        print(f"note: {note}", file=sys.stderr)
-    results = []
-    for s in setup.systems:
-        r = replay_system(setup, s, progress)
-        warning = lag_warning(r.summary)
-        if warning:
-            print(warning, file=sys.stderr)
-        results.append(r)
-    write_results(setup, results)
-    if plots if plots is not None else setup.config["outputs"]["plots"]:
-        from tangram_sim.experiments.runner import render
+    from tangram_sim.real.results import replay_config_text, write_meta, write_system
+    from tangram_sim.rundir import JobKey, RunWriter, check_out_dir
 
-        render(out_dir)
-    return pd.read_csv(out_dir / "summary.csv")
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    box: list[RunWriter] = []
+
+    def claim(config: dict[str, Any], devs: list[torch.device]) -> RunWriter:
+        writer = RunWriter(out_dir, config, kind="replay", force=force,
+                           hash_extra={"devices": [str(d) for d in devs]})
+        writer.check([JobKey(0, i) for i in range(len(config["systems"]))])
+        writer.open()
+        box.append(writer)
+        return writer
+
+    status = "interrupted"
+    try:
+        setup = prepare_replay(raw, base_dir, out_dir, devices=devices, split=split, time_scale=time_scale,
+                               systems=systems, checkpoints=checkpoints, sets=sets, claim=claim)
+        writer = box[0]
+        writer.write_text("config.yaml", replay_config_text(setup))
+        for note in setup.notes:
+            print(f"note: {note}", file=sys.stderr)
+        results = []
+        for i, s in enumerate(setup.systems):
+            r = replay_system(setup, s, progress)
+            warning = lag_warning(r.summary)
+            if warning:
+                print(warning, file=sys.stderr)
+            write_system(writer, i, r)
+            results.append(r)
+        summary = writer.combine()
+        write_meta(writer, setup, results)
+        if plots if plots is not None else setup.config["outputs"]["plots"]:
+            from tangram_sim.experiments.runner import render
+
+            writer.add_files(render(out_dir))
+        status = None
+    except Exception:
+        status = "failed"
+        raise
+    finally:
+        if box:  # the folder was claimed: run.json says how the replay ended
+            box[0].close(status=status)
+    return summary
 
 
 def load_experiment(path: Any) -> tuple[dict[str, Any], Any]:

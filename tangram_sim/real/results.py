@@ -1,48 +1,47 @@
-"""A replay's results in the layout of `tangram-sim run`, plus what only a real device measures."""
+"""A replay's results: the run-directory layout of `tangram-sim run` (`tangram_sim.rundir`), plus what
+only a real device measures (memory readings, where each cold start's time went) and replay.json."""
 
 from __future__ import annotations
 
 import json
 import platform
 from collections.abc import Sequence
-
-import pandas as pd
+from typing import Any
 
 from tangram_sim.core.metrics import TIMELINE_COLUMNS
 from tangram_sim.experiments.config import dump_yaml
 from tangram_sim.real.memory import driver_info
 from tangram_sim.real.replay import ReplayResult
 from tangram_sim.real.setup import ReplaySetup
+from tangram_sim.rundir import JobKey, RunWriter
+
+FRAMES = ("requests", "timeline", "memory", "loads")
 
 
-def write_results(setup: ReplaySetup, results: Sequence[ReplayResult]) -> None:
-    """config.yaml, summary.csv, timings.csv, requests/timeline/memory/loads parquet, replay.json."""
-    out = setup.out_dir
+def replay_config_text(setup: ReplaySetup) -> str:
+    """config.yaml of a replay: experiment.sim.yaml, described, with the devices and the arena size."""
     devices = [str(d) for d in setup.devices]
     cfg = dict(setup.sim_config)
     cfg["description"] = f"Real replay on {', '.join(devices)} (time scale {setup.time_scale:g})."
     cfg["real"] = {**setup.real, "devices": devices, "capacity_bytes": setup.capacity}
-    (out / "config.yaml").write_text(dump_yaml(cfg))
-    rows, timings, frames = [], [], {"requests": [], "timeline": [], "memory": [], "loads": []}
-    for r in results:
-        row = {"system": r.system, "point": 0}
-        row.update({k: v for k, v in r.summary.items() if k != "system"})
-        rows.append(row)
-        timings.append({"system": r.system, "point": 0, "wall_s": round(r.wall_s, 3)})
-        for key in frames:
-            frame = getattr(r, key).copy()
-            frame.insert(0, "point", 0)
-            frame.insert(0, "system", r.system)
-            frames[key].append(frame)
-    pd.DataFrame(rows).to_csv(out / "summary.csv", index=False, float_format="%.6g")
-    pd.DataFrame(timings).to_csv(out / "timings.csv", index=False)
-    for key, parts in frames.items():
-        if parts:
-            pd.concat(parts, ignore_index=True).to_parquet(out / f"{key}.parquet", index=False)
-    meta = {
+    return dump_yaml(cfg)
+
+
+def write_system(writer: RunWriter, index: int, result: ReplayResult) -> None:
+    """One system's replay, stored as soon as it is done (kept if a later system fails)."""
+    row = {"system": result.system, "point": 0}
+    row.update({k: v for k, v in result.summary.items() if k != "system"})
+    writer.write_job(JobKey(0, index), row, {name: getattr(result, name) for name in FRAMES},
+                     timing={"system": result.system, "point": 0, "wall_s": round(result.wall_s, 3)})
+
+
+def replay_meta(setup: ReplaySetup, results: Sequence[ReplayResult]) -> dict[str, Any]:
+    """replay.json: the devices as their drivers describe them, the arena, the checkpoints, wall time and
+    the lag of each system."""
+    return {
         "experiment": setup.config["name"],
         "devices": [driver_info(d) for d in dict.fromkeys(setup.devices)],
-        "gpus": devices,
+        "gpus": [str(d) for d in setup.devices],
         "host": platform.node(),
         "capacity_bytes": setup.capacity,
         "time_scale": setup.time_scale,
@@ -53,4 +52,7 @@ def write_results(setup: ReplaySetup, results: Sequence[ReplayResult]) -> None:
                   for r in results},
         "timeline_columns": TIMELINE_COLUMNS,
     }
-    (out / "replay.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def write_meta(writer: RunWriter, setup: ReplaySetup, results: Sequence[ReplayResult]) -> None:
+    writer.write_text("replay.json", json.dumps(replay_meta(setup, results), indent=2, default=str) + "\n")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,8 +195,13 @@ def prepare_replay(
     systems: Sequence[str] | None = None,
     checkpoints: str | Path | None = None,
     sets: Sequence[str] = (),
+    claim: Callable[[dict[str, Any], list[torch.device]], Any] | None = None,
 ) -> ReplaySetup:
-    """Validate, make (or find) the checkpoints, build the compressed trace, write experiment.sim.yaml."""
+    """Validate, make (or find) the checkpoints, build the compressed trace, write experiment.sim.yaml.
+
+    `claim(config, devices)` is called once everything is validated and before anything is written
+    into `out_dir` (the run directory's writer checks and claims the folder there); if it returns a
+    writer, experiment.sim.yaml goes through its `write_text`."""
     from tangram_sim.experiments.runner import prepare
 
     devs = replay_devices(devices, split)
@@ -233,6 +238,7 @@ def prepare_replay(
         keep = [i for i, s in enumerate(all_systems) if s.name in systems]
         config = {**config, "systems": [config["systems"][i] for i in keep]}
         all_systems = [all_systems[i] for i in keep]
+    writer = claim(config, devs) if claim is not None else None
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = _checkpoints(config, base_dir, out_dir / "checkpoints", real)
     ckpts = {name: open_checkpoint(p) for name, p in paths.items()}
@@ -262,7 +268,10 @@ def prepare_replay(
     scale = float(real.get("time_scale", 1.0))
     sim = _sim_config(config, base_dir, out_dir, paths, capacity, len(devs), scale, real)
     trace = load_trace(sim["trace"], [m["name"] for m in config["models"]], config["seed"], base_dir)
-    (out_dir / "experiment.sim.yaml").write_text(dump_yaml(sim))
+    if writer is not None:
+        writer.write_text("experiment.sim.yaml", dump_yaml(sim))
+    else:
+        (out_dir / "experiment.sim.yaml").write_text(dump_yaml(sim))
     return ReplaySetup(config, base_dir, out_dir, devs, capacity, scale, ckpts, trace, all_systems, sim, real,
                        notes)
 

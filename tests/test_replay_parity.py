@@ -1,0 +1,74 @@
+"""The replay driver and the simulator run one lifecycle: over a device whose every duration is the time
+model's, the wall-clock replay gives the simulator's request table (no torch needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tangram_sim.arena import ARENA_ALIGNMENT
+from tangram_sim.core.clock import WallClockEnvironment
+from tangram_sim.core.links import Fabric
+from tangram_sim.core.records import build_entries
+from tangram_sim.core.run import run_on_wall_clock
+from tangram_sim.models import derive_model, get_model
+from tangram_sim.sim.device import ModelledDevice
+from tangram_sim.sim.hardware import TierSpec, gpu_spec
+from tangram_sim.sim.simulate import ClusterSpec, ModelChoice, simulate
+from tangram_sim.sim.systems import PRESETS, make_system
+from tangram_sim.sim.timemodel import Roofline
+from tangram_sim.traces.synthetic import synthesize
+
+LLAMA = get_model("llama-3-8b")
+MODELS = {
+    "llama-3-8b": ModelChoice(LLAMA),
+    "qwen2.5-3b": ModelChoice(get_model("qwen2.5-3b")),
+    "mistral-7b": ModelChoice(get_model("mistral-7b")),
+    "llama-ft": ModelChoice(derive_model(LLAMA, "llama-ft", share=[f"model.layers.{i}.*" for i in range(16)])),
+}
+GPU = gpu_spec("a100-40gb", memory_gib=24.0)  # two models at most: evictions, moves, sharing
+CLUSTER = ClusterSpec(nodes=1, gpus_per_node=2, gpu=GPU, tiers=TierSpec(host_cache_bytes=0))
+EXACT = ["rid", "model", "gpu", "cold", "outcome", "reason", "bytes_needed", "bytes_loaded", "bytes_reused",
+         "bytes_moved", "bytes_evicted", "bytes_extra_evicted", "preemptions"]
+TIMES = ["queue_s", "load_s", "startup_s", "ttft_s", "e2e_s", "waited_for_kv_s"]
+
+
+@pytest.fixture(scope="module")
+def trace() -> pd.DataFrame:
+    rng = np.random.default_rng(7)
+    return synthesize(list(MODELS), rng, rate=0.5, n_requests=320, arrival="gamma", cv=2.0, zipf_alpha=0.8,
+                      input_mean=512, output_mean=64, max_tokens=2048)
+
+
+def replay_with_modelled_devices(trace: pd.DataFrame, preset: str) -> pd.DataFrame:
+    """The replay driver of `tangram-sim real replay`, with the time model's device in place of torch."""
+    system = make_system(preset, preset)
+    time_model = Roofline(GPU, CLUSTER.compute_efficiency, CLUSTER.memory_efficiency)
+
+    def devices(env: WallClockEnvironment) -> list[ModelledDevice]:
+        fabric = Fabric(env)
+        return [ModelledDevice(env, i, GPU.memory_bytes, ARENA_ALIGNMENT, GPU.pcie_bps, fabric, time_model,
+                               system.engine_overhead_s, CLUSTER.tiers.unit_overhead_s, GPU.d2d_bps)
+                for i in range(2)]
+
+    entries = build_entries({n: (c.spec, c.sensitivity, 1) for n, c in MODELS.items()}, system, ARENA_ALIGNMENT)
+    run = run_on_wall_clock(devices, trace, system, entries=entries, sensitivity={n: 1.0 for n in MODELS},
+                            h2d_bps=GPU.pcie_bps, time_model=time_model, seed=3, factor=1e-4)
+    assert run.summary["lag_events"] > 0 and run.summary["device_s"] == 0.0  # no thread did any work
+    return run.requests
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_replay_driver_over_the_modelled_device_equals_the_simulator(trace: pd.DataFrame, preset: str) -> None:
+    sim = simulate(MODELS, trace, CLUSTER, make_system(preset, preset), seed=3).requests
+    rep = replay_with_modelled_devices(trace, preset)
+    assert len(sim) == len(rep) == 320
+    pd.testing.assert_frame_equal(rep[EXACT], sim[EXACT])
+    for col in TIMES:
+        np.testing.assert_allclose(rep[col].to_numpy(), sim[col].to_numpy(), rtol=1e-9, atol=0, err_msg=col)
+    # the case is not trivial: both GPUs serve, some cold starts reuse, some evict
+    cold = sim[sim["cold"]]
+    assert set(sim["gpu"]) == {0, 1} and len(cold) > 20
+    if preset != "serverlessllm":
+        assert cold["bytes_reused"].sum() > 0 and cold["bytes_evicted"].sum() > 0
