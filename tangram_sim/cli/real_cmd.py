@@ -31,7 +31,8 @@ def add_parser(subparsers: Any) -> None:
     mk.add_argument("--models", nargs="*", default=[], metavar="NAME", help="catalog model names")
     mk.add_argument("--out", required=True, metavar="DIR", help="folder that receives one folder per model")
     mk.add_argument(
-        "--scale", choices=("tiny", "full"), default="tiny", help="tiny: hidden 64, 2 layers, vocab 256"
+        "--scale", choices=("tiny", "small", "full"), default="tiny",
+        help="tiny: hidden 64, 2 layers, vocab 256; small: hidden 512, 4 layers, vocab 8192"
     )
     mk.add_argument(
         "--derive",

@@ -48,7 +48,6 @@ class Device(Protocol):
 
     gpu_id: int  # position in the cluster
     arena: Arena  # the memory books the worker plans on
-    pcie_bps: float  # host-to-GPU bandwidth the scheduler's estimates use
 
     def start_instance(self, inst: Instance, head: Request, loads: Sequence[RankLoad]) -> Work:
         """Run the cold start's copies and loads and start the engine; returns (startup_s, load_s)."""

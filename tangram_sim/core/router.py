@@ -87,18 +87,22 @@ class Cluster:
         rng: random.Random,
         recorder: Recorder,
         engine_overhead_s: float,
+        pcie_bps: float,
     ) -> None:
         self.env = env
         self.system = system
         self.entries = entries
-        self.time_model = time_model  # for the scheduler's estimates only: devices take their own time
+        # The scheduler's estimates come from the configuration (time model, engine overhead, PCIe), never
+        # from a calibration or a device, so that a simulation and a replay route alike.
+        self.time_model = time_model
         self.make_retention = make_retention
         self.packing = packing
         self.kv = kv
         self.scheduler = scheduler
         self.rng = rng
         self.recorder = recorder
-        self.engine_overhead_s = engine_overhead_s  # for the scheduler's estimates
+        self.engine_overhead_s = engine_overhead_s
+        self.pcie_bps = pcie_bps
         # KV of a tensor-parallel model is split by heads: each rank holds 1/tp of every block.
         self.block_bytes = {
             name: kv_block_bytes(-(-e.spec.kv_bytes_per_token // e.tp), system.kv_block_tokens)
@@ -139,7 +143,7 @@ class Cluster:
         if cold:
             entry = self.entries[req.model]
             missing = entry.nbytes - worker.resident_bytes(req.model)
-            est += self.engine_overhead_s + missing / worker.device.pcie_bps
+            est += self.engine_overhead_s + missing / self.pcie_bps
         return est
 
     def route(self, req: Request, replace: bool = False) -> None:
@@ -208,7 +212,7 @@ class Cluster:
                     model_bytes=entry.nbytes,
                     in_host_cache=in_cache[node.node_id],
                     # ranks load their shards in parallel, each over its own link
-                    host_to_gpu_bps=group[0].device.pcie_bps * tp,
+                    host_to_gpu_bps=self.pcie_bps * tp,
                     storage_bps=node.ssd.bps if node.tiers.ssd_holds_all else node.network.bps,
                     prefill_s=prefill,
                     load_overhead_s=self.engine_overhead_s,

@@ -111,15 +111,17 @@ def run_lifecycle(
     seed: int,
     recorder: Recorder,
     engine_overhead_s: float,
+    pcie_bps: float,
     progress: Callable[[int], Any] | None = None,
 ) -> LifecycleRun:
     """Route `requests` (in arrival order) through a cluster of `devices` until every one has an outcome,
-    then check the accounting; raises RunInvariantError on any failure."""
+    then check the accounting; raises RunInvariantError on any failure. `time_model`,
+    `engine_overhead_s` and `pcie_bps` are the scheduler's estimates (from the configuration)."""
     cluster = Cluster(
         env, devices=devices, gpus_per_node=gpus_per_node, tiers=tiers, system=system, entries=entries,
         time_model=time_model, make_retention=policies.make_retention, packing=policies.packing,
         kv=policies.kv, scheduler=policies.scheduler, rng=random.Random(seed), recorder=recorder,
-        engine_overhead_s=engine_overhead_s,
+        engine_overhead_s=engine_overhead_s, pcie_bps=pcie_bps,
     )
 
     if isinstance(env, WallClockEnvironment):  # once all is served, the keep-alives need no waiting
@@ -188,8 +190,9 @@ def run_on_wall_clock(
 ) -> WallClockRun:
     """The replay driver: the lifecycle on one node of `make_devices(env)`'s GPUs, arrivals at their wall
     time (`factor` wall seconds per trace second), the storage tiers of a replay (every unit read from its
-    files: no host cache). `time_model` and the system's engine overhead only feed the scheduler's
-    estimates, as in `simulate`; the devices take the time they take."""
+    files: no host cache). `time_model`, `h2d_bps` and the system's engine overhead only feed the
+    scheduler's estimates (and `h2d_bps` tangram's cost rule), as in `simulate`; the devices take the
+    time they take."""
     policies = build_policies(system, h2d_bps=h2d_bps, sensitivity=sensitivity, trace=trace)
     env = WallClockEnvironment(factor)
     devices = make_devices(env)
@@ -200,7 +203,7 @@ def run_on_wall_clock(
     run = run_lifecycle(
         env, devices, requests, gpus_per_node=len(devices), tiers=TierSpec(host_cache_bytes=0), system=system,
         entries=entries, time_model=time_model, policies=policies, seed=seed, recorder=recorder,
-        engine_overhead_s=system.engine_overhead_s, progress=progress,
+        engine_overhead_s=system.engine_overhead_s, pcie_bps=h2d_bps, progress=progress,
     )
     wall = time.perf_counter() - t0
     frame, timeline, numbers = run.frames()

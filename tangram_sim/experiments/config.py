@@ -37,12 +37,13 @@ Schema (defaults in brackets):
     calibration: path                      # optional, from `tangram-sim real calibrate`
     outputs: {requests: true, timeline: true, plots: true, sample_interval_s: auto}
     real:                                  # optional, read by `tangram-sim real replay|calibrate` only
-      scale: tiny | full [tiny]            # size of the checkpoints made for catalog models
+      scale: tiny | small | full [tiny]    # size of the checkpoints made for catalog models
       dtype: float32 | bfloat16 | float16  # [the config's]
       checkpoints: path                    # use this folder of checkpoint folders instead of making them
       time_scale: number [1]               # replay arrivals this many times faster (trace rate_scale)
       readers: int, chunk_mb: number, staging: auto | always | never   # loader settings
       threads: int                         # torch intra-op threads while replaying [torch's default]
+      lag_bound_s: number [0.005]          # a replay whose p99 lag exceeds this says it fell behind
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ TIER_KEYS = ("host_cache_gib", "ssd_gbps", "network_gbps", "ssd_holds_all", "uni
 MODEL_KEYS = ("name", "sensitivity", "tensor_parallel", "derive", "checkpoint")
 SYSTEM_KEYS = ("name", "preset", "overrides")
 OUTPUT_KEYS = ("requests", "timeline", "plots", "sample_interval_s")
-REAL_KEYS = ("scale", "dtype", "checkpoints", "time_scale", "readers", "chunk_mb", "staging", "threads")
+REAL_KEYS = ("scale", "dtype", "checkpoints", "time_scale", "readers", "chunk_mb", "staging", "threads",
+             "lag_bound_s")
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -440,8 +442,8 @@ def _validate_real(section: Any, base_dir: Path | None) -> dict[str, Any]:
         "scale": _get(real, "scale", "real", str, "tiny"),
         "time_scale": _num(real, "time_scale", "real", 1.0),
     }
-    if out["scale"] not in ("tiny", "full"):
-        raise ConfigError(f"real.scale: expected tiny or full, got {out['scale']!r}")
+    if out["scale"] not in ("tiny", "small", "full"):
+        raise ConfigError(f"real.scale: expected tiny, small or full, got {out['scale']!r}")
     for key in ("dtype", "checkpoints", "staging"):
         if real.get(key) is not None:
             out[key] = _get(real, key, "real", str, None)
@@ -450,6 +452,8 @@ def _validate_real(section: Any, base_dir: Path | None) -> dict[str, Any]:
             out[key] = _num(real, key, "real", None, integer=True)
     if real.get("chunk_mb") is not None:
         out["chunk_mb"] = _num(real, "chunk_mb", "real", None)
+    if real.get("lag_bound_s") is not None:
+        out["lag_bound_s"] = _num(real, "lag_bound_s", "real", None)
     if out.get("staging", "auto") not in ("auto", "always", "never"):
         raise ConfigError(f"real.staging: expected auto, always or never, got {out['staging']!r}")
     if "checkpoints" in out:

@@ -47,9 +47,16 @@ __all__ = [
     "torch_dtype",
 ]
 
-SCALES = ("tiny", "full")
+SCALES = ("tiny", "small", "full")
 HF_SHARD_BYTES = 5 * 10**9  # HF's default max_shard_size ("5GB")
 TINY_HIDDEN, TINY_LAYERS, TINY_VOCAB, TINY_POSITIONS = 64, 2, 256, 512
+# (hidden, layers, vocab, positions, at least this many query heads) of the shrunk scales: tiny for
+# exact tests (~0.5 MB in float32), small for timing on the CPU (tens of MB: a cold start takes
+# milliseconds of copying, not microseconds of overhead)
+SHRUNK: dict[str, tuple[int, int, int, int, int]] = {
+    "tiny": (TINY_HIDDEN, TINY_LAYERS, TINY_VOCAB, TINY_POSITIONS, 4),
+    "small": (512, 4, 8192, 2048, 8),
+}
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
@@ -88,37 +95,39 @@ def _round_up(x: float, multiple: int) -> int:
     return max(multiple, int(math.ceil(x / multiple)) * multiple)
 
 
-def _shrink_text(cfg: dict[str, Any], family: str) -> None:
-    """Tiny dimensions for a decoder config, keeping the query/KV head ratio and every field's role."""
+def _shrink_text(cfg: dict[str, Any], family: str, scale: str = "tiny") -> None:
+    """Shrunk dimensions for a decoder config, keeping the query/KV head ratio and every field's role."""
+    new_hidden, layers, vocab, positions, min_heads = SHRUNK[scale]
     hidden = cfg.get("hidden_size") or {"gpt_neox": 6144, "opt": 768}.get(family, 4096)
     heads = cfg.get("num_attention_heads") or {"gpt_neox": 64, "opt": 12}.get(family, 32)
     kv = cfg.get("num_key_value_heads") or heads
     ratio = max(1, heads // kv)
-    tiny_kv = -(-4 // ratio)  # at least 4 query heads
+    tiny_kv = -(-min_heads // ratio)  # at least min_heads query heads
     tiny_heads = ratio * tiny_kv
     cfg.pop("head_dim", None)
-    cfg["hidden_size"] = TINY_HIDDEN
+    cfg["hidden_size"] = new_hidden
     cfg["num_attention_heads"] = tiny_heads
-    if TINY_HIDDEN % tiny_heads:  # e.g. 40/8 heads: keep the ratio 5 with an explicit head width
-        cfg["head_dim"] = 16
+    if new_hidden % tiny_heads:  # e.g. 40/8 heads: keep the ratio 5 with an explicit head width
+        cfg["head_dim"] = new_hidden // min_heads
     if "num_key_value_heads" in cfg or family in ("llama", "mistral", "qwen2", "phi3"):
         cfg["num_key_value_heads"] = tiny_kv
     for key, default in (("intermediate_size", 4 * hidden), ("ffn_dim", 4 * hidden)):
         if key in cfg or (key == "intermediate_size" and family != "opt"):
-            cfg[key] = _round_up(TINY_HIDDEN * (cfg.get(key) or default) / hidden, 16)
-    cfg["num_hidden_layers"] = TINY_LAYERS
-    cfg["vocab_size"] = TINY_VOCAB
-    cfg["max_position_embeddings"] = min(cfg.get("max_position_embeddings") or 2048, TINY_POSITIONS)
+            cfg[key] = _round_up(new_hidden * (cfg.get(key) or default) / hidden, 16)
+    cfg["num_hidden_layers"] = layers
+    cfg["vocab_size"] = vocab
+    cfg["max_position_embeddings"] = min(cfg.get("max_position_embeddings") or 2048, positions)
     if "word_embed_proj_dim" in cfg:
-        cfg["word_embed_proj_dim"] = TINY_HIDDEN
+        cfg["word_embed_proj_dim"] = new_hidden
     cfg.pop("sliding_window", None)
 
 
 def scaled_config(name: str, scale: str = "tiny") -> dict[str, Any]:
-    """The catalog config of `name`, shrunk for CPU tests when `scale` is `tiny`.
+    """The catalog config of `name`, shrunk for CPU tests when `scale` is `tiny` or `small`.
 
-    tiny: hidden 64, 2 layers, vocab 256, at most 512 positions, the same query/KV head ratio, MLP
-    width in the same proportion to hidden; the tensor names and structure stay exactly the model's.
+    tiny: hidden 64, 2 layers, vocab 256, at most 512 positions; small: hidden 512, 4 layers, vocab
+    8192, at most 2048 positions; both keep the query/KV head ratio and the MLP width in the same
+    proportion to hidden; the tensor names and structure stay exactly the model's.
     """
     if scale not in SCALES:
         raise ModelError(f"scale {scale!r} is unknown, expected one of {', '.join(SCALES)}")
@@ -128,7 +137,7 @@ def scaled_config(name: str, scale: str = "tiny") -> dict[str, Any]:
     family = cfg.get("model_type", "")
     if family == "llava":
         text = dict(cfg.get("text_config") or {})
-        _shrink_text(text, text.get("model_type", "llama"))
+        _shrink_text(text, text.get("model_type", "llama"), scale)
         cfg["text_config"] = text
         cfg["vision_config"] = {
             **(cfg.get("vision_config") or {}),
@@ -142,7 +151,7 @@ def scaled_config(name: str, scale: str = "tiny") -> dict[str, Any]:
         }
         cfg["image_token_index"] = TINY_VOCAB - 1
     else:
-        _shrink_text(cfg, family)
+        _shrink_text(cfg, family, scale)
     return cfg
 
 

@@ -70,14 +70,13 @@ class RealDevice:
 
     def __init__(self, env: WallClockEnvironment, gpu_id: int, device: torch.device, capacity: int,
                  alignment: int, ckpts: dict[str, Checkpoint], granularity: str, min_unit_bytes: int,
-                 block_tokens: int, prompts: dict[int, list[int]], pcie_bps: float, *,
+                 block_tokens: int, prompts: dict[int, list[int]], *,
                  readers: int | None, chunk_bytes: int, staging: str, memory_samples: bool = True) -> None:
         self.env = env
         self.gpu_id = gpu_id  # position in the cluster
         self.device = device  # torch device
         self.dev = DeviceArena(capacity, device, alignment)
         self.arena = self.dev.arena  # the worker's books are this buffer's layout
-        self.pcie_bps = pcie_bps  # for the scheduler's estimates (the device measures its own)
         self.loader = Loader(device, readers, chunk_bytes, staging)
         self.thread = ThreadPoolExecutor(1, thread_name_prefix=f"gpu{gpu_id}")  # the device's stream
         self.block_tokens = block_tokens

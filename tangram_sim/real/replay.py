@@ -137,7 +137,7 @@ def replay_trace(
     def make_devices(env: WallClockEnvironment) -> list[RealDevice]:
         for i, dev in enumerate(devs):
             gpus.append(RealDevice(env, i, dev, capacity, ARENA_ALIGNMENT, ckpts, system.granularity,
-                                   system.min_unit_bytes, system.kv_block_tokens, prompts, h2d_bps, **loader))
+                                   system.min_unit_bytes, system.kv_block_tokens, prompts, **loader))
         return gpus
 
     with torch_threads(threads):

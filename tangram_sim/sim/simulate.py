@@ -119,8 +119,10 @@ def simulate(
     entries = build_entries(
         {n: (c.spec, c.sensitivity, c.tensor_parallel) for n, c in models.items()}, system, cluster.alignment
     )
+    # the policies' and the scheduler's view of the hardware is the configuration's, calibrated or not
+    configured_pcie = cluster.gpu.pcie_bps
     policies = build_policies(
-        system, h2d_bps=gpu.pcie_bps, sensitivity={n: c.sensitivity for n, c in models.items()}, trace=trace
+        system, h2d_bps=configured_pcie, sensitivity={n: c.sensitivity for n, c in models.items()}, trace=trace
     )
     env = simpy.Environment()
     fabric = Fabric(env)
@@ -141,8 +143,8 @@ def simulate(
     try:
         run = run_lifecycle(
             env, devices, requests, gpus_per_node=cluster.gpus_per_node, tiers=tiers, system=system,
-            entries=entries, time_model=time_model, policies=policies, seed=seed, recorder=recorder,
-            engine_overhead_s=engine_overhead, progress=tick,
+            entries=entries, time_model=roofline, policies=policies, seed=seed, recorder=recorder,
+            engine_overhead_s=system.engine_overhead_s, pcie_bps=configured_pcie, progress=tick,
         )
     finally:
         bar.close()
