@@ -9,6 +9,12 @@ untied embeddings, Qwen2's q/k/v biases, Phi-3's fused qkv / gate_up projections
 The KV cache is paged: a sequence holds cross-layer blocks `[layers, 2, block_tokens, kv_heads,
 head_dim]` whose bytes are arena regions handed out by the KV policy (ElasticKV blocks or a static
 pool), so the cache shares memory with the weights exactly as in the simulator.
+
+Attention does the same few device operations per layer whatever the batch: when every block is a
+view of one storage (the arena buffer), each row's K/V are written and gathered by index tensors built
+once per forward pass from a block table (`_KvBatch`), then one SDPA runs over all rows, padded to the
+longest context with a per-row boolean mask. So a decode step's time follows the device work, not the
+number of sequences. Blocks of different storages (tests) take a per-row fallback with the same result.
 """
 
 from __future__ import annotations
@@ -91,15 +97,40 @@ class EngineConfig:
 
 
 class PagedKv:
-    """One sequence's KV cache: a list of cross-layer block views of the arena."""
+    """One sequence's KV cache: a list of cross-layer block views of the arena.
+
+    `blocks` grows by appending (or is replaced by a new list); the block table that batched attention
+    needs (`table`) is extended by the new blocks only. Overwriting an entry in place is not supported.
+    """
 
     def __init__(self, block_tokens: int) -> None:
         self.block_tokens = block_tokens  # tokens per block T
         self.blocks: list[torch.Tensor] = []  # each [L, 2, T, KV, hd], a view of the arena
+        self._seen: list[torch.Tensor] = self.blocks  # the list whose first len(_offsets) blocks are known
+        self._offsets: list[int] = []  # element offset of each known block in its storage
+        self._storage: tuple[Any, ...] | None = None  # what every known block shares, None: they do not
 
     @property
     def capacity(self) -> int:
         return len(self.blocks) * self.block_tokens
+
+    def table(self) -> tuple[tuple[Any, ...] | None, list[int]]:
+        """(storage key, element offset of each block): the key is None unless every block is a
+        contiguous view of one storage, in which case it is (device, storage address, dtype, shape).
+
+        Cached: a step costs Python work per new block, not per block held."""
+        blocks, offsets = self.blocks, self._offsets
+        if blocks is not self._seen or len(offsets) > len(blocks):
+            self._seen = blocks  # a new list, or one that shrank: start over
+            offsets.clear()
+        for blk in blocks[len(offsets) :]:
+            key = (blk.device, blk.untyped_storage().data_ptr(), blk.dtype, tuple(blk.shape))
+            if not offsets:
+                self._storage = key
+            if key != self._storage or not blk.is_contiguous():
+                self._storage = None
+            offsets.append(blk.storage_offset())
+        return (self._storage if blocks else None), offsets
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v: [S, KV, hd] at token positions start..start+S-1."""
@@ -120,6 +151,102 @@ class PagedKv:
         used = self.blocks[: -(-length // self.block_tokens)]
         kv = torch.cat([blk[layer] for blk in used], dim=1) if len(used) > 1 else used[0][layer]
         return kv[0, :length], kv[1, :length]
+
+
+class _KvBatch:
+    """Where one forward pass writes and reads the KV of its rows; built once, used by every layer.
+
+    Row b holds `lengths[b]` new tokens at positions starts[b] .. ends[b] - 1 (ends = starts + lengths)
+    and attends to keys 0 .. ends[b] - 1, padded to T = max(ends). When every block is a view of one
+    storage, a token's K (or V) in layer l is `row` = KV * hd consecutive elements of that storage, so
+    gathers and writes index a window view whose i-th row is elements i .. i + row - 1: one index per
+    token instead of one per element. Rows of the window overlap, but the rows ever written are distinct
+    tokens' K or V, which never share an element.
+    """
+
+    def __init__(
+        self,
+        c: EngineConfig,
+        caches: Sequence[PagedKv],
+        starts: Sequence[int],
+        lengths: Sequence[int],
+        S: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        B = len(caches)
+        self.caches, self.starts, self.lengths = caches, starts, lengths  # for the fallback
+        ends = [s + n for s, n in zip(starts, lengths)]
+        for cache, end in zip(caches, ends):
+            if end > cache.capacity:
+                raise RuntimeError(f"KV holds {cache.capacity} tokens, {end} needed (allocate blocks first)")
+        self.T = T = max(ends)
+        # few and cheap tensor ops: this runs once per step, and a small model's step is ~1 ms on a CPU
+        t = torch.arange(T, device=device)
+        last = torch.tensor([e - 1 for e in ends], device=device).view(B, 1)  # each row's last real token
+        pos = last  # [B, S] position of each query (S = 1: a row's one token is its last)
+        if S > 1:
+            pos = torch.tensor(starts, device=device).view(B, 1) + torch.arange(S, device=device)
+        # query s of row b sees keys 0 .. starts[b] + s, all real (< ends[b]) unless the query is padding,
+        # whose output no real token reads; key 0 is always visible, so no row is empty (that gives NaN)
+        hidden = t > pos.view(B, S, 1)  # [B, S, T]
+        G = c.heads // c.kv_heads
+        if S > 1 and G > 1:  # the queries of Attention's grouped layout: G * S per KV head
+            hidden = hidden.view(B, 1, S, T).expand(B, G, S, T).reshape(B, G * S, T)
+        # additive, made once here rather than by SDPA in every layer
+        self.mask = torch.zeros(B, 1, hidden.shape[1], T, dtype=dtype, device=device)
+        self.mask.masked_fill_(hidden.unsqueeze(1), float("-inf"))
+        self.valid: torch.Tensor | None = None  # rows of [B * S] holding real tokens, None: all
+        if any(n != S for n in lengths):
+            grid = torch.arange(S) < torch.tensor(lengths).view(B, 1)  # on the host: no device sync
+            self.valid = grid.flatten().nonzero().squeeze(1).to(device)
+        self.window: torch.Tensor | None = None
+        tables = [cache.table() for cache in caches]
+        key = tables[0][0]
+        bt = caches[0].block_tokens
+        if (
+            key is None
+            or key[3] != c.kv_block_shape(bt)
+            or any(k != key for k, _ in tables)
+            or any(cc.block_tokens != bt for cc in caches)
+        ):
+            return  # fallback: per-row writes and reads
+        first = caches[0].blocks[0]
+        row = c.kv_heads * c.head_dim
+        n = first.untyped_storage().nbytes() // first.element_size()
+        self.window = first.as_strided((n - row + 1, row), (1, 1), 0)
+        self.layer_stride = 2 * bt * row  # elements from one layer of a block to the next
+        nb = max(len(o) for _, o in tables)
+        table = torch.tensor([o + [0] * (nb - len(o)) for _, o in tables], device=device)  # [B, nb]
+        p = torch.minimum(t, last)  # [B, T]; padded keys read the row's last real token, never garbage
+        keys = table.gather(1, p // bt) + p % bt * row  # element offset of each key's K in layer 0
+        self.read = torch.stack((keys, keys + bt * row), dim=1).view(-1)  # [B * 2 * T]: K and V rows
+        new = keys.gather(1, pos if self.valid is None else pos.clamp(max=T - 1)).view(-1)  # [B * S]
+        if self.valid is not None:
+            new = new.index_select(0, self.valid)
+        self.write = torch.stack((new, new + bt * row), dim=1).view(-1)  # [N * 2]
+
+    def store_and_gather(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the rows' new k, v [B, S, KV, hd] (real tokens only); return K, V [B, KV, T, hd]."""
+        B, S, KV, hd = k.shape
+        T = self.T
+        if self.window is not None:
+            off = layer * self.layer_stride
+            new = torch.stack((k, v), dim=2).view(B * S, 2 * KV * hd)
+            if self.valid is not None:
+                new = new.index_select(0, self.valid)
+            # index_copy_ / index_select: a row copy per index (advanced indexing is ~10x slower on the CPU)
+            self.window.index_copy_(0, self.write + off, new.view(-1, KV * hd).to(self.window.dtype))
+            kv = self.window.index_select(0, self.read + off).to(k.dtype).view(B, 2, T, KV, hd)
+            return kv[:, 0].transpose(1, 2), kv[:, 1].transpose(1, 2)
+        kk = k.new_zeros(B, T, KV, hd)
+        vv = v.new_zeros(B, T, KV, hd)
+        for b, (cache, start, n) in enumerate(zip(self.caches, self.starts, self.lengths)):
+            cache.write(layer, start, k[b, :n], v[b, :n])
+            kk[b, : start + n], vv[b, : start + n] = cache.read(layer, start + n)
+        return kk.transpose(1, 2), vv.transpose(1, 2)
 
 
 class RMSNorm(nn.Module):
@@ -154,13 +281,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q, c.hidden, bias=c.o_bias)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        layer: int,
-        caches: Sequence[PagedKv],
-        starts: Sequence[int],
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, kv: _KvBatch
     ) -> torch.Tensor:
         c = self.c
         B, S, _ = x.shape  # x: [B, S, D]
@@ -173,18 +294,14 @@ class Attention(nn.Module):
         v = v.view(B, S, c.kv_heads, c.head_dim)
         q = q * cos + _rotate_half(q) * sin  # cos, sin: [B, S, 1, hd]
         k = k * cos + _rotate_half(k) * sin
-        group = c.heads // c.kv_heads
-        out = torch.empty(B, c.heads, S, c.head_dim, dtype=x.dtype, device=x.device)
-        for b, (cache, start) in enumerate(zip(caches, starts)):
-            cache.write(layer, start, k[b], v[b])
-            kk, vv = cache.read(layer, start + S)  # kk, vv: [T, KV, hd], T = start + S
-            kk = kk.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, T, hd]
-            vv = vv.transpose(0, 1).repeat_interleave(group, dim=0)
-            mask = None
-            if S > 1:  # query s sees keys 0..start+s
-                mask = torch.ones(S, start + S, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            out[b] = F.scaled_dot_product_attention(q[b].transpose(0, 1), kk, vv, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, c.heads * c.head_dim))
+        kk, vv = kv.store_and_gather(layer, k, v)  # [B, KV, T, hd]
+        # GQA without copying K/V per query head: head h uses KV head h // G, so the G heads of one KV
+        # head become G * S queries of that head
+        G = c.heads // c.kv_heads
+        q = q.view(B, S, c.kv_heads, G, c.head_dim).permute(0, 2, 3, 1, 4).reshape(B, c.kv_heads, G * S, -1)
+        out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=kv.mask)  # [B, KV, G * S, hd]
+        out = out.view(B, c.kv_heads, G, S, c.head_dim).permute(0, 3, 1, 2, 4)
+        return self.o_proj(out.reshape(B, S, c.heads * c.head_dim))
 
 
 class MLP(nn.Module):
@@ -241,24 +358,42 @@ class CausalLM(nn.Module):
         positions: torch.Tensor,
         caches: Sequence[PagedKv],
         last_only: bool = True,
+        lengths: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """tokens, positions: [B, S] (int64); caches: one PagedKv per row, already large enough.
 
         Row b's tokens occupy positions[b, 0] .. positions[b, 0] + S - 1 (prefill from 0, or one
-        decode step); returns fp32 logits [B, S, V], or [B, 1, V] for the last position only.
+        decode step; rows may start at different positions); returns fp32 logits [B, S, V], or
+        [B, 1, V] for the last position only.
+
+        Ragged batch (`lengths`): row b holds lengths[b] (1 .. S) real tokens, right-padded to S with
+        any token ids and positions; only the real ones get KV written and are attended to, and
+        `last_only` takes each row's position lengths[b] - 1. With `last_only=False` the logits at
+        padded positions are meaningless.
         """
         assert self.inv_freq is not None, "bind the weights with build_engine first"
         c = self.config
+        B, S = tokens.shape
+        if len(caches) != B:
+            raise ValueError(f"{len(caches)} caches for {B} rows, expected one per row")
+        if lengths is not None and (len(lengths) != B or any(not 1 <= int(n) <= S for n in lengths)):
+            raise ValueError(f"lengths {list(lengths)} for {B} rows of {S} tokens, expected 1 .. {S} each")
         starts = [int(p) for p in positions[:, 0].tolist()]
         x = self.model.embed_tokens(tokens)  # x: [B, S, D]
+        rows = [S] * B if lengths is None else [int(n) for n in lengths]
+        kv = _KvBatch(c, caches, starts, rows, S, x.device, x.dtype)
         freqs = positions.float()[..., None] * self.inv_freq  # [B, S, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, S, 1, hd]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, i, caches, starts)
+            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, i, kv)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         if last_only:
-            x = x[:, -1:]
+            if lengths is None:
+                x = x[:, -1:]
+            else:
+                last = torch.tensor([n - 1 for n in rows], device=x.device)
+                x = x[torch.arange(B, device=x.device), last][:, None]
         x = self.model.norm(x)
         head = self.model.embed_tokens.weight if c.tied else self.lm_head.weight
         return F.linear(x, head).float()  # [B, S', V]
