@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 
 from tangram_sim.cli import main
+from tangram_sim.core.metrics import REQUEST_COLUMNS
 from tangram_sim.errors import TangramError
 from tangram_sim.models import get_model
 from tangram_sim.real.fidelity import compare_runs, fidelity_table, format_table
 from tangram_sim.rundir import adopt_legacy
 from tangram_sim.sim.hardware import TierSpec, gpu_spec
-from tangram_sim.core.metrics import REQUEST_COLUMNS
 from tangram_sim.sim.simulate import ClusterSpec, ModelChoice, simulate
 from tangram_sim.sim.systems import make_system
 from tangram_sim.sim.timemodel import Calibration
@@ -86,14 +86,21 @@ def test_runs_of_different_requests_are_refused(tmp_path: Path) -> None:
     assert main(["compare", str(a), str(tmp_path / "missing")]) == 2
 
 
-def test_format_table_names_every_metric() -> None:
+def test_format_table_names_every_metric_every_gpu_and_the_lag() -> None:
+    from tangram_sim.real.fidelity import Fidelity, gpu_table
+
     real = requests("tangram", [1.0, 2.0], [2.0, 3.0], [10, 20])
-    fid = type("F", (), {})()
-    fid.table = fidelity_table(real, real)
-    text = format_table(fid)
+    real["gpu"] = [0, 1]
+    sim = real.copy()
+    sim["gpu"] = [0, 0]  # the simulation routed both to GPU 0
+    table = fidelity_table(sim, real)
+    table["lag_p50_s"], table["lag_p99_s"], table["lag_max_s"], table["lag_bound_s"] = 0.001, 0.02, 0.03, 0.005
+    text = format_table(Fidelity(table, Path("sim"), Path("real"), gpu_table(sim, real, table)))
     for label in ("mean load time", "p50 TTFT", "bytes loaded", "full-hit ratio", "load time correlation"):
         assert label in text
     assert "+0.0%" in text
+    assert "gpu 0: requests 2 / 1, cold starts 2 / 1" in text and "gpu 1: requests 0 / 1" in text
+    assert "p99 20.00 ms" in text and "WARNING: the replay fell behind" in text
 
 
 def test_calibrated_read_bandwidth_bounds_loads_from_storage() -> None:

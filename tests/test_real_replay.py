@@ -173,7 +173,7 @@ def test_replay_writes_the_run_layout_and_a_simulable_experiment(replayed: Path)
     raw, base = load_yaml(replayed / "experiment.sim.yaml")
     config = validate(raw, base)
     assert config["cluster"]["nodes"] * config["cluster"]["gpus_per_node"] == 1
-    assert config["trace"]["rate_scale"] == 40.0
+    assert config["trace"]["rate_scale"] == 16.0
     capacity = int(config["cluster"]["gpu_memory_gib"] * GiB)
     real = yaml_load(replayed / "config.yaml")["real"]
     assert capacity == real["capacity_bytes"]
@@ -232,7 +232,7 @@ def test_checkpoints_are_reused_by_a_second_replay(replayed: Path, tmp_path: Pat
     setup = prepare_replay(raw, base, replayed, systems=["tangram"])
     assert {p: p.stat().st_mtime_ns for p in ck.glob("*.safetensors")} == before
     assert [s.name for s in setup.systems] == ["tangram"] and len(setup.trace) == 200
-    assert setup.trace["arrival_s"].iloc[-1] < 10.0  # compressed 40x
+    assert setup.trace["arrival_s"].iloc[-1] < 20.0  # compressed 16x
     with pytest.raises(TangramError):
         prepare_replay(raw, base, tmp_path, checkpoints=tmp_path / "nowhere")
 

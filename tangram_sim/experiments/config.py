@@ -43,7 +43,7 @@ Schema (defaults in brackets):
       time_scale: number [1]               # replay arrivals this many times faster (trace rate_scale)
       readers: int, chunk_mb: number, staging: auto | always | never   # loader settings
       threads: int                         # torch intra-op threads while replaying [torch's default]
-      lag_bound_s: number [0.005]          # a replay whose p99 lag exceeds this says it fell behind
+      lag_bound_s: number [0.05]           # a replay whose p99 lag exceeds this says it fell behind
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ __all__ = [
     "torch_threads",
 ]
 
-LAG_BOUND_S = 0.005  # default bound on the p99 lag (trace seconds) of a replay that follows its trace
+LAG_BOUND_S = 0.05  # default bound on the p99 lag (trace seconds) of a replay that follows its trace
 
 
 @dataclass(slots=True)
