@@ -16,13 +16,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
 from tangram_sim.cli import main  # noqa: E402
+from tangram_sim.core.metrics import REQUEST_COLUMNS, TIMELINE_COLUMNS  # noqa: E402
 from tangram_sim.errors import ConfigError, TangramError  # noqa: E402
 from tangram_sim.experiments.config import build_models, load_yaml, validate  # noqa: E402
 from tangram_sim.real.checkpoints import make_checkpoints  # noqa: E402
 from tangram_sim.real.loader import open_checkpoint  # noqa: E402
 from tangram_sim.real.replay import prepare_replay, replay_trace  # noqa: E402
 from tangram_sim.sim.hardware import GiB  # noqa: E402
-from tangram_sim.core.metrics import REQUEST_COLUMNS, TIMELINE_COLUMNS  # noqa: E402
 from tangram_sim.sim.systems import make_system  # noqa: E402
 from tangram_sim.sim.timemodel import Calibration  # noqa: E402
 
