@@ -14,15 +14,16 @@ Steps, each timed, everything under `--out`:
 3. bench: the loader against safetensors on the largest checkpoint (on the CPU a 0.25 GB synthetic
    one in `OUT/bench-checkpoint/`) (`OUT/bench_loader.json`); `--skip-bench` leaves it out;
 4. replay: the trace under serverlessllm and tangram on the device (`OUT/replay/`), one GPU per arena:
-   `--split N` carves the device into N arenas (default: 2 on CUDA, 1 on the CPU), so the router's
-   placement across GPUs is exercised too;
+   `--split N` carves the device into N arenas (default 2), so the router's placement across GPUs is
+   exercised too;
 5. simulate: `tangram-sim run OUT/replay/experiment.sim.yaml --calibration OUT/calibration.yaml`
    (`OUT/sim/`);
 6. compare: `OUT/fidelity.csv`, `OUT/fidelity.png`;
 
 then `OUT/validate.md` (the short report) and `OUT/validate.json` (every figure). The experiment is
-`experiments/replay-cpu.yaml`; on CUDA it is scaled up with `--set` overrides (full-size bf16 models,
-a 16 GiB arena, 120 requests at 4x), which `--set` on this command can change again.
+`experiments/replay-cpu.yaml`, scaled up with `--set` overrides: on the CPU `small` checkpoints (tens of
+MB, so a cold start copies for milliseconds) in 0.2 GiB arenas, on CUDA full-size bf16 models in
+16 GiB arenas (120 requests at 4x); `--set` on this command can change them again.
 Exit status: 0 when every step ran (and, with `--tolerance`, the headline errors are within it).
 """
 
@@ -45,6 +46,21 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "experiments" / "replay-cpu.yaml"
 # A GPU-sized version of the CPU experiment: two real-size models and a fine-tune sharing half of one
 # (6.2 + 7.6 + 6.2 GB of bf16 weights) on a 16 GiB arena that holds about two of them.
+# The CPU fidelity check: `small` checkpoints (88-94 MB in float32: each cold start copies for several
+# ms) on two 0.2 GiB arenas that hold about two models each, 200 requests with short prompts at 4x, so
+# that each arena is busy about a quarter of the time (the two share the CPU's cores, which no model of
+# separate GPUs includes); the policies' times are for operations of milliseconds to tens of ms.
+CPU_SETS = [
+    "real.scale=small",
+    "cluster.gpu_memory_gib=0.2",
+    "real.time_scale=4",
+    "trace.input_mean=32",
+    "trace.output_mean=8",
+    "systems.0.overrides.keep_alive_s=0.2",
+    "systems.1.overrides.keep_alive_s=0.2",
+    "systems.0.overrides.fairness_window_s=0.5",
+    "systems.1.overrides.fairness_window_s=0.5",
+]
 CUDA_SETS = [
     "real.scale=full",
     "real.dtype=bfloat16",
@@ -146,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                              "instead of the calibrate step")
     parser.add_argument("--skip-bench", action="store_true", help="leave out the loader benchmark")
     parser.add_argument("--split", type=int, default=None,
-                        help="arenas (GPUs of the replay) carved out of the device (default: 2 on CUDA, 1 on CPU)")
+                        help="arenas (GPUs of the replay) carved out of the device (default 2)")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -163,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sets = (CUDA_SETS if device.type == "cuda" else []) + list(args.sets)
-    split = args.split if args.split is not None else (2 if device.type == "cuda" else 1)
+    sets = (CUDA_SETS if device.type == "cuda" else CPU_SETS) + list(args.sets)
+    split = args.split if args.split is not None else 2
     raw, base = load_yaml(args.experiment)
     prep_dir, replay_dir, sim_dir = out / "prepare", out / "replay", out / "sim"
     cal_path = out / "calibration.yaml"
