@@ -61,6 +61,10 @@ class WallClockEnvironment(simpy.Environment):
         """Trace seconds since the start, by the wall clock."""
         return (time.perf_counter() - self._start) / self.factor
 
+    def wall_at(self, perf_counter: float) -> float:
+        """A `time.perf_counter()` reading as trace seconds since the start."""
+        return (perf_counter - self._start) / self.factor
+
     def restart(self) -> None:
         """Take the present wall time as trace time 0 (call just before `run`)."""
         self._start = time.perf_counter()

@@ -41,6 +41,9 @@ LOAD_COLUMNS = [
     "rid", "gpu", "model", "units", "units_loaded", "loaded_bytes", "moved_bytes", "move_s", "read_s",
     "engine_s", "total_s", "read_gbps",
 ]
+STEP_COLUMNS = [  # one row per piece of device work: what the time model predicts, as measured
+    "gpu", "kind", "model", "requests", "tokens", "kv_tokens", "time_s", "wall_s", "seconds",
+]
 MEMORY_COLUMNS = [
     "time_s", "gpu", "device", "source", "total_bytes", "used_bytes", "free_bytes", "torch_allocated",
     "torch_reserved",
@@ -101,6 +104,7 @@ class RealDevice:
         self.pool_free: dict[str, list[int]] = {}  # model -> free block offsets of its static pool
         self.loads: list[tuple] = []  # LOAD_COLUMNS rows
         self.memory: list[tuple] = []  # MEMORY_COLUMNS rows
+        self.steps: list[tuple] = []  # STEP_COLUMNS rows
         self.memory_samples = memory_samples
         self.forward_s = 0.0  # prefill + decode seconds measured
 
@@ -141,8 +145,13 @@ class RealDevice:
             self._sync()
             return engine, read, t0, t1, t2, time.perf_counter()
 
+        submitted = self.env.now
         engine, read, t0, t1, t2, t3 = yield self.env.run_on(self.thread, work)
         self.engines[inst.model] = engine
+        wall = self.env.wall_at(t0)
+        self.steps.append((self.gpu_id, "load", inst.model, 1, len(load.missing), 0, submitted, wall, t2 - t0))
+        self.steps.append((self.gpu_id, "engine", inst.model, 1, 0, 0, submitted + (t2 - t0),
+                           self.env.wall_at(t2), t3 - t2))
         self.loads.append((
             head.rid, self.gpu_id, inst.model, len(m.by_key), len(load.missing),
             sum(s.nbytes for s in segments), load.moved_bytes, t1 - t0, t2 - t1, t3 - t2, t3 - t0,
@@ -206,9 +215,12 @@ class RealDevice:
                 logits = engine(tokens, positions, [s.cache for s in seqs], lengths=lengths)
             first = greedy(logits)
             self._sync()
-            return first, lengths, time.perf_counter() - t0
+            return first, lengths, t0, time.perf_counter() - t0
 
-        first, lengths, seconds = yield self.env.run_on(self.thread, work)
+        submitted = self.env.now
+        first, lengths, t0, seconds = yield self.env.run_on(self.thread, work)
+        self.steps.append((self.gpu_id, "prefill", inst.model, len(seqs), sum(lengths), max(lengths), submitted,
+                           self.env.wall_at(t0), seconds))
         for seq, n, token in zip(seqs, lengths, first):
             seq.length = n
             seq.tokens.append(token)
@@ -231,9 +243,12 @@ class RealDevice:
                 logits = engine(tokens, positions, [s.cache for s in seqs])
             new = greedy(logits)
             self._sync()
-            return new, time.perf_counter() - t0
+            return new, t0, time.perf_counter() - t0
 
-        new, seconds = yield self.env.run_on(self.thread, work)
+        submitted = self.env.now
+        new, t0, seconds = yield self.env.run_on(self.thread, work)
+        self.steps.append((self.gpu_id, "decode", inst.model, len(seqs), len(seqs), int(kv_tokens), submitted,
+                           self.env.wall_at(t0), seconds))
         for seq, token in zip(seqs, new):
             seq.length += 1
             seq.tokens.append(token)

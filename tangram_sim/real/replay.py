@@ -28,7 +28,7 @@ from tangram_sim.core.records import build_entries
 from tangram_sim.core.run import run_on_wall_clock
 from tangram_sim.errors import ConfigError
 from tangram_sim.experiments.config import load_yaml
-from tangram_sim.real.device import LOAD_COLUMNS, MEMORY_COLUMNS, RealDevice
+from tangram_sim.real.device import LOAD_COLUMNS, MEMORY_COLUMNS, STEP_COLUMNS, RealDevice
 from tangram_sim.real.executor import RealGpu, resolve_device
 from tangram_sim.real.loader import DEFAULT_CHUNK_BYTES, Checkpoint
 from tangram_sim.real.setup import ReplaySetup, loader_options, prepare_replay
@@ -57,6 +57,7 @@ class ReplayResult:
     timeline: pd.DataFrame  # TIMELINE_COLUMNS from the arenas, sampled
     memory: pd.DataFrame  # MEMORY_COLUMNS: device memory readings at the same instants
     loads: pd.DataFrame  # LOAD_COLUMNS: one row per cold start (where its time went)
+    steps: pd.DataFrame  # STEP_COLUMNS: every piece of device work, when it ran and how long it took
     summary: dict[str, Any]  # `summarize` of the requests, plus the replay's figures (lag, wall time)
     wall_s: float  # seconds the replay took
 
@@ -163,7 +164,8 @@ def replay_trace(
     summary["lag_bound_s"] = lag_bound_s
     loads = pd.DataFrame([row for g in gpus for row in g.loads], columns=LOAD_COLUMNS)
     memory = pd.DataFrame([row for g in gpus for row in g.memory], columns=MEMORY_COLUMNS)
-    return ReplayResult(system.name, run.requests, run.timeline, memory, loads, summary, run.wall_s)
+    steps = pd.DataFrame([row for g in gpus for row in g.steps], columns=STEP_COLUMNS)
+    return ReplayResult(system.name, run.requests, run.timeline, memory, loads, steps, summary, run.wall_s)
 
 
 def _warm_up(ckpts: dict[str, Checkpoint], devs: Sequence[torch.device], system: SystemSpec,

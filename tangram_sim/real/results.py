@@ -15,7 +15,7 @@ from tangram_sim.real.replay import ReplayResult
 from tangram_sim.real.setup import ReplaySetup
 from tangram_sim.rundir import JobKey, RunWriter
 
-FRAMES = ("requests", "timeline", "memory", "loads")
+FRAMES = ("requests", "timeline", "memory", "loads", "steps")
 
 
 def replay_config_text(setup: ReplaySetup) -> str:
