@@ -77,8 +77,9 @@ def add_parser(subparsers: Any) -> None:
         "one arena per GPU, through the simulator's own request lifecycle (router, scheduler, retention, "
         "packing, KV, batching) on a wall clock, on checkpoints made at "
         "real.scale (or real.checkpoints / --checkpoints). Writes the layout of `tangram-sim run` "
-        "(summary.csv, requests/timeline parquet, plots, report.md) plus memory.parquet (device memory "
-        "readings), loads.parquet (where each cold start's time went), checkpoints/ and "
+        "(summary.csv, requests/timeline parquet, plots, report.md, run.json) plus memory.parquet (device memory "
+        "readings), loads.parquet (where each cold start's time went), steps.parquet (every device step, "
+        "measured), checkpoints/ and "
         "experiment.sim.yaml: the same experiment for `tangram-sim run --calibration`. The lag (how late "
         "events ran after their trace time) is reported; a replay that fell behind says so.",
     )
@@ -332,7 +333,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                             "replay_end_s")
                 if c in summary.columns]
         print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-        print(f"results in {out}/ (summary.csv, requests/timeline/memory/loads parquet, replay.json"
+        print(f"results in {out}/ (summary.csv, requests/timeline/memory/loads/steps parquet, replay.json"
               f"{'' if args.no_plots else ', plots/, report.md'})")
         print(f"simulate it: tangram-sim run {out}/experiment.sim.yaml --calibration CAL.yaml")
     return 0
