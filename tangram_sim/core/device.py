@@ -48,6 +48,9 @@ class Device(Protocol):
 
     gpu_id: int  # position in the cluster
     arena: Arena  # the memory books the worker plans on
+    binds_memory: bool  # False: the books are all there is (the modelled device); the worker then skips
+    # the calls below that only bind or read memory (kv_grown, kv_freed, pool_reserved, end_instance,
+    # sampled), which are the simulator's most frequent calls
 
     def start_instance(self, inst: Instance, head: Request, loads: Sequence[RankLoad]) -> Work:
         """Run the cold start's copies and loads and start the engine; returns (startup_s, load_s)."""

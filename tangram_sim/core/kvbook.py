@@ -44,7 +44,8 @@ def reserve_static_kv(leader: GpuWorker) -> None:
         worker.retention.on_evict_many(plan.evictions, c.env.now)
         keys = execute_kv_plan(worker.arena, plan, ("pool", worker.gpu_id, inst.started))
         inst.pool_keys += [(worker, key) for key in keys]
-        worker.device.pool_reserved(inst, keys)
+        if worker.device.binds_memory:
+            worker.device.pool_reserved(inst, keys)
     inst.pool = KvPool(capacity=capacity)
 
 
@@ -80,7 +81,8 @@ def kv_take(leader: GpuWorker, req: Request, tokens: int) -> bool:
             worker.retention.on_evict_many(plan.evictions, now)
             keys = execute_kv_plan(worker.arena, plan, ("kv", req.rid), first_index=len(req.kv_keys))
             req.kv_keys += [(worker.arena, key) for key in keys]
-            worker.device.kv_grown(inst, req, keys, nbytes)
+            if worker.device.binds_memory:
+                worker.device.kv_grown(inst, req, keys, nbytes)
     req.kv_bytes += nbytes
     req.kv_limit = blocks_new * block_tokens
     return True
@@ -89,7 +91,8 @@ def kv_take(leader: GpuWorker, req: Request, tokens: int) -> bool:
 def kv_free(leader: GpuWorker, req: Request) -> None:
     inst = leader.instance
     for worker in inst.group:
-        worker.device.kv_freed(inst, req)
+        if worker.device.binds_memory:
+            worker.device.kv_freed(inst, req)
     if inst.pool is not None:
         inst.pool.give_back(req.kv_bytes)
     else:

@@ -64,7 +64,8 @@ class Recorder:
             pinned, resident - pinned, arena.bytes_in(State.KV), arena.bytes_in(State.LOADING),
             arena.free_bytes, arena.largest_free(), arena.fragmentation(),
         ))
-        worker.device.sampled(now)
+        if worker.device.binds_memory:
+            worker.device.sampled(now)
 
 
 class Cluster:

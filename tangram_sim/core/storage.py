@@ -8,6 +8,7 @@ experiment runs with no host cache.
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -15,6 +16,8 @@ from tangram_sim.arena import Key
 from tangram_sim.core.links import Link
 from tangram_sim.core.records import ModelEntry
 from tangram_sim.sim.hardware import TierSpec
+
+_key = operator.itemgetter(0)  # of a (key, nbytes) unit
 
 
 class Node:
@@ -54,7 +57,7 @@ class Node:
     def after_load(self, units: Sequence[tuple[Key, int]]) -> None:
         """Units just loaded to a GPU of this node are on its SSD and in its DRAM cache now."""
         if not self.tiers.ssd_holds_all:
-            self.on_ssd.update(key for key, _ in units)
+            self.on_ssd.update(map(_key, units))
         self.cache_insert_many(units)
 
     def holds(self, entry: ModelEntry, model: str) -> bool:

@@ -24,6 +24,7 @@ like every instance start, so gangs cannot deadlock.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,9 @@ from tangram_sim.policies.retention import RetentionPolicy
 
 if TYPE_CHECKING:
     from tangram_sim.core.router import Cluster
+
+# of a (key, nbytes) unit; C-level, so that per-unit loops of a cold start cost no Python call per unit
+_key, _nbytes = operator.itemgetter(0), operator.itemgetter(1)
 
 
 class LifecycleError(AssertionError):
@@ -218,7 +222,7 @@ class GpuWorker:
         startup_s, load_s = yield from self.device.start_instance(inst, head, loads)
         for load in loads:
             load.worker.node.after_load(load.missing)
-            load.worker.arena.finish_load_many([key for key, _ in load.missing], pin=True)
+            load.worker.arena.finish_load_many(map(_key, load.missing), pin=True)
         head.startup_s = startup_s
         head.load_s = load_s
         self.busy_s += env.now - t0
@@ -249,7 +253,7 @@ class GpuWorker:
                     missing_aligned += aligned
                 else:
                     reused_keys.append(unit[0])
-        missing_bytes = sum(n for _, n in missing)
+        missing_bytes = sum(map(_nbytes, missing))
         plan = None
         if arena.free_bytes >= missing_aligned:
             plan = packing.plan(arena, missing, ())  # no eviction needed: skip ranking candidates
@@ -273,7 +277,8 @@ class GpuWorker:
             unpinned = worker.arena.unpin_many(inst.entry.rank_keys[rank])
             if not worker.retention.retains:
                 worker.arena.evict_many(unpinned)
-            worker.device.end_instance(inst)
+            if worker.device.binds_memory:
+                worker.device.end_instance(inst)
         c.warm_workers[inst.model].discard(self)
         c.recorder.log(c.env.now, self.gpu_id, "instance_end", -1, inst.model)
         self.instance = None

@@ -71,6 +71,8 @@ class _Seq:
 class RealDevice:
     """One arena on one torch device (a whole GPU, a slice of one, or the CPU); see module docstring."""
 
+    binds_memory = True  # KV bytes become block views, samples read the device's memory counters
+
     def __init__(self, env: WallClockEnvironment, gpu_id: int, device: torch.device, capacity: int,
                  alignment: int, ckpts: dict[str, Checkpoint], granularity: str, min_unit_bytes: int,
                  block_tokens: int, prompts: dict[int, list[int]], *,

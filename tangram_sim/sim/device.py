@@ -26,6 +26,8 @@ from tangram_sim.sim.timemodel import TimeModel
 class ModelledDevice:
     """One simulated GPU (see the module docstring); all of them share one `Fabric` of links."""
 
+    binds_memory = False  # the arena's books are the whole device
+
     def __init__(self, env: simpy.Environment, gpu_id: int, memory_bytes: int, alignment: int,
                  pcie_bps: float, fabric: Fabric, time_model: TimeModel, engine_overhead_s: float,
                  unit_overhead_s: float, d2d_bps: float) -> None:
@@ -97,7 +99,7 @@ class ModelledDevice:
         elapsed = env.now - start
         return elapsed, (min(horizon, elapsed / step) if step > 0 else horizon)
 
-    # Memory binding has no cost in the model: the arena's books are all there is.
+    # Memory binding has no cost in the model (and the worker does not call these: binds_memory).
     def kv_grown(self, inst: Instance, req: Request, keys: Sequence[Key], nbytes: int) -> None:
         pass
 
