@@ -7,9 +7,11 @@ A device then does the work those decisions stand for and returns when it is don
 - `start_instance`: run the packing plan of a cold start (compaction copies, loads) and start the engine;
 - `prefill`: one prefill iteration over a group of admitted requests (their first tokens);
 - `decode`: advance the running batch (the modelled device by a fluid horizon, a real one by a step);
+  these two, the most frequent, return the event to wait for and a function that gives the step's
+  result once it has happened (no generator frame per step: the simulator runs millions of them);
 - `kv_grown` / `kv_freed`: bind or drop the memory behind a request's KV bytes.
 
-Each method that takes time is a generator to be driven with `yield from` by the worker's SimPy process,
+`start_instance` is a generator to be driven with `yield from` by the worker's SimPy process,
 so the same process runs under the simulator's clock (`simpy.Environment`) and under the replay's wall
 clock (`core.clock.WallClockEnvironment`). Two devices exist: the modelled one (`sim.device`: time model
 and links) and the real one (`real.device`: torch copies and forward passes, durations measured).
@@ -17,7 +19,7 @@ and links) and the real one (`real.device`: torch copies and forward passes, dur
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -56,14 +58,14 @@ class Device(Protocol):
         """Run the cold start's copies and loads and start the engine; returns (startup_s, load_s)."""
         ...
 
-    def prefill(self, inst: Instance, batch: Sequence[Request]) -> Work:
-        """One prefill iteration over `batch` (its requests' KV is bound); returns its seconds."""
+    def prefill(self, inst: Instance, batch: Sequence[Request]) -> tuple[simpy.Event, Callable[[], float]]:
+        """One prefill iteration over `batch` (its requests' KV is bound): (event, seconds it took)."""
         ...
 
     def decode(self, inst: Instance, running: Sequence[Request], horizon: float, kv_tokens: float,
-               wake: simpy.Event | None) -> Work:
+               wake: simpy.Event | None) -> tuple[simpy.Event, Callable[[], tuple[float, float]]]:
         """Advance the batch by at most `horizon` tokens, stopping early when `wake` fires (if the device
-        can stop); returns (seconds, tokens each running request advanced)."""
+        can stop): (event, () -> (seconds, tokens each running request advanced))."""
         ...
 
     def kv_grown(self, inst: Instance, req: Request, keys: Sequence[Key], nbytes: int) -> None:

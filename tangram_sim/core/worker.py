@@ -338,7 +338,9 @@ class GpuWorker:
                 group = system.prefill_batch or len(admitted)
                 for first in range(0, len(admitted), group):
                     batch = admitted[first : first + group]
-                    self.busy_s += yield from device.prefill(inst, batch)
+                    done, seconds = device.prefill(inst, batch)
+                    yield done
+                    self.busy_s += seconds()
                     now = env.now
                     for req in batch:
                         req.done_tokens = 1.0
@@ -364,7 +366,9 @@ class GpuWorker:
             if len(running) < system.max_batch:
                 self._wake = env.event()
                 self._wake_any = False
-            elapsed, progressed = yield from device.decode(inst, running, horizon, kv_tokens, self._wake)
+            done, advanced = device.decode(inst, running, horizon, kv_tokens, self._wake)
+            yield done
+            elapsed, progressed = advanced()
             self._wake = None
             self.busy_s += elapsed
             for req in running:

@@ -18,10 +18,11 @@ Durations are measured on the device's thread, synchronised with the device (`to
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import simpy
 import torch
 
 from tangram_sim.arena import Key
@@ -194,7 +195,7 @@ class RealDevice:
             self.pool_free[inst.model] += offsets
 
     # ------------------------------------------------------------ forward passes
-    def prefill(self, inst: Instance, batch: Sequence[Request]) -> Work:
+    def prefill(self, inst: Instance, batch: Sequence[Request]) -> tuple[simpy.Event, Callable[[], float]]:
         m = self.models[inst.model]
         engine = self.engines[inst.model]
         seqs = []
@@ -220,19 +221,24 @@ class RealDevice:
             return first, lengths, t0, time.perf_counter() - t0
 
         submitted = self.env.now
-        first, lengths, t0, seconds = yield self.env.run_on(self.thread, work)
-        self.steps.append((self.gpu_id, "prefill", inst.model, len(seqs), sum(lengths), max(lengths), submitted,
-                           self.env.wall_at(t0), seconds))
-        for seq, n, token in zip(seqs, lengths, first):
-            seq.length = n
-            seq.tokens.append(token)
-        self.forward_s += seconds
-        return seconds
+        done = self.env.run_on(self.thread, work)
+
+        def finish() -> float:
+            first, lengths, t0, seconds = done.value
+            self.steps.append((self.gpu_id, "prefill", inst.model, len(seqs), sum(lengths), max(lengths),
+                               submitted, self.env.wall_at(t0), seconds))
+            for seq, n, token in zip(seqs, lengths, first):
+                seq.length = n
+                seq.tokens.append(token)
+            self.forward_s += seconds
+            return seconds
+
+        return done, finish
 
     def decode(self, inst: Instance, running: Sequence[Request], horizon: float, kv_tokens: float,
-               wake: object) -> Work:
+               wake: object) -> tuple[simpy.Event, Callable[[], tuple[float, float]]]:
         if horizon < 1:  # a request is at a KV growth point or done: nothing to run
-            return 0.0, 0.0
+            return self.env.timeout(0.0), lambda: (0.0, 0.0)
         engine = self.engines[inst.model]
         seqs = [self.seqs[r.rid] for r in running]
         device = self.device
@@ -248,14 +254,19 @@ class RealDevice:
             return new, t0, time.perf_counter() - t0
 
         submitted = self.env.now
-        new, t0, seconds = yield self.env.run_on(self.thread, work)
-        self.steps.append((self.gpu_id, "decode", inst.model, len(seqs), len(seqs), int(kv_tokens), submitted,
-                           self.env.wall_at(t0), seconds))
-        for seq, token in zip(seqs, new):
-            seq.length += 1
-            seq.tokens.append(token)
-        self.forward_s += seconds
-        return seconds, 1.0
+        done = self.env.run_on(self.thread, work)
+
+        def finish() -> tuple[float, float]:
+            new, t0, seconds = done.value
+            self.steps.append((self.gpu_id, "decode", inst.model, len(seqs), len(seqs), int(kv_tokens),
+                               submitted, self.env.wall_at(t0), seconds))
+            for seq, token in zip(seqs, new):
+                seq.length += 1
+                seq.tokens.append(token)
+            self.forward_s += seconds
+            return seconds, 1.0
+
+        return done, finish
 
     # ------------------------------------------------------------ the rest
     def end_instance(self, inst: Instance) -> None:

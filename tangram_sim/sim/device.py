@@ -11,7 +11,7 @@ the current batch and KV size; this keeps events per request O(1) instead of O(o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import simpy
 
@@ -82,22 +82,22 @@ class ModelledDevice:
             events.append(fabric.transfer(from_remote, (node.network, self.pcie)))
         return events
 
-    def prefill(self, inst: Instance, batch: Sequence[Request]) -> Work:
+    def prefill(self, inst: Instance, batch: Sequence[Request]) -> tuple[simpy.Event, Callable[[], float]]:
         dt = self.time_model.prefill_s(inst.entry.spec, sum(r.input_tokens for r in batch), len(inst.group))
-        yield self.env.timeout(dt)
-        return dt
+        return self.env.timeout(dt), lambda: dt
 
     def decode(self, inst: Instance, running: Sequence[Request], horizon: float, kv_tokens: float,
-               wake: simpy.Event | None) -> Work:
+               wake: simpy.Event | None) -> tuple[simpy.Event, Callable[[], tuple[float, float]]]:
         env = self.env
         step = self.time_model.decode_step_s(inst.entry.spec, len(running), kv_tokens, len(inst.group))
         start = env.now
-        if wake is not None:
-            yield wake | env.timeout(horizon * step)
-        else:
-            yield env.timeout(horizon * step)
-        elapsed = env.now - start
-        return elapsed, (min(horizon, elapsed / step) if step > 0 else horizon)
+        done = env.timeout(horizon * step) if wake is None else wake | env.timeout(horizon * step)
+
+        def advanced() -> tuple[float, float]:
+            elapsed = env.now - start
+            return elapsed, (min(horizon, elapsed / step) if step > 0 else horizon)
+
+        return done, advanced
 
     # Memory binding has no cost in the model (and the worker does not call these: binds_memory).
     def kv_grown(self, inst: Instance, req: Request, keys: Sequence[Key], nbytes: int) -> None:
