@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import simpy
 
 from tangram_sim.models import derive_model, get_model
@@ -39,6 +40,22 @@ from tangram_sim.traces.synthetic import synthesize
 ROOT = Path(__file__).resolve().parents[1]
 EIGHT = ["qwen2.5-3b", "phi-3-mini-4k", "llama-3-8b", "yi-9b", "qwen2.5-14b", "gpt-neox-20b", "llava-1.5-7b",
          "deepseek-r1-distill-qwen-14b"]
+
+
+def large_case(n_requests: int, rate: float | None = None) -> tuple[dict[str, ModelChoice], pd.DataFrame,
+                                                                    ClusterSpec]:
+    """`n_requests` synthetic requests at `rate` per second (default: one hour's worth) on 128 GPUs
+    (16 nodes x 8 A100-80GB), 32 models: the 8 above plus fine-tunes of the small ones (sharing half
+    their layers), so that 128 GPUs see real reuse and real misses."""
+    specs = {n: get_model(n) for n in EIGHT}
+    for i in range(24):
+        base = EIGHT[i % 4]
+        name = f"{base}-ft{i}"
+        specs[name] = derive_model(specs[base], name, [f"*layers.{k}.*" for k in range(8)])
+    rate = rate or n_requests / 3600.0
+    trace = synthesize(list(specs), np.random.default_rng(1), rate=rate, n_requests=n_requests,
+                       arrival="gamma", cv=2.0, zipf_alpha=1.0, input_mean=1024, output_mean=128)
+    return {n: ModelChoice(s) for n, s in specs.items()}, trace, ClusterSpec(16, 8, gpu_spec("a100-80gb"))
 
 
 def simpy_rate(n: int = 200_000) -> float:
@@ -127,19 +144,8 @@ def main() -> None:
 
     if args.skip_large or args.only not in (None, line):
         return
-    # 32 models: the 8 above plus fine-tunes of the small ones (sharing half their layers), so that
-    # 128 GPUs see real reuse and real misses.
-    specs = {n: get_model(n) for n in EIGHT}
-    for i in range(24):
-        base = EIGHT[i % 4]
-        name = f"{base}-ft{i}"
-        specs[name] = derive_model(specs[base], name, [f"*layers.{k}.*" for k in range(8)])
-    names = list(specs)
-    big_models = {n: ModelChoice(s) for n, s in specs.items()}
-    rate = args.large_requests / 3600.0  # one hour of traffic
-    big = synthesize(names, np.random.default_rng(1), rate=rate, n_requests=args.large_requests,
-                     arrival="gamma", cv=2.0, zipf_alpha=1.0, input_mean=1024, output_mean=128)
-    big_cluster = ClusterSpec(16, 8, gpu_spec("a100-80gb"))
+    big_models, big, big_cluster = large_case(args.large_requests)
+    rate = args.large_requests / 3600.0
     got = timed(f"synthetic {rate:.0f} req/s, 128 GPUs", big_models, big, big_cluster, "tangram", args.profile)
     if args.against and args.only is None:
         print(f"  same-run ratio, this tree / {args.against}: {got / against(args.against, line, args):.3f}")

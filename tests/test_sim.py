@@ -225,3 +225,33 @@ def test_tensor_parallel_and_single_gpu_models_share_a_node_without_deadlock(pre
     assert set(tp_rows.gpu) <= {0, 2}  # leaders of the aligned pairs (0, 1) and (2, 3)
     if preset == "tangram":
         assert cold[cold.model == "llama-2-70b"].bytes_reused.sum() > 0
+
+
+def test_streamed_requests_give_the_same_results_as_kept_ones(tmp_path) -> None:
+    """`requests_path` writes finished requests in batches instead of keeping them: same summary, same
+    rows (in the order they finished), every request checked as it finishes."""
+    import numpy as np
+
+    from tangram_sim.core.stream import RequestStream
+    from tangram_sim.traces.synthetic import synthesize
+
+    names = ["qwen2.5-3b", "llama-3-8b"]
+    models = {n: ModelChoice(get_model(n)) for n in names}
+    t = synthesize(names, np.random.default_rng(4), rate=4.0, n_requests=600, arrival="gamma", cv=2.0,
+                   zipf_alpha=1.0, input_mean=256, output_mean=32)
+    c = ClusterSpec(1, 2, gpu_spec("a100-40gb", memory_gib=20))
+    for preset in ("tangram", "serverlessllm"):
+        kept = simulate(models, t, c, make_system(preset, preset))
+        path = tmp_path / f"{preset}.parquet"
+        streamed = simulate(models, t, c, make_system(preset, preset), requests_path=path)
+        assert streamed.requests is None and streamed.summary == kept.summary
+        rows = pd.read_parquet(path)
+        assert rows["rid"].tolist() != sorted(rows["rid"])  # written as they finished
+        pd.testing.assert_frame_equal(rows.sort_values("rid").reset_index(drop=True), kept.requests)
+    # a request without an outcome is caught as it is streamed
+    stream = RequestStream(tmp_path / "bad.parquet", batch=2)
+    from tangram_sim.core.records import Request
+
+    stream(Request(0, 0.0, "m", 1, 1))
+    assert stream.problems and "no outcome" in stream.problems[0]
+    stream.close()

@@ -22,17 +22,18 @@ TIMELINE_COLUMNS = [
 SLO_TARGETS_S = (0.5, 1.0, 2.0, 5.0)
 
 
+def request_row(r: Any) -> tuple:
+    """One request's REQUEST_COLUMNS values."""
+    return (
+        r.rid, r.arrival, r.model, r.input_tokens, r.output_tokens, r.gpu, r.cold, r.queue_s, r.load_s,
+        r.bytes_needed, r.bytes_loaded, r.bytes_reused, r.bytes_moved, r.bytes_evicted, r.bytes_extra_evicted,
+        r.startup_s, r.ttft_s, r.e2e_s,
+        r.waited_for_kv_s, r.preemptions, r.outcome, r.reason,
+    )
+
+
 def requests_frame(requests: list) -> pd.DataFrame:
-    rows = [
-        (
-            r.rid, r.arrival, r.model, r.input_tokens, r.output_tokens, r.gpu, r.cold, r.queue_s, r.load_s,
-            r.bytes_needed, r.bytes_loaded, r.bytes_reused, r.bytes_moved, r.bytes_evicted, r.bytes_extra_evicted,
-            r.startup_s, r.ttft_s, r.e2e_s,
-            r.waited_for_kv_s, r.preemptions, r.outcome, r.reason,
-        )
-        for r in requests
-    ]
-    return pd.DataFrame(rows, columns=REQUEST_COLUMNS)
+    return pd.DataFrame([request_row(r) for r in requests], columns=REQUEST_COLUMNS)
 
 
 def timeline_frame(samples: list[tuple]) -> pd.DataFrame:

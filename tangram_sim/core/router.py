@@ -124,7 +124,8 @@ class Cluster:
         self.nodes = [Node(n, tiers, self.key_owners) for n in range(n_nodes)]
         self.workers = [GpuWorker(self, d, self.nodes[i // gpus_per_node]) for i, d in enumerate(devices)]
         self.warm_workers: dict[str, set[GpuWorker]] = {}
-        self.finished = 0
+        self.finished = 0  # requests with an outcome
+        self.on_finished: Callable[[Request], None] | None = None  # told of each outcome (a stream)
         self._estimates: dict[tuple[str, int, int], float] = {}
         for w in self.workers:
             env.process(w.run())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from tangram_sim.core.device import Device
 from tangram_sim.core.metrics import accounting_problems, requests_frame, summarize, timeline_frame
 from tangram_sim.core.records import ModelEntry, Request
 from tangram_sim.core.router import Cluster, Recorder
+from tangram_sim.core.stream import RequestStream
 from tangram_sim.policies import KV, PACKING, RETENTION, SCHEDULER
 from tangram_sim.policies.kv import KvPolicy
 from tangram_sim.policies.packing import PackingPolicy
@@ -83,6 +84,23 @@ def trace_requests(trace: pd.DataFrame) -> list[Request]:
             for i in range(len(arrivals))]
 
 
+def iter_requests(trace: pd.DataFrame, chunk: int = 10_000) -> Iterator[Request]:
+    """The same records made one at a time, when they arrive (a streamed run keeps none it finished):
+    the trace's columns stay numpy arrays, turned into Python values a chunk at a time; model names are
+    shared string objects."""
+    arrivals = trace["arrival_s"].to_numpy(dtype=np.float64)
+    names = trace["model"].astype(str).astype("category")
+    cats = [str(c) for c in names.cat.categories]
+    codes = names.cat.codes.to_numpy()
+    inputs = trace["input_tokens"].to_numpy(dtype=np.int64)
+    outputs = trace["output_tokens"].to_numpy(dtype=np.int64)
+    for first in range(0, len(arrivals), chunk):
+        part = slice(first, first + chunk)
+        rows = zip(arrivals[part].tolist(), codes[part].tolist(), inputs[part].tolist(), outputs[part].tolist())
+        for i, (arrival, code, n_in, n_out) in enumerate(rows, first):
+            yield Request(i, arrival, cats[code], n_in, n_out)
+
+
 @dataclass(slots=True)
 class LifecycleRun:
     requests: list[Request]  # every trace request, with its outcome
@@ -100,7 +118,7 @@ class LifecycleRun:
 def run_lifecycle(
     env: simpy.Environment,
     devices: Sequence[Device],
-    requests: list[Request],
+    requests: Iterable[Request],
     *,
     gpus_per_node: int,
     tiers: TierSpec,
@@ -113,22 +131,29 @@ def run_lifecycle(
     engine_overhead_s: float,
     pcie_bps: float,
     progress: Callable[[int], Any] | None = None,
+    stream: RequestStream | None = None,
+    n_requests: int | None = None,
 ) -> LifecycleRun:
     """Route `requests` (in arrival order) through a cluster of `devices` until every one has an outcome,
     then check the accounting; raises RunInvariantError on any failure. `time_model`,
-    `engine_overhead_s` and `pcie_bps` are the scheduler's estimates (from the configuration)."""
+    `engine_overhead_s` and `pcie_bps` are the scheduler's estimates (from the configuration).
+
+    With `stream`, finished requests go to it and are not kept (`requests` may then be an iterator of
+    `n_requests` records, e.g. `iter_requests`); the returned run's `requests` is empty."""
+    n = len(requests) if n_requests is None else n_requests  # type: ignore[arg-type]
     cluster = Cluster(
         env, devices=devices, gpus_per_node=gpus_per_node, tiers=tiers, system=system, entries=entries,
         time_model=time_model, make_retention=policies.make_retention, packing=policies.packing,
         kv=policies.kv, scheduler=policies.scheduler, rng=random.Random(seed), recorder=recorder,
         engine_overhead_s=engine_overhead_s, pcie_bps=pcie_bps,
     )
+    cluster.on_finished = stream
 
     if isinstance(env, WallClockEnvironment):  # once all is served, the keep-alives need no waiting
-        env.finished = lambda: cluster.finished == len(requests)
+        env.finished = lambda: cluster.finished == n
 
     def arrivals():
-        step = max(1, len(requests) // 200)
+        step = max(1, n // 200)
         for i, req in enumerate(requests):
             delay = req.arrival - env.now
             if delay > 0:
@@ -141,14 +166,27 @@ def run_lifecycle(
     env.run()
     for w in cluster.workers:
         recorder.sample(w, force=True)
+    if stream is not None:
+        stream.close()
+        check_run([], cluster, stream, n)
+        return LifecycleRun([], cluster, recorder)
+    requests = list(requests)
     check_run(requests, cluster)
     return LifecycleRun(requests, cluster, recorder)
 
 
-def check_run(requests: list[Request], cluster: Cluster) -> None:
+def check_run(requests: list[Request], cluster: Cluster, stream: RequestStream | None = None,
+              n_requests: int = 0) -> None:
     """Every request has an outcome; every cold start's bytes add up; every arena is consistent and holds
-    no KV, loading or pinned bytes; no instance or queue is left."""
-    problems = accounting_problems(requests, cluster.finished)
+    no KV, loading or pinned bytes; no instance or queue is left. A streamed run's requests were checked
+    as they finished; then the count must be `n_requests`."""
+    if stream is None:
+        problems = accounting_problems(requests, cluster.finished)
+    else:
+        problems = list(stream.problems)
+        if not stream.count == cluster.finished == n_requests:
+            problems.append(f"{stream.count} requests streamed, {cluster.finished} outcomes recorded, "
+                            f"{n_requests} requests in the trace")
     for w in cluster.workers:
         arena = w.arena
         arena.check_invariants()

@@ -418,6 +418,8 @@ class GpuWorker:
         req.e2e_s = now - req.arrival
         req.outcome = "completed"
         self.cluster.finished += 1
+        if self.cluster.on_finished is not None:
+            self.cluster.on_finished(req)
         self.cluster.recorder.log(now, self.gpu_id, "completed", req.rid, "")
         self.cluster.recorder.sample(self)
 
@@ -428,6 +430,8 @@ class GpuWorker:
         req.reason = reason
         req.gpu = self.gpu_id
         self.cluster.finished += 1
+        if self.cluster.on_finished is not None:
+            self.cluster.on_finished(req)
         self.cluster.recorder.log(self.cluster.env.now, self.gpu_id, "rejected", req.rid, reason)
 
     def active_model(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -12,9 +13,17 @@ from tqdm import tqdm
 
 from tangram_sim.arena import ARENA_ALIGNMENT
 from tangram_sim.core.links import Fabric
+from tangram_sim.core.metrics import timeline_frame
 from tangram_sim.core.records import build_entries
 from tangram_sim.core.router import Recorder
-from tangram_sim.core.run import RunInvariantError, build_policies, run_lifecycle, trace_requests
+from tangram_sim.core.run import (
+    RunInvariantError,
+    build_policies,
+    iter_requests,
+    run_lifecycle,
+    trace_requests,
+)
+from tangram_sim.core.stream import RequestStream
 from tangram_sim.errors import CapacityError, ConfigError
 from tangram_sim.models.spec import ModelSpec
 from tangram_sim.sim.device import ModelledDevice
@@ -46,7 +55,7 @@ class ClusterSpec:
 @dataclass(slots=True)
 class SimResult:
     system: str  # system name
-    requests: pd.DataFrame  # one row per trace request
+    requests: pd.DataFrame | None  # one row per trace request (None when streamed to `requests_path`)
     timeline: pd.DataFrame  # per-GPU memory samples
     summary: dict[str, Any]  # one row of numbers
     events: list[tuple[float, int, str, int, str]] | None  # (time, gpu, kind, rid, detail) if recorded
@@ -92,8 +101,12 @@ def simulate(
     sample_interval_s: float = 1.0,
     check_invariants: bool = True,
     progress: bool = False,
+    requests_path: str | Path | None = None,
 ) -> SimResult:
-    """Simulate `trace` (canonical columns) under `system`; raises on any conservation failure."""
+    """Simulate `trace` (canonical columns) under `system`; raises on any conservation failure.
+
+    With `requests_path`, finished requests are written there (Parquet, in batches, in the order they
+    finished) instead of being kept: memory then stays flat in the number of requests."""
     _validate(models, trace, cluster, system)
     gpu = cluster.gpu
     roofline = Roofline(gpu, cluster.compute_efficiency, cluster.memory_efficiency)
@@ -132,8 +145,9 @@ def simulate(
         for i in range(cluster.nodes * cluster.gpus_per_node)
     ]
     recorder = Recorder(record_events, sample_interval_s, check_invariants)
-    requests = trace_requests(trace)
-    bar = tqdm(total=len(requests), desc=f"simulating {system.name}", unit="req", disable=not progress,
+    stream = RequestStream(requests_path) if requests_path is not None else None
+    requests = trace_requests(trace) if stream is None else iter_requests(trace)
+    bar = tqdm(total=len(trace), desc=f"simulating {system.name}", unit="req", disable=not progress,
                leave=False, mininterval=0.5)
 
     def tick(i: int) -> None:
@@ -145,11 +159,17 @@ def simulate(
             env, devices, requests, gpus_per_node=cluster.gpus_per_node, tiers=tiers, system=system,
             entries=entries, time_model=roofline, policies=policies, seed=seed, recorder=recorder,
             engine_overhead_s=system.engine_overhead_s, pcie_bps=configured_pcie, progress=tick,
+            stream=stream, n_requests=len(trace),
         )
     finally:
         bar.close()
-    frame, timeline, numbers = run.frames()
     summary: dict[str, Any] = {"system": system.name}
+    if stream is None:
+        frame, timeline, numbers = run.frames()
+    else:
+        workers = run.cluster.workers
+        frame, timeline = None, timeline_frame(recorder.timeline)
+        numbers = stream.summary(sum(w.busy_s for w in workers), sum(w.compaction_bytes for w in workers))
     summary.update(numbers)
     summary["sim_end_s"] = float(env.now)
     return SimResult(system.name, frame, timeline, summary, recorder.events)
