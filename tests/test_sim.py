@@ -255,3 +255,12 @@ def test_streamed_requests_give_the_same_results_as_kept_ones(tmp_path) -> None:
     stream(Request(0, 0.0, "m", 1, 1))
     assert stream.problems and "no outcome" in stream.problems[0]
     stream.close()
+
+
+def test_the_capacity_error_speaks_gib_only() -> None:
+    big = {"qwen2.5-14b": ModelChoice(get_model("qwen2.5-14b"))}
+    small = ClusterSpec(1, 1, gpu_spec("a100-80gb", memory_gib=24))
+    with pytest.raises(CapacityError) as err:
+        simulate(big, trace([(0.0, "qwen2.5-14b", 10, 2)]), small, make_system("t", "tangram"))
+    msg = str(err.value)
+    assert "GiB per GPU" in msg and "the a100-80gb GPU has 24.00 GiB" in msg and " GB" not in msg

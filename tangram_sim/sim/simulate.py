@@ -27,7 +27,7 @@ from tangram_sim.core.stream import RequestStream
 from tangram_sim.errors import CapacityError, ConfigError
 from tangram_sim.models.spec import ModelSpec
 from tangram_sim.sim.device import ModelledDevice
-from tangram_sim.sim.hardware import GpuSpec, TierSpec
+from tangram_sim.sim.hardware import GiB, GpuSpec, TierSpec
 from tangram_sim.sim.systems import SystemSpec
 from tangram_sim.sim.timemodel import Calibrated, Calibration, Roofline
 
@@ -81,8 +81,8 @@ def _validate(models: dict[str, ModelChoice], trace: pd.DataFrame, cluster: Clus
         if need > capacity:
             hint = "set tensor_parallel" if tp == 1 else "raise tensor_parallel"
             raise CapacityError(
-                f"model {name} needs {need / 1e9:.2f} GB per GPU (weights + one KV block, tensor_parallel "
-                f"{tp}) but a {cluster.gpu.name} GPU has {capacity / 1e9:.2f} GB; use a larger cluster.gpu "
+                f"model {name} needs {need / GiB:.2f} GiB per GPU (weights + one KV block, tensor_parallel "
+                f"{tp}) but the {cluster.gpu.name} GPU has {capacity / GiB:.2f} GiB; use a larger cluster.gpu "
                 f"or cluster.gpu_memory_gib, or {hint}"
             )
         if choice.spec.kv_bytes_per_token <= 0:
