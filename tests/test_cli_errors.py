@@ -116,3 +116,23 @@ def test_control_characters_quoted_from_a_file_stay_on_one_line(tmp_path: Path,
     bad.write_bytes(b"TIME\x0bSTAMP,a\n1,2\n")  # a vertical tab is a line break to str.splitlines
     assert main(["trace", "inspect", str(bad), "--format", "azure-llm"]) == 2
     assert one_error_line(capsys).endswith("got 'TIME\\x0bSTAMP,a'")
+
+
+def test_fuzz_findings_end_in_one_error_line(tmp_path, capsys) -> None:
+    """Found by the fuzz runs: a trace row ending in a lone quote, a mapping kind that is a list, and a
+    bandwidth so small that simulated time stops advancing."""
+    from tangram_sim.cli import main
+
+    trace = tmp_path / "t.csv"
+    trace.write_text('TIMESTAMP,ContextTokens,GeneratedTokens,x\n2023-11-16 18:15:46.6805900,396,109,"\n')
+    assert main(["trace", "inspect", str(trace)]) in (0, 2)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.startswith("error:")]) <= 1
+    assert main(["run", "experiments/quickstart.yaml", "--out", str(tmp_path / "o1"), "--no-plots", "--quiet",
+                 "--set", "trace.mapping.kind=[]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "mapping.kind" in err[0]
+    assert main(["run", "experiments/quickstart.yaml", "--out", str(tmp_path / "o2"), "--no-plots", "--quiet",
+                 "--set", "trace.max_requests=6", "--set", "cluster.tiers.ssd_gbps=1e-300"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and "no" in err[-1] and "Traceback" not in "\n".join(err)

@@ -20,6 +20,7 @@ from tangram_sim.core.device import RankLoad, Work
 from tangram_sim.core.links import Fabric, Link
 from tangram_sim.core.records import Request
 from tangram_sim.core.worker import Instance
+from tangram_sim.errors import ConfigError
 from tangram_sim.sim.timemodel import TimeModel
 
 
@@ -91,7 +92,11 @@ class ModelledDevice:
         env = self.env
         step = self.time_model.decode_step_s(inst.entry.spec, len(running), kv_tokens, len(inst.group))
         start = env.now
-        done = env.timeout(horizon * step) if wake is None else wake | env.timeout(horizon * step)
+        dt = horizon * step
+        if dt > 0 and start + dt == start:  # e.g. a bandwidth of 1e-300 pushed time to 1e300 s
+            raise ConfigError(f"simulated time reached {start:.3g} s, where a decode step of {dt:.3g} s no "
+                              "longer advances the clock; expected rates, bandwidths and sizes of realistic scale")
+        done = env.timeout(dt) if wake is None else wake | env.timeout(dt)
 
         def advanced() -> tuple[float, float]:
             elapsed = env.now - start

@@ -303,6 +303,9 @@ def _read_slow(path: Path, nfields: int, sep: str, skip: int, names: Sequence[st
         if text is None:
             structural.append((line_no, undecodable[line_no]))
             continue
+        if sep == "," and text.count('"') % 2:  # pandas would read on past the line and fail
+            structural.append((line_no, "unbalanced double quote"))
+            continue
         if sep == ",":
             count = text.count(",") + 1 if '"' not in text else len(_split(text, sep))
         else:

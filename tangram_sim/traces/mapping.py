@@ -54,7 +54,7 @@ def check_mapping(mapping: Any, models: Sequence[str], where: str = "trace.mappi
     if not isinstance(mapping, Mapping):
         raise TraceError(f"{where}: expected a mapping like {{kind: zipf, alpha: 1.0}}, got {mapping!r}")
     kind = mapping.get("kind")
-    if kind not in MAPPING_KINDS:
+    if not isinstance(kind, str) or kind not in MAPPING_KINDS:
         raise TraceError(f"{where}.kind: expected one of {', '.join(MAPPING_KINDS)}, got {kind!r}")
     allowed = MAPPING_KINDS[kind]
     for key in mapping:
