@@ -34,11 +34,7 @@ import numpy as np
 import simpy
 from simpy.core import EmptySchedule, Infinity
 
-__all__ = ["LagStats", "WallClockEnvironment"]
-
-
-class LagStats(dict):
-    """p50/p99/max lag in seconds and the number of events, as one summary-ready mapping."""
+__all__ = ["WallClockEnvironment"]
 
 
 class WallClockEnvironment(simpy.Environment):
@@ -111,7 +107,7 @@ class WallClockEnvironment(simpy.Environment):
             if self.finished() and not self._pending:
                 break  # nothing real is left to wait for: run the bookkeeping to its end at once
             wall = self.wall()
-            bound, running = self._earliest_completion(wall)
+            bound, running = self._earliest_completion()
             if t <= bound and t <= wall:
                 break
             if t is Infinity:
@@ -128,7 +124,7 @@ class WallClockEnvironment(simpy.Environment):
             self.lags.append(max(0.0, self.wall() - self.peek()))
         super().step()
 
-    def _earliest_completion(self, wall: float) -> tuple[float, bool]:
+    def _earliest_completion(self) -> tuple[float, bool]:
         """The earliest time a pending piece of device work can still be stamped with, and whether that
         piece has started (its bound then grows with the wall clock)."""
         best, running = Infinity, False
@@ -143,10 +139,10 @@ class WallClockEnvironment(simpy.Environment):
                 best, running = bound, run
         return best, running
 
-    def lag_stats(self) -> LagStats:
+    def lag_stats(self) -> dict[str, float]:
         """p50, p99 and max lag (trace seconds) over the events processed so far."""
         lags = np.asarray(self.lags, dtype=np.float64)
         if not len(lags):
-            return LagStats(lag_p50_s=0.0, lag_p99_s=0.0, lag_max_s=0.0, lag_events=0)
-        return LagStats(lag_p50_s=float(np.percentile(lags, 50)), lag_p99_s=float(np.percentile(lags, 99)),
-                        lag_max_s=float(lags.max()), lag_events=int(len(lags)))
+            return {"lag_p50_s": 0.0, "lag_p99_s": 0.0, "lag_max_s": 0.0, "lag_events": 0}
+        return {"lag_p50_s": float(np.percentile(lags, 50)), "lag_p99_s": float(np.percentile(lags, 99)),
+                "lag_max_s": float(lags.max()), "lag_events": int(len(lags))}

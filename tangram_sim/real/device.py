@@ -77,7 +77,7 @@ class RealDevice:
     def __init__(self, env: WallClockEnvironment, gpu_id: int, device: torch.device, capacity: int,
                  alignment: int, ckpts: dict[str, Checkpoint], granularity: str, min_unit_bytes: int,
                  block_tokens: int, prompts: dict[int, list[int]], *,
-                 readers: int | None, chunk_bytes: int, staging: str, memory_samples: bool = True) -> None:
+                 readers: int | None, chunk_bytes: int, staging: str) -> None:
         self.env = env
         self.gpu_id = gpu_id  # position in the cluster
         self.device = device  # torch device
@@ -108,8 +108,6 @@ class RealDevice:
         self.loads: list[tuple] = []  # LOAD_COLUMNS rows
         self.memory: list[tuple] = []  # MEMORY_COLUMNS rows
         self.steps: list[tuple] = []  # STEP_COLUMNS rows
-        self.memory_samples = memory_samples
-        self.forward_s = 0.0  # prefill + decode seconds measured
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -230,7 +228,6 @@ class RealDevice:
             for seq, n, token in zip(seqs, lengths, first):
                 seq.length = n
                 seq.tokens.append(token)
-            self.forward_s += seconds
             return seconds
 
         return done, finish
@@ -263,7 +260,6 @@ class RealDevice:
             for seq, token in zip(seqs, new):
                 seq.length += 1
                 seq.tokens.append(token)
-            self.forward_s += seconds
             return seconds, 1.0
 
         return done, finish
@@ -274,10 +270,9 @@ class RealDevice:
         self.pool_free.pop(inst.model, None)
 
     def sampled(self, now: float) -> None:
-        if self.memory_samples:
-            r = read_memory(self.device)
-            self.memory.append((now, self.gpu_id, r.device, r.source, r.total_bytes, r.used_bytes, r.free_bytes,
-                                r.torch_allocated, r.torch_reserved))
+        r = read_memory(self.device)
+        self.memory.append((now, self.gpu_id, r.device, r.source, r.total_bytes, r.used_bytes, r.free_bytes,
+                            r.torch_allocated, r.torch_reserved))
 
     def check(self) -> None:
         """The buffer still spans the arena, and nothing the lifecycle ended is still bound."""

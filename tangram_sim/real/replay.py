@@ -31,7 +31,7 @@ from tangram_sim.experiments.config import load_yaml
 from tangram_sim.real.device import LOAD_COLUMNS, MEMORY_COLUMNS, STEP_COLUMNS, RealDevice
 from tangram_sim.real.executor import RealGpu, resolve_device
 from tangram_sim.real.loader import DEFAULT_CHUNK_BYTES, Checkpoint
-from tangram_sim.real.setup import ReplaySetup, loader_options, prepare_replay
+from tangram_sim.real.setup import ReplaySetup, default_capacity, loader_options, prepare_replay
 from tangram_sim.sim.hardware import GPUS
 from tangram_sim.sim.systems import SystemSpec
 from tangram_sim.sim.timemodel import Roofline, TimeModel
@@ -125,10 +125,7 @@ def replay_trace(
     if bad:
         raise ConfigError(f"model {bad[0]!r}: vocabulary size unknown, expected a decoder checkpoint")
     if capacity is None:
-        if any(d.type != "cuda" for d in devs):
-            raise ConfigError("arena capacity is required on the CPU, expected e.g. cluster.gpu_memory_gib")
-        capacity = min(int(0.9 * torch.cuda.mem_get_info(d)[0]) // devs.count(d) for d in devs)
-        capacity -= capacity % ARENA_ALIGNMENT
+        capacity = default_capacity(devs, "capacity")
     prompts = _prompts(trace, vocab, seed)
     sens = {m: float((sensitivity or {}).get(m, 1.0)) for m in ckpts}
     entries = build_entries({m: (c.spec, sens[m], 1) for m, c in ckpts.items()}, system, ARENA_ALIGNMENT)

@@ -32,7 +32,7 @@ from tangram_sim.sim.hardware import GiB
 from tangram_sim.sim.systems import SystemSpec
 from tangram_sim.traces.spec import load_trace, resolve_path
 
-__all__ = ["ReplaySetup", "loader_options", "prepare_replay", "replay_devices"]
+__all__ = ["ReplaySetup", "default_capacity", "loader_options", "prepare_replay", "replay_devices"]
 
 
 @dataclass(slots=True)
@@ -184,6 +184,15 @@ def replay_devices(devices: Sequence[str], split: int = 1) -> list[torch.device]
     return [d for d in out for _ in range(split)]
 
 
+def default_capacity(devs: Sequence[torch.device], option: str) -> int:
+    """Arena bytes when none is given: 90% of each card's free memory shared by the arenas carved out of
+    it (the smallest share over the cards); the CPU has no such figure (a one-line error naming `option`)."""
+    if any(d.type != "cuda" for d in devs):
+        raise ConfigError(f"{option}: required for a replay on the CPU (the arena's size)")
+    capacity = min(int(0.9 * torch.cuda.mem_get_info(d)[0]) // list(devs).count(d) for d in set(devs))
+    return capacity - capacity % ARENA_ALIGNMENT
+
+
 def prepare_replay(
     raw: dict[str, Any],
     base_dir: Path | None,
@@ -244,14 +253,9 @@ def prepare_replay(
     ckpts = {name: open_checkpoint(p) for name, p in paths.items()}
     if c.get("gpu_memory_gib") is not None:
         capacity = int(c["gpu_memory_gib"] * GiB)
-    elif all(d.type == "cuda" for d in devs):
-        per_card: dict[torch.device, int] = {}
-        for d in devs:
-            per_card[d] = per_card.get(d, 0) + 1
-        capacity = min(int(0.9 * torch.cuda.mem_get_info(d)[0]) // n for d, n in per_card.items())
+        capacity -= capacity % ARENA_ALIGNMENT
     else:
-        raise ConfigError("cluster.gpu_memory_gib: required for a replay on the CPU (the arena's size)")
-    capacity -= capacity % ARENA_ALIGNMENT
+        capacity = default_capacity(devs, "cluster.gpu_memory_gib")
     for d in {d for d in devs if d.type == "cuda"}:
         need = capacity * sum(1 for x in devs if x == d)
         free = torch.cuda.mem_get_info(d)[0]
