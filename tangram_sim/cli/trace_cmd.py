@@ -46,13 +46,23 @@ def add_parser(subparsers: Any) -> None:
     p_in.add_argument("--json", action="store_true", help="print JSON instead of text")
     p_in.set_defaults(func=cmd_inspect)
 
-    p_syn = sub.add_parser("synth", help="write a synthetic canonical trace (CSV or Parquet)")
+    p_syn = sub.add_parser(
+        "synth", help="write a canonical trace (CSV or Parquet): synthetic, or an experiment's workload"
+    )
     p_syn.add_argument("--out", required=True, metavar="FILE", help="output file, .csv or .parquet")
-    p_syn.add_argument("--models", required=True, help="comma-separated model names, most popular first")
-    size = p_syn.add_mutually_exclusive_group(required=True)
+    p_syn.add_argument(
+        "--from", dest="experiment", metavar="EXP.yaml",
+        help="write the requests this experiment replays (its trace section, seed and --set overrides)",
+    )
+    p_syn.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="with --from: override a dotted key of the experiment (repeatable)")
+    p_syn.add_argument("--point", type=int, default=0, metavar="I",
+                       help="with --from: which sweep point's trace (default 0, the first)")
+    p_syn.add_argument("--models", help="comma-separated model names, most popular first")
+    size = p_syn.add_mutually_exclusive_group()
     size.add_argument("--requests", type=int, metavar="N", help="number of requests")
     size.add_argument("--duration", type=float, metavar="S", help="length of the trace in seconds")
-    p_syn.add_argument("--rate", type=float, required=True, metavar="R", help="mean requests per second")
+    p_syn.add_argument("--rate", type=float, metavar="R", help="mean requests per second")
     p_syn.add_argument("--arrival", default="poisson", choices=("poisson", "gamma"), help="inter-arrival law")
     p_syn.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of gamma gaps")
     p_syn.add_argument("--alpha", type=float, default=0.0, help="Zipf skew of model popularity (0: uniform)")
@@ -69,6 +79,18 @@ def add_parser(subparsers: Any) -> None:
     p_syn.add_argument("--seed", type=int, default=0, help="random seed (same seed, same trace)")
     p_syn.add_argument("--force", action="store_true", help="overwrite --out if it already exists")
     p_syn.set_defaults(func=cmd_synth)
+
+    p_ex = sub.add_parser(
+        "servegen-extract", help="cut ServeGen's client data to a compact Parquet extract (windows + PDFs)"
+    )
+    p_ex.add_argument("data", metavar="DATA", help="ServeGen repository clone or its data/ folder")
+    p_ex.add_argument("--out", required=True, metavar="DIR", help="folder for windows.parquet and pdfs.parquet")
+    p_ex.add_argument("--pools", default="m-small,m-mid,m-large,deepseek-r1,mm-image",
+                      help="comma-separated pool names (default: the five the Tangram evaluation uses)")
+    p_ex.add_argument("--span", nargs=2, type=float, default=[0.0, 86400.0], metavar=("START", "END"),
+                      help="seconds of the data to keep (default: the first day)")
+    p_ex.add_argument("--force", action="store_true", help="overwrite an existing extract in --out")
+    p_ex.set_defaults(func=cmd_servegen_extract)
 
 
 def _help(parser: argparse.ArgumentParser) -> int:
@@ -163,6 +185,41 @@ def _text(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_servegen_extract(args: argparse.Namespace) -> int:
+    from tangram_sim.traces.servegen_data import EXTRACT_FILES, write_extract
+
+    data, out = Path(args.data), Path(args.out)
+    if not data.is_dir():
+        raise TraceError(f"DATA: '{args.data}' is not a folder")
+    start, end = args.span
+    if not (0 <= start < end):
+        raise TraceError(f"--span: expected START END with 0 <= START < END, got {start:g} {end:g}")
+    if any((out / f).exists() for f in EXTRACT_FILES) and not args.force:
+        raise TraceError(f"--out: '{out}' already holds an extract; pass --force to overwrite it")
+    pools = [p.strip() for p in args.pools.split(",") if p.strip()]
+    if not pools:
+        raise TraceError(f"--pools: expected comma-separated pool names, got '{args.pools}'")
+    counts = write_extract(data, out, pools, (start, end))
+    size = sum((out / f).stat().st_size for f in EXTRACT_FILES)
+    print(f"wrote {counts['windows']:,} windows and {counts['pdf_rows']:,} PDF rows "
+          f"({size / 2**20:.1f} MiB) to {out}")
+    return 0
+
+
+def _trace_of_experiment(args: argparse.Namespace) -> Any:
+    from tangram_sim.experiments.config import load_yaml
+    from tangram_sim.experiments.runner import load_point_trace, prepare
+
+    for option in ("models", "requests", "duration", "rate", "token_source"):
+        if getattr(args, option) is not None:
+            raise TraceError(f"--{option.replace('_', '-')}: not used with --from (the experiment sets it)")
+    raw, base_dir = load_yaml(args.experiment)
+    _, points = prepare(raw, base_dir, args.sets)
+    if not 0 <= args.point < len(points):
+        raise TraceError(f"--point: expected 0..{len(points) - 1} (the experiment has {len(points)} points)")
+    return load_point_trace(points[args.point]["config"], str(base_dir) if base_dir else None)
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -173,6 +230,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
     suffix = out.suffix.lower()
     if suffix not in (".csv", ".parquet"):
         raise TraceError(f"--out: expected a .csv or .parquet file name, got '{args.out}'")
+    if args.experiment is not None:
+        return _write(_trace_of_experiment(args), out, suffix, args.force)
+    if args.sets or args.point:
+        raise TraceError("--set/--point: only used with --from EXP.yaml")
+    if args.models is None:
+        raise TraceError("--models: required (or --from EXP.yaml)")
+    if args.requests is None and args.duration is None:
+        raise TraceError("--requests or --duration: one is required (or --from EXP.yaml)")
+    if args.rate is None:
+        raise TraceError("--rate: required (or --from EXP.yaml)")
     models = [m.strip() for m in args.models.split(",")]
     if not all(models):
         raise TraceError(f"--models: expected comma-separated non-empty names, got '{args.models}'")
@@ -208,18 +275,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
         for param, option in _SYNTH_OPTIONS.items():
             message = message.replace(f"synthesize.{param}:", f"{option}:")
         raise TraceError(message) from None
+    return _write(df, out, suffix, args.force)
+
+
+def _write(df: Any, out: Path, suffix: str, force: bool) -> int:
     if not out.parent.exists():
         raise TraceError(f"--out: folder '{out.parent}' does not exist")
     # The options are checked first (they are cheaper to fix); an existing file may be the user's
     # only copy of a real trace, so it is replaced only on request.
     if out.is_dir():
         raise TraceError(f"--out: '{out}' is a folder; expected a file name")
-    if out.exists() and not args.force:
+    if out.exists() and not force:
         raise TraceError(f"--out: '{out}' already exists; pass --force to overwrite it")
     if suffix == ".csv":
         df.to_csv(out, index=False)
     else:
         df.to_parquet(out, index=False)
+    for note in df.attrs.get("notes", ()):
+        print(f"note: {note}")
     print(f"wrote {len(df):,} requests over {df['arrival_s'].iloc[-1]:,.1f} s to {out}")
     return 0
 

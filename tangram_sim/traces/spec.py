@@ -21,7 +21,8 @@ from tangram_sim.traces.mapping import apply_mapping
 from tangram_sim.traces.synthetic import ARRIVALS, Diurnal, synthesize
 from tangram_sim.traces.window import window
 
-KINDS = ("azure-llm", "azure-functions", "azure-functions-2021", "servegen", "burstgpt", "table", "synthetic")
+KINDS = ("azure-llm", "azure-functions", "azure-functions-2021", "servegen", "servegen-pool", "burstgpt", "table",
+         "synthetic")
 _COMMON = ("kind", "path", "mapping", "start_s", "duration_s", "max_requests", "rate_scale")
 _FUNCTION_KEYS = ("token_source", "input_tokens", "output_tokens", "top_functions", "function_models")
 KIND_KEYS: dict[str, tuple[str, ...]] = {
@@ -29,6 +30,7 @@ KIND_KEYS: dict[str, tuple[str, ...]] = {
     "table": (),
     "burstgpt": (),
     "servegen": ("model_ids",),
+    "servegen-pool": ("data", "pools", "span", "target_rps", "alpha"),
     "azure-functions": ("spread", "minutes") + _FUNCTION_KEYS,
     "azure-functions-2021": _FUNCTION_KEYS,
     "synthetic": (
@@ -143,6 +145,64 @@ def _model_ids(spec: Mapping[str, Any], models: Sequence[str]) -> Sequence[str] 
     )
 
 
+def resolve_dir(value: Any, base_dir: Path | None, key: str) -> Path:
+    """A folder (or file): absolute, else relative to `base_dir`, else to the cwd."""
+    if not isinstance(value, str | Path) or not str(value).strip():
+        raise TraceError(f"{key}: expected a folder path, got {value!r}")
+    p = Path(value).expanduser()
+    candidates = [p] if p.is_absolute() else ([base_dir / p] if base_dir is not None else []) + [Path.cwd() / p]
+    for c in candidates:
+        if c.exists():
+            return c
+    raise TraceError(f"{key}: not found: '{value}' (looked for {', '.join(str(c) for c in candidates)})")
+
+
+def _servegen_pool(spec: Mapping[str, Any], models: Sequence[str], seed: int, base_dir: Path | None) -> pd.DataFrame:
+    from tangram_sim.traces.servegen_pool import generate
+
+    if "path" in spec:
+        raise TraceError("trace.path: not used by kind 'servegen-pool' (give the ServeGen data folder as trace.data)")
+    if "data" not in spec:
+        raise TraceError("trace.data: missing; expected the ServeGen data folder or the extract (e.g. traces/servegen)")
+    data = resolve_dir(spec["data"], base_dir, "trace.data")
+    if not data.is_dir():
+        raise TraceError(f"trace.data: expected a folder, got the file {data}")
+    pools = spec.get("pools")
+    if not isinstance(pools, Mapping) or not pools:
+        raise TraceError(
+            "trace.pools: expected a mapping pool -> model names, e.g. {m-mid: [llama-3-8b, yi-9b]}, "
+            f"got {pools!r}"
+        )
+    seen: dict[str, str] = {}
+    clean: dict[str, list[str]] = {}
+    for pool, names in pools.items():
+        where = f"trace.pools.{pool}"
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise TraceError(f"{where}: expected a non-empty list of model names, got {names!r}")
+        for n in names:
+            if n not in models:
+                raise TraceError(f"{where}: '{n}' is not one of the models ({', '.join(models)})")
+            if n in seen:
+                raise TraceError(f"{where}: '{n}' is already in pool {seen[n]}; a model serves one pool")
+            seen[n] = str(pool)
+        clean[str(pool)] = list(names)
+    unused = [m for m in models if m not in seen]
+    if unused:
+        raise TraceError(f"trace.pools: model '{unused[0]}' is in no pool, so it would get no requests")
+    span = spec.get("span", [0, 3600])
+    ok = (
+        isinstance(span, list | tuple) and len(span) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in span)
+        and 0 <= span[0] < span[1]
+    )
+    if not ok:
+        raise TraceError(f"trace.span: expected [start, end] seconds with 0 <= start < end, got {span!r}")
+    target = _num(spec, "target_rps", positive=True)
+    alpha = _num(spec, "alpha", 0.0, minimum=0.0)
+    return generate(data, clean, (float(span[0]), float(span[1])), seed,
+                    target_rps=None if target is None else float(target), alpha=float(alpha))
+
+
 def _read(
     kind: str,
     spec: Mapping[str, Any],
@@ -152,6 +212,8 @@ def _read(
     skip_bad_rows: bool,
 ) -> pd.DataFrame:
     """The trace before windowing, as the file (or generator) gives it."""
+    if kind == "servegen-pool":
+        return _servegen_pool(spec, models, seed, base_dir)
     if kind == "synthetic":
         if "path" in spec:
             raise TraceError("trace.path: not used by kind 'synthetic' (the trace is generated)")
