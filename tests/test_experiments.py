@@ -64,7 +64,8 @@ def test_the_issue_example_runs_as_is_from_the_repository_root(tmp_path: Path, m
     assert len(summary) == 9  # 3 systems x 3 sweep points
     assert list(summary["cluster.gpus_per_node"].unique()) == [1, 2, 4]
     for column in ["system", "requests", "completed", "mean_ttft_s", "p50_ttft_s", "p99_ttft_s", "mean_load_s",
-                   "bytes_loaded", "io_reduction", "full_hit_ratio"]:
+                   "bytes_loaded", "io_reduction", "full_hit_ratio", "request_resident_ratio",
+                   "request_bytes_from_gpu", "mean_load_per_request_s"]:
         assert column in summary.columns
     assert (summary.requests == 1500).all()
     resolved = yaml.safe_load((tmp_path / "out/config.yaml").read_text())

@@ -47,6 +47,22 @@ def test_errors_are_relative_except_the_full_hit_ratio() -> None:
     assert t["load_s_corr"] == pytest.approx(1.0) and t["cold_match"] == 1.0
 
 
+def test_per_request_metrics_are_compared_too() -> None:
+    """The Tangram authors' per-request figures: load time with warm requests at 0 (relative error),
+    resident share and bytes from GPU (differences in points)."""
+    real = requests("tangram", [1.0, 0.0, 0.0, 2.0], [2.0] * 4, [10, 0, 0, 0])
+    sim = requests("tangram", [1.0, 0.0, 1.0, 2.0], [2.0] * 4, [10, 0, 10, 10])
+    for frame in (real, sim):
+        frame["bytes_needed"] = 10
+        frame["bytes_reused"] = frame["bytes_needed"] - frame["bytes_loaded"]
+    t = fidelity_table(sim, real).iloc[0]
+    assert t["mean_load_per_request_s_real"] == pytest.approx(0.75) and t["mean_load_per_request_s_sim"] == 1.0
+    assert t["mean_load_per_request_s_err"] == pytest.approx(1 / 3)
+    # real: 2 warm + 1 cold full hit of 4 resident, 10 of 40 bytes loaded; sim: 1 warm, 30 of 40 loaded
+    assert t["request_resident_ratio_real"] == 0.75 and t["request_resident_ratio_err"] == pytest.approx(-0.5)
+    assert t["request_bytes_from_gpu_real"] == 0.75 and t["request_bytes_from_gpu_err"] == pytest.approx(-0.5)
+
+
 def test_compare_cli_writes_csv_and_plot_and_checks_the_tolerance(tmp_path: Path) -> None:
     sim_dir, real_dir = tmp_path / "sim", tmp_path / "real"
     for d, scale in ((sim_dir, 1.3), (real_dir, 1.0)):
@@ -96,7 +112,9 @@ def test_format_table_names_every_metric_every_gpu_and_the_lag() -> None:
     table = fidelity_table(sim, real)
     table["lag_p50_s"], table["lag_p99_s"], table["lag_max_s"], table["lag_bound_s"] = 0.001, 0.02, 0.03, 0.005
     text = format_table(Fidelity(table, Path("sim"), Path("real"), gpu_table(sim, real, table)))
-    for label in ("mean load time", "p50 TTFT", "bytes loaded", "full-hit ratio", "load time correlation"):
+    for label in ("mean load time (per cold start)", "p50 TTFT", "bytes loaded", "full-hit ratio (per cold start)",
+                  "mean load time (per request)", "resident ratio (per request)", "bytes from GPU (per request)",
+                  "load time correlation"):
         assert label in text
     assert "+0.0%" in text
     assert "gpu 0: requests 2 / 1, cold starts 2 / 1" in text and "gpu 1: requests 0 / 1" in text

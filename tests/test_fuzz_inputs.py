@@ -44,7 +44,8 @@ FUZZ = settings(
 
 # Summary numbers defined for every run, and those defined once a request completed.
 ALWAYS_DEFINED = ["requests", "completed", "rejected", "cold_starts", "mean_load_s", "p99_load_s", "bytes_needed",
-                  "bytes_loaded", "bytes_reused", "io_reduction", "full_hit_ratio", "compaction_bytes",
+                  "bytes_loaded", "bytes_reused", "io_reduction", "full_hit_ratio", "request_resident_ratio",
+                  "request_bytes_from_gpu", "mean_load_per_request_s", "compaction_bytes",
                   "evicted_bytes", "gpu_busy_s", "waited_for_kv_s", "preemptions"]
 DEFINED_IF_COMPLETED = ["mean_ttft_s", "p50_ttft_s", "p90_ttft_s", "p99_ttft_s", "mean_e2e_s", "mean_queue_s"]
 

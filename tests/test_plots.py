@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tangram_sim.cli import main
+from tangram_sim.core.metrics import per_request_metrics
 from tangram_sim.errors import TangramError
 from tangram_sim.plots import FIGURES, load_run, render_all, write_report
 from tangram_sim.rundir import adopt_legacy
@@ -39,8 +40,8 @@ def _requests(rng: np.random.Generator, system: str, point: int, n: int, reuse: 
         "system": system, "point": point, "rid": np.arange(n), "arrival_s": np.sort(rng.uniform(0, 600, n)),
         "model": models, "input_tokens": rng.integers(16, 2048, n), "output_tokens": rng.integers(16, 512, n),
         "gpu": rng.integers(0, 2, n), "cold": cold, "queue_s": queue_s, "load_s": load_s,
-        "bytes_needed": np.where(cold, needed, 0), "bytes_loaded": loaded,
-        "bytes_reused": np.where(cold, needed - loaded, 0), "bytes_moved": np.zeros(n, np.int64),
+        "bytes_needed": needed, "bytes_loaded": loaded,  # a warm request reuses all its model's bytes
+        "bytes_reused": needed - loaded, "bytes_moved": np.zeros(n, np.int64),
         "startup_s": load_s, "ttft_s": np.where(outcome == "completed", ttft, np.nan),
         "e2e_s": np.where(outcome == "completed", ttft + rng.uniform(1, 5, n), np.nan),
         "waited_for_kv_s": np.zeros(n), "preemptions": np.zeros(n, np.int64), "outcome": outcome,
@@ -48,7 +49,7 @@ def _requests(rng: np.random.Generator, system: str, point: int, n: int, reuse: 
     })
 
 
-def _summary_row(req: pd.DataFrame) -> dict[str, Any]:
+def _summary_row(req: pd.DataFrame, per_request: bool = True) -> dict[str, Any]:
     done = req[req["outcome"] == "completed"]
     cold = req[req["cold"]]
     needed, loaded = int(cold["bytes_needed"].sum()), int(cold["bytes_loaded"].sum())
@@ -63,6 +64,7 @@ def _summary_row(req: pd.DataFrame) -> dict[str, Any]:
         "bytes_needed": needed, "bytes_loaded": loaded, "bytes_reused": needed - loaded,
         "io_reduction": 1 - loaded / needed if needed else 0.0,
         "full_hit_ratio": float((cold["bytes_loaded"] == 0).mean()) if len(cold) else 0.0,
+        **(per_request_metrics(req) if per_request else {}),
         "compaction_bytes": 0, "gpu_busy_s": 100.0, "waited_for_kv_s": 0.0, "preemptions": 0,
     }
     for target in (0.5, 1, 2, 5):
@@ -89,8 +91,9 @@ def _timeline(rng: np.random.Generator, system: str, point: int, gpus: int) -> p
 
 def make_run(root: Path, systems: list[str], *, sweep: dict[str, list[Any]] | None = None, n: int = 150,
              no_cold: tuple[str, ...] = (), all_rejected: tuple[str, ...] = (), parquet: bool = True,
-             name: str = "fixture-exp") -> Path:
-    """Fabricate what `tangram-sim run` writes: config.yaml, summary.csv and the two parquet files."""
+             name: str = "fixture-exp", per_request: bool = True) -> Path:
+    """Fabricate what `tangram-sim run` writes: config.yaml, summary.csv and the two parquet files
+    (per_request=False: a summary.csv written before the per-request metrics existed)."""
     rng = np.random.default_rng(0)
     sweep = sweep or {}
     keys = list(sweep)
@@ -112,7 +115,7 @@ def make_run(root: Path, systems: list[str], *, sweep: dict[str, list[Any]] | No
                             rejected=system in all_rejected)
             requests.append(req)
             timelines.append(_timeline(rng, system, point, gpus=2))
-            rows.append({"system": system, "point": point, **values, **_summary_row(req)})
+            rows.append({"system": system, "point": point, **values, **_summary_row(req, per_request)})
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     pd.DataFrame(rows).to_csv(root / "summary.csv", index=False, float_format="%.6g")
@@ -163,6 +166,52 @@ def test_no_sweep_with_a_system_without_cold_starts(tmp_path: Path) -> None:
     assert "kv-capacity" in text  # rejection reasons are listed
     assert "| system |" in text and "GB" in text and "%" in text
     assert text.count("*Figure ") == len(pngs)
+    # weight loading two ways, each labelled and explained
+    assert "### Weight loading per cold start" in text
+    assert "### Weight loading per request (the Tangram authors' metrics)" in text
+    assert "| bytes from GPU | resident |" in text and "| I/O reduction | full hits |" in text
+    for term in ("**I/O reduction**", "**full hits**", "**bytes from GPU**", "**resident**", "**mean load**"):
+        assert term in text
+    assert "mean load per cold start" in text and "mean load per request" in text
+    assert "Bottom, per completed request" in text  # the I/O figure's caption names both rows
+
+
+def test_a_summary_without_per_request_metrics_still_draws_and_says_so(tmp_path: Path) -> None:
+    """A run directory written before the per-request metrics existed: the per-cold-start panels only."""
+    run_dir = make_run(tmp_path / "old", ["serverlessllm", "tangram"], per_request=False,
+                       sweep={"cluster.gpus_per_node": [1, 2]}, n=60)
+    pngs = render_all(run_dir)
+    _assert_pngs(pngs, ALL_FIGURES)
+    write_report(run_dir)
+    text = _assert_report(run_dir, ["serverlessllm", "tangram"], pngs)
+    assert "Not in this run's summary.csv" in text and "| I/O reduction | full hits |" in text
+    assert "mean load per request" not in text and "Bottom, per completed request" not in text
+
+
+def test_weight_loading_figures_show_both_ways_of_counting(tmp_path: Path) -> None:
+    from tangram_sim.plots.figures import breakdown, io_reduction, sweep_lines
+
+    new = load_run(make_run(tmp_path / "new", ["a", "b"], sweep={"cluster.gpus_per_node": [1, 2]}, n=60))
+    old = load_run(make_run(tmp_path / "old", ["a", "b"], sweep={"cluster.gpus_per_node": [1, 2]}, n=60,
+                            per_request=False))
+
+    def titles(fig: Any) -> list[str]:
+        return [ax.get_title() for ax in fig.axes if ax.get_visible()]
+
+    assert titles(io_reduction(new)) == [
+        "I/O reduction per cold start\n(% of needed bytes reused)",
+        "full hits per cold start\n(% of cold starts that loaded nothing)",
+        "bytes from GPU per request\n(% of model bytes not loaded)",
+        "resident per request\n(% of requests whose model was resident)",
+    ]
+    assert len(titles(io_reduction(old))) == 2
+    assert titles(breakdown(new)) == ["mean load per cold start", "mean load per request", "p50 TTFT"]
+    assert titles(breakdown(old)) == ["mean load per cold start", "p50 TTFT"]
+    assert titles(sweep_lines(new)) == [
+        "mean load time per cold start", "I/O reduction per cold start", "p50 TTFT",
+        "mean load time per request", "bytes from GPU per request", "resident per request",
+    ]
+    assert titles(sweep_lines(old)) == ["mean load time per cold start", "I/O reduction per cold start", "p50 TTFT"]
 
 
 def test_sweep_draws_sensitivity_lines_and_panels(tmp_path: Path) -> None:

@@ -137,8 +137,9 @@ def test_every_policy_combination_conserves_requests_and_bytes(retention: str, p
     res = simulate(models, trace(rows), cluster(2), system, sample_interval_s=0.0)
     s = res.summary
     assert s["completed"] + s["rejected"] == 80
-    cold = res.requests[res.requests.cold]
-    assert (cold.bytes_loaded + cold.bytes_reused == cold.bytes_needed).all()
+    r = res.requests  # every request, warm ones included (they reuse all their model's bytes)
+    assert (r.bytes_loaded + r.bytes_reused == r.bytes_needed).all()
+    assert (r[r.outcome == "completed"].bytes_needed > 0).all()
     assert s["bytes_reused"] > 0
     assert len(res.timeline) > 0
 
@@ -245,8 +246,13 @@ def test_streamed_requests_give_the_same_results_as_kept_ones(tmp_path) -> None:
         path = tmp_path / f"{preset}.parquet"
         streamed = simulate(models, t, c, make_system(preset, preset), requests_path=path)
         assert streamed.requests is None and streamed.summary == kept.summary
+        for key in ("request_resident_ratio", "request_bytes_from_gpu", "mean_load_per_request_s"):
+            assert streamed.summary[key] == kept.summary[key]  # both metric families, same numbers
+        assert 0 < kept.summary["request_resident_ratio"] < 1 and kept.summary["mean_load_per_request_s"] > 0
         rows = pd.read_parquet(path)
         assert rows["rid"].tolist() != sorted(rows["rid"])  # written as they finished
+        warm = rows[~rows["cold"] & (rows["outcome"] == "completed")]
+        assert len(warm) and (warm["bytes_needed"] > 0).all() and (warm["bytes_reused"] == warm["bytes_needed"]).all()
         pd.testing.assert_frame_equal(rows.sort_values("rid").reset_index(drop=True), kept.requests)
     # a request without an outcome is caught as it is streamed
     stream = RequestStream(tmp_path / "bad.parquet", batch=2)
@@ -254,6 +260,10 @@ def test_streamed_requests_give_the_same_results_as_kept_ones(tmp_path) -> None:
 
     stream(Request(0, 0.0, "m", 1, 1))
     assert stream.problems and "no outcome" in stream.problems[0]
+    warm = Request(1, 0.0, "m", 1, 1)
+    warm.outcome = "completed"  # a warm request that did not record its model's bytes
+    stream(warm)
+    assert "without its model's bytes" in stream.problems[-1]
     stream.close()
 
 

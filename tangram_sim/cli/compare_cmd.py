@@ -16,8 +16,9 @@ def add_parser(subparsers: Any) -> None:
         help="sim-vs-real fidelity: errors of a simulation against a real replay (fidelity.csv/.png)",
         description="Compare the run directory of a simulation (tangram-sim run DIR/experiment.sim.yaml) "
                     "with the replay it simulates (tangram-sim real replay): per system, simulated and "
-                    "replayed load times, TTFTs, bytes and full hits with their errors, and per-request "
-                    "agreement.",
+                    "replayed load times, TTFTs, bytes and full hits per cold start, the per-request "
+                    "figures of the Tangram authors (mean load with warm = 0, resident share, bytes from "
+                    "GPU), their errors, and per-request agreement.",
     )
     p.add_argument("sim_dir", metavar="SIM_DIR", help="run directory of the simulation")
     p.add_argument("real_dir", metavar="REAL_DIR", help="run directory of the real replay")

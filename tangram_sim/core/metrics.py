@@ -1,4 +1,14 @@
-"""Per-request records, memory timeline and the per-system summary."""
+"""Per-request records, memory timeline and the per-system summary.
+
+The summary carries two families of weight-loading metrics. Per cold start (ours): `io_reduction`
+(1 - bytes loaded / bytes needed over cold starts), `full_hit_ratio` (share of cold starts that loaded
+nothing) and `mean_load_s` (mean load time of a cold start). Per request (the Tangram authors' way of
+counting, where a warm request is a full hit with nothing to load), over completed requests:
+`request_resident_ratio` (share whose model was fully resident on their GPU(s) when served),
+`request_bytes_from_gpu` (1 - bytes loaded / model bytes) and `mean_load_per_request_s` (warm = 0).
+Every request served by an instance records its model's bytes (`bytes_needed`): a warm one reused
+them all, so loaded + reused = needed holds for every completed request.
+"""
 
 from __future__ import annotations
 
@@ -44,10 +54,31 @@ def _pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else math.nan
 
 
-def summarize(requests: pd.DataFrame, gpu_busy_s: float, compaction_bytes: int) -> dict[str, Any]:
-    """One row of numbers per system; every figure derives from the request table."""
+def per_request_metrics(requests: pd.DataFrame) -> dict[str, float]:
+    """The Tangram authors' per-request figures over the completed requests of a request table (columns
+    outcome, cold, load_s, bytes_needed, bytes_loaded); each is 0.0 when no request completed.
+
+    - request_resident_ratio: share whose model was fully resident when served (warm, or a cold start
+      that loaded nothing);
+    - request_bytes_from_gpu: 1 - bytes loaded / model bytes, both summed over the requests;
+    - mean_load_per_request_s: mean load time, a warm request counting 0."""
     done = requests[requests["outcome"] == "completed"]
-    cold = requests[requests["cold"]]
+    n = len(done)
+    resident = (~done["cold"].astype(bool)) | (done["bytes_loaded"] == 0)
+    needed = int(done["bytes_needed"].sum())
+    loaded = int(done["bytes_loaded"].sum())
+    return {
+        "request_resident_ratio": float(resident.sum() / n) if n else 0.0,
+        "request_bytes_from_gpu": 1.0 - loaded / needed if needed else 0.0,
+        "mean_load_per_request_s": float(done["load_s"].to_numpy(dtype=float).sum() / n) if n else 0.0,
+    }
+
+
+def summarize(requests: pd.DataFrame, gpu_busy_s: float, compaction_bytes: int) -> dict[str, Any]:
+    """One row of numbers per system; every figure derives from the request table. Load and byte
+    figures named without `request_` are per cold start; see the module docstring."""
+    done = requests[requests["outcome"] == "completed"]
+    cold = requests[requests["cold"].astype(bool)]  # (an empty table's column is not boolean)
     ttft = done["ttft_s"].to_numpy()
     load = cold["load_s"].to_numpy()
     needed = int(cold["bytes_needed"].sum())
@@ -70,6 +101,7 @@ def summarize(requests: pd.DataFrame, gpu_busy_s: float, compaction_bytes: int) 
         "bytes_reused": int(cold["bytes_reused"].sum()),
         "io_reduction": 1.0 - loaded / needed if needed else 0.0,
         "full_hit_ratio": float((cold["bytes_loaded"] == 0).mean()) if len(cold) else 0.0,
+        **per_request_metrics(requests),
         "compaction_bytes": int(compaction_bytes),
         "evicted_bytes": int(cold["bytes_evicted"].sum()),
         "extra_evicted_bytes": int(cold["bytes_extra_evicted"].sum()),
@@ -85,8 +117,9 @@ def summarize(requests: pd.DataFrame, gpu_busy_s: float, compaction_bytes: int) 
 
 def accounting_problems(requests: Iterable[Any], finished: int, limit: int = 5) -> list[str]:
     """What breaks the per-request accounting at the end of a run (the simulator's or the replay's):
-    a request without an outcome, a rejection without a reason, a cold start whose loaded + reused
-    bytes differ from the bytes it needed, or a recorded outcome count that differs from the requests.
+    a request without an outcome, a rejection without a reason, a request (cold or warm) whose loaded +
+    reused bytes differ from the bytes it needed, a completed request without its model's bytes, or a
+    recorded outcome count that differs from the requests.
     Stops listing requests after `limit` + 1 problems; the caller adds its own driver's checks."""
     problems: list[str] = []
     total = 0
@@ -98,10 +131,12 @@ def accounting_problems(requests: Iterable[Any], finished: int, limit: int = 5) 
             problems.append(f"request {r.rid} ({r.model}) has no outcome")
         elif r.outcome == "rejected" and not r.reason:
             problems.append(f"request {r.rid} rejected without a reason")
-        if r.cold and r.bytes_loaded + r.bytes_reused != r.bytes_needed:
+        if r.bytes_loaded + r.bytes_reused != r.bytes_needed:
             problems.append(
                 f"request {r.rid}: loaded {r.bytes_loaded} + reused {r.bytes_reused} != needed {r.bytes_needed}"
             )
+        elif r.outcome == "completed" and r.bytes_needed <= 0:
+            problems.append(f"request {r.rid} ({r.model}) completed without its model's bytes (needed 0)")
     if finished != total:
         problems.append(f"{finished} outcomes recorded for {total} requests")
     return problems

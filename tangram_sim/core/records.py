@@ -47,9 +47,9 @@ class Request:
         self.queue_s = 0.0  # arrival -> start of its cold start or its admission to the batch
         self.load_s = 0.0  # cold start: compaction copies and weight loading (0 when warm)
         self.startup_s = 0.0  # cold start: engine start (runtime init, binding the weights; 0 when warm)
-        self.bytes_needed = 0  # cold start: the model's bytes on the GPU(s)
+        self.bytes_needed = 0  # the model's bytes on the GPU(s), cold start or warm (0: never admitted)
         self.bytes_loaded = 0  # cold start: bytes that crossed PCIe
-        self.bytes_reused = 0  # cold start: bytes already resident in the arena
+        self.bytes_reused = 0  # bytes already resident in the arena (warm: all of bytes_needed)
         self.bytes_moved = 0  # cold start: bytes compaction copied device-to-device
         self.bytes_evicted = 0  # cold start: retained unit bytes its packing plan evicted (not KV)
         self.bytes_extra_evicted = 0  # of those, evicted beyond the free-byte shortfall (fragmentation)

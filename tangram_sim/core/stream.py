@@ -1,7 +1,7 @@
 """Finished requests written to Parquet in batches, so a long run does not keep one record per request.
 
 `RequestStream` is a `Cluster.on_finished` sink: each request is checked (an outcome, a reason for a
-rejection, loaded + reused = needed bytes for a cold start) and turned into a row of REQUEST_COLUMNS as
+rejection, loaded + reused = needed bytes, cold or warm) and turned into a row of REQUEST_COLUMNS as
 it finishes; every `batch` rows go to the file. Rows are in the order requests finished, not by `rid`.
 The run's summary is computed afterwards from the file's numeric columns, sorted by `rid`, with the
 same `summarize` as an in-memory run, so the two give the same numbers.
@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from tangram_sim.core.metrics import REQUEST_COLUMNS, accounting_problems, request_row, summarize
 from tangram_sim.core.records import Request
 
-# what `summarize` reads (the rest of the table stays on disk)
+# what `summarize` reads, both metric families (the rest of the table stays on disk)
 SUMMARY_COLUMNS = ["rid", "outcome", "cold", "ttft_s", "load_s", "queue_s", "e2e_s", "bytes_needed",
                    "bytes_loaded", "bytes_reused", "bytes_evicted", "bytes_extra_evicted", "waited_for_kv_s",
                    "preemptions"]

@@ -327,9 +327,10 @@ class GpuWorker:
                 if req.kv_wait_since >= 0:
                     req.waited_for_kv_s += env.now - req.kv_wait_since
                     req.kv_wait_since = -1.0
-                if not req.cold:
+                if not req.cold:  # warm: the whole model is resident, nothing to load
                     req.queue_s = env.now - req.arrival
                     req.gpu = self.gpu_id
+                    req.bytes_needed = req.bytes_reused = inst.entry.nbytes
                 req.admitted_at = env.now
                 admitted.append(req)
             if admitted:

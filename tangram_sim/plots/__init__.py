@@ -7,7 +7,8 @@ rerun at any time with `tangram-sim plot DIR`.
 
 from __future__ import annotations
 
-from tangram_sim.plots.figures import FIGURES, FigureSpec, RunData, load_run, render_all
+from tangram_sim.plots.figures import FIGURES, FigureSpec, render_all
 from tangram_sim.plots.report import write_report
+from tangram_sim.plots.rundata import RunData, load_run
 
 __all__ = ["FIGURES", "FigureSpec", "RunData", "load_run", "render_all", "write_report"]

@@ -5,32 +5,44 @@ does not apply (no sweep, no cold starts, no timeline). Figures are built with `
 and never through pyplot, so no GUI backend or global figure state is involved (safe in workers,
 notebooks and headless machines). Each system keeps one colour across all figures: its position in
 config.yaml picks it, so "tangram" is the same colour in the CDF, the bars and the sweep lines.
+The figures of weight loading are in `plots.loading`; reading a run directory in `plots.rundata`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
-from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from tangram_sim import rundir
-from tangram_sim.errors import TangramError
+from tangram_sim.plots.loading import breakdown, io_reduction, load_by_model
+from tangram_sim.plots.rundata import (
+    GB,
+    RunData,
+    _axes,
+    _fmt_s,
+    _fmt_value,
+    _grid,
+    _hide_unused,
+    _pick,
+    _plain,
+    _point_title,
+    _time_unit,
+    load_run,
+    short_keys,
+)
 
-GB = 1e9  # reports use decimal GB, as the paper and the model catalog do
+__all__ = ["FIGURES", "GB", "FigureSpec", "RunData", "load_run", "render_all", "short_keys"]
+
 DPI = 150
 MAX_CDF_PANELS = 6
 MAX_GPU_PANELS = 8
-NO_SWEEP_KEYS = ("system", "point")
 # Units of common sweep keys, by their last dotted component, for axis labels.
 KEY_UNITS = {
     "gpu_memory_gib": "GiB", "host_cache_gib": "GiB", "rate": "req/s", "ssd_gbps": "GB/s",
@@ -46,190 +58,6 @@ MEMORY_KINDS = (  # (timeline column, legend label, colour), bottom to top of th
 )
 LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
 MARKERS = ("o", "s", "^", "D", "v", "P")
-
-
-# ------------------------------------------------------------------ loading
-@dataclass
-class RunData:
-    """Everything a figure or the report reads from one run directory, loaded once."""
-
-    run_dir: Path
-    config: dict[str, Any]
-    summary: pd.DataFrame
-    requests: pd.DataFrame | None
-    timeline: pd.DataFrame | None
-    systems: list[str]  # config order (the breakdown order), then any extra found in summary.csv
-    sweep_keys: list[str]  # dotted keys that are columns of summary.csv
-    colors: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return str(self.config.get("name") or self.run_dir.name)
-
-    @property
-    def points(self) -> list[int]:
-        return sorted(int(p) for p in self.summary["point"].unique())
-
-    def point_values(self, point: int) -> dict[str, Any]:
-        """The sweep key values of one point, e.g. {'cluster.gpus_per_node': 2}."""
-        rows = self.summary[self.summary["point"] == point]
-        if rows.empty:
-            return {}
-        return {k: _plain(rows[k].iloc[0]) for k in self.sweep_keys}
-
-    def point_label(self, point: int) -> str:
-        values = self.point_values(point)
-        if not values:
-            return f"point {point}"
-        short = short_keys(self.sweep_keys)
-        return ", ".join(f"{short[k]}={_fmt_value(v)}" for k, v in values.items())
-
-    def first_point(self) -> int:
-        return self.points[0] if self.points else 0
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _fmt_value(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def short_keys(keys: list[str]) -> dict[str, str]:
-    """Last dotted component of each key, unless two keys would then read the same."""
-    last = [k.rsplit(".", 1)[-1] for k in keys]
-    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
-
-
-def _read_parquet(path: Path) -> pd.DataFrame | None:
-    if not path.is_file():
-        return None
-    try:
-        return pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several types for a corrupt or truncated file
-        raise TangramError(
-            f"{path}: cannot read parquet ({exc.__class__.__name__}); expected a `tangram-sim run` output"
-        ) from None
-
-
-def load_run(run_dir: Path | str, *, require_complete: bool = True) -> RunData:
-    """Read a directory written by `tangram-sim run`; raise TangramError if it is not one.
-
-    require_complete: refuse a run whose run.json is missing or not "complete" (interrupted, failed,
-    still running), so figures never show part of a run as if it were all of it; the run itself
-    passes False to draw its figures before it writes its final run.json.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise TangramError(f"{run_dir}: not a directory; expected a run directory from `tangram-sim run`")
-    if require_complete:
-        rundir.require_complete(run_dir)
-    summary_path = run_dir / "summary.csv"
-    if not summary_path.is_file():
-        raise TangramError(f"{run_dir}: no summary.csv; expected a run directory from `tangram-sim run`")
-    try:
-        summary = pd.read_csv(summary_path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise TangramError(f"{summary_path}: not a readable CSV ({exc})") from None
-    if "system" not in summary.columns:
-        raise TangramError(f"{summary_path}: expected a 'system' column (one row per system and point)")
-    summary["system"] = summary["system"].astype(str)
-    if "point" not in summary.columns:
-        summary["point"] = 0
-    config: dict[str, Any] = {}
-    config_path = run_dir / "config.yaml"
-    if config_path.is_file():
-        try:
-            loaded = yaml.safe_load(config_path.read_text())
-        except yaml.YAMLError as exc:
-            raise TangramError(f"{config_path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise TangramError(f"{config_path}: expected a mapping (the resolved experiment)")
-        config = loaded or {}
-    systems = [str(s.get("name")) for s in config.get("systems") or [] if isinstance(s, dict)]
-    systems = [s for s in systems if s in set(summary["system"])]
-    systems += [s for s in dict.fromkeys(summary["system"]) if s not in systems]
-    sweep = config.get("sweep") if isinstance(config.get("sweep"), dict) else {}
-    sweep_keys = [k for k in sweep if k in summary.columns]
-    if not sweep_keys:  # config lost or hand-made: columns between 'point' and the metrics
-        cols = list(summary.columns)
-        if "requests" in cols:
-            sweep_keys = [c for c in cols[: cols.index("requests")] if c not in NO_SWEEP_KEYS]
-    requests = _read_parquet(run_dir / "requests.parquet")
-    timeline = _read_parquet(run_dir / "timeline.parquet")
-    palette = colormaps["tab10" if len(systems) <= 10 else "tab20"]
-    colors = {s: palette(i % palette.N) for i, s in enumerate(systems)}
-    return RunData(run_dir, config, summary, requests, timeline, systems, sweep_keys, colors)
-
-
-# ------------------------------------------------------------------ helpers
-def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
-    cols = min(max_cols, max(1, n))
-    return math.ceil(n / cols), cols
-
-
-def _pick(items: list[Any], k: int) -> list[Any]:
-    """At most k items spread evenly, always keeping the first and the last."""
-    if len(items) <= k:
-        return list(items)
-    idx = sorted({round(i * (len(items) - 1) / (k - 1)) for i in range(k)})
-    return [items[i] for i in idx]
-
-
-def _time_unit(max_s: float) -> tuple[float, str]:
-    if max_s > 3 * 3600:
-        return 3600.0, "h"
-    if max_s > 1200:
-        return 60.0, "min"
-    return 1.0, "s"
-
-
-def _axes(fig: Figure, rows: int, cols: int, **kw: Any) -> list[Any]:
-    axes = fig.subplots(rows, cols, squeeze=False, **kw)
-    return list(axes.ravel())
-
-
-def _hide_unused(axes: list[Any], used: int) -> None:
-    for ax in axes[used:]:
-        ax.set_visible(False)
-
-
-def _system_handles(run: RunData, systems: list[str] | None = None) -> list[Patch]:
-    return [Patch(color=run.colors[s], label=s) for s in (systems or run.systems)]
-
-
-def _point_rows(run: RunData, point: int) -> pd.DataFrame:
-    """summary.csv rows of one point, in config order of the systems."""
-    rows = run.summary[run.summary["point"] == point].set_index("system")
-    return rows.reindex([s for s in run.systems if s in rows.index])
-
-
-def _point_title(run: RunData, point: int) -> str:
-    return f" ({run.point_label(point)})" if len(run.points) > 1 else ""
-
-
-def _annotate(ax: Any, bars: Any, labels: list[str], fontsize: float = 8) -> None:
-    for bar, text in zip(bars, labels):
-        if text:
-            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 2),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=fontsize)
-
-
-def _fmt_s(v: float) -> str:
-    if v is None or not np.isfinite(v):
-        return "n/a"
-    if abs(v) < 10:
-        return f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}"
-    return f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
-
-
-def _model_order(run: RunData, found: list[str]) -> list[str]:
-    names = [str(m.get("name")) for m in run.config.get("models") or [] if isinstance(m, dict)]
-    order = [m for m in names if m in found]
-    return order + sorted(m for m in found if m not in order)
 
 
 # ------------------------------------------------------------------ 1. TTFT CDF
@@ -270,103 +98,6 @@ def ttft_cdf(run: RunData) -> Figure | None:
             ax.set_ylabel("fraction of completed requests")
     _hide_unused(axes, len(points))
     fig.suptitle("TTFT CDF per system (completed requests)")
-    return fig
-
-
-# ------------------------------------------------------------------ 2. load time per model
-def load_by_model(run: RunData) -> Figure | None:
-    """Mean load time per model: reuse helps most for the models that stay resident."""
-    req = run.requests
-    if req is None or req.empty:
-        return None
-    point = run.first_point()
-    cold = req[(req["point"] == point) & req["cold"].astype(bool)]
-    if cold.empty:
-        return None
-    means = cold.groupby(["model", "system"])["load_s"].mean().unstack("system")
-    counts = cold.groupby(["model", "system"]).size().unstack("system")
-    models = _model_order(run, list(means.index))
-    systems = run.systems
-    width = 0.8 / len(systems)
-    x = np.arange(len(models))
-    fig = Figure(figsize=(min(14.0, max(7.0, 0.28 * len(models) * len(systems) + 3.5)), 4.6),
-                 layout="constrained")
-    ax = fig.subplots()
-    for i, system in enumerate(systems):
-        vals = [means.at[m, system] if system in means.columns else np.nan for m in models]
-        vals = np.nan_to_num(np.asarray(vals, dtype=float), nan=0.0)
-        n = int(counts[system].sum()) if system in counts.columns else 0
-        label = f"{system} ({n} cold starts)" if n else f"{system} (no cold starts)"
-        ax.bar(x - 0.4 + width * (i + 0.5), vals, width, color=run.colors[system], label=label)
-    ax.set_xticks(x, models, rotation=25, ha="right")
-    ax.set_ylabel("mean load time per cold start (s)")
-    ax.set_xlabel("model")
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.legend(loc="outside right upper", fontsize=8)
-    ax.set_title(f"Mean weight load time per model{_point_title(run, point)}")
-    return fig
-
-
-# ------------------------------------------------------------------ 3. breakdown
-def breakdown(run: RunData) -> Figure | None:
-    """Mean load and p50 TTFT per system in config order: with breakdown stages as systems, each bar
-    shows what one more mechanism buys over the first system."""
-    point = run.first_point()
-    rows = _point_rows(run, point)
-    metrics = [(c, t) for c, t in (("mean_load_s", "mean load time (s)"), ("p50_ttft_s", "p50 TTFT (s)"))
-               if c in rows.columns]
-    if rows.empty or not metrics:
-        return None
-    systems = list(rows.index)
-    fig = Figure(figsize=(max(7.5, 1.3 * len(systems) * len(metrics) + 1), 4.4), layout="constrained")
-    axes = _axes(fig, 1, len(metrics))
-    for ax, (col, title) in zip(axes, metrics):
-        vals = rows[col].to_numpy(dtype=float)
-        bars = ax.bar(range(len(systems)), np.nan_to_num(vals), color=[run.colors[s] for s in systems])
-        base = vals[0]
-        labels = []
-        for i, v in enumerate(vals):
-            text = _fmt_s(v)
-            if i and np.isfinite(v) and np.isfinite(base) and v > 0 and base > 0:
-                if abs(base / v - 1) < 0.005:
-                    text += "\n(same)"
-                else:
-                    text += f"\n({base / v:.2f}x faster)" if v < base else f"\n({v / base:.2f}x slower)"
-            labels.append(text)
-        _annotate(ax, bars, labels)
-        ax.set_xticks(range(len(systems)), systems, rotation=20, ha="right")
-        ax.set_ylabel(title)
-        ax.set_title(title.split(" (")[0])
-        ax.margins(y=0.18)
-        ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(f"Breakdown per system (vs {systems[0]} in brackets){_point_title(run, point)}")
-    return fig
-
-
-# ------------------------------------------------------------------ 4. I/O reduction
-def io_reduction(run: RunData) -> Figure | None:
-    """Share of bytes not loaded over PCIe and share of cold starts needing no load at all."""
-    point = run.first_point()
-    rows = _point_rows(run, point)
-    metrics = [(c, t) for c, t in (("io_reduction", "I/O reduction (% of needed bytes reused)"),
-                                   ("full_hit_ratio", "full hits (% of cold starts with nothing to load)"))
-               if c in rows.columns]
-    if rows.empty or not metrics:
-        return None
-    systems = list(rows.index)
-    fig = Figure(figsize=(max(7.5, 1.3 * len(systems) * len(metrics) + 1), 4.4), layout="constrained")
-    axes = _axes(fig, 1, len(metrics), sharey=True)
-    top = 100 * float(np.nan_to_num(rows[[c for c, _ in metrics]].to_numpy(dtype=float)).max())
-    for ax, (col, title) in zip(axes, metrics):
-        vals = 100 * np.nan_to_num(rows[col].to_numpy(dtype=float))
-        bars = ax.bar(range(len(systems)), vals, color=[run.colors[s] for s in systems])
-        _annotate(ax, bars, [f"{v:.1f}%" for v in vals])
-        ax.set_xticks(range(len(systems)), systems, rotation=20, ha="right")
-        ax.set_ylim(0, min(110.0, max(10.0, 1.2 * top)))  # zoom in when reuse is small
-        ax.set_ylabel("% (higher is better)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(f"Weight I/O saved by GPU memory reuse{_point_title(run, point)}")
     return fig
 
 
@@ -481,10 +212,13 @@ def fragmentation(run: RunData) -> Figure | None:
 
 
 # ------------------------------------------------------------------ 7. sweep lines
-SWEEP_METRICS = (
-    ("mean_load_s", "mean load time (s)", 1.0),
-    ("p50_ttft_s", "p50 TTFT (s)", 1.0),
-    ("io_reduction", "I/O reduction (%)", 100.0),
+SWEEP_ROWS = (  # (summary column, axis label, factor): per cold start, then per request under it
+    (("mean_load_s", "mean load time per cold start (s)", 1.0),
+     ("io_reduction", "I/O reduction per cold start (%)", 100.0),
+     ("p50_ttft_s", "p50 TTFT (s)", 1.0)),
+    (("mean_load_per_request_s", "mean load time per request (s)", 1.0),
+     ("request_bytes_from_gpu", "bytes from GPU per request (%)", 100.0),
+     ("request_resident_ratio", "resident per request (% of requests)", 100.0)),
 )
 
 
@@ -509,17 +243,24 @@ def sweep_lines(run: RunData) -> Figure | None:
         return None
     x_key, group_keys = axes_keys
     summary = run.summary
-    metrics = [m for m in SWEEP_METRICS if m[0] in summary.columns]
-    if not metrics:
+    grid = [[m for m in row if m[0] in summary.columns] for row in SWEEP_ROWS]
+    grid = [row for row in grid if row]
+    if not grid:
         return None
+    cols = max(len(row) for row in grid)
+    slots = [(r * cols + c, m) for r, row in enumerate(grid) for c, m in enumerate(row)]
     numeric = pd.api.types.is_numeric_dtype(summary[x_key])
     categories = list(dict.fromkeys(summary[x_key])) if not numeric else []
     groups = (list(summary[group_keys].drop_duplicates().itertuples(index=False, name=None))
               if group_keys else [()])
     short = short_keys(group_keys)
-    fig = Figure(figsize=(4.6 * len(metrics), 4.2), layout="constrained")
-    axes = _axes(fig, 1, len(metrics))
-    for ax, (col, label, factor) in zip(axes, metrics):
+    fig = Figure(figsize=(4.6 * cols, 3.9 * len(grid) + 0.3), layout="constrained")
+    axes = _axes(fig, len(grid), cols)
+    used = {slot for slot, _ in slots}
+    for i, ax in enumerate(axes):
+        ax.set_visible(i in used)  # a row shorter than the grid leaves its last panels empty
+    for slot, (col, label, factor) in slots:
+        ax = axes[slot]
         for system in run.systems:
             for gi, group in enumerate(groups):
                 mask = summary["system"] == system
@@ -591,27 +332,56 @@ def _memory_caption(run: RunData) -> str:
             f"and free memory; one panel per GPU (at most {MAX_GPU_PANELS}).")
 
 
+def _per_request(run: RunData) -> bool:
+    """summary.csv has the per-request metrics (a run written before they existed does not)."""
+    return "request_resident_ratio" in run.summary.columns
+
+
+AUTHORS = "the Tangram authors' count, a warm request loading nothing"
+
+
 def _sweep_caption(run: RunData) -> str:
     keys = sweep_axes(run)
     if keys is None:
         return "Metrics against the swept key, one line per system."
     x_key, others = keys
     styles = f"; line style and marker distinguish {', '.join(others)}" if others else ""
-    return (f"Mean load time, p50 TTFT and I/O reduction against {x_key}, one colour per system{styles}.")
+    what = "Mean load time per cold start, I/O reduction per cold start and p50 TTFT"
+    if _per_request(run):
+        what = (f"{what} (top row), and per request ({AUTHORS}) mean load time, share of model bytes "
+                "served from GPU memory and share of requests whose model was resident (bottom row),")
+    return f"{what} against {x_key}, one colour per system{styles}."
+
+
+def _load_by_model_caption(run: RunData) -> str:
+    return (f"Mean weight load time per model and system{_at(run)}: per cold start (top; a missing bar "
+            "means that system had no cold start of that model, or loaded nothing for it) and per "
+            f"completed request ({AUTHORS}; bottom).")
+
+
+def _breakdown_caption(run: RunData) -> str:
+    load = ("Mean load time per cold start, mean load time per request "
+            f"({AUTHORS}),") if "mean_load_per_request_s" in run.summary.columns else "Mean load time"
+    first = run.systems[0] if run.systems else "the first system"
+    return (f"{load} and p50 TTFT per system in configuration order{_at(run)}, with the speed-up over "
+            f"{first}; with breakdown stages as systems this is the paper's breakdown figure.")
+
+
+def _io_caption(run: RunData) -> str:
+    cold = ("share of the weight bytes needed by cold starts that were reused from GPU memory instead of "
+            "loaded (left) and share of cold starts that loaded nothing (right)")
+    if not _per_request(run):
+        return f"Per cold start: {cold}{_at(run)}."
+    return (f"Top, per cold start: {cold}. Bottom, per completed request ({AUTHORS}): share of the model "
+            "bytes served from GPU memory (left) and share of requests whose model was fully resident "
+            f"on their GPU(s) (right){_at(run)}.")
 
 
 FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec("ttft_cdf.png", ttft_cdf, _cdf_caption),
-    FigureSpec("load_by_model.png", load_by_model, lambda r: (
-        f"Mean weight load time of cold starts per model and system{_at(r)}; a missing bar means that "
-        "system had no cold start of that model (or loaded nothing for it).")),
-    FigureSpec("breakdown.png", breakdown, lambda r: (
-        f"Mean load time and p50 TTFT per system in configuration order{_at(r)}, with the speed-up over "
-        f"{r.systems[0] if r.systems else 'the first system'}; with breakdown stages as systems this is "
-        "the paper's breakdown figure.")),
-    FigureSpec("io_reduction.png", io_reduction, lambda r: (
-        f"Share of the weight bytes needed by cold starts that were reused from GPU memory instead of "
-        f"loaded (left) and share of cold starts that loaded nothing (right){_at(r)}.")),
+    FigureSpec("load_by_model.png", load_by_model, _load_by_model_caption),
+    FigureSpec("breakdown.png", breakdown, _breakdown_caption),
+    FigureSpec("io_reduction.png", io_reduction, _io_caption),
     FigureSpec("memory_timeline.png", memory_timeline, _memory_caption),
     FigureSpec("fragmentation.png", fragmentation, lambda r: (
         f"Fragmentation of free GPU memory (1 - largest free block / free bytes) over time, one panel per "

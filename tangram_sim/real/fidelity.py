@@ -8,6 +8,9 @@ same requests on both sides, matched by `rid`) and reports, per system present i
   and the mean queueing delay: simulated, real, and the relative error (sim - real) / real;
 - the full-hit ratio (cold starts that loaded nothing): its error is the difference in points, since
   the ratio is often 0 for the baseline;
+- per request, as the Tangram authors count (`core.metrics.per_request_metrics`): the mean load time
+  with warm requests at 0 (relative error), the share of requests whose model was resident and the
+  share of model bytes served from GPU memory (differences in points);
 - per request: the Pearson correlation of load times and of TTFTs, and the share of requests that are
   cold on both sides or warm on both sides;
 - per GPU: requests served, cold starts and bytes loaded on each side (the router's decisions);
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tangram_sim.core.metrics import per_request_metrics
 from tangram_sim.errors import TangramError
 from tangram_sim.rundir import require_complete
 
@@ -33,16 +37,19 @@ __all__ = ["METRICS", "Fidelity", "compare_runs", "fidelity_table", "plot_fideli
 
 # (column, label, unit, how the error is expressed: "rel" = (sim - real) / real, "diff" = sim - real)
 METRICS: tuple[tuple[str, str, str, str], ...] = (
-    ("mean_load_s", "mean load time", "s", "rel"),
-    ("p50_load_s", "p50 load time", "s", "rel"),
-    ("p99_load_s", "p99 load time", "s", "rel"),
+    ("mean_load_s", "mean load time (per cold start)", "s", "rel"),
+    ("p50_load_s", "p50 load time (per cold start)", "s", "rel"),
+    ("p99_load_s", "p99 load time (per cold start)", "s", "rel"),
     ("mean_ttft_s", "mean TTFT", "s", "rel"),
     ("p50_ttft_s", "p50 TTFT", "s", "rel"),
     ("p99_ttft_s", "p99 TTFT", "s", "rel"),
     ("mean_queue_s", "mean queueing", "s", "rel"),
     ("bytes_loaded", "bytes loaded", "B", "rel"),
     ("cold_starts", "cold starts", "", "rel"),
-    ("full_hit_ratio", "full-hit ratio", "", "diff"),
+    ("full_hit_ratio", "full-hit ratio (per cold start)", "", "diff"),
+    ("mean_load_per_request_s", "mean load time (per request)", "s", "rel"),
+    ("request_resident_ratio", "resident ratio (per request)", "", "diff"),
+    ("request_bytes_from_gpu", "bytes from GPU (per request)", "", "diff"),
 )
 AGREEMENT = (
     ("load_s_corr", "load time correlation (per request)"),
@@ -78,7 +85,8 @@ def _requests(run_dir: Path) -> pd.DataFrame:
         frame = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise TangramError(f"{path}: cannot read parquet ({exc.__class__.__name__})") from None
-    missing = {"system", "rid", "cold", "load_s", "ttft_s", "outcome", "bytes_loaded"} - set(frame.columns)
+    missing = {"system", "rid", "cold", "load_s", "ttft_s", "outcome", "bytes_needed", "bytes_loaded"} - set(
+        frame.columns)
     if missing:
         raise TangramError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
     if "point" not in frame.columns:
@@ -92,7 +100,7 @@ def _pct(values: np.ndarray, q: float) -> float:
 
 
 def _figures(req: pd.DataFrame) -> dict[str, float]:
-    """The compared figures of one system's requests (the definitions of `sim.metrics.summarize`)."""
+    """The compared figures of one system's requests (the definitions of `core.metrics.summarize`)."""
     cold = req[req["cold"]]
     done = req[req["outcome"] == "completed"]
     load = cold["load_s"].to_numpy(dtype=float)
@@ -108,6 +116,7 @@ def _figures(req: pd.DataFrame) -> dict[str, float]:
         "bytes_loaded": float(cold["bytes_loaded"].sum()),
         "cold_starts": float(len(cold)),
         "full_hit_ratio": float((cold["bytes_loaded"] == 0).mean()) if len(cold) else 0.0,
+        **per_request_metrics(req),
     }
 
 
