@@ -81,13 +81,14 @@ def test_small_tail_merges_into_previous_group() -> None:
     assert [u.nbytes for u in units] == [100, 190, 110, 110, 30, 5]
 
 
-def test_target_units_sets_min_size() -> None:
+def test_unit_divisor_gives_units_of_at_least_a_share_of_the_model() -> None:
     model = get_model("llama-3-8b")
-    units = build_units(model, "group", target_units=32)
+    units = build_units(model, "group", unit_divisor=32)
     check_cover(model, units)
-    assert 20 <= len(units) <= 70  # blocks bound the merging, so roughly, not exactly
-    # 1.6 MB minimum: each layer's two norms join the next projection; final norm joins lm_head.
-    assert len(build_units(model, "group", target_units=10_000)) == model.num_tensors - 2 * 32 - 1
+    assert all(u.nbytes >= model.weight_bytes // 32 for u in units)
+    assert 25 <= len(units) <= 32  # merging crosses blocks, so close to the divisor
+    # a divisor so large that the minimum is below the checkpoint's 8 MiB groups: those groups stay
+    assert build_units(model, "group", unit_divisor=10**9) == build_units(model, "group", 8 * MiB, 2**62)
 
 
 def test_bad_parameters() -> None:
@@ -96,8 +97,8 @@ def test_bad_parameters() -> None:
         build_units(model, "layer")
     with pytest.raises(ConfigError, match="min_unit_bytes"):
         build_units(model, "group", min_unit_bytes=0)
-    with pytest.raises(ConfigError, match="target_units"):
-        build_units(model, "group", target_units=-1)
+    with pytest.raises(ConfigError, match="unit_divisor"):
+        build_units(model, "group", unit_divisor=-1)
 
 
 def test_cached() -> None:

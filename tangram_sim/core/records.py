@@ -116,7 +116,7 @@ def build_entries(models: Mapping[str, tuple[ModelSpec, float, int]], system: Sy
     are different bytes."""
     entries: dict[str, ModelEntry] = {}
     for name, (spec, sensitivity, tp) in models.items():
-        units = build_units(spec, system.granularity, system.min_unit_bytes)
+        units = build_units(spec, system.granularity, system.min_unit_bytes, system.unit_divisor)
         shard = tuple(-(-u.nbytes // tp) for u in units)
         rank_keys = tuple(
             tuple(u.key if tp == 1 else f"{u.key}/tp{tp}.{rank}" for u in units) for rank in range(tp)

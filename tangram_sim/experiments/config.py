@@ -24,6 +24,13 @@ Schema (defaults in brackets):
               unit_overhead_s: 0}
       compute_efficiency: number [0.5]     # roofline
       memory_efficiency: number [0.7]      # roofline
+      time_model:                          # optional: these linear costs replace the roofline, every model
+        prefill_base_s: number [0]         #   per prefill iteration
+        prefill_per_token_s: number [0]    #   per prompt token
+        decode_base_s: number              #   per decode step (required, > 0)
+        decode_per_seq_s: number [0]       #   per extra sequence in the batch
+        decode_per_kv_token_s: number [0]  #   per live KV token a step reads
+                                           # (a calibration file's coefficients win for its models)
     models:                                # at least one
       - name: catalog name, or a config.json / .safetensors / checkpoint folder path
         sensitivity: number [1]
@@ -68,7 +75,9 @@ GiB = 2**30
 TOP_KEYS = ("name", "seed", "description", "cluster", "models", "trace", "systems", "sweep", "calibration",
             "outputs", "real")
 CLUSTER_KEYS = ("nodes", "gpus_per_node", "gpu", "gpu_memory_gib", "gpu_overrides", "tiers",
-                "compute_efficiency", "memory_efficiency")
+                "compute_efficiency", "memory_efficiency", "time_model")
+TIME_MODEL_KEYS = ("prefill_base_s", "prefill_per_token_s", "decode_base_s", "decode_per_seq_s",
+                   "decode_per_kv_token_s")
 TIER_KEYS = ("host_cache_gib", "ssd_gbps", "network_gbps", "ssd_holds_all", "unit_overhead_s")
 MODEL_KEYS = ("name", "sensitivity", "tensor_parallel", "derive", "checkpoint")
 SYSTEM_KEYS = ("name", "preset", "overrides")
@@ -283,6 +292,27 @@ def _num(section: dict[str, Any], key: str, where: str, default: Any, bound: str
     return check_number(value, f"{where}.{key}", bound, integer=integer, minimum=minimum)
 
 
+def _time_model(section: Any) -> dict[str, float]:
+    """`cluster.time_model`: linear prefill/decode costs; decode steps must take time (> 0)."""
+    where = "cluster.time_model"
+    tm = _check_keys(section, TIME_MODEL_KEYS, where)
+    if tm.get("decode_base_s") is None:
+        raise ConfigError(f"{where}.decode_base_s: required, expected a number > 0 (seconds per decode step)")
+    return {key: _num(tm, key, where, 0.0, POSITIVE if key == "decode_base_s" else NON_NEGATIVE)
+            for key in TIME_MODEL_KEYS}
+
+
+def build_calibration(config: dict[str, Any]) -> Any:
+    """The run's Calibration: the calibration file's, plus `cluster.time_model` for the other models."""
+    from tangram_sim.sim.timemodel import Calibration, with_coefficients
+
+    calibration = Calibration.load(config["calibration"]) if config.get("calibration") else None
+    tm = config["cluster"].get("time_model")
+    if tm is None:
+        return calibration
+    return with_coefficients(calibration, tm, [m["name"] for m in config["models"]])
+
+
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
              list: "a list"}
@@ -335,6 +365,8 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
         "unit_overhead_s": _num(tiers, "unit_overhead_s", "cluster.tiers", 0.0, NON_NEGATIVE),
     }
     gpu_spec(cluster["gpu"], cluster["gpu_overrides"], cluster["gpu_memory_gib"])  # field checks
+    if cl.get("time_model") is not None:  # only when given: configs without it keep their hash
+        cluster["time_model"] = _time_model(cl["time_model"])
     out["cluster"] = cluster
 
     models = raw.get("models")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from tangram_sim.errors import ConfigError, TangramError
 from tangram_sim.experiments.config import (
     apply_point,
+    build_calibration,
     build_cluster,
     build_models,
     build_systems,
@@ -89,7 +90,6 @@ def load_point_trace(config: dict[str, Any], base_dir: str | None, skip_bad_rows
 def run_job(job: Job) -> JobResult:
     """Simulate one system at one sweep point (runs in a worker process or a Ray task)."""
     from tangram_sim.sim.simulate import simulate
-    from tangram_sim.sim.timemodel import Calibration
 
     t0 = time.perf_counter()
     config = job.config
@@ -98,7 +98,7 @@ def run_job(job: Job) -> JobResult:
     trace = load_point_trace(config, job.base_dir, job.skip_bad_rows)
     cluster = build_cluster(config)
     system = build_systems(config)[job.system]
-    calibration = Calibration.load(config["calibration"]) if config.get("calibration") else None
+    calibration = build_calibration(config)
     interval = config["outputs"]["sample_interval_s"]
     if interval == "auto":
         duration = float(trace["arrival_s"].iloc[-1]) if len(trace) else 0.0

@@ -177,7 +177,8 @@ def _at_chunk(table: dict[int, float], chunk: int) -> float:
 
 # ------------------------------------------------------------------ loads and engine starts
 def _system_key(s: SystemSpec) -> tuple:
-    return (s.granularity, s.min_unit_bytes, s.retention, s.packing, s.kv, s.kv_fraction, s.kv_block_tokens)
+    return (s.granularity, s.min_unit_bytes, s.unit_divisor, s.retention, s.packing, s.kv, s.kv_fraction,
+            s.kv_block_tokens)
 
 
 def measure_loads(
@@ -215,7 +216,7 @@ def measure_loads(
         retention = RETENTION.create(system.retention) if system.retention != "belady" else "lru"
         gpu = RealGpu(dev, capacity, system.granularity, retention, PACKING.create(system.packing),
                       _kv_policy(system), alignment=ALIGNMENT, min_unit_bytes=system.min_unit_bytes,
-                      **(loader or {}))
+                      unit_divisor=system.unit_divisor, **(loader or {}))
         try:
             for i in range(starts + 2):
                 name = rng.choices(names, w)[0]
@@ -308,7 +309,7 @@ def measure_model(
     capacity = spec.weight_bytes + kv_bytes + 2 * MiB
     # no retention: the "after a start" prefills follow a real load of the weights, as a cold start's
     gpu = RealGpu(dev, capacity, system.granularity, "none", "first-fit", "elastic", alignment=ALIGNMENT,
-                  min_unit_bytes=system.min_unit_bytes, **(loader or {}))
+                  min_unit_bytes=system.min_unit_bytes, unit_divisor=system.unit_divisor, **(loader or {}))
     rng = np.random.default_rng(0)
     pick = random.Random(0)
     contexts = ("start", "idle") if gaps else ("start", "busy")

@@ -77,7 +77,7 @@ class RealDevice:
     def __init__(self, env: WallClockEnvironment, gpu_id: int, device: torch.device, capacity: int,
                  alignment: int, ckpts: dict[str, Checkpoint], granularity: str, min_unit_bytes: int,
                  block_tokens: int, prompts: dict[int, list[int]], *,
-                 readers: int | None, chunk_bytes: int, staging: str) -> None:
+                 readers: int | None, chunk_bytes: int, staging: str, unit_divisor: int = 0) -> None:
         self.env = env
         self.gpu_id = gpu_id  # position in the cluster
         self.device = device  # torch device
@@ -99,7 +99,7 @@ class RealDevice:
             if numel * dtype.itemsize != block:
                 raise ModelError(f"{ckpt.path}: KV block is {numel * dtype.itemsize} bytes but the spec "
                                  f"says {block}, expected a decoder whose config matches its tensors")
-            layouts = ckpt.layouts(granularity, min_unit_bytes)
+            layouts = ckpt.layouts(granularity, min_unit_bytes, unit_divisor)
             self.models[name] = _Model(ckpt, {lay.unit.key: lay for lay in layouts}, cfg, block, shape, dtype)
         self.engines: dict[str, CausalLM] = {}  # model -> engine of its running instance
         self.kv: dict[int, list[int]] = {}  # rid -> its KV block offsets, in token order

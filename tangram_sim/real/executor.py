@@ -166,6 +166,7 @@ class RealGpu:
         kv: str | KvPolicy = "elastic",
         *,
         min_unit_bytes: int = DEFAULT_MIN_UNIT_BYTES,
+        unit_divisor: int = 0,
         readers: int | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         staging: str = "auto",
@@ -184,6 +185,7 @@ class RealGpu:
             capacity = int(0.9 * torch.cuda.mem_get_info(self.device)[0])
         self.granularity = granularity
         self.min_unit_bytes = min_unit_bytes
+        self.unit_divisor = unit_divisor  # > 0: the Tangram store's units (see models.units)
         self.retention = RETENTION.create(retention) if isinstance(retention, str) else retention
         self.packing = PACKING.create(packing) if isinstance(packing, str) else packing
         self.kv = KV.create(kv) if isinstance(kv, str) else kv
@@ -221,7 +223,7 @@ class RealGpu:
                 raise ConfigError(f"{ckpt.path}: changed on disk while its instance is active")
             for key in old.keys:
                 self._key_owners.get(key, set()).discard(ckpt.name)
-        layouts = ckpt.layouts(self.granularity, self.min_unit_bytes)
+        layouts = ckpt.layouts(self.granularity, self.min_unit_bytes, self.unit_divisor)
         entry = _Model(
             ckpt, layouts, tuple(lay.unit.key for lay in layouts), {lay.unit.key: lay for lay in layouts}
         )

@@ -89,20 +89,21 @@ class Checkpoint:
     spec: ModelSpec  # inventory in load order with fingerprints (shared tensors marked by metadata)
     locations: dict[str, tuple[str, int, int]]  # tensor -> (file, first byte, one past last)
     config: dict[str, Any] | None  # config.json beside the weights, if any
-    _layouts: dict[tuple[str, int], tuple[UnitLayout, ...]] = field(default_factory=dict, repr=False)
+    _layouts: dict[tuple[str, int, int], tuple[UnitLayout, ...]] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def layouts(
-        self, granularity: str, min_unit_bytes: int = DEFAULT_MIN_UNIT_BYTES
+        self, granularity: str, min_unit_bytes: int = DEFAULT_MIN_UNIT_BYTES, unit_divisor: int = 0
     ) -> tuple[UnitLayout, ...]:
         """Reuse units from `build_units` with each tensor's place inside its unit (cached)."""
-        key = (granularity, min_unit_bytes)
+        key = (granularity, min_unit_bytes, unit_divisor)
         cached = self._layouts.get(key)
         if cached is None:
-            cached = tuple(self._layout(u) for u in build_units(self.spec, granularity, min_unit_bytes))
+            units = build_units(self.spec, granularity, min_unit_bytes, unit_divisor)
+            cached = tuple(self._layout(u) for u in units)
             self._layouts[key] = cached
         return cached
 

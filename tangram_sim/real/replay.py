@@ -135,7 +135,8 @@ def replay_trace(
     def make_devices(env: WallClockEnvironment) -> list[RealDevice]:
         for i, dev in enumerate(devs):
             gpus.append(RealDevice(env, i, dev, capacity, ARENA_ALIGNMENT, ckpts, system.granularity,
-                                   system.min_unit_bytes, system.kv_block_tokens, prompts, **loader))
+                                   system.min_unit_bytes, system.kv_block_tokens, prompts,
+                                   unit_divisor=system.unit_divisor, **loader))
         return gpus
 
     with torch_threads(threads):
@@ -174,7 +175,8 @@ def _warm_up(ckpts: dict[str, Checkpoint], devs: Sequence[torch.device], system:
             spec = ckpt.spec
             margin = spec.kv_bytes_per_token * 128 + 2**20  # KV of the warm-up tokens + unit alignment
             gpu = RealGpu(dev, spec.weight_bytes + margin, system.granularity, "none", "first-fit", "elastic",
-                          alignment=ARENA_ALIGNMENT, min_unit_bytes=system.min_unit_bytes, **loader)
+                          alignment=ARENA_ALIGNMENT, min_unit_bytes=system.min_unit_bytes,
+                          unit_divisor=system.unit_divisor, **loader)
             try:
                 gpu.start_instance(ckpt, now=0.0)
                 step = gpu.prefill(ckpt.name, [1] * 16, now=0.0)

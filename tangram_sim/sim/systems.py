@@ -16,6 +16,9 @@ class SystemSpec:
     name: str  # label in results
     granularity: str = "group"  # reuse unit: model | tensor | group
     min_unit_bytes: int = 8 * MiB  # group granularity: merge tensors until a unit is this large
+    # group granularity, the Tangram store's rule when > 0: groups of >= min_unit_bytes across blocks,
+    # merged until each unit is >= model weight bytes // unit_divisor (~N units); 0 = block groups
+    unit_divisor: int = 0
     retention: str = "tangram"  # retention policy name ("none" frees weights when an instance ends)
     retention_params: dict[str, Any] = field(default_factory=dict)  # extra policy parameters
     packing: str = "pbp"  # packing policy name
@@ -42,27 +45,38 @@ PRESETS: dict[str, dict[str, Any]] = {
     "serverlessllm": dict(
         granularity="model", retention="none", packing="first-fit", kv="static", scheduler="sllm-storage-aware"
     ),
+    # Tangram as its authors' store runs it: ~40 units per model (docs/tangram-authors.md).
     "tangram": dict(
-        granularity="group", retention="tangram", packing="pbp", kv="elastic", scheduler="tangram-affinity"
+        granularity="group", unit_divisor=40, retention="tangram", packing="pbp", kv="elastic",
+        scheduler="tangram-affinity",
     ),
-    # The paper's breakdown, each stage adding one idea to the previous one.
+    # The same with block groups of >= 8 MiB (a few hundred units per model).
+    "tangram-8mib": dict(
+        granularity="group", min_unit_bytes=8 * MiB, unit_divisor=0, retention="tangram", packing="pbp",
+        kv="elastic", scheduler="tangram-affinity",
+    ),
+    # The paper's breakdown, each stage adding one idea to the previous one (units as in `tangram`).
     "model-reuse": dict(
         granularity="model", retention="tangram", packing="pbp", kv="static", scheduler="sllm-storage-aware"
     ),
     "tensor-reuse": dict(
-        granularity="group", retention="tangram", packing="pbp", kv="static", scheduler="sllm-storage-aware"
+        granularity="group", unit_divisor=40, retention="tangram", packing="pbp", kv="static",
+        scheduler="sllm-storage-aware",
     ),
     "tensor-reuse+elastic-kv": dict(
-        granularity="group", retention="tangram", packing="pbp", kv="elastic", scheduler="sllm-storage-aware"
+        granularity="group", unit_divisor=40, retention="tangram", packing="pbp", kv="elastic",
+        scheduler="sllm-storage-aware",
     ),
     "tensor-reuse+elastic-kv+affinity": dict(
-        granularity="group", retention="tangram", packing="pbp", kv="elastic", scheduler="tangram-affinity"
+        granularity="group", unit_divisor=40, retention="tangram", packing="pbp", kv="elastic",
+        scheduler="tangram-affinity",
     ),
 }
 
 _FIELD_TYPES = {
     "granularity": str,
     "min_unit_bytes": int,
+    "unit_divisor": int,
     "retention": str,
     "retention_params": dict,
     "packing": str,
@@ -82,6 +96,7 @@ _FIELD_TYPES = {
 # Range of each numeric field: ("min", x) for integers >= x; "time" (>= 0, finite); "fraction" (0, 1].
 _FIELD_RANGES: dict[str, tuple[str, int]] = {
     "min_unit_bytes": ("min", 1),
+    "unit_divisor": ("min", 0),  # 0: block groups of min_unit_bytes
     "kv_block_tokens": ("min", 1),
     "kv_chunk_blocks": ("min", 1),
     "max_batch": ("min", 1),
@@ -146,7 +161,7 @@ def _validate(spec: SystemSpec, where: str) -> None:
             )
     if spec.granularity not in ("model", "tensor", "group"):
         raise ConfigError(f"{where}.granularity: expected model, tensor or group, got {spec.granularity!r}")
-    # Presets only set names, so a field out of range here came from a SystemSpec built directly.
+    # Presets hold in-range values, so a field out of range here came from a SystemSpec built directly.
     for key in _FIELD_RANGES:
         problem = _out_of_range(key, getattr(spec, key))
         if problem:

@@ -6,7 +6,8 @@ tensor-parallel group (FLOPs and bytes divide by the TP degree; collective traff
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +148,13 @@ class Calibrated(TimeModel):
         if c is None:
             return self.fallback.decode_step_s(model, batch, kv_tokens, tp)
         return c.decode_base_s + c.decode_per_seq_s * (batch - 1) + c.decode_per_kv_token_s * kv_tokens
+
+
+def with_coefficients(calibration: Calibration | None, coefficients: Mapping[str, float],
+                      models: Iterable[str]) -> Calibration:
+    """`calibration` (or an empty one) where every model of `models` without measured coefficients gets
+    these (an experiment's `cluster.time_model`: one linear cost model for all)."""
+    base = calibration if calibration is not None else Calibration(device="cluster.time_model")
+    shared = ModelCoefficients(**coefficients)
+    measured = dict(base.models or {})
+    return replace(base, models={**{m: shared for m in models}, **measured})
