@@ -186,6 +186,20 @@ def test_resume_with_another_configuration_is_refused(tmp_path: Path, capsys, mo
     assert "--resume: " in one_line_error(capsys) and read_record(out).status == "interrupted"
 
 
+def test_resume_refuses_a_run_whose_presets_now_mean_something_else(tmp_path: Path, capsys, monkeypatch) -> None:
+    from tangram_sim.sim import systems
+
+    exp = write_exp(tmp_path, fast())
+    out = tmp_path / "out"
+    count_jobs(monkeypatch, interrupt_at=1)
+    assert main(["run", str(exp), "--out", str(out), "--quiet", "--jobs", "1"]) == 130
+    capsys.readouterr()
+    changed = {name: dict(values, keep_alive_s=1.0) for name, values in systems.PRESETS.items()}
+    monkeypatch.setattr(systems, "PRESETS", changed)  # same YAML, other expansion of its presets
+    assert main(["run", str(exp), "--out", str(out), "--quiet", "--resume"]) == 2
+    assert "another configuration" in one_line_error(capsys)
+
+
 def test_ctrl_c_stops_the_worker_processes(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(runner, "run_job", _interrupt_first_job_sleep_others)
     raw = fast(sweep={"trace.rate": [0.5, 1.0]})

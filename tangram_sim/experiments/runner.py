@@ -307,7 +307,11 @@ def run_experiment(
         for i, p in enumerate(points)
         for s in range(len(p["config"]["systems"]))
     ]
-    writer = RunWriter(out_dir, resolved, kind="run", resume=resume, force=force)
+    # Presets are names in the config; what they expand to (and so the results) can change between
+    # versions, so --resume compares the expanded systems of every point too.
+    expanded = [[spec.to_dict() for spec in build_systems(p["config"])] for p in points]
+    writer = RunWriter(out_dir, resolved, kind="run", resume=resume, force=force,
+                       hash_extra={"systems": expanded})
     done = writer.check([_key(j) for j in jobs])
     if writer.already_complete:
         return _stored_summary(writer)
