@@ -86,7 +86,7 @@ def test_windows_rates_rescaling_and_lengths_by_hand(data: Path) -> None:
     # window 3: client 2 has no dataset file; the only active client with data is client 1
     assert set(w[3]["input_tokens"]) == {300} and set(w[3]["output_tokens"]) == {30}
     assert any("1 of 3 clients have no dataset file" in n for n in df.attrs["notes"])
-    assert any("28 of 129 requests drew token lengths from a pool mixture" in n for n in df.attrs["notes"])
+    assert any("28 of the 129 generated requests drew token lengths from a pool mixture" in n for n in df.attrs["notes"])
 
 
 def test_target_rate_splits_among_active_clients_by_rate(data: Path) -> None:
@@ -206,3 +206,18 @@ def test_trace_synth_from_an_experiment_writes_its_requests(tmp_path: Path, caps
                  "--set", "trace.pools.m-mid=[]"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: trace.pools.m-mid")
+
+
+def test_run_prints_and_records_the_trace_notes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(
+        "name: sg\nseed: 0\ncluster: {nodes: 1, gpus_per_node: 1, gpu: a100-80gb, gpu_memory_gib: 40}\n"
+        "models: [{name: qwen2.5-3b}, {name: phi-3-mini-4k}]\noutputs: {plots: false}\n"
+        f"trace: {{kind: servegen-pool, data: {EXTRACT}, target_rps: 0.2, max_requests: 60, "
+        "pools: {m-small: [qwen2.5-3b, phi-3-mini-4k]}}\nsystems: [{name: tangram, preset: tangram}]\n"
+    )
+    assert main(["run", str(exp), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "note: trace: m-small: 5 of 43 clients have no dataset file" in err
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert any("no dataset file" in n for n in record["meta"]["trace_notes"])

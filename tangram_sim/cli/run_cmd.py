@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{out}/ is already complete ({record.jobs_total} job(s)); nothing to resume")
         else:
             _print_written(out, record)
+    for note in summary.attrs.get("trace_notes", ()):
+        print(f"note: trace: {note}", file=sys.stderr)
     skipped = summary.attrs.get("skipped_rows", 0)
     if skipped:
         print(f"warning: skipped {skipped} malformed trace row(s) (--skip-bad-rows)")
@@ -70,7 +73,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _print_table(summary: Any) -> None:
     cols = [c for c in ("system", "point", "requests", "completed", "rejected", "mean_load_s", "p50_ttft_s",
-                        "p99_ttft_s", "io_reduction", "full_hit_ratio") if c in summary.columns]
+                        "p99_ttft_s", "io_reduction", "full_hit_ratio", "mean_load_per_request_s",
+                        "request_resident_ratio") if c in summary.columns]
     print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 

@@ -220,16 +220,20 @@ def _execute_ray(jobs: list[Job], n_jobs: int, done: OnResult) -> None:
             ray.shutdown()
 
 
-def _check_traces(jobs: Iterable[Job]) -> None:
+def _check_traces(jobs: Iterable[Job]) -> list[str]:
     """Load every distinct trace of the jobs before anything starts, so that a bad trace is one error up
-    front (no progress bar, nothing written). Loads are cached: serial jobs and forked workers reuse them."""
+    front (no progress bar, nothing written). Loads are cached: serial jobs and forked workers reuse them.
+    Returns the traces' notes (what a reader filled in or changed, e.g. missing ServeGen files), once each."""
     seen = set()
+    notes: list[str] = []
     for job in jobs:
         key = (json.dumps(job.config["trace"], sort_keys=True), job.config["seed"],
                tuple(m["name"] for m in job.config["models"]))
         if key not in seen:
             seen.add(key)
-            load_point_trace(job.config, job.base_dir, job.skip_bad_rows)
+            trace = load_point_trace(job.config, job.base_dir, job.skip_bad_rows)
+            notes.extend(n for n in trace.attrs.get("notes", ()) if n not in notes)
+    return notes
 
 
 def point_label(point: int, values: dict[str, Any]) -> str:
@@ -316,7 +320,7 @@ def run_experiment(
     if writer.already_complete:
         return _stored_summary(writer)
     pending = [j for j in jobs if _key(j) not in done]
-    _check_traces(pending)
+    notes = _check_traces(pending)
     writer.open()
     try:
         bug = _run_jobs(writer, points, pending, backend, n_jobs, progress)
@@ -325,11 +329,11 @@ def run_experiment(
             writer.add_files(render(out_dir))
         skipped = max((int(p.info.get("skipped_rows", 0)) for p in writer.parts()), default=0)
         record = writer.close(meta={"sweep_keys": list(points[0]["point"]), "skipped_rows": skipped,
-                                    "backend": backend})
+                                    "backend": backend, "trace_notes": notes})
     except BaseException as exc:  # the record must not say "running" (or "complete") after this
         _close_quietly(writer, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         raise
-    summary.attrs.update(record=record, skipped_rows=skipped)
+    summary.attrs.update(record=record, skipped_rows=skipped, trace_notes=notes)
     if bug is not None:
         raise bug
     if record.failures:

@@ -306,12 +306,13 @@ def _frame(parts: list, plans: list[_ModelPlan], loaded: list, notes: list[str],
     mixed = sum(lengths.mixed_requests for _, _, lengths in loaded)
     clipped = sum(lengths.clipped for _, _, lengths in loaded)
     if mixed:
-        notes.append(f"{mixed:,} of {len(df):,} requests drew token lengths from a pool mixture")
+        notes.append(f"{mixed:,} of the {len(df):,} generated requests drew token lengths from a pool mixture")
     if clipped:
         notes.append(f"{clipped:,} token lengths below 1 were raised to 1")
     quiet = [m.model for m in plans if m.model not in set(names)]
     if quiet:
         notes.append(f"no requests for {', '.join(quiet)} (no active client assigned to it in the span)")
-    notes.append(f"rate scale {scale:.6g}: {len(df) / duration:.4g} req/s realised over {duration:g} s")
+    notes.append(f"rate scale {scale:.6g}: {len(df):,} requests generated over {duration:g} s "
+                 f"({len(df) / duration:.4g} req/s) before any trace window or max_requests")
     df.attrs.update({"source": str(data), "format": "servegen-pool", "skipped_rows": 0, "notes": notes})
     return df
