@@ -16,6 +16,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._factories: dict[str, Callable[..., T]] = {}
+        self._renamed: dict[str, str] = {}  # former name -> current name (no alias: only a hint)
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
@@ -25,6 +26,17 @@ class Registry(Generic[T]):
             return factory
 
         return decorator
+
+    def renamed(self, old: str, new: str) -> None:
+        """`old` is no longer a name; the unknown-name message points to `new` instead."""
+        self._renamed[old] = new
+
+    def unknown(self, name: object) -> str:
+        """The message for a name that is not registered: the known names, and the new name of a
+        renamed one."""
+        new = self._renamed.get(name) if isinstance(name, str) else None
+        hint = f" ({name} was renamed {new})" if new else ""
+        return f"unknown {self.kind} {name!r}{hint}; expected one of: {', '.join(self.names())}"
 
     def names(self) -> list[str]:
         return sorted(self._factories)
@@ -36,9 +48,7 @@ class Registry(Generic[T]):
         try:
             factory = self._factories[name]
         except KeyError:
-            raise ConfigError(
-                f"unknown {self.kind} {name!r}; expected one of: {', '.join(self.names())}"
-            ) from None
+            raise ConfigError(self.unknown(name)) from None
         try:
             return factory(**params)
         except TypeError as exc:

@@ -20,10 +20,15 @@ def unit(key: str, size: int, owners: set[str], offset: int = 0) -> Region:
 
 
 def test_registry_names_and_unknown() -> None:
-    expected = {"tangram", "lru", "lfu", "gdsf", "decayed-frequency", "belady", "none"}
+    expected = {"tangram", "lru", "lfu", "gdsf", "decayed-frequency", "next-use", "none"}
     assert expected <= set(RETENTION.names())
     with pytest.raises(ConfigError):
         RETENTION.create("fifo")
+    # the former name of next-use is no alias: unknown, with a hint
+    assert "belady" not in RETENTION
+    with pytest.raises(ConfigError, match=r"^unknown retention policy 'belady' \(belady was renamed next-use\); "
+                                          r"expected one of: .*next-use"):
+        RETENTION.create("belady")
     with pytest.raises(ConfigError):
         RETENTION.create("tangram", bandwidth=1.0)
     with pytest.raises(ConfigError):
@@ -143,9 +148,9 @@ def test_decayed_frequency_with_one_half_life_equals_hand_value() -> None:
     assert pol.value(unit("x", 3, {"a"}), 5.0) == pytest.approx(3 * 0.5 / 1.5)
 
 
-def test_belady_evicts_farthest_next_use() -> None:
+def test_next_use_evicts_farthest_next_use() -> None:
     future = {"a": [0.0, 10.0, 50.0], "b": [5.0, 20.0], "c": [1.0], "d": [30.0]}
-    pol = RETENTION.create("belady", future=future)
+    pol = RETENTION.create("next-use", future=future)
     regions = [
         unit("a0", 1, {"a"}, 0),  # next use 10
         unit("b0", 1, {"b"}, 1),  # next use 20
@@ -193,12 +198,12 @@ NAMES = ["tangram", "lru", "lfu", "gdsf", "decayed-frequency", "none"]
     accesses=st.lists(
         st.tuples(st.sampled_from("abc"), st.lists(st.integers(0, 5), max_size=4)), max_size=30
     ),
-    name=st.sampled_from(NAMES + ["belady"]),
+    name=st.sampled_from(NAMES + ["next-use"]),
 )
 def test_deterministic_and_complete(accesses: list[tuple[str, list[int]]], name: str) -> None:
     """Same inputs -> same order; every candidate appears exactly once; order is by value."""
     future = {"a": [3.0, 40.0], "b": [7.0], "c": []}
-    params = {"future": future} if name == "belady" else {}
+    params = {"future": future} if name == "next-use" else {}
     regions = [unit(f"k{i}", 1 + 37 * i % 11, {"abc"[i % 3], "abc"[i * 7 % 3]}, i) for i in range(6)]
     orders = []
     for _ in range(2):

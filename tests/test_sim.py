@@ -127,7 +127,7 @@ def test_elastic_kv_keeps_retained_weights_that_static_kv_evicts() -> None:
     assert out["static"].bytes_loaded > 0.5 * LLAMA.weight_bytes  # the 90% reservation pushed it out
 
 
-@pytest.mark.parametrize("retention", ["lru", "lfu", "gdsf", "decayed-frequency", "belady", "tangram"])
+@pytest.mark.parametrize("retention", ["lru", "lfu", "gdsf", "decayed-frequency", "next-use", "tangram"])
 @pytest.mark.parametrize("packing", ["pbp", "first-fit", "compact-all", "min-move-window"])
 def test_every_policy_combination_conserves_requests_and_bytes(retention: str, packing: str) -> None:
     names = ["llama-3-8b", "qwen2.5-3b", "phi-3-mini-4k", "mistral-7b"]

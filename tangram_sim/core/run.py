@@ -48,12 +48,12 @@ class Policies:
 def build_policies(system: SystemSpec, *, h2d_bps: float, sensitivity: dict[str, float],
                    trace: pd.DataFrame) -> Policies:
     """The system's policies with the parameters they take from the run: tangram's cost rule gets the
-    host-to-GPU bandwidth and the models' sensitivities, Belady's heuristic the trace's future."""
+    host-to-GPU bandwidth and the models' sensitivities, the next-use heuristic the trace's future."""
     params = dict(system.retention_params)
     if system.retention in ("tangram", "decayed-frequency"):
         params.setdefault("host_to_gpu_bps", h2d_bps)
         params.setdefault("sensitivity", dict(sensitivity))
-    if system.retention == "belady":
+    if system.retention == "next-use":
         future: dict[str, list[float]] = {}
         for t, m in zip(trace["arrival_s"].to_numpy(dtype=np.float64).tolist(),
                         trace["model"].astype(str).tolist()):

@@ -21,11 +21,11 @@ from tangram_sim.registry import Registry
 
 __all__ = [
     "RETENTION",
-    "BeladyRetention",
     "DecayedFrequencyRetention",
     "GdsfRetention",
     "LfuRetention",
     "LruRetention",
+    "NextUseRetention",
     "NoRetention",
     "RetentionPolicy",
     "TangramRetention",
@@ -276,11 +276,20 @@ class GdsfRetention(RetentionPolicy):
         self.base.pop(key, None)
 
 
-@RETENTION.register("belady")
-class BeladyRetention(RetentionPolicy):
-    """Offline oracle (simulation only): evict the unit whose next use is farthest in the future.
+@RETENTION.register("next-use")
+class NextUseRetention(RetentionPolicy):
+    """Next-use heuristic with knowledge of the future (simulation only): evict first the unit whose
+    owners' next request arrives farthest in the future.
 
-    value = -(earliest next arrival after `now` of any owner model); -inf when never used again.
+    value = -(earliest arrival after `now` of a request of any owner model, from the whole trace);
+    -inf when never requested again. It is Belady's rule applied to reuse units, and it is a heuristic,
+    not a bound: Belady's rule is optimal for equal-size items fetched one at a time, while here units
+    differ in size (the rule ignores sizes), a cold start needs all of a model's units at once, and a
+    request that arrives while its model is warm needs no load at all. LFU beats it on some traces. The
+    fewest bytes a retention policy could load on a run's schedule are bounded by the summary's
+    `io_reduction_bound` (`core.bound`); the exact optimum of small cases is
+    `tangram_sim.analysis.optimum`.
+
     A cursor per model caches the answer, so scoring many candidates at one `now` is O(1) per owner;
     only a new `now` costs one bisect per model.
     """
@@ -303,6 +312,9 @@ class BeladyRetention(RetentionPolicy):
     def value(self, region: Region, now: float) -> float:
         nxt = min((self.next_access(m, now) for m in region.owners), default=math.inf)
         return -nxt
+
+
+RETENTION.renamed("belady", "next-use")
 
 
 @RETENTION.register("none")

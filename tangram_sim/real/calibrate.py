@@ -213,7 +213,7 @@ def measure_loads(
             continue
         seen.add(key)
         rng = random.Random(seed)
-        retention = RETENTION.create(system.retention) if system.retention != "belady" else "lru"
+        retention = RETENTION.create(system.retention) if system.retention != "next-use" else "lru"
         gpu = RealGpu(dev, capacity, system.granularity, retention, PACKING.create(system.packing),
                       _kv_policy(system), alignment=ALIGNMENT, min_unit_bytes=system.min_unit_bytes,
                       unit_divisor=system.unit_divisor, **(loader or {}))
