@@ -8,16 +8,23 @@ counting, where a warm request is a full hit with nothing to load), over complet
 `request_bytes_from_gpu` (1 - bytes loaded / model bytes) and `mean_load_per_request_s` (warm = 0).
 Every request served by an instance records its model's bytes (`bytes_needed`): a warm one reused
 them all, so loaded + reused = needed holds for every completed request.
+Given the run's model entries, the summary adds the unlimited-memory bound of each byte figure on the
+run's own schedule, `io_reduction_bound` and `request_bytes_from_gpu_bound` (`core.bound`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
+from tangram_sim.core.bound import bound_metrics
+
+if TYPE_CHECKING:
+    from tangram_sim.core.records import ModelEntry
 
 REQUEST_COLUMNS = [
     "rid", "arrival_s", "model", "input_tokens", "output_tokens", "gpu", "cold", "queue_s", "load_s",
@@ -74,9 +81,13 @@ def per_request_metrics(requests: pd.DataFrame) -> dict[str, float]:
     }
 
 
-def summarize(requests: pd.DataFrame, gpu_busy_s: float, compaction_bytes: int) -> dict[str, Any]:
+def summarize(requests: pd.DataFrame, gpu_busy_s: float, compaction_bytes: int,
+              entries: Mapping[str, ModelEntry] | None = None) -> dict[str, Any]:
     """One row of numbers per system; every figure derives from the request table. Load and byte
-    figures named without `request_` are per cold start; see the module docstring."""
+    figures named without `request_` are per cold start; see the module docstring. With the run's
+    model `entries` (and the table's model, gpu, arrival_s and queue_s columns), the two bound columns
+    follow their counterparts."""
+    bound = bound_metrics(requests, entries) if entries is not None else {}
     done = requests[requests["outcome"] == "completed"]
     cold = requests[requests["cold"].astype(bool)]  # (an empty table's column is not boolean)
     ttft = done["ttft_s"].to_numpy()
@@ -100,8 +111,10 @@ def summarize(requests: pd.DataFrame, gpu_busy_s: float, compaction_bytes: int) 
         "bytes_loaded": loaded,
         "bytes_reused": int(cold["bytes_reused"].sum()),
         "io_reduction": 1.0 - loaded / needed if needed else 0.0,
+        **({"io_reduction_bound": bound["io_reduction_bound"]} if bound else {}),
         "full_hit_ratio": float((cold["bytes_loaded"] == 0).mean()) if len(cold) else 0.0,
         **per_request_metrics(requests),
+        **({"request_bytes_from_gpu_bound": bound["request_bytes_from_gpu_bound"]} if bound else {}),
         "compaction_bytes": int(compaction_bytes),
         "evicted_bytes": int(cold["bytes_evicted"].sum()),
         "extra_evicted_bytes": int(cold["bytes_extra_evicted"].sum()),

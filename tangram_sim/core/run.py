@@ -111,7 +111,8 @@ class LifecycleRun:
         """The request table, the timeline and the summary row (without the system's name)."""
         frame = requests_frame(self.requests)
         workers = self.cluster.workers
-        summary = summarize(frame, sum(w.busy_s for w in workers), sum(w.compaction_bytes for w in workers))
+        summary = summarize(frame, sum(w.busy_s for w in workers), sum(w.compaction_bytes for w in workers),
+                            self.cluster.entries)
         return frame, timeline_frame(self.recorder.timeline), summary
 
 

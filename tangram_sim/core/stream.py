@@ -9,6 +9,7 @@ same `summarize` as an in-memory run, so the two give the same numbers.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tangram_sim.core.metrics import REQUEST_COLUMNS, accounting_problems, request_row, summarize
-from tangram_sim.core.records import Request
+from tangram_sim.core.records import ModelEntry, Request
 
-# what `summarize` reads, both metric families (the rest of the table stays on disk)
-SUMMARY_COLUMNS = ["rid", "outcome", "cold", "ttft_s", "load_s", "queue_s", "e2e_s", "bytes_needed",
-                   "bytes_loaded", "bytes_reused", "bytes_evicted", "bytes_extra_evicted", "waited_for_kv_s",
-                   "preemptions"]
+# what `summarize` reads, both metric families and their bounds (the rest of the table stays on disk)
+SUMMARY_COLUMNS = ["rid", "arrival_s", "model", "gpu", "outcome", "cold", "ttft_s", "load_s", "queue_s", "e2e_s",
+                   "bytes_needed", "bytes_loaded", "bytes_reused", "bytes_evicted", "bytes_extra_evicted",
+                   "waited_for_kv_s", "preemptions"]
 
 
 class RequestStream:
@@ -61,7 +62,9 @@ class RequestStream:
         elif not self.path.exists():  # no request at all: an empty table with the columns
             pd.DataFrame(columns=REQUEST_COLUMNS).to_parquet(self.path, index=False)
 
-    def summary(self, gpu_busy_s: float, compaction_bytes: int) -> dict[str, Any]:
-        """`summarize` over the written requests, in `rid` order."""
-        frame = pd.read_parquet(self.path, columns=SUMMARY_COLUMNS).sort_values("rid", kind="stable")
-        return summarize(frame.reset_index(drop=True), gpu_busy_s, compaction_bytes)
+    def summary(self, gpu_busy_s: float, compaction_bytes: int,
+                entries: Mapping[str, ModelEntry] | None = None) -> dict[str, Any]:
+        """`summarize` over the written requests, in `rid` order (model names read as categories)."""
+        frame = pd.read_parquet(self.path, columns=SUMMARY_COLUMNS, read_dictionary=["model"])
+        frame = frame.sort_values("rid", kind="stable")
+        return summarize(frame.reset_index(drop=True), gpu_busy_s, compaction_bytes, entries)

@@ -169,7 +169,8 @@ def simulate(
     else:
         workers = run.cluster.workers
         frame, timeline = None, timeline_frame(recorder.timeline)
-        numbers = stream.summary(sum(w.busy_s for w in workers), sum(w.compaction_bytes for w in workers))
+        numbers = stream.summary(sum(w.busy_s for w in workers), sum(w.compaction_bytes for w in workers),
+                                 entries)
     summary.update(numbers)
     summary["sim_end_s"] = float(env.now)
     return SimResult(system.name, frame, timeline, summary, recorder.events)
