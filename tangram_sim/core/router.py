@@ -123,6 +123,7 @@ class Cluster:
         n_nodes = len(devices) // gpus_per_node
         self.nodes = [Node(n, tiers, self.key_owners) for n in range(n_nodes)]
         self.workers = [GpuWorker(self, d, self.nodes[i // gpus_per_node]) for i, d in enumerate(devices)]
+        self.gpu_model_bytes = {name: sum(e.rank_bytes[0]) for name, e in entries.items()}  # one rank's
         self.warm_workers: dict[str, set[GpuWorker]] = {}
         self.finished = 0  # requests with an outcome
         self.on_finished: Callable[[Request], None] | None = None  # told of each outcome (a stream)
@@ -151,6 +152,8 @@ class Cluster:
     def route(self, req: Request, replace: bool = False) -> None:
         """Warm instance with a clean queue if any, else the scheduler's choice (a GPU or a gang)."""
         entry = self.entries[req.model]
+        if not replace:
+            self.scheduler.observe(req.model, self.gpu_model_bytes[req.model], self.env.now)
         best = None
         best_load = 0
         for w in self.warm_workers.get(req.model, ()):
@@ -218,6 +221,7 @@ class Cluster:
                     storage_bps=node.ssd.bps if node.tiers.ssd_holds_all else node.network.bps,
                     prefill_s=prefill,
                     load_overhead_s=self.engine_overhead_s,
+                    capacity_bytes=min(w.arena.capacity for w in group),
                 )
             )
         return options

@@ -50,7 +50,7 @@ def build_policies(system: SystemSpec, *, h2d_bps: float, sensitivity: dict[str,
     """The system's policies with the parameters they take from the run: tangram's cost rule gets the
     host-to-GPU bandwidth and the models' sensitivities, the next-use heuristic the trace's future."""
     params = dict(system.retention_params)
-    if system.retention in ("tangram", "decayed-frequency"):
+    if system.retention in ("tangram", "decayed-frequency", "model-value"):
         params.setdefault("host_to_gpu_bps", h2d_bps)
         params.setdefault("sensitivity", dict(sensitivity))
     if system.retention == "next-use":
@@ -65,7 +65,7 @@ def build_policies(system: SystemSpec, *, h2d_bps: float, sensitivity: dict[str,
 
     make_retention()  # fail on bad parameters before the run starts
     return Policies(make_retention, PACKING.create(system.packing), kv_policy(system),
-                    SCHEDULER.create(system.scheduler))
+                    SCHEDULER.create(system.scheduler, **system.scheduler_params))
 
 
 def kv_policy(system: SystemSpec) -> KvPolicy:

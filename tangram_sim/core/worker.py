@@ -2,8 +2,10 @@
 
 Each GPU runs one instance at a time and starts instances in FCFS order of the requests that need
 them. Queued requests of the active model join its batch even past an older request of another
-model, but only while that one has waited less than `fairness_window_s`; without this, interleaved
-models would force a switch per request, and without the bound a hot model would starve the rest.
+model, but only while the system's fairness rule allows (`core.fairness`: that one has waited less
+than `fairness_window_s`, or its predicted wait stays under `fairness_bound_s`); without this,
+interleaved models would force a switch per request, and without a bound a hot model would starve the
+rest.
 An idle instance stays active for `keep_alive_s` unless a request for another model is queued on its
 GPU, which ends it at once. When an instance ends, its weights are unpinned: retention systems keep
 them resident (evictable, reusable); `none` retention frees them as ServerlessLLM does.
@@ -32,11 +34,12 @@ import simpy
 
 from tangram_sim.arena import Key
 from tangram_sim.core.device import Device, RankLoad
+from tangram_sim.core.fairness import stop_admitting
 from tangram_sim.core.kvbook import kv_free, kv_take, reserve_static_kv, want_tokens
 from tangram_sim.core.records import EPS_TOKENS, Gang, ModelEntry, Request
 from tangram_sim.core.storage import Node
 from tangram_sim.policies.kv import KvPool
-from tangram_sim.policies.lifecycle import ModelQueues, must_yield, preemption_victim
+from tangram_sim.policies.lifecycle import ModelQueues, preemption_victim
 from tangram_sim.policies.packing import Move, execute_plan
 from tangram_sim.policies.retention import RetentionPolicy
 
@@ -308,8 +311,8 @@ class GpuWorker:
                 req = queues.first(inst.model)
                 if req is None:
                     break
-                if must_yield(self._blocker(inst), req, env.now, system.fairness_window_s):
-                    break  # an older request of another model has waited long enough
+                if stop_admitting(self, inst, req, admitted):
+                    break  # an older request of another model has waited long enough (core.fairness)
                 if not kv_take(self, req, want_tokens(c.system, req)):
                     if not running and not admitted:
                         self._dequeue(inst.model)
@@ -394,15 +397,6 @@ class GpuWorker:
                         self._reject(req, "kv-capacity")
                         break
                     self._preempt(victim)
-
-    def _blocker(self, inst: Instance) -> Request | None:
-        """The oldest request waiting on this instance's GPUs for something else than it."""
-        best = None
-        for worker in inst.group:
-            oldest = worker.queues.head(exclude=inst.model if worker is self else None)
-            if oldest is not None and (best is None or oldest.rid < best.rid):
-                best = oldest
-        return best
 
     def _preempt(self, req: Request) -> None:
         """Free a running request's KV and put it back at the queue head; it recomputes later."""

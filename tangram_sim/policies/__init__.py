@@ -11,6 +11,9 @@ from tangram_sim.policies.packing import PACKING, Move, PackingPlan, PackingPoli
 from tangram_sim.policies.retention import RETENTION, RetentionPolicy
 from tangram_sim.policies.scheduler import SCHEDULER, PlacementOption, Scheduler
 
+# modules that add policies to the registries above
+from tangram_sim.policies import home, model_retention  # noqa: E402, F401  isort: skip
+
 __all__ = [
     "KV",
     "PACKING",

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Generic, Protocol, TypeVar
 
-__all__ = ["ModelQueues", "Queued", "must_yield", "preemption_victim"]
+__all__ = ["ModelQueues", "Queued", "must_yield", "must_yield_predicted", "preemption_victim"]
 
 
 class Queued(Protocol):
@@ -103,6 +103,18 @@ def must_yield(blocker: Queued | None, candidate: Queued, now: float, fairness_w
         blocker is not None
         and blocker.rid < candidate.rid
         and now - blocker.arrival >= fairness_window_s
+    )
+
+
+def must_yield_predicted(blocker: Queued | None, candidate: Queued, now: float, predicted_s: float,
+                         bound_s: float) -> bool:
+    """The adaptive rule: stop admitting `candidate` once `blocker` (older, of another model) would wait
+    at least `bound_s` in all: what it has waited so far plus `predicted_s`, the predicted rest of its
+    wait (the batch's drain with the candidate admitted, then its own cold start)."""
+    return (
+        blocker is not None
+        and blocker.rid < candidate.rid
+        and now - blocker.arrival + predicted_s >= bound_s
     )
 
 

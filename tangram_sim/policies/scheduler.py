@@ -44,6 +44,7 @@ class PlacementOption:
     storage_bps: float  # read bandwidth of where the checkpoint is when not in DRAM, bytes/s
     prefill_s: float  # estimated prefill time of the request on these GPUs
     load_overhead_s: float = 0.0  # fixed engine/instance start cost added to every load
+    capacity_bytes: int = 0  # arena bytes of each of these GPUs (0: not given)
 
     def __post_init__(self) -> None:
         if not self.gpus:
@@ -52,7 +53,7 @@ class PlacementOption:
             raise ValueError(
                 f"bandwidths must be positive, got {self.host_to_gpu_bps} and {self.storage_bps}"
             )
-        if self.model_bytes < 0 or self.resident_bytes < 0 or self.free_bytes < 0:
+        if self.model_bytes < 0 or self.resident_bytes < 0 or self.free_bytes < 0 or self.capacity_bytes < 0:
             raise ValueError("byte counts of a placement option must be >= 0")
         if self.queue_wait_s < 0 or self.prefill_s < 0 or self.load_overhead_s < 0:
             raise ValueError("times of a placement option must be >= 0")
@@ -85,6 +86,10 @@ def _argmin(options: Sequence[PlacementOption], cost: Callable[[PlacementOption]
 
 class Scheduler:
     """Picks one of the feasible placements for a request of `model`."""
+
+    def observe(self, model: str, gpu_bytes: int, now: float) -> None:
+        """A request for `model` arrived at `now` (every request, warm or not, before any placement);
+        the model needs `gpu_bytes` on each GPU that runs it. Schedulers that track popularity use it."""
 
     def choose(self, model: str, options: Sequence[PlacementOption], rng: random.Random) -> int:
         """Index into `options`. ValueError when there is none (the caller must queue the request)."""

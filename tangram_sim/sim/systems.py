@@ -31,6 +31,10 @@ class SystemSpec:
     max_batch: int = 32  # continuous batching limit per instance
     fairness_window_s: float = 5.0  # queued requests of the active model may overtake an older
     # request of another model (joining the running batch) only while that one has waited less
+    fairness: str = "fixed"  # fixed: the window above; adaptive: the active model keeps admitting while
+    # the oldest other request's predicted wait (waited + drain of the batch + its cold start) stays under
+    fairness_bound_s: float = 60.0  # the adaptive mode's bound on that predicted wait
+    scheduler_params: dict[str, Any] = field(default_factory=dict)  # extra scheduler parameters
     engine_overhead_s: float = 0.2  # instance start cost before weights load (runtime init, graphs)
     prefill_batch: int = 0  # requests prefilled together in one iteration: 0 = all admitted at once
     # (vLLM-like batched prefill); 1 = one by one, as the real executor's engine prefills
@@ -88,6 +92,9 @@ _FIELD_TYPES = {
     "keep_alive_s": float,
     "max_batch": int,
     "fairness_window_s": float,
+    "fairness": str,
+    "fairness_bound_s": float,
+    "scheduler_params": dict,
     "engine_overhead_s": float,
     "prefill_batch": int,
 }
@@ -103,6 +110,7 @@ _FIELD_RANGES: dict[str, tuple[str, int]] = {
     "prefill_batch": ("min", 0),  # 0: every admitted request at once
     "keep_alive_s": ("time", 0),
     "fairness_window_s": ("time", 0),
+    "fairness_bound_s": ("time", 0),
     "engine_overhead_s": ("time", 0),
     "kv_fraction": ("fraction", 0),
 }
@@ -161,6 +169,20 @@ def _validate(spec: SystemSpec, where: str) -> None:
             )
     if spec.granularity not in ("model", "tensor", "group"):
         raise ConfigError(f"{where}.granularity: expected model, tensor or group, got {spec.granularity!r}")
+    if spec.fairness not in ("fixed", "adaptive"):
+        raise ConfigError(f"{where}.overrides.fairness: expected fixed or adaptive, got {spec.fairness!r}")
+    # Policy parameters are checked by building the policy once (the next-use heuristic also needs the
+    # trace, so its parameters are checked when the run builds it).
+    checks = [("scheduler_params", SCHEDULER, spec.scheduler, spec.scheduler_params)]
+    if spec.retention != "next-use":
+        checks.append(("retention_params", RETENTION, spec.retention, spec.retention_params))
+    for key, registry, name, params in checks:
+        if not all(isinstance(k, str) for k in params):
+            raise ConfigError(f"{where}.overrides.{key}: parameter names must be strings, got {list(params)!r}")
+        try:
+            registry.create(name, **params)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.overrides.{key}: {exc}") from None
     # Presets hold in-range values, so a field out of range here came from a SystemSpec built directly.
     for key in _FIELD_RANGES:
         problem = _out_of_range(key, getattr(spec, key))

@@ -1,0 +1,111 @@
+"""Model-aware retention: value whole models, so the units a model needs survive (or go) together.
+
+Unit-level cost rules (Tangram's `size / bandwidth x share`) rank units one by one: the small units of
+every model go first, so after a few evictions every model is partly resident and almost no cold
+start is a full hit. `model-value` ranks models instead. Evicting a byte of model m costs its reload
+(1 / host_to_gpu_bps seconds) each time m is requested again, so a byte of m is worth
+
+    value(m) = rate(m) x sensitivity(m) / host_to_gpu_bps     (seconds of loading saved per second)
+    rate(m) = decayed count of m's requests on this GPU x ln 2 / half_life_s   (requests per second)
+
+with counts decayed exponentially (half-life `half_life_s`, default 600 s). A unit is worth the sum of
+its owners' values, so a unit shared by several models (a fine-tune and its base) stays until every
+owner is among the least valuable. Eviction takes the groups of units with one owner set in
+ascending value, every unit of a group before any unit of the next: all of the least valuable model's
+units go before any unit of a more valuable one, and a partly evicted model is always the least
+valuable one. Ties between groups go by the group's lowest offset, units within a group by offset
+(then input order), so runs repeat.
+
+The value is per byte on purpose: ranking by the reload time of a model's whole weight
+(bytes / bandwidth x rate) would evict a small hot model before a big cold one, although each byte of
+the small one is missed more often; on the overall Azure and ServeGen experiments that variant loaded
+12% and 4% more bytes than this one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+from tangram_sim.arena.arena import Key, Region
+from tangram_sim.errors import ConfigError
+from tangram_sim.policies.retention import RETENTION, RetentionPolicy
+
+__all__ = ["ModelValueRetention"]
+
+
+def _positive(name: str, x: object) -> float:
+    if isinstance(x, bool) or not (isinstance(x, int | float) and x > 0 and math.isfinite(x)):
+        raise ConfigError(f"retention parameter {name} must be a positive number, got {x!r}")
+    return float(x)
+
+
+@RETENTION.register("model-value")
+class ModelValueRetention(RetentionPolicy):
+    """Whole-model values: decayed request rate per byte of reload (see the module docstring)."""
+
+    def __init__(
+        self,
+        host_to_gpu_bps: float = 25e9,
+        sensitivity: Mapping[str, float] | None = None,
+        half_life_s: float = 600.0,
+    ) -> None:
+        self.host_to_gpu_bps = _positive("host_to_gpu_bps", host_to_gpu_bps)
+        self.half_life_s = _positive("half_life_s", half_life_s)
+        if sensitivity is not None and not isinstance(sensitivity, Mapping):
+            raise ConfigError(f"retention parameter sensitivity must be a mapping, got {sensitivity!r}")
+        self.sensitivity: dict[str, float] = {}
+        for model, s in (sensitivity or {}).items():
+            if isinstance(s, bool) or not (isinstance(s, int | float) and s >= 0 and math.isfinite(s)):
+                raise ConfigError(f"retention sensitivity of {model!r} must be a number >= 0, got {s!r}")
+            self.sensitivity[model] = float(s)
+        self.decayed: dict[str, tuple[float, float]] = {}  # model -> (count, time it was valid at)
+
+    def record_access(self, model: str, unit_keys: Sequence[Key], now: float) -> None:
+        count, t = self.decayed.get(model, (0.0, now))
+        self.decayed[model] = (count * 2.0 ** (-(now - t) / self.half_life_s) + 1.0, now)
+
+    def rate(self, model: str, now: float) -> float:
+        """Predicted requests per second of `model` on this GPU: its decayed count / mean lifetime."""
+        entry = self.decayed.get(model)
+        if entry is None:
+            return 0.0
+        count, t = entry
+        return count * 2.0 ** (-(now - t) / self.half_life_s) * math.log(2) / self.half_life_s
+
+    def model_value(self, model: str, now: float) -> float:
+        """Seconds of loading that one resident byte of `model` saves per second (see the docstring)."""
+        rate = self.rate(model, now)
+        return rate * self.sensitivity.get(model, 1.0) / self.host_to_gpu_bps if rate else 0.0
+
+    def value(self, region: Region, now: float) -> float:
+        return sum(self.model_value(m, now) for m in sorted(region.owners))  # sorted: same float sum
+
+    def eviction_order(self, candidates: Iterable[Region], now: float) -> list[Key]:
+        """Groups of units with one owner set, by (value, lowest offset); each group by offset."""
+        groups: dict[frozenset[str], list[Region]] = {}
+        for r in candidates:
+            owners = r.owners
+            if type(owners) is not frozenset:  # a plain set (hand-made regions) is not hashable
+                owners = frozenset(owners)
+            members = groups.get(owners)
+            if members is None:
+                members = groups[owners] = []
+            members.append(r)
+        values: dict[str, float] = {}
+        ranked = []
+        for n, (owners, members) in enumerate(groups.items()):
+            worth = 0.0
+            for m in sorted(owners) if len(owners) > 1 else owners:  # sorted: the same float sum always
+                v = values.get(m)
+                if v is None:
+                    v = values[m] = self.model_value(m, now)
+                worth += v
+            members.sort(key=_offset_key)
+            ranked.append((worth, members[0].offset, n, members))
+        ranked.sort(key=lambda t: (t[0], t[1], t[2]))
+        return [r.key for _, _, _, members in ranked for r in members]
+
+
+def _offset_key(region: Region) -> int:
+    return region.offset
