@@ -169,6 +169,15 @@ def test_replay_summary_has_both_metric_families(replayed: Path) -> None:
     assert s.loc["tangram", "request_resident_ratio"] > s.loc["serverlessllm", "request_resident_ratio"]
 
 
+def test_replay_summary_has_the_reuse_bound(replayed: Path) -> None:
+    """The replay's summary carries the unlimited-memory bound of its own schedule (`core.bound`)."""
+    s = pd.read_csv(replayed / "summary.csv").set_index("system")
+    for system, row in s.iterrows():
+        assert 0 <= row["io_reduction"] <= row["io_reduction_bound"] + 1e-5 <= 1 + 2e-5, system
+        assert row["request_bytes_from_gpu"] <= row["request_bytes_from_gpu_bound"] + 1e-5 <= 1 + 2e-5, system
+    assert s.loc["serverlessllm", "io_reduction"] == 0 < s.loc["serverlessllm", "io_reduction_bound"]
+
+
 def test_replay_reports_a_bounded_lag(replayed: Path) -> None:
     """At 16x the CPU device is busy about half the time, so the clock catches up in the idle gaps: the
     lag (the lifecycle's own bookkeeping, not charged to requests) stays far below the trace's length."""
