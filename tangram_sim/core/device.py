@@ -9,7 +9,9 @@ A device then does the work those decisions stand for and returns when it is don
 - `decode`: advance the running batch (the modelled device by a fluid horizon, a real one by a step);
   these two, the most frequent, return the event to wait for and a function that gives the step's
   result once it has happened (no generator frame per step: the simulator runs millions of them);
-- `kv_grown` / `kv_freed`: bind or drop the memory behind a request's KV bytes.
+- `kv_grown` / `kv_freed`: bind or drop the memory behind a request's KV bytes;
+- `prefetch_source` / `prefetch_unit`: whether a unit may be prefetched, and the load of one
+  prefetched unit, cancellable at any time (`core.prefetch`).
 
 `start_instance` is a generator to be driven with `yield from` by the worker's SimPy process,
 so the same process runs under the simulator's clock (`simpy.Environment`) and under the replay's wall
@@ -30,6 +32,7 @@ from tangram_sim.policies.packing import Move
 
 if TYPE_CHECKING:
     from tangram_sim.core.records import Request
+    from tangram_sim.core.storage import Node
     from tangram_sim.core.worker import GpuWorker, Instance
 
 Work = Generator[simpy.Event, Any, Any]  # a device step, driven with `yield from`
@@ -78,6 +81,16 @@ class Device(Protocol):
 
     def pool_reserved(self, inst: Instance, keys: Sequence[Key]) -> None:
         """A static KV pool of regions `keys` was reserved for `inst` on this GPU."""
+        ...
+
+    def prefetch_source(self, node: Node, key: Key) -> bool:
+        """Whether unit `key` may be prefetched onto this GPU now (from where the device reads it)."""
+        ...
+
+    def prefetch_unit(self, key: Key, nbytes: int) -> tuple[simpy.Event, Callable[[], float | None]]:
+        """Load one unit booked as loading: (event when it is in place, cancel). `cancel()` stops it at
+        once, the region about to be freed; it returns the bytes that crossed for nothing, or None when
+        the unit had already arrived."""
         ...
 
     def end_instance(self, inst: Instance) -> None:

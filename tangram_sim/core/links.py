@@ -4,6 +4,8 @@ A transfer crosses one or more links (e.g. SSD then PCIe, pipelined); its rate i
 fair shares (bandwidth / active transfers) on those links, so a transfer is bounded by the slowest
 tier and concurrent transfers on one link split it. Rates are recomputed whenever a transfer starts
 or ends; a single pending timeout tracks the next completion (stale ones are ignored by generation).
+A transfer can be cancelled (`cancel`): it leaves its links at once, the others re-share them, and the
+bytes it had moved are lost.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ class Link:
 
 
 class _Flow:
-    __slots__ = ("remaining", "links", "rate", "done")
+    __slots__ = ("nbytes", "remaining", "links", "rate", "done")
 
     def __init__(self, nbytes: float, links: Sequence[Link], done: simpy.Event) -> None:
+        self.nbytes = float(nbytes)  # bytes to move in all
         self.remaining = float(nbytes)  # bytes still to move
         self.links = links  # links crossed (pipelined)
         self.rate = 0.0  # current bytes/s
@@ -54,6 +57,21 @@ class Fabric:
         self._flows.append(flow)
         self._reschedule()
         return done
+
+    def cancel(self, done: simpy.Event) -> float | None:
+        """Stop the transfer whose completion event is `done`, now: it leaves its links (the others
+        re-share them) and `done` never fires. Returns the bytes it had moved, or None when it had
+        already finished (or moved nothing at all: a transfer of no bytes)."""
+        flow = next((f for f in self._flows if f.done is done), None)
+        if flow is None:
+            return None
+        self._advance()
+        self._flows.remove(flow)
+        for link in flow.links:
+            link.active -= 1
+        self._generation += 1  # the pending timer may be this flow's completion: make it stale
+        self._reschedule()
+        return min(flow.nbytes, max(0.0, flow.nbytes - flow.remaining))
 
     def _advance(self) -> None:
         now = self.env.now

@@ -10,6 +10,13 @@ Every request served by an instance records its model's bytes (`bytes_needed`): 
 them all, so loaded + reused = needed holds for every completed request.
 Given the run's model entries, the summary adds the unlimited-memory bound of each byte figure on the
 run's own schedule, `io_reduction_bound` and `request_bytes_from_gpu_bound` (`core.bound`).
+
+A run that prefetches (`core.prefetch`) adds its counters, summed over GPUs: `prefetched_bytes`,
+`prefetch_used_bytes`, `prefetch_wasted_bytes` (of which `prefetch_cancelled_bytes`) and
+`prefetch_resident_bytes`, and `io_reduction_with_prefetch` = 1 - (bytes loaded by cold starts +
+prefetched bytes + cancelled bytes) / bytes needed: every byte that crossed PCIe, since a cold start
+that finds a prefetched unit reuses it, so `io_reduction` alone no longer counts all the loading (and
+may exceed its bound); `io_reduction_with_prefetch` stays within `io_reduction_bound`.
 """
 
 from __future__ import annotations
@@ -82,11 +89,13 @@ def per_request_metrics(requests: pd.DataFrame) -> dict[str, float]:
 
 
 def summarize(requests: pd.DataFrame, gpu_busy_s: float, compaction_bytes: int,
-              entries: Mapping[str, ModelEntry] | None = None) -> dict[str, Any]:
+              entries: Mapping[str, ModelEntry] | None = None,
+              prefetch: Mapping[str, int] | None = None) -> dict[str, Any]:
     """One row of numbers per system; every figure derives from the request table. Load and byte
     figures named without `request_` are per cold start; see the module docstring. With the run's
     model `entries` (and the table's model, gpu, arrival_s and queue_s columns), the two bound columns
-    follow their counterparts."""
+    follow their counterparts. With a run's `prefetch` counters (`core.prefetch.PREFETCH_COLUMNS`),
+    they and `io_reduction_with_prefetch` are added (nothing is added without them)."""
     bound = bound_metrics(requests, entries) if entries is not None else {}
     done = requests[requests["outcome"] == "completed"]
     cold = requests[requests["cold"].astype(bool)]  # (an empty table's column is not boolean)
@@ -112,6 +121,7 @@ def summarize(requests: pd.DataFrame, gpu_busy_s: float, compaction_bytes: int,
         "bytes_reused": int(cold["bytes_reused"].sum()),
         "io_reduction": 1.0 - loaded / needed if needed else 0.0,
         **({"io_reduction_bound": bound["io_reduction_bound"]} if bound else {}),
+        **({"io_reduction_with_prefetch": _with_prefetch(needed, loaded, prefetch)} if prefetch is not None else {}),
         "full_hit_ratio": float((cold["bytes_loaded"] == 0).mean()) if len(cold) else 0.0,
         **per_request_metrics(requests),
         **({"request_bytes_from_gpu_bound": bound["request_bytes_from_gpu_bound"]} if bound else {}),
@@ -121,11 +131,19 @@ def summarize(requests: pd.DataFrame, gpu_busy_s: float, compaction_bytes: int,
         "gpu_busy_s": float(gpu_busy_s),
         "waited_for_kv_s": float(requests["waited_for_kv_s"].sum()),
         "preemptions": int(requests["preemptions"].sum()),
+        **({k: int(v) for k, v in prefetch.items()} if prefetch is not None else {}),
     }
     n = len(requests)
     for target in SLO_TARGETS_S:
         out[f"slo_ttft_{target:g}s"] = float((done["ttft_s"] <= target).sum() / n) if n else math.nan
     return out
+
+
+def _with_prefetch(needed: int, loaded: int, prefetch: Mapping[str, int]) -> float:
+    """1 - every byte that crossed PCIe for cold starts or prefetches / bytes the cold starts needed."""
+    if not needed:
+        return 0.0
+    return 1.0 - (loaded + prefetch["prefetched_bytes"] + prefetch["prefetch_cancelled_bytes"]) / needed
 
 
 def accounting_problems(requests: Iterable[Any], finished: int, limit: int = 5) -> list[str]:

@@ -21,6 +21,7 @@ from tangram_sim.core.storage import Node
 from tangram_sim.core.worker import GpuWorker
 from tangram_sim.policies.kv import KvPolicy, kv_block_bytes
 from tangram_sim.policies.packing import PackingPolicy
+from tangram_sim.policies.prefetch import PrefetchPolicy
 from tangram_sim.policies.retention import RetentionPolicy
 from tangram_sim.policies.scheduler import PlacementOption, Scheduler
 from tangram_sim.sim.hardware import TierSpec
@@ -89,6 +90,7 @@ class Cluster:
         recorder: Recorder,
         engine_overhead_s: float,
         pcie_bps: float,
+        make_prefetch: Callable[[], PrefetchPolicy] | None = None,
     ) -> None:
         self.env = env
         self.system = system
@@ -104,6 +106,7 @@ class Cluster:
         self.recorder = recorder
         self.engine_overhead_s = engine_overhead_s
         self.pcie_bps = pcie_bps
+        self.make_prefetch = make_prefetch  # one prefetch policy per GPU (None: no prefetch)
         # KV of a tensor-parallel model is split by heads: each rank holds 1/tp of every block.
         self.block_bytes = {
             name: kv_block_bytes(-(-e.spec.kv_bytes_per_token // e.tp), system.kv_block_tokens)
@@ -177,6 +180,8 @@ class Cluster:
             now = self.env.now
             for rank, worker in enumerate(group):
                 worker.retention.record_access(req.model, entry.rank_keys[rank], now)
+                if worker.prefetch is not None:
+                    worker.prefetch.observe(req.model, now)
         best.submit(req)
         if req.gang is not None:
             for follower in group[1:]:

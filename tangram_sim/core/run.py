@@ -20,12 +20,14 @@ from tangram_sim.arena import State
 from tangram_sim.core.clock import WallClockEnvironment
 from tangram_sim.core.device import Device
 from tangram_sim.core.metrics import accounting_problems, requests_frame, summarize, timeline_frame
+from tangram_sim.core.prefetch import prefetch_totals
 from tangram_sim.core.records import ModelEntry, Request
 from tangram_sim.core.router import Cluster, Recorder
 from tangram_sim.core.stream import RequestStream
-from tangram_sim.policies import KV, PACKING, RETENTION, SCHEDULER
+from tangram_sim.policies import KV, PACKING, PREFETCH, RETENTION, SCHEDULER
 from tangram_sim.policies.kv import KvPolicy
 from tangram_sim.policies.packing import PackingPolicy
+from tangram_sim.policies.prefetch import PrefetchPolicy
 from tangram_sim.policies.retention import RetentionPolicy
 from tangram_sim.policies.scheduler import Scheduler
 from tangram_sim.sim.hardware import TierSpec
@@ -43,6 +45,7 @@ class Policies:
     packing: PackingPolicy  # stateless: shared
     kv: KvPolicy  # stateless: shared
     scheduler: Scheduler  # placement of new instances
+    make_prefetch: Callable[[], PrefetchPolicy] | None = None  # one per GPU; None: no prefetch
 
 
 def build_policies(system: SystemSpec, *, h2d_bps: float, sensitivity: dict[str, float],
@@ -64,8 +67,16 @@ def build_policies(system: SystemSpec, *, h2d_bps: float, sensitivity: dict[str,
         return RETENTION.create(system.retention, **params)
 
     make_retention()  # fail on bad parameters before the run starts
+    make_prefetch = None
+    if system.prefetch != "none":
+        prefetch_params = {"sensitivity": dict(sensitivity), **system.prefetch_params}
+
+        def make_prefetch() -> PrefetchPolicy:
+            return PREFETCH.create(system.prefetch, **prefetch_params)
+
+        make_prefetch()
     return Policies(make_retention, PACKING.create(system.packing), kv_policy(system),
-                    SCHEDULER.create(system.scheduler, **system.scheduler_params))
+                    SCHEDULER.create(system.scheduler, **system.scheduler_params), make_prefetch)
 
 
 def kv_policy(system: SystemSpec) -> KvPolicy:
@@ -112,7 +123,7 @@ class LifecycleRun:
         frame = requests_frame(self.requests)
         workers = self.cluster.workers
         summary = summarize(frame, sum(w.busy_s for w in workers), sum(w.compaction_bytes for w in workers),
-                            self.cluster.entries)
+                            self.cluster.entries, prefetch_totals(workers))
         return frame, timeline_frame(self.recorder.timeline), summary
 
 
@@ -146,7 +157,7 @@ def run_lifecycle(
         env, devices=devices, gpus_per_node=gpus_per_node, tiers=tiers, system=system, entries=entries,
         time_model=time_model, make_retention=policies.make_retention, packing=policies.packing,
         kv=policies.kv, scheduler=policies.scheduler, rng=random.Random(seed), recorder=recorder,
-        engine_overhead_s=engine_overhead_s, pcie_bps=pcie_bps,
+        engine_overhead_s=engine_overhead_s, pcie_bps=pcie_bps, make_prefetch=policies.make_prefetch,
     )
     cluster.on_finished = stream
 

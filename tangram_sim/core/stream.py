@@ -63,8 +63,9 @@ class RequestStream:
             pd.DataFrame(columns=REQUEST_COLUMNS).to_parquet(self.path, index=False)
 
     def summary(self, gpu_busy_s: float, compaction_bytes: int,
-                entries: Mapping[str, ModelEntry] | None = None) -> dict[str, Any]:
+                entries: Mapping[str, ModelEntry] | None = None,
+                prefetch: Mapping[str, int] | None = None) -> dict[str, Any]:
         """`summarize` over the written requests, in `rid` order (model names read as categories)."""
         frame = pd.read_parquet(self.path, columns=SUMMARY_COLUMNS, read_dictionary=["model"])
         frame = frame.sort_values("rid", kind="stable")
-        return summarize(frame.reset_index(drop=True), gpu_busy_s, compaction_bytes, entries)
+        return summarize(frame.reset_index(drop=True), gpu_busy_s, compaction_bytes, entries, prefetch)

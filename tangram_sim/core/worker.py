@@ -36,6 +36,7 @@ from tangram_sim.arena import Key
 from tangram_sim.core.device import Device, RankLoad
 from tangram_sim.core.fairness import stop_admitting
 from tangram_sim.core.kvbook import kv_free, kv_take, reserve_static_kv, want_tokens
+from tangram_sim.core.prefetch import Prefetcher
 from tangram_sim.core.records import EPS_TOKENS, Gang, ModelEntry, Request
 from tangram_sim.core.storage import Node
 from tangram_sim.policies.kv import KvPool
@@ -90,9 +91,13 @@ class GpuWorker:
         self.compaction_bytes = 0
         self.cold_starts = 0
         self.last_sample = -math.inf  # when the timeline last sampled this GPU
+        make_prefetch = cluster.make_prefetch  # what an idle GPU loads unasked (core.prefetch); None: nothing
+        self.prefetch = Prefetcher(self, make_prefetch()) if make_prefetch is not None else None
 
     # ------------------------------------------------------------ routing support
     def submit(self, req: Request) -> None:
+        if self.prefetch is not None:
+            self.prefetch.cancel()  # before anything else: a prefetch never delays a request
         self.queues.push(req)
         c = self.cluster
         now = c.env.now
@@ -147,6 +152,8 @@ class GpuWorker:
                     continue
                 self._wake = env.event()
                 self._wake_any = True
+                if self.prefetch is not None:
+                    self.prefetch.start()
                 if self.instance is None:
                     yield self._wake
                 else:
@@ -203,6 +210,8 @@ class GpuWorker:
         reused = loaded = moved = evicted = extra = 0
         for rank, worker in enumerate(group):
             missing, rank_loaded, reused_keys, plan = worker._plan_rank(entry, rank, head.model, t0)
+            if worker.prefetch is not None:
+                worker.prefetch.on_cold_start(missing, reused_keys)
             worker.retention.on_evict_many(plan.evictions, t0)
             moves: list[Move] = []
             execute_plan(worker.arena, plan, owners=c.unit_owners.__getitem__,

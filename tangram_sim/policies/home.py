@@ -153,6 +153,10 @@ class HomeAffinityScheduler(Scheduler):
         self.now = max(self.now, now)
         self.since_check += 1
 
+    def home_of(self, model: str) -> tuple[int, ...]:
+        """The model's home GPUs (none before it is first placed)."""
+        return self.homes.get(model, ())
+
     def shares(self, now: float | None = None) -> dict[str, float]:
         """Decayed popularity shares at `now` (default: the latest request)."""
         if now is None:

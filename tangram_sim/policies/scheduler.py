@@ -91,6 +91,10 @@ class Scheduler:
         """A request for `model` arrived at `now` (every request, warm or not, before any placement);
         the model needs `gpu_bytes` on each GPU that runs it. Schedulers that track popularity use it."""
 
+    def home_of(self, model: str) -> tuple[int, ...] | None:
+        """The GPUs this scheduler keeps `model` on (its homes), or None when it assigns no homes."""
+        return None
+
     def choose(self, model: str, options: Sequence[PlacementOption], rng: random.Random) -> int:
         """Index into `options`. ValueError when there is none (the caller must queue the request)."""
         if not options:

@@ -10,13 +10,20 @@ stream: its work runs in order) through the wall clock's `run_on`:
   the engine build;
 - KV bytes the worker grants become block views: the regions of on-demand KV, or blocks of the
   instance's static pool (the pool's regions are cut into blocks when it is reserved);
-- prefill runs the group's prompts in one ragged forward pass, decode one batched step for the batch.
+- prefill runs the group's prompts in one ragged forward pass, decode one batched step for the batch;
+- a prefetched unit (`core.prefetch`) is read from its files into its region by one piece of work on
+  the same thread. A cancellation cannot stop a read that has begun: the unit's region is freed in the
+  books at once (any later use of those bytes is work queued behind the read on the same thread, so
+  it sees its own bytes) and its bytes count as wasted; a read not yet begun is skipped. So a cold
+  start that follows a prefetch waits for at most one unit's read: the wait is recorded as a step of
+  kind `prefetch-wait` (and the reads as steps of kind `prefetch`).
 
 Durations are measured on the device's thread, synchronised with the device (`torch.cuda.synchronize`).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +36,7 @@ from tangram_sim.arena import Key
 from tangram_sim.core.clock import WallClockEnvironment
 from tangram_sim.core.device import RankLoad, Work
 from tangram_sim.core.records import Request
+from tangram_sim.core.storage import Node
 from tangram_sim.core.worker import Instance
 from tangram_sim.errors import ModelError
 from tangram_sim.policies.kv import kv_block_bytes
@@ -88,6 +96,7 @@ class RealDevice:
         self.block_tokens = block_tokens
         self.prompts = prompts  # rid -> token ids, made before the clock started
         self.models: dict[str, _Model] = {}
+        self.unit_model: dict[Key, str] = {}  # unit key -> a model whose files hold it
         for name, ckpt in ckpts.items():
             cfg = EngineConfig.from_checkpoint(ckpt.spec, ckpt.config)
             shape = cfg.kv_block_shape(block_tokens)
@@ -101,6 +110,8 @@ class RealDevice:
                                  f"says {block}, expected a decoder whose config matches its tensors")
             layouts = ckpt.layouts(granularity, min_unit_bytes, unit_divisor)
             self.models[name] = _Model(ckpt, {lay.unit.key: lay for lay in layouts}, cfg, block, shape, dtype)
+            for lay in layouts:
+                self.unit_model.setdefault(lay.unit.key, name)
         self.engines: dict[str, CausalLM] = {}  # model -> engine of its running instance
         self.kv: dict[int, list[int]] = {}  # rid -> its KV block offsets, in token order
         self.seqs: dict[int, _Seq] = {}  # rid -> its running sequence (after prefill)
@@ -108,6 +119,8 @@ class RealDevice:
         self.loads: list[tuple] = []  # LOAD_COLUMNS rows
         self.memory: list[tuple] = []  # MEMORY_COLUMNS rows
         self.steps: list[tuple] = []  # STEP_COLUMNS rows
+        self.prefetches_submitted = 0  # prefetch reads handed to the thread (counted on the clock's thread)
+        self.prefetches_finished = 0  # of those, done or skipped (counted on the device's thread)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -132,6 +145,8 @@ class RealDevice:
                 t = spec.tensors[s.index]
                 views[t.name] = dev.tensor(offset + s.rel, torch_dtype(t.dtype), t.shape)
         moves = list(load.moves)
+        behind_prefetch = self.prefetches_submitted != self.prefetches_finished
+        queued_at = time.perf_counter()
 
         def work():
             t0 = time.perf_counter()
@@ -150,6 +165,9 @@ class RealDevice:
         engine, read, t0, t1, t2, t3 = yield self.env.run_on(self.thread, work)
         self.engines[inst.model] = engine
         wall = self.env.wall_at(t0)
+        if behind_prefetch:  # it waited for a prefetch read that had begun (at most one unit)
+            self.steps.append((self.gpu_id, "prefetch-wait", inst.model, 1, 0, 0, submitted,
+                               self.env.wall_at(queued_at), max(0.0, t0 - queued_at)))
         self.steps.append((self.gpu_id, "load", inst.model, 1, len(load.missing), 0, submitted, wall, t2 - t0))
         self.steps.append((self.gpu_id, "engine", inst.model, 1, 0, 0, submitted + (t2 - t0),
                            self.env.wall_at(t2), t3 - t2))
@@ -159,6 +177,51 @@ class RealDevice:
             read.gbps if read else 0.0,
         ))
         return t3 - t2, t2 - t0
+
+    # ------------------------------------------------------------ prefetch
+    def prefetch_source(self, node: Node, key: Key) -> bool:
+        """Any unit of the replay's checkpoints: it is read from its files on this device's thread."""
+        return key in self.unit_model
+
+    def prefetch_unit(self, key: Key, nbytes: int) -> tuple[simpy.Event, Callable[[], float | None]]:
+        model = self.unit_model[key]
+        offset = self.arena.lookup(key).offset
+        segments = [Segment(s.path, s.start, s.nbytes, offset + s.rel) for s in self.models[model].by_key[key].slots]
+        lock = threading.Lock()
+        state = {"begun": False, "cancelled": False}
+
+        def work():
+            try:
+                with lock:
+                    if state["cancelled"]:
+                        return None
+                    state["begun"] = True
+                t0 = time.perf_counter()
+                self.loader.load(self.dev.buffer, segments)
+                self._sync()
+                return t0, time.perf_counter() - t0
+            finally:
+                self.prefetches_finished += 1
+
+        def cancel() -> float | None:
+            with lock:
+                if not state["begun"]:
+                    state["cancelled"] = True
+                    return 0.0
+            return float(nbytes)  # the read runs to its end, into a region already freed
+
+        submitted = self.env.now
+        self.prefetches_submitted += 1
+        done = self.env.run_on(self.thread, work)
+
+        def record(event: simpy.Event) -> None:
+            if event.ok and event.value is not None:
+                t0, seconds = event.value
+                self.steps.append((self.gpu_id, "prefetch", model, 0, 0, 0, submitted, self.env.wall_at(t0),
+                                   seconds))
+
+        done.callbacks.append(record)
+        return done, cancel
 
     # ------------------------------------------------------------ KV
     def pool_reserved(self, inst: Instance, keys: Sequence[Key]) -> None:

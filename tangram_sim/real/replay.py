@@ -163,6 +163,10 @@ def replay_trace(
     loads = pd.DataFrame([row for g in gpus for row in g.loads], columns=LOAD_COLUMNS)
     memory = pd.DataFrame([row for g in gpus for row in g.memory], columns=MEMORY_COLUMNS)
     steps = pd.DataFrame([row for g in gpus for row in g.steps], columns=STEP_COLUMNS)
+    if system.prefetch != "none":  # how long cold starts waited for a prefetch read that had begun
+        waits = steps.loc[steps["kind"] == "prefetch-wait", "seconds"]
+        summary["prefetch_waits"] = int(len(waits))
+        summary["prefetch_wait_max_s"] = float(waits.max()) if len(waits) else 0.0
     return ReplayResult(system.name, run.requests, run.timeline, memory, loads, steps, summary, run.wall_s)
 
 

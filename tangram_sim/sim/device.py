@@ -7,6 +7,8 @@ network, as fluid transfers that share links fairly (`core.links`). Prefill is o
 per group. Decode is a fluid: between events (an arrival that can join, a completion, a KV growth
 point) every running sequence advances at one token per step, the step time from the time model for
 the current batch and KV size; this keeps events per request O(1) instead of O(output tokens).
+A prefetch (`core.prefetch`) loads one unit at a time from the node's DRAM cache over the GPU's PCIe
+link (after the per-unit overhead); cancelling it removes its transfer from the link at once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tangram_sim.arena import Arena, Key
 from tangram_sim.core.device import RankLoad, Work
 from tangram_sim.core.links import Fabric, Link
 from tangram_sim.core.records import Request
+from tangram_sim.core.storage import Node
 from tangram_sim.core.worker import Instance
 from tangram_sim.errors import ConfigError
 from tangram_sim.sim.timemodel import TimeModel
@@ -83,6 +86,14 @@ class ModelledDevice:
             events.append(fabric.transfer(from_remote, (node.network, self.pcie)))
         return events
 
+    def prefetch_source(self, node: Node, key: Key) -> bool:
+        """Only units in the node's DRAM cache: their transfer crosses this GPU's PCIe link alone."""
+        return key in node.cache
+
+    def prefetch_unit(self, key: Key, nbytes: int) -> tuple[simpy.Event, Callable[[], float | None]]:
+        copy = _PrefetchCopy(self, nbytes)
+        return copy.done, copy.cancel
+
     def prefill(self, inst: Instance, batch: Sequence[Request]) -> tuple[simpy.Event, Callable[[], float]]:
         dt = self.time_model.prefill_s(inst.entry.spec, sum(r.input_tokens for r in batch), len(inst.group))
         return self.env.timeout(dt), lambda: dt
@@ -122,3 +133,40 @@ class ModelledDevice:
 
     def close(self) -> None:
         pass
+
+
+class _PrefetchCopy:
+    """One prefetched unit: the per-unit overhead, then its transfer over the GPU's PCIe link."""
+
+    __slots__ = ("device", "nbytes", "done", "transfer", "cancelled")
+
+    def __init__(self, device: ModelledDevice, nbytes: int) -> None:
+        self.device = device
+        self.nbytes = nbytes
+        self.done = device.env.event()  # the unit is in place
+        self.transfer: simpy.Event | None = None  # the link transfer, once started
+        self.cancelled = False
+        if device.unit_overhead_s:
+            device.env.timeout(device.unit_overhead_s).callbacks.append(self._begin)
+        else:
+            self._begin(None)
+
+    def _begin(self, _event: object) -> None:
+        if self.cancelled:
+            return
+        self.transfer = self.device.fabric.transfer(self.nbytes, (self.device.pcie,))
+        self.transfer.callbacks.append(self._arrived)
+
+    def _arrived(self, _event: object) -> None:
+        if not self.cancelled:
+            self.done.succeed()
+
+    def cancel(self) -> float | None:
+        """Stop now: the bytes moved so far (wasted), or None when the unit had arrived."""
+        if self.done.triggered or (self.transfer is not None and self.transfer.triggered):
+            return None
+        self.cancelled = True
+        if self.transfer is None:
+            return 0.0
+        moved = self.device.fabric.cancel(self.transfer)
+        return 0.0 if moved is None else moved

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from tangram_sim.arena import ARENA_ALIGNMENT
 from tangram_sim.core.links import Fabric
 from tangram_sim.core.metrics import timeline_frame
+from tangram_sim.core.prefetch import prefetch_totals
 from tangram_sim.core.records import build_entries
 from tangram_sim.core.router import Recorder
 from tangram_sim.core.run import (
@@ -170,7 +171,7 @@ def simulate(
         workers = run.cluster.workers
         frame, timeline = None, timeline_frame(recorder.timeline)
         numbers = stream.summary(sum(w.busy_s for w in workers), sum(w.compaction_bytes for w in workers),
-                                 entries)
+                                 entries, prefetch_totals(workers))
     summary.update(numbers)
     summary["sim_end_s"] = float(env.now)
     return SimResult(system.name, frame, timeline, summary, recorder.events)

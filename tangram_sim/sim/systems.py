@@ -38,6 +38,8 @@ class SystemSpec:
     engine_overhead_s: float = 0.2  # instance start cost before weights load (runtime init, graphs)
     prefill_batch: int = 0  # requests prefilled together in one iteration: 0 = all admitted at once
     # (vLLM-like batched prefill); 1 = one by one, as the real executor's engine prefills
+    prefetch: str = "none"  # prefetch policy: what an idle GPU loads before it is asked (none: nothing)
+    prefetch_params: dict[str, Any] = field(default_factory=dict)  # extra prefetch policy parameters
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -97,6 +99,8 @@ _FIELD_TYPES = {
     "scheduler_params": dict,
     "engine_overhead_s": float,
     "prefill_batch": int,
+    "prefetch": str,
+    "prefetch_params": dict,
 }
 
 
@@ -159,9 +163,10 @@ def _out_of_range(key: str, value: Any) -> str | None:
 
 
 def _validate(spec: SystemSpec, where: str) -> None:
-    from tangram_sim.policies import KV, PACKING, RETENTION, SCHEDULER
+    from tangram_sim.policies import KV, PACKING, PREFETCH, RETENTION, SCHEDULER
 
-    for key, registry in (("retention", RETENTION), ("packing", PACKING), ("kv", KV), ("scheduler", SCHEDULER)):
+    for key, registry in (("retention", RETENTION), ("packing", PACKING), ("kv", KV), ("scheduler", SCHEDULER),
+                          ("prefetch", PREFETCH)):
         if getattr(spec, key) not in registry:
             raise ConfigError(
                 f"{where}.{key}: unknown {registry.kind} {getattr(spec, key)!r}; "
@@ -171,9 +176,13 @@ def _validate(spec: SystemSpec, where: str) -> None:
         raise ConfigError(f"{where}.granularity: expected model, tensor or group, got {spec.granularity!r}")
     if spec.fairness not in ("fixed", "adaptive"):
         raise ConfigError(f"{where}.overrides.fairness: expected fixed or adaptive, got {spec.fairness!r}")
+    if spec.prefetch != "none" and spec.retention == "none":
+        raise ConfigError(f"{where}.overrides.prefetch: {spec.prefetch!r} needs a retention policy that keeps "
+                          "weights, but retention none frees them when an instance ends")
     # Policy parameters are checked by building the policy once (the next-use heuristic also needs the
     # trace, so its parameters are checked when the run builds it).
-    checks = [("scheduler_params", SCHEDULER, spec.scheduler, spec.scheduler_params)]
+    checks = [("scheduler_params", SCHEDULER, spec.scheduler, spec.scheduler_params),
+              ("prefetch_params", PREFETCH, spec.prefetch, spec.prefetch_params)]
     if spec.retention != "next-use":
         checks.append(("retention_params", RETENTION, spec.retention, spec.retention_params))
     for key, registry, name, params in checks:
