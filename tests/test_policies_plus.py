@@ -223,8 +223,12 @@ def test_home_spills_only_when_the_home_is_clearly_slower() -> None:
     # 10 s of queue at home: loading on GPU 0 is far faster, so it spills
     assert sched.choose("b", [opt(0), opt(1, queue_wait_s=10.0)], rng) == 0
     assert sched.spills == 1
-    # A GPU that already holds b wholly and is idle is not a reason to spill by itself
-    assert sched.choose("b", [opt(0, resident_bytes=10 * GB), opt(1)], rng) == 1
+    # A GPU that already holds b wholly serves it sooner without a load or a new copy: taken
+    assert sched.choose("b", [opt(0, resident_bytes=10 * GB), opt(1)], rng) == 0
+    assert sched.spills == 2
+    # ... but not when the home holds it too and is as fast
+    both = [opt(0, resident_bytes=10 * GB), opt(1, resident_bytes=10 * GB)]
+    assert sched.choose("b", both, rng) == 1
 
 
 def test_home_repartitions_when_popularity_flips() -> None:

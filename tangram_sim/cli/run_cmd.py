@@ -37,17 +37,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tangram_sim.experiments import load_yaml, run_experiment
+    from tangram_sim.api import load_experiment
     from tangram_sim.rundir import RunFailed
 
-    raw, base_dir = load_yaml(args.experiment)
+    experiment = load_experiment(args.experiment)
     sets = list(args.sets)
     if args.calibration:
         sets.append(f"calibration={Path(args.calibration).resolve()}")
+    # validated when the run starts, once --out is checked
+    experiment = experiment.with_overrides(sets, validate=False)
+    raw = experiment.raw
     out = Path(args.out) if args.out else Path("results") / str(raw.get("name", Path(args.experiment).stem))
     try:
-        summary = run_experiment(
-            raw, base_dir, out, sets=sets, backend=args.backend, n_jobs=args.jobs, progress=not args.quiet,
+        result = experiment.run(
+            out, jobs=args.jobs, backend=args.backend, progress=not args.quiet,
             plots=False if args.no_plots else None, skip_bad_rows=args.skip_bad_rows, resume=args.resume,
             force=args.force,
         )
@@ -56,16 +59,16 @@ def _run(args: argparse.Namespace) -> int:
             _print_table(exc.summary)
         _print_written(out, exc.record)
         raise
-    record = summary.attrs.get("record")
+    record = result.record
     if not args.quiet:
-        _print_table(summary)
-        if summary.attrs.get("already_complete"):
+        _print_table(result.summary)
+        if result.already_complete:
             print(f"{out}/ is already complete ({record.jobs_total} job(s)); nothing to resume")
         else:
             _print_written(out, record)
-    for note in summary.attrs.get("trace_notes", ()):
+    for note in result.notes:
         print(f"note: trace: {note}", file=sys.stderr)
-    skipped = summary.attrs.get("skipped_rows", 0)
+    skipped = result.skipped_rows
     if skipped:
         print(f"warning: skipped {skipped} malformed trace row(s) (--skip-bad-rows)")
     return 0

@@ -42,6 +42,11 @@ Schema (defaults in brackets):
       - {name: str, preset: serverlessllm | tangram | model-reuse | ..., overrides: {...}}
     sweep: {dotted.key: [values, ...]}     # optional grid
     calibration: path                      # optional, from `tangram-sim real calibrate`
+    plugins: [examples/my_policy.py, my_package.policies]   # optional: imported before anything is
+                                           # validated, so the policies they register can be named in
+                                           # systems; a .py path resolves against the YAML's folder
+                                           # (then the current one), anything else is a module name
+                                           # (docs/policies.md; tangram_sim.experiments.plugins)
     outputs: {requests: true, timeline: true, plots: true, sample_interval_s: auto}
     real:                                  # optional, read by `tangram-sim real replay|calibrate` only
       scale: tiny | small | full [tiny]    # size of the checkpoints made for catalog models
@@ -73,7 +78,7 @@ from tangram_sim.sim.systems import PRESETS, SystemSpec, make_system
 
 GiB = 2**30
 TOP_KEYS = ("name", "seed", "description", "cluster", "models", "trace", "systems", "sweep", "calibration",
-            "outputs", "real")
+            "outputs", "real", "plugins")
 CLUSTER_KEYS = ("nodes", "gpus_per_node", "gpu", "gpu_memory_gib", "gpu_overrides", "tiers",
                 "compute_efficiency", "memory_efficiency", "time_model")
 TIME_MODEL_KEYS = ("prefill_base_s", "prefill_per_token_s", "decode_base_s", "decode_per_seq_s",
@@ -196,7 +201,7 @@ def sweep_points(raw: dict[str, Any]) -> list[dict[str, Any]]:
         values = sweep[key]
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.{key}: expected a non-empty list of values")
-        if key.split(".")[0] not in TOP_KEYS or key.split(".")[0] in ("sweep", "name"):
+        if key.split(".")[0] not in TOP_KEYS or key.split(".")[0] in ("sweep", "name", "plugins"):
             raise ConfigError(f"sweep.{key}: not a key an experiment can vary")
     return [dict(zip(keys, combo)) for combo in itertools.product(*(sweep[k] for k in keys))]
 
@@ -343,6 +348,10 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
     seed = raw.get("seed")
     out["seed"] = 0 if seed is None else check_number(seed, "seed", NON_NEGATIVE, integer=True, minimum=0)
     out["description"] = _get(raw, "description", "experiment", str, "")
+    if raw.get("plugins") is not None:  # imported first: systems may name the policies they register
+        from tangram_sim.experiments.plugins import validate_plugins
+
+        out["plugins"] = validate_plugins(raw["plugins"], base_dir)
 
     cl = _check_keys(raw.get("cluster"), CLUSTER_KEYS, "cluster")
     cluster = {

@@ -8,6 +8,7 @@ failing point, a crash or Ctrl-C loses only the jobs still running, and `--resum
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -35,6 +36,7 @@ from tangram_sim.experiments.config import (
     sweep_points,
     validate,
 )
+from tangram_sim.experiments.plugins import load_plugins
 from tangram_sim.rundir import JobKey, RunFailed, RunWriter, check_out_dir
 
 
@@ -58,12 +60,16 @@ class JobResult:
     skipped_rows: int = 0  # malformed trace rows dropped (with skip_bad_rows)
 
 
-def prepare(raw: dict[str, Any], base_dir: Path | None, sets: Sequence[str] = ()) -> tuple[dict, list[dict]]:
-    """Apply `--set` overrides, expand the sweep and validate every point (fail before running)."""
+Override = str | tuple[str, Any]  # `--set` text "key=value", or a (dotted key, value) pair
+
+
+def prepare(raw: dict[str, Any], base_dir: Path | None, sets: Sequence[Override] = ()) -> tuple[dict, list[dict]]:
+    """Apply `--set` overrides (text or (key, value) pairs, in order), expand the sweep and validate
+    every point (fail before running)."""
     raw = json.loads(json.dumps(raw))  # a private deep copy of plain data
     for assignment in sets:
-        key, value = parse_set(assignment)
-        set_dotted(raw, key, value)
+        key, value = parse_set(assignment) if isinstance(assignment, str) else assignment
+        set_dotted(raw, key, copy.deepcopy(value))
     points = sweep_points(raw)
     configs = [validate(apply_point(raw, p), base_dir) for p in points]
     resolved = dict(configs[0])
@@ -94,6 +100,8 @@ def run_job(job: Job) -> JobResult:
     t0 = time.perf_counter()
     config = job.config
     base_dir = Path(job.base_dir) if job.base_dir else None
+    if config.get("plugins"):  # a fresh worker process (Ray, spawn) has not imported them yet
+        load_plugins(config["plugins"], base_dir)
     models = build_models(config, base_dir)
     trace = load_point_trace(config, job.base_dir, job.skip_bad_rows)
     cluster = build_cluster(config)
@@ -283,7 +291,7 @@ def run_experiment(
     base_dir: Path | None,
     out_dir: Path,
     *,
-    sets: Sequence[str] = (),
+    sets: Sequence[Override] = (),
     backend: str = "local",
     n_jobs: int = 1,
     progress: bool = True,

@@ -24,7 +24,9 @@ popularity and size, and sends a model's new instances to its home:
 - **Spill**: a request goes to its home (the home with the lowest predicted TTFT when it has several)
   unless that TTFT is more than `spill_slack_s` (default 3 s) worse than the best TTFT anywhere
   (TTFT = queue wait + load of the missing bytes + prefill, the `ttft-aware` estimate); then it goes
-  to the best one. A request reaches the scheduler only when no warm instance of its model can take
+  to the best one. A GPU away from home that already holds the whole model (a copy left from an
+  earlier spill or partition) takes the request as soon as its TTFT is lower than the home's: it
+  loads nothing and makes no new copy. A request reaches the scheduler only when no warm instance of its model can take
   it (`core.router`), so a busy home is what makes a spill.
 
 Defaults: `half_life_s` 600, `check_every` 20, `drift` 0.1, `spill_slack_s` 3.0, `hot_share` 1.0,
@@ -211,6 +213,15 @@ class HomeAffinityScheduler(Scheduler):
         if not at_home:
             return best
         best_home = min(at_home, key=lambda i: (ttft(options[i]), -options[i].free_bytes, i))
+        # A GPU that already holds the whole model serves it without a load and without a new copy:
+        # any gain in TTFT is worth taking. Elsewhere a spill costs a load and a duplicate, so it must
+        # gain more than the slack.
+        held = [i for i, o in enumerate(options) if i not in at_home and o.resident_bytes >= o.model_bytes]
+        if held:
+            best_held = min(held, key=lambda i: (ttft(options[i]), i))
+            if ttft(options[best_held]) < ttft(options[best_home]):
+                self.spills += 1
+                return best_held
         if ttft(options[best_home]) > ttft(options[best]) + self.spill_slack_s:
             self.spills += 1
             return best

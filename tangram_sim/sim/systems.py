@@ -77,6 +77,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         granularity="group", unit_divisor=40, retention="tangram", packing="pbp", kv="elastic",
         scheduler="tangram-affinity",
     ),
+    # Beyond Tangram (docs/beyond-tangram.md): whole models valued by decayed request rate per byte,
+    # a home GPU per model (no duplicate copies while the home has room), and a fairness window that
+    # follows the queue's predicted waits; Tangram's units, packing and on-demand KV.
+    "tangram-plus": dict(
+        granularity="group", unit_divisor=40, retention="model-value", packing="pbp", kv="elastic",
+        scheduler="home-affinity", fairness="adaptive",
+    ),
 }
 
 _FIELD_TYPES = {
@@ -168,10 +175,7 @@ def _validate(spec: SystemSpec, where: str) -> None:
     for key, registry in (("retention", RETENTION), ("packing", PACKING), ("kv", KV), ("scheduler", SCHEDULER),
                           ("prefetch", PREFETCH)):
         if getattr(spec, key) not in registry:
-            raise ConfigError(
-                f"{where}.{key}: unknown {registry.kind} {getattr(spec, key)!r}; "
-                f"expected one of: {', '.join(registry.names())}"
-            )
+            raise ConfigError(f"{where}.{key}: {registry.unknown(getattr(spec, key))}")
     if spec.granularity not in ("model", "tensor", "group"):
         raise ConfigError(f"{where}.granularity: expected model, tensor or group, got {spec.granularity!r}")
     if spec.fairness not in ("fixed", "adaptive"):
