@@ -78,11 +78,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         scheduler="tangram-affinity",
     ),
     # Beyond Tangram (docs/beyond-tangram.md): whole models valued by decayed request rate per byte,
-    # a home GPU per model (no duplicate copies while the home has room), and a fairness window that
-    # follows the queue's predicted waits; Tangram's units, packing and on-demand KV.
+    # a home GPU per model (no duplicate copies while the home has room), a fairness window that
+    # follows the queue's predicted waits, and prefetch of the next likely model on idle links;
+    # Tangram's units, packing and on-demand KV.
     "tangram-plus": dict(
         granularity="group", unit_divisor=40, retention="model-value", packing="pbp", kv="elastic",
-        scheduler="home-affinity", fairness="adaptive",
+        scheduler="home-affinity", fairness="adaptive", prefetch="next-model",
     ),
 }
 
