@@ -65,25 +65,39 @@ class Request:
         self.kv_keys: list[tuple[Arena, Key]] = []  # arena regions of its KV (on-demand KV), all ranks
         self.kv_wait_since = -1.0  # when it first could not get KV (-1: not waiting)
         self.admitted_at = 0.0  # when it joined the batch
-        self.gang: Gang | None = None  # tensor parallel: the GPUs that must start its instance together
+        self.gang: Gang | None = None  # tensor parallel: its pending instance start (`core.gang`); on a
+        # placeholder, the gang it holds a follower's place in
         self.slot_of: Request | None = None  # set on a follower's placeholder for a gang's request
 
 
+class LifecycleError(AssertionError):
+    """A policy produced something the lifecycle cannot apply, or the lifecycle's own books disagree:
+    a bug, never a user mistake."""
+
+
 class Gang:
-    """Barrier of a tensor-parallel instance start: every member GPU must be free first."""
+    """Barrier of a tensor-parallel instance start: every member GPU must be free first (`core.gang`)."""
 
     __slots__ = ("workers", "arrived", "ready", "released")
 
     def __init__(self, env: simpy.Environment, workers: tuple[GpuWorker, ...]) -> None:
         self.workers = workers  # leader first; rank = position
-        self.arrived = 0  # members that have reached the barrier
+        self.arrived: list[GpuWorker] = []  # members waiting at the barrier
         self.ready = env.event()  # all members are free: the cold start may begin
-        self.released = env.event()  # the instance ended: followers go back to their own queues
+        self.released = env.event()  # the instance ended or the gang was cancelled: followers are free
 
-    def arrive(self) -> None:
-        self.arrived += 1
-        if self.arrived == len(self.workers):
+    def arrive(self, worker: GpuWorker) -> None:
+        if worker in self.arrived or worker not in self.workers or self.ready.triggered:
+            raise LifecycleError(f"gpu {worker.gpu_id} cannot arrive at this gang's barrier")
+        self.arrived.append(worker)
+        if len(self.arrived) == len(self.workers):
             self.ready.succeed()
+
+    def withdraw(self, worker: GpuWorker) -> None:
+        """`worker` leaves the barrier before it filled (an older entry became its head)."""
+        if worker not in self.arrived or self.ready.triggered:
+            raise LifecycleError(f"gpu {worker.gpu_id} cannot withdraw from this gang's barrier")
+        self.arrived.remove(worker)
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ import simpy
 
 from tangram_sim.arena import Key, State
 from tangram_sim.core.device import Device
-from tangram_sim.core.records import Gang, ModelEntry, Request
+from tangram_sim.core.records import Gang, LifecycleError, ModelEntry, Request
 from tangram_sim.core.storage import Node
 from tangram_sim.core.worker import GpuWorker
 from tangram_sim.policies.kv import KvPolicy, kv_block_bytes
@@ -153,7 +153,10 @@ class Cluster:
         return est
 
     def route(self, req: Request, replace: bool = False) -> None:
-        """Warm instance with a clean queue if any, else the scheduler's choice (a GPU or a gang)."""
+        """Warm instance with a clean queue if any, else the scheduler's choice (a GPU or a gang).
+        `replace`: the request was queued for a gang instance that ended before admitting it."""
+        if req.gang is not None or req.slot_of is not None:
+            raise LifecycleError(f"request {req.rid} ({req.model}) is placed while it holds a gang's place")
         entry = self.entries[req.model]
         if not replace:
             self.scheduler.observe(req.model, self.gpu_model_bytes[req.model], self.env.now)
@@ -187,6 +190,7 @@ class Cluster:
             for follower in group[1:]:
                 slot = Request(req.rid, req.arrival, req.model, 0, 0)
                 slot.slot_of = req
+                slot.gang = req.gang
                 follower.submit(slot)
 
     def placement_groups(self, tp: int) -> list[tuple[GpuWorker, ...]]:

@@ -15,12 +15,15 @@ when free bytes are short), books the plan in the arena, then hands the copies a
 device (`core.device`). Admitted requests are prefilled in groups of `prefill_batch` (0: all at once);
 the batch decodes until the next completion or KV growth point, or an admissible arrival; KV grows by
 `kv_chunk_blocks` blocks at a time from the arena (on demand) or the instance's static pool, and a
-batch that cannot grow preempts its newest member, which recomputes later.
+batch that cannot grow preempts its newest member, which recomputes later; a growing request that is
+itself the newest and was preempted before yields instead (two requests re-admitted in turn would
+otherwise preempt each other forever).
 
 A model with `tensor_parallel: N` runs on an aligned group of N GPUs of one node: the first is the
 leader (it queues the requests and runs the instance), the others are held by a gang barrier; each
-GPU keeps its own 1/N shard of every unit in its own arena. Members join a gang in request order,
-like every instance start, so gangs cannot deadlock.
+GPU keeps its own 1/N shard of every unit in its own arena. Members join gangs in the order of their
+queue heads, like every instance start, and withdraw when the head changes, so gangs cannot deadlock
+(`core.gang`).
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ import simpy
 from tangram_sim.arena import Key
 from tangram_sim.core.device import Device, RankLoad
 from tangram_sim.core.fairness import stop_admitting
+from tangram_sim.core.gang import cancel, follow, join, place_again
 from tangram_sim.core.kvbook import kv_free, kv_take, reserve_static_kv, want_tokens
 from tangram_sim.core.prefetch import Prefetcher
-from tangram_sim.core.records import EPS_TOKENS, Gang, ModelEntry, Request
+from tangram_sim.core.records import EPS_TOKENS, Gang, LifecycleError, ModelEntry, Request
 from tangram_sim.core.storage import Node
 from tangram_sim.policies.kv import KvPool
 from tangram_sim.policies.lifecycle import ModelQueues, preemption_victim
@@ -51,15 +55,11 @@ if TYPE_CHECKING:
 _key, _nbytes = operator.itemgetter(0), operator.itemgetter(1)
 
 
-class LifecycleError(AssertionError):
-    """A policy produced something the lifecycle cannot apply: a bug, never a user mistake."""
-
-
 class Instance:
-    __slots__ = ("model", "entry", "running", "pool", "pool_keys", "started", "group", "gang")
+    __slots__ = ("model", "entry", "running", "pool", "pool_keys", "started", "group", "gang", "head")
 
     def __init__(self, model: str, entry: ModelEntry, started: float, group: tuple[GpuWorker, ...],
-                 gang: Gang | None) -> None:
+                 gang: Gang | None, head: Request) -> None:
         self.model = model  # model it serves
         self.entry = entry  # its units
         self.running: list[Request] = []  # the continuous batch, in admission order
@@ -68,6 +68,7 @@ class Instance:
         self.started = started  # time the cold start began
         self.group = group  # GPUs it runs on, leader first (rank = position)
         self.gang = gang  # barrier the followers wait on (None for one GPU)
+        self.head = head  # request that started it: admitted first, whatever the fairness rule says
 
 
 class GpuWorker:
@@ -167,41 +168,37 @@ class GpuWorker:
                 continue
             head = self.queues.head()  # FCFS order of instance starts
             assert head is not None
+            if self.instance is not None and (head.slot_of is not None or self.instance.model != head.model):
+                self._end_instance()
+                continue  # ending a gang instance may have re-placed queued requests
             if head.slot_of is not None:  # a tensor-parallel instance needs this GPU as a follower
-                self._dequeue(head.model)
-                if self.instance is not None:
-                    self._end_instance()
-                gang = head.slot_of.gang
-                self.held_by = gang.workers[0]
-                self.cluster.recorder.log(env.now, self.gpu_id, "gang_join", head.rid, head.model)
-                gang.arrive()
-                yield gang.released
-                self.held_by = None
+                yield from follow(self, head)
                 continue
-            if self.instance is None or self.instance.model != head.model:
-                if self.instance is not None:
-                    self._end_instance()
-                    continue  # ending a gang instance may have re-placed queued requests
-                if head.gang is not None:
-                    head.gang.arrive()
-                    yield head.gang.ready
-                yield from self._cold_start(head)
+            if self.instance is None:
+                gang = head.gang
+                if gang is not None:
+                    if (yield from join(self, head)) is None:
+                        continue  # an older request became the head
+                    head.gang = None  # started: the instance keeps the gang
+                elif self.cluster.entries[head.model].tp > 1:
+                    raise LifecycleError(f"gpu {self.gpu_id}: request {head.rid} ({head.model}) has no gang")
+                yield from self._cold_start(head, gang)
             yield from self._serve()
             if self.instance is not None and self.followers_waiting():
                 self._end_instance()  # the batch drained and gang members have their own work
 
     # ------------------------------------------------------------ instance start / end
-    def _cold_start(self, head: Request):
+    def _cold_start(self, head: Request, gang: Gang | None):
         """Start `head`'s instance on this GPU (or its gang): plan, evict, move, load, pin."""
         c = self.cluster
         env = c.env
         entry = c.entries[head.model]
         t0 = env.now
-        group = head.gang.workers if head.gang is not None else (self,)
+        group = gang.workers if gang is not None else (self,)
         head.cold = True
         head.queue_s = t0 - head.arrival
         head.gpu = self.gpu_id
-        inst = self.instance = Instance(head.model, entry, t0, group, head.gang)
+        inst = self.instance = Instance(head.model, entry, t0, group, gang, head)
         c.warm_workers.setdefault(head.model, set()).add(self)
         self.cold_starts += 1
         c.recorder.log(t0, self.gpu_id, "cold_start", head.rid, head.model)
@@ -297,11 +294,10 @@ class GpuWorker:
         for worker in inst.group:
             c.recorder.sample(worker)
         if inst.gang is not None:
-            if not inst.gang.released.triggered:
-                inst.gang.released.succeed()
-            # Requests routed to the running instance need a new group: place them again, in order.
-            while self.queues.count_for(inst.model):
-                c.route(self._dequeue(inst.model), replace=True)
+            if inst.gang.released.triggered:
+                raise LifecycleError(f"gpu {self.gpu_id}: the gang of {inst.model} was released twice")
+            inst.gang.released.succeed()
+            place_again(self, inst.model)  # requests queued for this instance need a new one
 
     # ------------------------------------------------------------ serving
     def _serve(self):
@@ -320,7 +316,7 @@ class GpuWorker:
                 req = queues.first(inst.model)
                 if req is None:
                     break
-                if stop_admitting(self, inst, req, admitted):
+                if req is not inst.head and stop_admitting(self, inst, req, admitted):
                     break  # an older request of another model has waited long enough (core.fairness)
                 if not kv_take(self, req, want_tokens(c.system, req)):
                     if not running and not admitted:
@@ -331,11 +327,8 @@ class GpuWorker:
                         req.kv_wait_since = env.now
                     break
                 self._dequeue(inst.model)
-                if req.gang is not None and req.gang is not inst.gang:
-                    # placed on this group as a new instance, but the instance is already up
-                    if not req.gang.released.triggered:
-                        req.gang.released.succeed()  # followers skip the barrier that never fills
-                    req.gang = None
+                if req.gang is not None:  # placed on this group as a new instance, but the instance is up
+                    cancel(self, req)
                 if req.kv_wait_since >= 0:
                     req.waited_for_kv_s += env.now - req.kv_wait_since
                     req.kv_wait_since = -1.0
@@ -405,6 +398,9 @@ class GpuWorker:
                         running.remove(req)
                         self._reject(req, "kv-capacity")
                         break
+                    if req.preemptions and running[-1] is req:  # it yields: two requests re-admitted
+                        self._preempt(req)  # in turn would otherwise preempt each other forever
+                        break
                     self._preempt(victim)
 
     def _preempt(self, req: Request) -> None:
@@ -430,6 +426,8 @@ class GpuWorker:
     def _reject(self, req: Request, reason: str) -> None:
         if req.kv_bytes:
             kv_free(self, req)
+        if req.gang is not None:  # its own instance start was pending: the followers' places go
+            cancel(self, req)
         req.outcome = "rejected"
         req.reason = reason
         req.gpu = self.gpu_id
