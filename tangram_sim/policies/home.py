@@ -43,6 +43,7 @@ import random
 from collections.abc import Collection, Mapping, Sequence
 
 from tangram_sim.errors import ConfigError
+from tangram_sim.policies.decay import DecayedCounts
 from tangram_sim.policies.scheduler import SCHEDULER, PlacementOption, Scheduler, TtftAwareScheduler, _argmin
 
 __all__ = ["HomeAffinityScheduler", "partition"]
@@ -137,7 +138,7 @@ class HomeAffinityScheduler(Scheduler):
         if balance not in ("load", "room"):
             raise ConfigError(f"scheduler parameter balance must be load or room, got {balance!r}")
         self.balance = balance
-        self.decayed: dict[str, tuple[float, float]] = {}  # model -> (count, time it was valid at)
+        self.decayed = DecayedCounts(self.half_life_s)  # requests per model
         self.sizes: dict[str, int] = {}  # model -> bytes per GPU
         self.capacity: dict[int, int] = {}  # GPU -> arena bytes
         self.homes: dict[str, tuple[int, ...]] = {}  # model -> home GPU(s)
@@ -149,8 +150,7 @@ class HomeAffinityScheduler(Scheduler):
         self.spills = 0  # instances placed away from their model's home
 
     def observe(self, model: str, gpu_bytes: int, now: float) -> None:
-        count, t = self.decayed.get(model, (0.0, now))
-        self.decayed[model] = (count * 2.0 ** (-(now - t) / self.half_life_s) + 1.0, now)
+        self.decayed.bump(model, now)
         self.sizes[model] = gpu_bytes
         self.now = max(self.now, now)
         self.since_check += 1
@@ -163,7 +163,7 @@ class HomeAffinityScheduler(Scheduler):
         """Decayed popularity shares at `now` (default: the latest request)."""
         if now is None:
             now = self.now
-        weights = {m: c * 2.0 ** (-(now - t) / self.half_life_s) for m, (c, t) in self.decayed.items()}
+        weights = {m: self.decayed.count(m, now) for m in self.decayed}
         total = sum(weights.values())
         if total <= 0.0:
             return dict.fromkeys(weights, 0.0)

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from tangram_sim.arena.arena import Key, Region
 from tangram_sim.errors import ConfigError
+from tangram_sim.policies.decay import DecayedCounts
 from tangram_sim.policies.retention import RETENTION, RetentionPolicy
 
 __all__ = ["ModelValueRetention"]
@@ -59,19 +60,14 @@ class ModelValueRetention(RetentionPolicy):
             if isinstance(s, bool) or not (isinstance(s, int | float) and s >= 0 and math.isfinite(s)):
                 raise ConfigError(f"retention sensitivity of {model!r} must be a number >= 0, got {s!r}")
             self.sensitivity[model] = float(s)
-        self.decayed: dict[str, tuple[float, float]] = {}  # model -> (count, time it was valid at)
+        self.decayed = DecayedCounts(self.half_life_s)  # requests per model on this GPU
 
     def record_access(self, model: str, unit_keys: Sequence[Key], now: float) -> None:
-        count, t = self.decayed.get(model, (0.0, now))
-        self.decayed[model] = (count * 2.0 ** (-(now - t) / self.half_life_s) + 1.0, now)
+        self.decayed.bump(model, now)
 
     def rate(self, model: str, now: float) -> float:
         """Predicted requests per second of `model` on this GPU: its decayed count / mean lifetime."""
-        entry = self.decayed.get(model)
-        if entry is None:
-            return 0.0
-        count, t = entry
-        return count * 2.0 ** (-(now - t) / self.half_life_s) * math.log(2) / self.half_life_s
+        return self.decayed.rate(model, now)
 
     def model_value(self, model: str, now: float) -> float:
         """Seconds of loading that one resident byte of `model` saves per second (see the docstring)."""

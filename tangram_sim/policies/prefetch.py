@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tangram_sim.errors import ConfigError
+from tangram_sim.policies.decay import DecayedCounts
 from tangram_sim.registry import Registry
 
 __all__ = [
@@ -124,19 +125,13 @@ class NextModelPrefetch(PrefetchPolicy):
             if isinstance(s, bool) or not (isinstance(s, int | float) and s >= 0 and math.isfinite(s)):
                 raise ConfigError(f"prefetch sensitivity of {model!r} must be a number >= 0, got {s!r}")
             self.sensitivity[model] = float(s)
-        self.decayed: dict[str, tuple[float, float]] = {}  # model -> (count, time it was valid at)
+        self.decayed = DecayedCounts(self.half_life_s)  # requests per model routed to this GPU
 
     def observe(self, model: str, now: float) -> None:
-        count, t = self.decayed.get(model, (0.0, now))
-        self.decayed[model] = (count * 2.0 ** (-(now - t) / self.half_life_s) + 1.0, now)
+        self.decayed.bump(model, now)
 
     def value(self, model: str, now: float) -> float:
-        entry = self.decayed.get(model)
-        if entry is None:
-            return 0.0
-        count, t = entry
-        rate = count * 2.0 ** (-(now - t) / self.half_life_s) * math.log(2) / self.half_life_s
-        return rate * self.sensitivity.get(model, 1.0)
+        return self.decayed.rate(model, now) * self.sensitivity.get(model, 1.0)
 
     def choose(self, candidates: Sequence[PrefetchCandidate], free_bytes: int,
                groups: Sequence[ResidentGroup]) -> PrefetchChoice | None:
