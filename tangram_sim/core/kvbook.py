@@ -34,7 +34,7 @@ def reserve_static_kv(leader: GpuWorker) -> None:
         want -= want % block
         plan = plan_kv(arena, want, block, ())
         if plan.must_wait:
-            plan = plan_kv(arena, want, block, worker.retention.eviction_order(arena.evictable(), c.env.now))
+            plan = plan_kv(arena, want, block, worker.eviction_order(c.env.now))
         if plan.must_wait:  # fragmentation: take the whole blocks the holes hold
             fits = sum(r.size - r.size % block for r in arena.free_regions())
             plan = plan_kv(arena, fits, block, ())
@@ -49,8 +49,10 @@ def reserve_static_kv(leader: GpuWorker) -> None:
     inst.pool = KvPool(capacity=capacity)
 
 
-def kv_take(leader: GpuWorker, req: Request, tokens: int) -> bool:
-    """Grow `req`'s KV to cover `tokens` on every rank; False when the memory is not there."""
+def kv_take(leader: GpuWorker, req: Request, tokens: int, joining: bool = False) -> bool:
+    """Grow `req`'s KV to cover `tokens` on every rank; False when the memory is not there.
+    `joining`: `req` is being admitted into a batch that already runs; a KV policy that `spares_queued`
+    then evicts no unit of a model with a request waiting on that GPU (the request waits instead)."""
     c = leader.cluster
     inst = leader.instance
     block_tokens = c.system.kv_block_tokens
@@ -73,7 +75,11 @@ def kv_take(leader: GpuWorker, req: Request, tokens: int) -> bool:
             arena = worker.arena
             plan = plan_kv(arena, nbytes, block, ())
             if plan.must_wait:
-                plan = plan_kv(arena, nbytes, block, worker.retention.eviction_order(arena.evictable(), now))
+                order = worker.eviction_order(now)
+                if joining and c.kv.spares_queued:
+                    waiting = worker.queues.oldest_arrivals()
+                    order = [k for k in order if waiting.keys().isdisjoint(arena.lookup(k).owners)]
+                plan = plan_kv(arena, nbytes, block, order)
                 if plan.must_wait:
                     return False
             plans.append((worker, plan))

@@ -189,7 +189,7 @@ class Prefetcher:
             plan = c.packing.plan(arena, missing, ())
         if plan is None or plan.moves:
             allowed = choice.evictable
-            order = [key for key in worker.retention.eviction_order(evictable, now)
+            order = [key for key in worker.eviction_order(now, evictable)
                      if arena.lookup(key).owners in allowed]
             plan = c.packing.plan(arena, missing, order)
             if plan is not None and plan.moves:

@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import simpy
 
-from tangram_sim.arena import Key
+from tangram_sim.arena import Key, Region
 from tangram_sim.core.device import Device, RankLoad
 from tangram_sim.core.fairness import stop_admitting
 from tangram_sim.core.gang import cancel, follow, join, place_again
@@ -120,6 +120,14 @@ class GpuWorker:
         wake = self._wake
         if wake is not None and not wake.triggered and self._wake_any:
             wake.succeed()
+
+    def eviction_order(self, now: float, candidates: Iterable[Region] | None = None) -> list[Key]:
+        """Retention's eviction order over this GPU's evictable units (or `candidates`); a policy that
+        plans with the queue sees it first."""
+        retention = self.retention
+        if retention.uses_queue:
+            retention.observe_queue(self.queues.oldest_arrivals(), now)
+        return retention.eviction_order(self.arena.evictable() if candidates is None else candidates, now)
 
     def resident_bytes(self, model: str) -> int:
         return self.arena.model_bytes(model)
@@ -267,7 +275,7 @@ class GpuWorker:
         if arena.free_bytes >= missing_aligned:
             plan = packing.plan(arena, missing, ())  # no eviction needed: skip ranking candidates
         if plan is None:
-            order = self.retention.eviction_order(arena.evictable(), now)
+            order = self.eviction_order(now)
             if reused_keys:
                 protected = set(reused_keys)  # reused units may move but must stay
                 order = [k for k in order if k not in protected]
@@ -318,7 +326,7 @@ class GpuWorker:
                     break
                 if req is not inst.head and stop_admitting(self, inst, req, admitted):
                     break  # an older request of another model has waited long enough (core.fairness)
-                if not kv_take(self, req, want_tokens(c.system, req)):
+                if not kv_take(self, req, want_tokens(c.system, req), joining=bool(running or admitted)):
                     if not running and not admitted:
                         self._dequeue(inst.model)
                         self._reject(req, "kv-capacity")

@@ -83,6 +83,10 @@ class ModelQueues(Generic[R]):
         queue = self._by_model.get(model)
         return len(queue) if queue else 0
 
+    def oldest_arrivals(self) -> dict[str, float]:
+        """Model -> arrival of its oldest queued request, for every model with one queued."""
+        return {model: queue[0].arrival for model, queue in self._by_model.items() if queue}
+
     def head(self, exclude: str | None = None) -> R | None:
         """The oldest queued request (lowest rid), leaving out model `exclude`; None when none."""
         best = None

@@ -16,6 +16,15 @@ units go before any unit of a more valuable one, and a partly evicted model is a
 valuable one. Ties between groups go by the group's lowest offset, units within a group by offset
 (then input order), so runs repeat.
 
+With `queue_aware` (the default) the GPU's queue comes first: a model with a request waiting on this
+GPU will certainly be started here, which a rate only guesses at. Units of models with nothing
+waiting go first (by value, as above); units of waiting models go last, the model whose oldest
+waiting request arrived last first, since the queue is served oldest first (Belady's rule on the
+part of the future that is known). Under overload, when a GPU cycles through more models than it
+holds, rate values evict the model needed next. On the Azure code trace at its native rate
+(plus-azure-code, tangram-plus as it was then: 60 s fairness bound, plain ElasticKV) the lookahead
+took the load per request from 0.042 to 0.038 s and p50 TTFT from 19.5 to 13.8 s.
+
 The value is per byte on purpose: ranking by the reload time of a model's whole weight
 (bytes / bandwidth x rate) would evict a small hot model before a big cold one, although each byte of
 the small one is missed more often; on the overall Azure and ServeGen experiments that variant loaded
@@ -50,6 +59,7 @@ class ModelValueRetention(RetentionPolicy):
         host_to_gpu_bps: float = 25e9,
         sensitivity: Mapping[str, float] | None = None,
         half_life_s: float = 600.0,
+        queue_aware: bool = True,
     ) -> None:
         self.host_to_gpu_bps = _positive("host_to_gpu_bps", host_to_gpu_bps)
         self.half_life_s = _positive("half_life_s", half_life_s)
@@ -60,7 +70,14 @@ class ModelValueRetention(RetentionPolicy):
             if isinstance(s, bool) or not (isinstance(s, int | float) and s >= 0 and math.isfinite(s)):
                 raise ConfigError(f"retention sensitivity of {model!r} must be a number >= 0, got {s!r}")
             self.sensitivity[model] = float(s)
+        if not isinstance(queue_aware, bool):
+            raise ConfigError(f"retention parameter queue_aware must be true or false, got {queue_aware!r}")
+        self.uses_queue = queue_aware  # see observe_queue
         self.decayed = DecayedCounts(self.half_life_s)  # requests per model on this GPU
+        self.waiting: Mapping[str, float] = {}  # model -> arrival of its oldest request waiting here
+
+    def observe_queue(self, oldest: Mapping[str, float], now: float) -> None:
+        self.waiting = oldest
 
     def record_access(self, model: str, unit_keys: Sequence[Key], now: float) -> None:
         self.decayed.bump(model, now)
@@ -78,7 +95,8 @@ class ModelValueRetention(RetentionPolicy):
         return sum(self.model_value(m, now) for m in sorted(region.owners))  # sorted: same float sum
 
     def eviction_order(self, candidates: Iterable[Region], now: float) -> list[Key]:
-        """Groups of units with one owner set, by (value, lowest offset); each group by offset."""
+        """Groups of units with one owner set: those of no waiting model by (value, lowest offset),
+        then those of waiting models, latest oldest arrival first; each group by offset."""
         groups: dict[frozenset[str], list[Region]] = {}
         for r in candidates:
             owners = r.owners
@@ -89,18 +107,23 @@ class ModelValueRetention(RetentionPolicy):
                 members = groups[owners] = []
             members.append(r)
         values: dict[str, float] = {}
+        waiting = self.waiting if self.uses_queue else {}
         ranked = []
         for n, (owners, members) in enumerate(groups.items()):
+            members.sort(key=_offset_key)
+            needed = [waiting[m] for m in owners if m in waiting]
+            if needed:  # known future need: the soonest-served owner decides, evicted latest-first
+                ranked.append((1, -min(needed), members[0].offset, n, members))
+                continue
             worth = 0.0
             for m in sorted(owners) if len(owners) > 1 else owners:  # sorted: the same float sum always
                 v = values.get(m)
                 if v is None:
                     v = values[m] = self.model_value(m, now)
                 worth += v
-            members.sort(key=_offset_key)
-            ranked.append((worth, members[0].offset, n, members))
-        ranked.sort(key=lambda t: (t[0], t[1], t[2]))
-        return [r.key for _, _, _, members in ranked for r in members]
+            ranked.append((0, worth, members[0].offset, n, members))
+        ranked.sort(key=lambda t: t[:4])
+        return [r.key for *_, members in ranked for r in members]
 
 
 def _offset_key(region: Region) -> int:

@@ -36,6 +36,7 @@ class RetentionPolicy:
     """The one contract every retention policy honours (see the module docstring)."""
 
     retains: ClassVar[bool] = True  # False: weights are discarded when an instance's keep-alive ends
+    uses_queue: ClassVar[bool] = False  # True: `observe_queue` is called before every eviction order
 
     def record_access(self, model: str, unit_keys: Sequence[Key], now: float) -> None:
         """A request for `model`, whose weights are these reuse units, arrived at `now`."""
@@ -49,6 +50,11 @@ class RetentionPolicy:
         if type(self).on_evict is not RetentionPolicy.on_evict:
             for key in keys:
                 self.on_evict(key, now)
+
+    def observe_queue(self, oldest: Mapping[str, float], now: float) -> None:
+        """The GPU's queue at `now`, before an eviction order is asked for (only when `uses_queue`):
+        model -> arrival of its oldest waiting request, for every model with one waiting. A waiting
+        request is a known future need, which a rate estimate only guesses at."""
 
     def value(self, region: Region, now: float) -> float:
         """Worth of keeping this resident unit at `now`; higher means keep longer."""

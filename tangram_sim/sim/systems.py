@@ -77,13 +77,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         granularity="group", unit_divisor=40, retention="tangram", packing="pbp", kv="elastic",
         scheduler="tangram-affinity",
     ),
-    # Beyond Tangram (docs/beyond-tangram.md): whole models valued by decayed request rate per byte,
-    # a home GPU per model (no duplicate copies while the home has room), a fairness window that
-    # follows the queue's predicted waits, and prefetch of the next likely model on idle links;
-    # Tangram's units, packing and on-demand KV.
+    # Beyond Tangram (docs/beyond-tangram.md): whole models valued by decayed request rate per byte
+    # (models the queue waits for kept longest), a home GPU per model (no duplicate copies while the
+    # home has room), a fairness window that follows the queue's predicted waits (30 s bound), KV
+    # that spares the weights the queue waits for, and prefetch of the next likely model on idle
+    # links; Tangram's units and packing.
     "tangram-plus": dict(
-        granularity="group", unit_divisor=40, retention="model-value", packing="pbp", kv="elastic",
-        scheduler="home-affinity", fairness="adaptive", prefetch="next-model",
+        granularity="group", unit_divisor=40, retention="model-value", packing="pbp", kv="elastic-spare",
+        scheduler="home-affinity", fairness="adaptive", fairness_bound_s=30.0, prefetch="next-model",
     ),
 }
 
