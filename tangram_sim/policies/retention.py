@@ -36,7 +36,8 @@ class RetentionPolicy:
     """The one contract every retention policy honours (see the module docstring)."""
 
     retains: ClassVar[bool] = True  # False: weights are discarded when an instance's keep-alive ends
-    uses_queue: ClassVar[bool] = False  # True: `observe_queue` is called before every eviction order
+    uses_queue: bool = False  # True: `observe_queue` is called before every eviction order (a policy may
+    # set it per instance, as model-value does from its `queue_aware` parameter)
 
     def record_access(self, model: str, unit_keys: Sequence[Key], now: float) -> None:
         """A request for `model`, whose weights are these reuse units, arrived at `now`."""
