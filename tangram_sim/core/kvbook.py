@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from tangram_sim.core.loadplan import eviction_order
 from tangram_sim.core.records import EPS_TOKENS, Request
 from tangram_sim.policies.kv import KvPool, execute_kv_plan, plan_kv
 from tangram_sim.sim.systems import SystemSpec
@@ -34,7 +35,7 @@ def reserve_static_kv(leader: GpuWorker) -> None:
         want -= want % block
         plan = plan_kv(arena, want, block, ())
         if plan.must_wait:
-            plan = plan_kv(arena, want, block, worker.eviction_order(c.env.now))
+            plan = plan_kv(arena, want, block, eviction_order(worker, c.env.now))
         if plan.must_wait:  # fragmentation: take the whole blocks the holes hold
             fits = sum(r.size - r.size % block for r in arena.free_regions())
             plan = plan_kv(arena, fits, block, ())
@@ -75,7 +76,7 @@ def kv_take(leader: GpuWorker, req: Request, tokens: int, joining: bool = False)
             arena = worker.arena
             plan = plan_kv(arena, nbytes, block, ())
             if plan.must_wait:
-                order = worker.eviction_order(now)
+                order = eviction_order(worker, now)
                 if joining and c.kv.spares_queued:
                     waiting = worker.queues.oldest_arrivals()
                     order = [k for k in order if waiting.keys().isdisjoint(arena.lookup(k).owners)]

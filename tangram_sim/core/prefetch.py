@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 import simpy
 
 from tangram_sim.arena import Key, State
+from tangram_sim.core.loadplan import eviction_order
 from tangram_sim.policies.packing import PACKING, PackingPlan
 from tangram_sim.policies.prefetch import PrefetchCandidate, PrefetchPolicy, ResidentGroup
 
@@ -189,7 +190,7 @@ class Prefetcher:
             plan = c.packing.plan(arena, missing, ())
         if plan is None or plan.moves:
             allowed = choice.evictable
-            order = [key for key in worker.eviction_order(now, evictable)
+            order = [key for key in eviction_order(worker, now, evictable)
                      if arena.lookup(key).owners in allowed]
             plan = c.packing.plan(arena, missing, order)
             if plan is not None and plan.moves:

@@ -30,16 +30,16 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import simpy
 
-from tangram_sim.arena import Key, Region
+from tangram_sim.arena import Key
 from tangram_sim.core.device import Device, RankLoad
 from tangram_sim.core.fairness import stop_admitting
 from tangram_sim.core.gang import cancel, follow, join, place_again
 from tangram_sim.core.kvbook import kv_free, kv_take, reserve_static_kv, want_tokens
+from tangram_sim.core.loadplan import plan_rank
 from tangram_sim.core.prefetch import Prefetcher
 from tangram_sim.core.records import EPS_TOKENS, Gang, LifecycleError, ModelEntry, Request
 from tangram_sim.core.storage import Node
@@ -120,14 +120,6 @@ class GpuWorker:
         wake = self._wake
         if wake is not None and not wake.triggered and self._wake_any:
             wake.succeed()
-
-    def eviction_order(self, now: float, candidates: Iterable[Region] | None = None) -> list[Key]:
-        """Retention's eviction order over this GPU's evictable units (or `candidates`); a policy that
-        plans with the queue sees it first."""
-        retention = self.retention
-        if retention.uses_queue:
-            retention.observe_queue(self.queues.oldest_arrivals(), now)
-        return retention.eviction_order(self.arena.evictable() if candidates is None else candidates, now)
 
     def resident_bytes(self, model: str) -> int:
         return self.arena.model_bytes(model)
@@ -214,7 +206,7 @@ class GpuWorker:
         loads: list[RankLoad] = []
         reused = loaded = moved = evicted = extra = 0
         for rank, worker in enumerate(group):
-            missing, rank_loaded, reused_keys, plan = worker._plan_rank(entry, rank, head.model, t0)
+            missing, rank_loaded, reused_keys, plan = plan_rank(worker, entry, rank, head.model, t0)
             if worker.prefetch is not None:
                 worker.prefetch.on_cold_start(missing, reused_keys)
             worker.retention.on_evict_many(plan.evictions, t0)
@@ -249,40 +241,6 @@ class GpuWorker:
             reserve_static_kv(self)
         for worker in group:
             c.recorder.sample(worker)
-
-    def _plan_rank(self, entry: ModelEntry, rank: int, model: str, now: float):
-        """This GPU's part of a cold start: the missing shards and their bytes, the reused ones, and
-        the plan."""
-        arena = self.arena
-        packing = self.cluster.packing
-        found = arena.lookup_many(entry.rank_keys[rank])
-        missing: Sequence[tuple[Key, int]]
-        reused_keys: list[Key] = []
-        if found.count(None) == len(found):  # nothing retained: the model's units as they are
-            missing = entry.rank_units[rank]
-            missing_aligned = sum(entry.rank_aligned[rank])
-        else:
-            missing = []
-            missing_aligned = 0
-            for region, unit, aligned in zip(found, entry.rank_units[rank], entry.rank_aligned[rank]):
-                if region is None:
-                    missing.append(unit)
-                    missing_aligned += aligned
-                else:
-                    reused_keys.append(unit[0])
-        missing_bytes = sum(map(_nbytes, missing))
-        plan = None
-        if arena.free_bytes >= missing_aligned:
-            plan = packing.plan(arena, missing, ())  # no eviction needed: skip ranking candidates
-        if plan is None:
-            order = self.eviction_order(now)
-            if reused_keys:
-                protected = set(reused_keys)  # reused units may move but must stay
-                order = [k for k in order if k not in protected]
-            plan = packing.plan(arena, missing, order)
-        if plan is None:  # cannot happen for models validated to fit; never hang on it
-            raise LifecycleError(f"gpu {self.gpu_id}: no packing plan for {model}")
-        return missing, missing_bytes, reused_keys, plan
 
     def _end_instance(self) -> None:
         inst = self.instance
