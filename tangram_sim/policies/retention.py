@@ -17,6 +17,7 @@ from typing import ClassVar
 
 from tangram_sim.arena.arena import Key, Region
 from tangram_sim.errors import ConfigError
+from tangram_sim.policies.decay import DecayedCounts
 from tangram_sim.registry import Registry
 
 __all__ = [
@@ -189,29 +190,24 @@ class DecayedFrequencyRetention(TangramRetention):
     ) -> None:
         super().__init__(host_to_gpu_bps, sensitivity)
         self.half_life_s = _positive("half_life_s", half_life_s)
-        self.decayed: dict[str, tuple[float, float]] = {}  # model -> (count, time it was valid at)
-        self.decayed_total = (0.0, 0.0)  # (count of all models, time it was valid at)
-
-    def _at(self, entry: tuple[float, float], now: float) -> float:
-        count, t = entry
-        return count * 2.0 ** (-(now - t) / self.half_life_s) if count else 0.0
+        self.decayed = DecayedCounts(self.half_life_s)  # model -> decayed count
+        self.decayed_total = DecayedCounts(self.half_life_s)  # "" -> decayed count of all models
 
     def record_access(self, model: str, unit_keys: Sequence[Key], now: float) -> None:
         super().record_access(model, unit_keys, now)
-        self.decayed[model] = (self._at(self.decayed.get(model, (0.0, now)), now) + 1.0, now)
-        self.decayed_total = (self._at(self.decayed_total, now) + 1.0, now)
+        self.decayed.bump(model, now)
+        self.decayed_total.bump("", now)
 
     def access_share(self, model: str, now: float | None = None) -> float:
         if now is None:
-            now = self.decayed_total[1]
-        total = self._at(self.decayed_total, now)
-        entry = self.decayed.get(model)
-        return self._at(entry, now) / total if entry is not None and total > 0 else 0.0
+            now = self.decayed_total.get("", (0.0, 0.0))[1]
+        total = self.decayed_total.count("", now)
+        return self.decayed.count(model, now) / total if total > 0 else 0.0
 
     def _weights(self, now: float) -> tuple[dict[str, float], float]:
         sens = self.sensitivity
-        weights = {m: self._at(entry, now) * sens.get(m, 1.0) for m, entry in self.decayed.items()}
-        return weights, self._at(self.decayed_total, now)  # 0 when nothing seen or all decayed away
+        weights = {m: self.decayed.count(m, now) * sens.get(m, 1.0) for m in self.decayed}
+        return weights, self.decayed_total.count("", now)  # 0 when nothing seen or all decayed away
 
 
 @RETENTION.register("lru")
