@@ -117,6 +117,14 @@ def test_model_value_ties_go_by_offset_and_groups_stay_whole() -> None:
     assert pol.eviction_order([*regions, plain], 0.0) == [*expected, "c7"]
 
 
+def regions_twice(units: list[tuple[str, int]], seed: int) -> tuple[list[Region], list[Region]]:
+    """Resident units (owners, size) 10 bytes apart, in offset order and shuffled by `seed`."""
+    regions = [unit(f"k{i}", size, set(owners), 10 * i) for i, (owners, size) in enumerate(units)]
+    shuffled = list(regions)
+    random.Random(seed).shuffle(shuffled)
+    return regions, shuffled
+
+
 @given(
     accesses=st.lists(st.tuples(st.sampled_from("abcd"), st.floats(0, 1000)), max_size=30),
     units=st.lists(st.tuples(st.sampled_from(["a", "b", "c", "ab", "cd"]), st.integers(1, 9)), max_size=20),
@@ -125,9 +133,7 @@ def test_model_value_ties_go_by_offset_and_groups_stay_whole() -> None:
 def test_model_value_order_is_whole_groups_by_value_and_deterministic(
     accesses: list[tuple[str, float]], units: list[tuple[str, int]], seed: int
 ) -> None:
-    regions = [unit(f"k{i}", size, set(owners), 10 * i) for i, (owners, size) in enumerate(units)]
-    shuffled = list(regions)
-    random.Random(seed).shuffle(shuffled)
+    regions, shuffled = regions_twice(units, seed)
     orders = []
     for candidates in (regions, shuffled):
         pol = RETENTION.create("model-value", half_life_s=100.0)
@@ -142,6 +148,32 @@ def test_model_value_order_is_whole_groups_by_value_and_deterministic(
     # each owner set is one contiguous run
     runs = [o for i, o in enumerate(owners) if i == 0 or owners[i - 1] != o]
     assert len(runs) == len(set(runs))
+
+
+@given(
+    units=st.lists(st.tuples(st.sampled_from(["a", "b", "c", "ab", "cd"]), st.integers(1, 9)), max_size=20),
+    waiting=st.dictionaries(st.sampled_from("abcd"), st.floats(0, 100), max_size=4),
+    seed=st.integers(0, 10),
+)
+def test_model_value_lookahead_order_is_a_permutation_with_waiting_models_last(
+    units: list[tuple[str, int]], waiting: dict[str, float], seed: int
+) -> None:
+    regions, shuffled = regions_twice(units, seed)
+    orders = []
+    for candidates in (regions, shuffled):
+        pol = RETENTION.create("model-value")
+        for i, m in enumerate("abcd"):
+            pol.record_access(m, [], float(i))
+        pol.observe_queue(waiting, 100.0)
+        orders.append(pol.eviction_order(candidates, 100.0))
+    assert orders[0] == orders[1]
+    assert sorted(orders[0]) == sorted(r.key for r in regions)
+    by_key = {r.key: r for r in regions}
+    is_waiting = [not waiting.keys().isdisjoint(by_key[k].owners) for k in orders[0]]
+    assert is_waiting == sorted(is_waiting)  # every unit of a waiting model after every other unit
+    firsts = [min(waiting[m] for m in by_key[k].owners if m in waiting) for k, w in zip(orders[0], is_waiting)
+              if w]
+    assert firsts == sorted(firsts, reverse=True)  # the model served last goes first
 
 
 @pytest.mark.parametrize("params", [{"half_life_s": 0}, {"half_life_s": math.inf}, {"half_life_s": True},

@@ -6,8 +6,6 @@ import random
 
 import pandas as pd
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from tangram_sim.arena import Region, State
 from tangram_sim.errors import ConfigError
@@ -79,34 +77,6 @@ def test_model_value_evicts_models_nobody_waits_for_first_then_the_latest_served
     assert plain.eviction_order(regions, 20.0) == ["c0", "a0", "a1", "b0", "h0"]
     with pytest.raises(ConfigError, match="queue_aware"):
         RETENTION.create("model-value", queue_aware="yes")
-
-
-@given(
-    units=st.lists(st.tuples(st.sampled_from(["a", "b", "c", "ab", "cd"]), st.integers(1, 9)), max_size=20),
-    waiting=st.dictionaries(st.sampled_from("abcd"), st.floats(0, 100), max_size=4),
-    seed=st.integers(0, 10),
-)
-def test_model_value_lookahead_order_is_a_permutation_with_waiting_models_last(
-    units: list[tuple[str, int]], waiting: dict[str, float], seed: int
-) -> None:
-    regions = [unit(f"k{i}", size, set(owners), 10 * i) for i, (owners, size) in enumerate(units)]
-    shuffled = list(regions)
-    random.Random(seed).shuffle(shuffled)
-    orders = []
-    for candidates in (regions, shuffled):
-        pol = RETENTION.create("model-value")
-        for i, m in enumerate("abcd"):
-            pol.record_access(m, [], float(i))
-        pol.observe_queue(waiting, 100.0)
-        orders.append(pol.eviction_order(candidates, 100.0))
-    assert orders[0] == orders[1]
-    assert sorted(orders[0]) == sorted(r.key for r in regions)
-    by_key = {r.key: r for r in regions}
-    is_waiting = [not waiting.keys().isdisjoint(by_key[k].owners) for k in orders[0]]
-    assert is_waiting == sorted(is_waiting)  # every unit of a waiting model after every other unit
-    firsts = [min(waiting[m] for m in by_key[k].owners if m in waiting) for k, w in zip(orders[0], is_waiting)
-              if w]
-    assert firsts == sorted(firsts, reverse=True)  # the model served last goes first
 
 
 def test_elastic_spare_is_registered_and_on_demand() -> None:
