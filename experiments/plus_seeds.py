@@ -1,13 +1,14 @@
 """Is tangram-plus's win a property of the workload or of one seed? Re-run the plus-* experiments at
 other seeds and check, per workload point and seed, what the committed results claim at seed 7.
 
-    python experiments/plus_seeds.py [--seeds 7 8 9 10 11] [--out results/plus-seeds] [--jobs 2]
+    python experiments/plus_seeds.py [--seeds 7 8 9 10 11] [--out results/plus-seeds] [--jobs 2] [--force]
 
 The seed drives the trace's model mapping and arrivals (and random choices in the simulator), so each
 seed is a different workload drawn from the same distribution. Writes to --out:
 
 - `summary.csv`: every system's summary row at every point and seed (columns `experiment`, `seed`
-  added), appended after each run, so an interrupted run resumes where it stopped;
+  added), appended after each run, so an interrupted run resumes where it stopped (`--force`: start
+  over, as after a change to the policies);
 - `checks.csv`: per experiment, point and seed, tangram-plus against the others: mean load per cold
   start and p50 TTFT below every baseline (`load_win`, `p50_win`; `p50_tie` when equal to the best),
   p99 TTFT within 2% of tangram's (`p99_ok`), and its speed-up over serverlessllm's mean load.
@@ -64,12 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "plus-seeds")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--experiments", nargs="+", default=EXPERIMENTS)
+    ap.add_argument("--force", action="store_true", help="start over instead of resuming from summary.csv")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from tangram_sim import load_experiment
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "summary.csv"
+    if args.force and path.exists():
+        path.unlink()
     done = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["experiment", "seed"])
     have = set(zip(done.experiment, done.seed))
     for name in args.experiments:

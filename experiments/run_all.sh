@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Re-run every shipped experiment into results/<name>/ (reference outputs committed to the repo).
+# Re-run every shipped experiment into results/<name>/ (reference outputs committed to the repo), then
+# experiments/plus_seeds.py into results/plus-seeds/.
 # replay-cpu.yaml is for `tangram-sim real replay` and tune-space.yaml is a search space, not experiments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,3 +10,8 @@ for exp in experiments/*.yaml; do
   echo "== $name"
   tangram-sim run "$exp" --out "results/$name" --jobs "${JOBS:-2}" --quiet "$@"
 done
+# tangram-plus against the baselines at five seeds (results/plus-seeds/; resumes unless --force)
+force=""
+for arg in "$@"; do [ "$arg" = "--force" ] && force="--force"; done
+echo "== plus-seeds"
+python experiments/plus_seeds.py --jobs "${JOBS:-2}" $force

@@ -63,3 +63,49 @@ def test_where_the_working_set_nearly_fits_loads_are_2_5x_faster_than_serverless
         plus = g[g.system == SUBJECT].iloc[0]
         sllm = g[g.system == "serverlessllm"].iloc[0]
         assert sllm.mean_load_s / plus.mean_load_s >= 2.5, point
+
+
+def _plus_seeds():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plus_seeds", RESULTS.parent / "experiments" / "plus_seeds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plus_seeds_checks_hand_made_points() -> None:
+    def row(system: str, load: float, p50: float, p99: float, per_request: float = 1.0) -> dict:
+        return {"experiment": "e", "point": 0, "seed": 1, "system": system, "mean_load_s": load,
+                "p50_ttft_s": p50, "p99_ttft_s": p99, "mean_load_per_request_s": per_request}
+
+    rows = [row("serverlessllm", 1.0, 5.0, 10.0), row("tangram", 0.5, 2.0, 10.0), row("lfu", 0.4, 1.0, 9.0),
+            row("+stage", 0.1, 0.1, 0.1), row(SUBJECT, 0.3, 1.0, 10.2, 0.5)]
+    rows += [{**r, "seed": 2} for r in rows[:-1]] + [row(SUBJECT, 0.45, 0.9, 10.3) | {"seed": 2}]
+    checks = _plus_seeds().checks(pd.DataFrame(rows)).set_index("seed")
+    # seed 1: below lfu's load, p50 tied with lfu's, p99 2% above tangram's (the limit); the "+stage"
+    # breakdown row is not a baseline
+    assert checks.loc[1, "load_win"] and not checks.loc[1, "p50_win"] and checks.loc[1, "p50_tie"]
+    assert checks.loc[1, "p99_ok"] and checks.loc[1, "load_per_request_win"]
+    assert checks.loc[1, "best_load_baseline"] == "lfu"
+    assert checks.loc[1, "speedup_vs_serverlessllm"] == pytest.approx(1.0 / 0.3)
+    # seed 2: lfu loads less, p50 below, p99 3% above tangram's, load per request tied
+    assert not checks.loc[2, "load_win"] and checks.loc[2, "p50_win"] and not checks.loc[2, "p99_ok"]
+    assert not checks.loc[2, "load_per_request_win"]
+
+
+def test_committed_plus_seeds_checks_follow_from_its_summary() -> None:
+    folder = RESULTS / "plus-seeds"
+    if not (folder / "summary.csv").exists():
+        pytest.skip("no committed plus-seeds run")
+    summary = pd.read_csv(folder / "summary.csv")
+    expected = _plus_seeds().checks(summary).reset_index(drop=True)
+    committed = pd.read_csv(folder / "checks.csv")
+    pd.testing.assert_frame_equal(committed, expected, check_dtype=False)
+    # seed 7 is the committed experiments' seed: its rows are theirs
+    for name in POINTS:
+        mine = summary[(summary.experiment == name) & (summary.seed == 7)].drop(columns=["experiment", "seed"])
+        theirs = pd.read_csv(RESULTS / name / "summary.csv")
+        theirs = theirs[~theirs.system.str.startswith("+")]
+        pd.testing.assert_frame_equal(mine.reset_index(drop=True)[theirs.columns], theirs.reset_index(drop=True),
+                                      check_dtype=False)
