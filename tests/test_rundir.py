@@ -24,6 +24,7 @@ from tangram_sim.rundir import (
     RunFailed,
     RunWriter,
     check_out_dir,
+    concat_parquet,
     read_record,
     require_complete,
 )
@@ -292,6 +293,30 @@ def test_writer_stores_jobs_atomically_and_combines_named_frames(tmp_path: Path)
     memory = pd.read_parquet(out / "memory.parquet")
     assert list(memory.columns) == ["system", "point", "t"] and list(memory["system"]) == ["sllm", "tangram"]
     assert not (out / "loads.parquet").exists() and not (out / "jobs").exists()
+
+
+def test_concat_parquet_equals_pandas_concat_one_job_at_a_time(tmp_path: Path) -> None:
+    # job 1 has no rejections (its "reason" is all null) and no "preemptions" column; job 2 is empty
+    frames = [
+        pd.DataFrame({"system": ["a", "a"], "rid": [0, 1], "ttft_s": [0.5, 1.5], "reason": [None, None],
+                      "cold": [True, False]}),
+        pd.DataFrame({"system": ["b"] * 3, "rid": [0, 1, 2], "ttft_s": [0.1, 0.2, 0.3],
+                      "reason": ["", "kv-capacity", ""], "cold": [False, False, True], "preemptions": [0, 2, 1]}),
+        pd.DataFrame({"system": pd.Series([], dtype=str), "rid": pd.Series([], dtype="int64")}),
+    ]
+    paths = []
+    for i, frame in enumerate(frames):
+        paths.append(tmp_path / f"p{i}.parquet")
+        frame.to_parquet(paths[-1], index=False)
+    concat_parquet(paths, tmp_path / "out.parquet")
+    got = pd.read_parquet(tmp_path / "out.parquet")
+    expected = pd.concat(frames, ignore_index=True)
+    assert list(got.columns) == ["system", "rid", "ttft_s", "reason", "cold", "preemptions"]
+    assert len(got) == 5 and list(got["system"]) == ["a", "a", "b", "b", "b"]
+    assert got["reason"].tolist()[2:] == ["", "kv-capacity", ""] and got["reason"][:2].isna().all()
+    assert got["preemptions"][:2].isna().all() and got["preemptions"][2:].tolist() == [0, 2, 1]
+    pd.testing.assert_frame_equal(got[["system", "rid", "ttft_s"]], expected[["system", "rid", "ttft_s"]],
+                                  check_dtype=False)
 
 
 def test_resume_ignores_half_written_and_foreign_jobs(tmp_path: Path) -> None:
