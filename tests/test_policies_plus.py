@@ -37,6 +37,17 @@ def cluster(gpus: int) -> ClusterSpec:
     return ClusterSpec(1, gpus, gpu_spec("a100-80gb", memory_gib=40), TierSpec())
 
 
+def skewed_rows(names: list[str], n: int, *, mean_gap_s: float, output_tokens: int, seed: int
+                ) -> list[tuple[float, str, int, int]]:
+    """Poisson arrivals of 256-token prompts, the models drawn with weights 4:3:2:1 (in `names` order)."""
+    rng = random.Random(seed)
+    t, rows = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(1 / mean_gap_s)
+        rows.append((t, rng.choices(names, weights=[4, 3, 2, 1])[0], 256, output_tokens))
+    return rows
+
+
 # ------------------------------------------------------------------ model-value retention
 
 
@@ -191,11 +202,7 @@ def test_model_value_parameters_are_checked(params: dict) -> None:
 def test_model_value_in_a_run_keeps_more_models_whole_than_tangram() -> None:
     names = ["qwen2.5-3b", "phi-3-mini-4k", "llama-3-8b", "yi-9b"]  # 47.5 GB on one 40 GiB GPU
     models = {m: ModelChoice(get_model(m)) for m in names}
-    rng = random.Random(5)
-    t, rows = 0.0, []
-    for _ in range(200):
-        t += rng.expovariate(1 / 4.0)
-        rows.append((t, rng.choices(names, weights=[4, 3, 2, 1])[0], 256, 16))
+    rows = skewed_rows(names, 200, mean_gap_s=4.0, output_tokens=16, seed=5)
     summaries = {}
     for name in ("tangram", "model-value", "model-value"):
         system = make_system(name, "tangram", {"retention": name, "keep_alive_s": 1.0})
@@ -317,11 +324,7 @@ def test_home_never_copies_a_model_while_its_home_has_room() -> None:
     and each model's bytes cross PCIe once; affinity alone copies every model onto both GPUs."""
     names = ["qwen2.5-3b", "phi-3-mini-4k", "llama-3-8b", "yi-9b"]
     models = {m: ModelChoice(get_model(m)) for m in names}
-    rng = random.Random(3)
-    t, rows = 0.0, []
-    for _ in range(300):
-        t += rng.expovariate(1 / 1.5)
-        rows.append((t, rng.choices(names, weights=[4, 3, 2, 1])[0], 256, 32))
+    rows = skewed_rows(names, 300, mean_gap_s=1.5, output_tokens=32, seed=3)
     gpus_of = {}
     loaded = {}
     for sched in ("home-affinity", "tangram-affinity"):
