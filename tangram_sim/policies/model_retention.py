@@ -33,21 +33,14 @@ the small one is missed more often; on the overall Azure and ServeGen experiment
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 
 from tangram_sim.arena.arena import Key, Region
 from tangram_sim.errors import ConfigError
 from tangram_sim.policies.decay import DecayedCounts
-from tangram_sim.policies.retention import RETENTION, RetentionPolicy
+from tangram_sim.policies.retention import RETENTION, RetentionPolicy, _positive, _sensitivity
 
 __all__ = ["ModelValueRetention"]
-
-
-def _positive(name: str, x: object) -> float:
-    if isinstance(x, bool) or not (isinstance(x, int | float) and x > 0 and math.isfinite(x)):
-        raise ConfigError(f"retention parameter {name} must be a positive number, got {x!r}")
-    return float(x)
 
 
 @RETENTION.register("model-value")
@@ -63,13 +56,7 @@ class ModelValueRetention(RetentionPolicy):
     ) -> None:
         self.host_to_gpu_bps = _positive("host_to_gpu_bps", host_to_gpu_bps)
         self.half_life_s = _positive("half_life_s", half_life_s)
-        if sensitivity is not None and not isinstance(sensitivity, Mapping):
-            raise ConfigError(f"retention parameter sensitivity must be a mapping, got {sensitivity!r}")
-        self.sensitivity: dict[str, float] = {}
-        for model, s in (sensitivity or {}).items():
-            if isinstance(s, bool) or not (isinstance(s, int | float) and s >= 0 and math.isfinite(s)):
-                raise ConfigError(f"retention sensitivity of {model!r} must be a number >= 0, got {s!r}")
-            self.sensitivity[model] = float(s)
+        self.sensitivity = _sensitivity(sensitivity)  # model -> weight (default 1)
         if not isinstance(queue_aware, bool):
             raise ConfigError(f"retention parameter queue_aware must be true or false, got {queue_aware!r}")
         self.uses_queue = queue_aware  # see observe_queue

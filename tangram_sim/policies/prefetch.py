@@ -30,12 +30,12 @@ Parameters (`prefetch_params`): `half_life_s` (600) of the decayed counts, `home
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tangram_sim.errors import ConfigError
 from tangram_sim.policies.decay import DecayedCounts
+from tangram_sim.policies.params import positive, sensitivities
 from tangram_sim.registry import Registry
 
 __all__ = [
@@ -107,24 +107,14 @@ class NextModelPrefetch(PrefetchPolicy):
 
     def __init__(self, half_life_s: float = 600.0, home_only: bool = True, evict_below: float = 1.0,
                  sensitivity: Mapping[str, float] | None = None) -> None:
-        if isinstance(half_life_s, bool) or not (
-            isinstance(half_life_s, int | float) and half_life_s > 0 and math.isfinite(half_life_s)
-        ):
-            raise ConfigError(f"prefetch parameter half_life_s must be a positive number, got {half_life_s!r}")
         if not isinstance(home_only, bool):
             raise ConfigError(f"prefetch parameter home_only must be true or false, got {home_only!r}")
         if isinstance(evict_below, bool) or not (isinstance(evict_below, int | float) and 0 <= evict_below <= 1):
             raise ConfigError(f"prefetch parameter evict_below must be a number in [0, 1], got {evict_below!r}")
-        if sensitivity is not None and not isinstance(sensitivity, Mapping):
-            raise ConfigError(f"prefetch parameter sensitivity must be a mapping, got {sensitivity!r}")
-        self.half_life_s = float(half_life_s)
+        self.half_life_s = positive("prefetch", "half_life_s", half_life_s)
         self.home_only = home_only
         self.evict_below = float(evict_below)
-        self.sensitivity: dict[str, float] = {}
-        for model, s in (sensitivity or {}).items():
-            if isinstance(s, bool) or not (isinstance(s, int | float) and s >= 0 and math.isfinite(s)):
-                raise ConfigError(f"prefetch sensitivity of {model!r} must be a number >= 0, got {s!r}")
-            self.sensitivity[model] = float(s)
+        self.sensitivity = sensitivities("prefetch", sensitivity)  # model -> weight (default 1)
         self.decayed = DecayedCounts(self.half_life_s)  # requests per model routed to this GPU
 
     def observe(self, model: str, now: float) -> None:

@@ -16,8 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import ClassVar
 
 from tangram_sim.arena.arena import Key, Region
-from tangram_sim.errors import ConfigError
 from tangram_sim.policies.decay import DecayedCounts
+from tangram_sim.policies.params import positive, sensitivities
 from tangram_sim.registry import Registry
 
 __all__ = [
@@ -70,18 +70,12 @@ class RetentionPolicy:
         return [t[3].key for t in scored]
 
 
-def _positive(name: str, x: float) -> float:
-    if not (isinstance(x, int | float) and x > 0 and math.isfinite(x)):
-        raise ConfigError(f"retention parameter {name} must be a positive number, got {x!r}")
-    return float(x)
+def _positive(name: str, x: object) -> float:
+    return positive("retention", name, x)
 
 
-def _sensitivity(sensitivity: Mapping[str, float] | None) -> dict[str, float]:
-    out = dict(sensitivity or {})
-    for model, s in out.items():
-        if not (isinstance(s, int | float) and s >= 0 and math.isfinite(s)):
-            raise ConfigError(f"retention sensitivity of {model!r} must be a number >= 0, got {s!r}")
-    return out
+def _sensitivity(sensitivity: object) -> dict[str, float]:
+    return sensitivities("retention", sensitivity)
 
 
 RETENTION = Registry[RetentionPolicy]("retention policy")
