@@ -175,6 +175,7 @@ class _KvBatch:
         dtype: torch.dtype,
     ) -> None:
         B = len(caches)
+        self.B, self.S = B, S  # rows, padded width
         self.caches, self.starts, self.lengths = caches, starts, lengths  # for the fallback
         ends = [s + n for s, n in zip(starts, lengths)]
         for cache, end in zip(caches, ends):
@@ -225,6 +226,11 @@ class _KvBatch:
         if self.valid is not None:
             new = new.index_select(0, self.valid)
         self.write = torch.stack((new, new + bt * row), dim=1).view(-1)  # [N * 2]
+
+    def unpack(self, t: torch.Tensor) -> torch.Tensor:
+        """Packed rows [N, ...] (the real tokens, `valid`) to the padded grid [B, S, ...], zeros elsewhere."""
+        out = t.new_zeros(self.B * self.S, *t.shape[1:])
+        return out.index_copy_(0, self.valid, t).view(self.B, self.S, *t.shape[1:])
 
     def store_and_gather(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
@@ -283,25 +289,36 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, kv: _KvBatch
     ) -> torch.Tensor:
+        """x: [B, S, D] (one row per sequence), or [N, D] packed: the real tokens of a ragged batch in
+        row order (`kv.valid` says where each sits in the padded [B * S] grid); returns the same shape.
+
+        Packed, the projections (most of a prefill's work) run on the N real tokens only; attention
+        alone pads to [B, S], since each row attends to its own keys."""
         c = self.c
-        B, S, _ = x.shape  # x: [B, S, D]
+        packed = x.dim() == 2
         if c.fused:
             q, k, v = self.qkv_proj(x).split([c.heads * c.head_dim, *(2 * [c.kv_heads * c.head_dim])], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, S, c.heads, c.head_dim)  # q: [B, S, H, hd]
-        k = k.view(B, S, c.kv_heads, c.head_dim)  # k, v: [B, S, KV, hd]
-        v = v.view(B, S, c.kv_heads, c.head_dim)
-        q = q * cos + _rotate_half(q) * sin  # cos, sin: [B, S, 1, hd]
+        lead = q.shape[:-1]  # [B, S] or [N]
+        q = q.view(*lead, c.heads, c.head_dim)  # q: [.., H, hd]
+        k = k.view(*lead, c.kv_heads, c.head_dim)  # k, v: [.., KV, hd]
+        v = v.view(*lead, c.kv_heads, c.head_dim)
+        q = q * cos + _rotate_half(q) * sin  # cos, sin: [.., 1, hd]
         k = k * cos + _rotate_half(k) * sin
+        if packed:  # to the padded grid for attention (padding rows stay zero, no real token reads them)
+            q, k, v = (kv.unpack(t) for t in (q, k, v))
+        B, S = q.shape[:2]
         kk, vv = kv.store_and_gather(layer, k, v)  # [B, KV, T, hd]
         # GQA without copying K/V per query head: head h uses KV head h // G, so the G heads of one KV
         # head become G * S queries of that head
         G = c.heads // c.kv_heads
         q = q.view(B, S, c.kv_heads, G, c.head_dim).permute(0, 2, 3, 1, 4).reshape(B, c.kv_heads, G * S, -1)
         out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=kv.mask)  # [B, KV, G * S, hd]
-        out = out.view(B, c.kv_heads, G, S, c.head_dim).permute(0, 3, 1, 2, 4)
-        return self.o_proj(out.reshape(B, S, c.heads * c.head_dim))
+        out = out.view(B, c.kv_heads, G, S, c.head_dim).permute(0, 3, 1, 2, 4).reshape(B, S, c.heads * c.head_dim)
+        if packed:
+            out = out.view(B * S, -1).index_select(0, kv.valid)
+        return self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -379,16 +396,26 @@ class CausalLM(nn.Module):
         if lengths is not None and (len(lengths) != B or any(not 1 <= int(n) <= S for n in lengths)):
             raise ValueError(f"lengths {list(lengths)} for {B} rows of {S} tokens, expected 1 .. {S} each")
         starts = [int(p) for p in positions[:, 0].tolist()]
-        x = self.model.embed_tokens(tokens)  # x: [B, S, D]
         rows = [S] * B if lengths is None else [int(n) for n in lengths]
-        kv = _KvBatch(c, caches, starts, rows, S, x.device, x.dtype)
-        freqs = positions.float()[..., None] * self.inv_freq  # [B, S, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, S, 1, hd]
+        dtype = self.model.embed_tokens.weight.dtype
+        kv = _KvBatch(c, caches, starts, rows, S, tokens.device, dtype)
+        packed = kv.valid is not None  # ragged: every layer but attention runs on the real tokens only
+        if packed:
+            tokens, positions = (t.reshape(-1).index_select(0, kv.valid) for t in (tokens, positions))
+        x = self.model.embed_tokens(tokens)  # x: [B, S, D], or [N, D] packed
+        freqs = positions.float()[..., None] * self.inv_freq  # [.., hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(-2)  # [.., 1, hd]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, i, kv)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        if last_only:
+        if packed:
+            if last_only:  # each row's last real token
+                ends = torch.tensor(rows, device=x.device).cumsum(0) - 1
+                x = x.index_select(0, ends)[:, None]
+            else:
+                x = kv.unpack(x)
+        elif last_only:
             if lengths is None:
                 x = x[:, -1:]
             else:
