@@ -28,13 +28,25 @@ import queue
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import simpy
 from simpy.core import EmptySchedule, Infinity
 
-__all__ = ["WallClockEnvironment"]
+__all__ = ["Measured", "WallClockEnvironment"]
+
+
+@dataclass(slots=True)
+class Measured:
+    """What a piece of device work returns when it times itself (e.g. in another process): its result,
+    and the `time.perf_counter()` at which it began and the seconds it took there, so that the time it
+    spent reaching the device and coming back is charged to nobody."""
+
+    value: Any  # the work's result, delivered to the waiting process
+    t0: float  # perf_counter when the device began it (CLOCK_MONOTONIC: the same in every process)
+    seconds: float  # device time
 
 
 class WallClockEnvironment(simpy.Environment):
@@ -67,7 +79,8 @@ class WallClockEnvironment(simpy.Environment):
 
     def run_on(self, executor: Executor, work: Callable[[], Any]) -> simpy.Event:
         """Run `work` on `executor`'s thread; the returned event succeeds with its result (or fails with
-        its exception) at submission time + the seconds `work` took."""
+        its exception) at submission time + the seconds `work` took (a `Measured` result: the seconds it
+        says; the event's value is then the `Measured` itself)."""
         event = self.event()
         submitted = self._now
         started: list[float] = []
@@ -79,7 +92,10 @@ class WallClockEnvironment(simpy.Environment):
                 out, ok = work(), True
             except BaseException as exc:  # delivered to the waiting process, which raises it
                 out, ok = exc, False
-            self._done.put((event, submitted, ok, out, time.perf_counter() - t0))
+            seconds = time.perf_counter() - t0
+            if isinstance(out, Measured):  # timed where it ran: its own figure, without the transit
+                seconds = out.seconds
+            self._done.put((event, submitted, ok, out, seconds))
 
         self._pending[id(event)] = (submitted, started)
         executor.submit(job)

@@ -56,6 +56,8 @@ Schema (defaults in brackets):
       readers: int, chunk_mb: number, staging: auto | always | never   # loader settings
       threads: int                         # torch intra-op threads while replaying [torch's default]
       lag_bound_s: number [0.05]           # a replay whose p99 lag exceeds this says it fell behind
+      processes: bool                      # each arena's device work in a process of its own, pinned to
+                                           # `threads` CPUs [when there are several arenas]
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ MODEL_KEYS = ("name", "sensitivity", "tensor_parallel", "derive", "checkpoint")
 SYSTEM_KEYS = ("name", "preset", "overrides")
 OUTPUT_KEYS = ("requests", "timeline", "plots", "sample_interval_s")
 REAL_KEYS = ("scale", "dtype", "checkpoints", "time_scale", "readers", "chunk_mb", "staging", "threads",
-             "lag_bound_s")
+             "lag_bound_s", "processes")
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -495,6 +497,8 @@ def _validate_real(section: Any, base_dir: Path | None) -> dict[str, Any]:
         out["chunk_mb"] = _num(real, "chunk_mb", "real", None)
     if real.get("lag_bound_s") is not None:
         out["lag_bound_s"] = _num(real, "lag_bound_s", "real", None)
+    if real.get("processes") is not None:
+        out["processes"] = _get(real, "processes", "real", bool, None)
     if out.get("staging", "auto") not in ("auto", "always", "never"):
         raise ConfigError(f"real.staging: expected auto, always or never, got {out['staging']!r}")
     if "checkpoints" in out:

@@ -28,10 +28,16 @@ from tangram_sim.core.records import build_entries
 from tangram_sim.core.run import run_on_wall_clock
 from tangram_sim.errors import ConfigError
 from tangram_sim.experiments.config import load_yaml
+from tangram_sim.real.backend import BackendSpec, core_sets
 from tangram_sim.real.device import LOAD_COLUMNS, MEMORY_COLUMNS, STEP_COLUMNS, RealDevice
-from tangram_sim.real.executor import RealGpu, resolve_device
 from tangram_sim.real.loader import DEFAULT_CHUNK_BYTES, Checkpoint
-from tangram_sim.real.setup import ReplaySetup, default_capacity, loader_options, prepare_replay
+from tangram_sim.real.setup import (
+    ReplaySetup,
+    default_capacity,
+    loader_options,
+    prepare_replay,
+    resolve_device,
+)
 from tangram_sim.sim.hardware import GPUS
 from tangram_sim.sim.systems import SystemSpec
 from tangram_sim.sim.timemodel import Roofline, TimeModel
@@ -60,6 +66,7 @@ class ReplayResult:
     steps: pd.DataFrame  # STEP_COLUMNS: every piece of device work, when it ran and how long it took
     summary: dict[str, Any]  # `summarize` of the requests, plus the replay's figures (lag, wall time)
     wall_s: float  # seconds the replay took
+    tokens: dict[int, list[int]]  # rid -> the tokens it generated (greedy), first token first
 
 
 @contextlib.contextmanager
@@ -110,12 +117,19 @@ def replay_trace(
     threads: int | None = None,
     lag_bound_s: float = LAG_BOUND_S,
     progress: Callable[[int], Any] | None = None,
+    processes: bool | None = None,
+    prompts: dict[int, list[int]] | None = None,
+    verify: bool = False,
 ) -> ReplayResult:
     """Replay `trace` (canonical columns; `arrival_s` already compressed) under `system`, one arena of
     `capacity` bytes per entry of `devices` (default: 90% of free memory on CUDA), all on one node.
 
-    `time_model` only feeds the scheduler's estimates, as in the simulator (default: the roofline of an
-    a100-80gb). Raises RunInvariantError if a request is unaccounted or anything is left bound."""
+    `processes`: each arena's backend in a process of its own, pinned to its own CPUs with `threads`
+    torch threads each (default: when there are several arenas); else in this process.
+    `prompts` (rid -> token ids) replaces the random prompts drawn from the seed; `verify` checks every
+    tensor of each cold start's model against its file. `time_model` only feeds the scheduler's
+    estimates, as in the simulator (default: the roofline of an a100-80gb). Raises RunInvariantError if
+    a request is unaccounted or anything is left bound."""
     unknown = sorted(set(trace["model"].astype(str)) - set(ckpts))
     if unknown:
         raise ConfigError(f"trace uses model(s) {', '.join(unknown)} without a checkpoint")
@@ -126,23 +140,29 @@ def replay_trace(
         raise ConfigError(f"model {bad[0]!r}: vocabulary size unknown, expected a decoder checkpoint")
     if capacity is None:
         capacity = default_capacity(devs, "capacity")
-    prompts = _prompts(trace, vocab, seed)
+    if prompts is None:
+        prompts = _prompts(trace, vocab, seed)
     sens = {m: float((sensitivity or {}).get(m, 1.0)) for m in ckpts}
     entries = build_entries({m: (c.spec, sens[m], 1) for m, c in ckpts.items()}, system, ARENA_ALIGNMENT)
     loader = dict(readers=readers, chunk_bytes=chunk_bytes, staging=staging)
+    separate = len(devs) > 1 if processes is None else processes
+    cores = core_sets(len(devs), threads) if separate else [()] * len(devs)
+    specs = [BackendSpec(str(dev), capacity, ARENA_ALIGNMENT, {m: str(c.path) for m, c in ckpts.items()},
+                         system.granularity, system.min_unit_bytes, system.unit_divisor, system.kv_block_tokens,
+                         loader, threads if separate else None, cores[i])
+             for i, dev in enumerate(devs)]
     gpus: list[RealDevice] = []
 
     def make_devices(env: WallClockEnvironment) -> list[RealDevice]:
-        for i, dev in enumerate(devs):
-            gpus.append(RealDevice(env, i, dev, capacity, ARENA_ALIGNMENT, ckpts, system.granularity,
-                                   system.min_unit_bytes, system.kv_block_tokens, prompts,
-                                   unit_divisor=system.unit_divisor, **loader))
+        for i, spec in enumerate(specs):
+            gpus.append(RealDevice(env, i, spec, ckpts, prompts, process=separate, verify=verify))
+        if warmup:  # every arena at once (each on its own thread, or its own process)
+            for f in [g.thread.submit(g.link.call, "warm_up", ARENA_ALIGNMENT) for g in gpus]:
+                f.result()
+        gc.collect()
         return gpus
 
-    with torch_threads(threads):
-        if warmup:
-            _warm_up(ckpts, devs, system, loader)
-        gc.collect()
+    with torch_threads(None if separate else threads):
         gc_was = gc.isenabled()
         gc.disable()  # a collection pause inside a sub-millisecond load would be charged to that load
         try:
@@ -152,6 +172,7 @@ def replay_trace(
                 sample_interval_s=sample_interval_s, progress=progress,
             )
             for g in gpus:
+                g.close()
                 g.check()
         finally:
             if gc_was:
@@ -167,30 +188,8 @@ def replay_trace(
         waits = steps.loc[steps["kind"] == "prefetch-wait", "seconds"]
         summary["prefetch_waits"] = int(len(waits))
         summary["prefetch_wait_max_s"] = float(waits.max()) if len(waits) else 0.0
-    return ReplayResult(system.name, run.requests, run.timeline, memory, loads, steps, summary, run.wall_s)
-
-
-def _warm_up(ckpts: dict[str, Checkpoint], devs: Sequence[torch.device], system: SystemSpec,
-             loader: dict[str, Any]) -> None:
-    """Load, build, prefill and decode each model once per device on a scratch arena (page cache,
-    kernels, threads), so the replay measures steady-state costs; the scratch arena is freed first."""
-    for dev in dict.fromkeys(devs):
-        for ckpt in ckpts.values():
-            spec = ckpt.spec
-            margin = spec.kv_bytes_per_token * 128 + 2**20  # KV of the warm-up tokens + unit alignment
-            gpu = RealGpu(dev, spec.weight_bytes + margin, system.granularity, "none", "first-fit", "elastic",
-                          alignment=ARENA_ALIGNMENT, min_unit_bytes=system.min_unit_bytes,
-                          unit_divisor=system.unit_divisor, **loader)
-            try:
-                gpu.start_instance(ckpt, now=0.0)
-                step = gpu.prefill(ckpt.name, [1] * 16, now=0.0)
-                gpu.decode_step(step.rids, now=0.0)
-            finally:
-                gpu.close()
-            del gpu
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-            torch.cuda.empty_cache()
+    tokens = {rid: t for g in gpus for rid, t in g.tokens.items()}
+    return ReplayResult(system.name, run.requests, run.timeline, memory, loads, steps, summary, run.wall_s, tokens)
 
 
 def replay_system(setup: ReplaySetup, system: SystemSpec, progress: bool = False) -> ReplayResult:
@@ -214,6 +213,7 @@ def replay_system(setup: ReplaySetup, system: SystemSpec, progress: bool = False
             seed=setup.config["seed"], **loader_options(real), sample_interval_s=float(interval), h2d_bps=h2d,
             time_model=Roofline(spec, gpu["compute_efficiency"], gpu["memory_efficiency"]),
             threads=real.get("threads"), lag_bound_s=float(real.get("lag_bound_s", LAG_BOUND_S)),
+            processes=real.get("processes"),
             progress=(lambda n: bar.update(n - bar.n)) if progress else None,
         )
     finally:

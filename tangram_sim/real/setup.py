@@ -26,13 +26,44 @@ from tangram_sim.errors import CapacityError, ConfigError
 from tangram_sim.experiments.config import build_systems, dump_yaml
 from tangram_sim.models.catalog import list_models
 from tangram_sim.real.checkpoints import SCALES, Derivation, make_checkpoint, make_derived_checkpoint
-from tangram_sim.real.executor import resolve_device
 from tangram_sim.real.loader import DEFAULT_CHUNK_BYTES, Checkpoint, open_checkpoint
 from tangram_sim.sim.hardware import GiB
 from tangram_sim.sim.systems import SystemSpec
 from tangram_sim.traces.spec import load_trace, resolve_path
 
-__all__ = ["ReplaySetup", "default_capacity", "loader_options", "prepare_replay", "replay_devices"]
+__all__ = ["ReplaySetup", "checkpoint_dirs", "default_capacity", "loader_options", "prepare_replay",
+           "replay_devices", "resolve_device"]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A usable torch device, or a one-line ConfigError (e.g. `cuda` on a machine without CUDA)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is unknown, expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: CUDA is not available here, expected --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA devices")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {device!r}: expected cpu or cuda[:N]")
+    return dev
+
+
+def checkpoint_dirs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Expand each path: a checkpoint folder as is, a folder of checkpoint folders to its children."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir() and not any(p.glob("*.safetensors")):
+            children = sorted(c for c in p.iterdir() if c.is_dir() and any(c.glob("*.safetensors")))
+            if children:
+                out += children
+                continue
+        out.append(p)
+    return out
 
 
 @dataclass(slots=True)
@@ -160,7 +191,8 @@ def _sim_config(config: dict[str, Any], base_dir: Path | None, out_dir: Path, pa
         "systems": copy.deepcopy(config["systems"]),
         "outputs": copy.deepcopy(config["outputs"]),
     }
-    loader = {k: real[k] for k in ("readers", "chunk_mb", "staging", "threads") if real.get(k) is not None}
+    loader = {k: real[k] for k in ("readers", "chunk_mb", "staging", "threads", "processes")
+              if real.get(k) is not None}
     if loader:
         out["real"] = loader
     return out
@@ -281,7 +313,7 @@ def prepare_replay(
 
 
 def loader_options(real: dict[str, Any]) -> dict[str, Any]:
-    """RealGpu loader keyword arguments from the `real:` section (calibration uses the same)."""
+    """Loader keyword arguments from the `real:` section (calibration uses the same)."""
     return {
         "readers": real.get("readers"),
         "chunk_bytes": max(4096, int(real.get("chunk_mb", DEFAULT_CHUNK_BYTES / 2**20) * 2**20)),

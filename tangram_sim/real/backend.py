@@ -1,0 +1,391 @@
+"""The torch side of one replay GPU: its buffer, loader, engines and sequences, in a process of its own.
+
+`real.device.RealDevice` keeps the lifecycle's books (which units sit where, whose KV is which blocks)
+and hands this backend the work those books describe, one command at a time and in order:
+
+- `start`: the compaction copies, the reads of the missing units, then the engine build on the arena's
+  views (and, when asked, a checksum of every tensor against its file, not timed);
+- `prefill`: one packed ragged forward pass over a group of prompts; `decode`: one batched step;
+- `prefetch`: the read of one unit into its region;
+- `apply`: KV blocks bound to or taken from a request, an ended instance's engine dropped. These come
+  with the next timed command rather than as calls of their own (a command of the lifecycle that needs
+  them is always a later one), so binding memory costs no round trip.
+
+Each command measures its own device time (synchronised with the device) and returns it as a
+`core.clock.Measured`; the clock stamps completions with it, not with the time the command spent in
+transit. `DeviceLink` runs the backend either in this process (its calls on the device's thread:
+tests, single arenas) or in a child process (`process=True`): one process per arena, pinned to its
+own cores with its own torch threads, as serving stacks run one process per GPU, so that two arenas
+of one host do not share an interpreter lock and the lifecycle's bookkeeping does not run between a
+device's kernels.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tangram_sim.arena import Key
+from tangram_sim.core.clock import Measured
+from tangram_sim.errors import ModelError
+from tangram_sim.policies.kv import kv_block_bytes
+from tangram_sim.policies.packing import Move
+from tangram_sim.real.checkpoints import torch_dtype
+from tangram_sim.real.device_arena import DeviceArena
+from tangram_sim.real.engine import CausalLM, EngineConfig, PagedKv, build_engine, greedy
+from tangram_sim.real.loader import (
+    Checkpoint,
+    Loader,
+    Segment,
+    UnitLayout,
+    device_digest,
+    file_digest,
+    open_checkpoint,
+)
+
+__all__ = ["BackendSpec", "DeviceBackend", "DeviceLink", "core_sets"]
+
+
+@dataclass(slots=True)
+class BackendSpec:
+    """Everything a backend is built from (picklable: a child process builds its own)."""
+
+    device: str  # torch device ("cpu", "cuda:0")
+    capacity: int  # arena bytes
+    alignment: int  # arena alignment
+    checkpoints: dict[str, str]  # model -> checkpoint folder
+    granularity: str  # reuse units, as the system's
+    min_unit_bytes: int
+    unit_divisor: int
+    block_tokens: int  # tokens per KV block
+    loader: dict[str, Any] = field(default_factory=dict)  # Loader options (readers, chunk_bytes, staging)
+    threads: int | None = None  # torch intra-op threads (None: unchanged; a child: its cores)
+    cores: tuple[int, ...] = ()  # CPUs a child process is pinned to (empty: not pinned)
+
+
+@dataclass(slots=True)
+class _Model:
+    ckpt: Checkpoint  # headers, tensor locations, config.json
+    by_key: dict[Key, UnitLayout]  # unit key -> where its tensors sit inside its region
+    config: EngineConfig  # decoder shape
+    block_shape: tuple[int, ...]  # one cross-layer KV block's view shape
+    dtype: torch.dtype  # of the KV (and the weights)
+
+
+@dataclass(slots=True)
+class _Seq:
+    tokens: list[int]  # prompt, then every generated token
+    cache: PagedKv  # block views, in token order
+    length: int = 0  # tokens whose K/V are in the cache
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work: every measured duration ends here."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_layouts(spec: BackendSpec, ckpt: Checkpoint) -> list[UnitLayout]:
+    """The units of a checkpoint as the system cuts them (the lifecycle's and the backend's alike)."""
+    return ckpt.layouts(spec.granularity, spec.min_unit_bytes, spec.unit_divisor)
+
+
+class DeviceBackend:
+    """One arena's buffer and everything computed on it (see module docstring)."""
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.device = torch.device(spec.device)
+        self.dev = DeviceArena(spec.capacity, self.device, spec.alignment)
+        self.loader = Loader(self.device, **spec.loader)
+        self.block_tokens = spec.block_tokens
+        self.models: dict[str, _Model] = {}
+        for name, path in spec.checkpoints.items():
+            ckpt = open_checkpoint(path)
+            cfg = EngineConfig.from_checkpoint(ckpt.spec, ckpt.config)
+            shape = cfg.kv_block_shape(spec.block_tokens)
+            dtype = torch_dtype(ckpt.spec.dtype)
+            block = kv_block_bytes(ckpt.spec.kv_bytes_per_token, spec.block_tokens)
+            numel = 1
+            for d in shape:
+                numel *= d
+            if numel * dtype.itemsize != block:
+                raise ModelError(f"{ckpt.path}: KV block is {numel * dtype.itemsize} bytes but the spec "
+                                 f"says {block}, expected a decoder whose config matches its tensors")
+            layouts = model_layouts(spec, ckpt)
+            self.models[name] = _Model(ckpt, {lay.unit.key: lay for lay in layouts}, cfg, shape, dtype)
+        self.engines: dict[str, CausalLM] = {}  # model -> engine of its running instance
+        self.kv: dict[int, list[int]] = {}  # rid -> its KV block offsets, in token order
+        self.seqs: dict[int, _Seq] = {}  # rid -> its running sequence (after prefill)
+        self.tokens: dict[int, list[int]] = {}  # rid -> every token it generated (first one first)
+
+    # ------------------------------------------------------------ bindings
+    def apply(self, ops: Sequence[tuple]) -> None:
+        """Bindings decided since the last command, in order: ("kv", rid, model, offsets) binds new
+        blocks, ("free", rid) drops a request's, ("end", model) drops an instance's engine."""
+        for op in ops:
+            kind = op[0]
+            if kind == "kv":
+                _, rid, model, offsets = op
+                self.kv.setdefault(rid, []).extend(offsets)
+                seq = self.seqs.get(rid)
+                if seq is not None:
+                    m = self.models[model]
+                    seq.cache.blocks += [self.dev.tensor(off, m.dtype, m.block_shape) for off in offsets]
+            elif kind == "free":
+                self.kv.pop(op[1], None)
+                self.seqs.pop(op[1], None)
+            elif kind == "end":
+                self.engines.pop(op[1], None)
+            else:
+                raise AssertionError(f"unknown binding {kind!r}")
+
+    # ------------------------------------------------------------ device work
+    def start(self, ops: Sequence[tuple], model: str, offsets: dict[Key, int], missing: Sequence[Key],
+              moves: Sequence[tuple[int, int, int]], verify: bool) -> Measured:
+        """A cold start's device part: compaction copies, reads of `missing`, engine build (then the
+        checksums when `verify`). Value: (move_s, read_s, engine_s, read bytes, read GB/s)."""
+        self.apply(ops)
+        m = self.models[model]
+        segments = [Segment(s.path, s.start, s.nbytes, offsets[key] + s.rel)
+                    for key in missing for s in m.by_key[key].slots]
+        t0 = time.perf_counter()
+        for src, dst, n in moves:
+            self.dev.copy_move(Move(None, src, dst, n))
+        _sync(self.device)
+        t1 = time.perf_counter()
+        read = self.loader.load(self.dev.buffer, segments) if segments else None
+        _sync(self.device)
+        t2 = time.perf_counter()
+        self.engines[model] = build_engine(m.config, self._views(m, offsets), self.device)
+        _sync(self.device)
+        t3 = time.perf_counter()
+        if verify:
+            self._verify(m, offsets)
+        value = (t1 - t0, t2 - t1, t3 - t2, sum(s.nbytes for s in segments), read.gbps if read else 0.0)
+        return Measured(value, t0, t3 - t0)
+
+    def prefetch(self, model: str, key: Key, offset: int) -> Measured:
+        """Read one unit of `model`'s files into its region."""
+        segments = [Segment(s.path, s.start, s.nbytes, offset + s.rel) for s in self.models[model].by_key[key].slots]
+        t0 = time.perf_counter()
+        self.loader.load(self.dev.buffer, segments)
+        _sync(self.device)
+        return Measured(None, t0, time.perf_counter() - t0)
+
+    def prefill(self, ops: Sequence[tuple], model: str, batch: Sequence[tuple[int, list[int]]]) -> Measured:
+        """One packed forward pass over the prompts of `batch` ((rid, prompt token ids)); the first
+        token of each becomes its sequence's next input. Value: the prompt lengths."""
+        self.apply(ops)
+        m = self.models[model]
+        engine = self.engines[model]
+        seqs = []
+        for rid, prompt in batch:
+            cache = PagedKv(self.block_tokens)
+            cache.blocks = [self.dev.tensor(off, m.dtype, m.block_shape) for off in self.kv[rid]]
+            seq = self.seqs[rid] = _Seq(list(prompt), cache)
+            seqs.append(seq)
+        device = self.device
+        t0 = time.perf_counter()
+        lengths = [len(s.tokens) for s in seqs]
+        width = max(lengths)
+        tokens = torch.tensor([s.tokens + [0] * (width - len(s.tokens)) for s in seqs], dtype=torch.long,
+                              device=device)
+        positions = torch.arange(width, device=device).expand(len(seqs), width)
+        with torch.inference_mode():
+            logits = engine(tokens, positions, [s.cache for s in seqs], lengths=lengths)
+        first = greedy(logits)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        for (rid, _), seq, n, token in zip(batch, seqs, lengths, first):
+            seq.length = n
+            seq.tokens.append(token)
+            self.tokens[rid] = [token]
+        return Measured(lengths, t0, seconds)
+
+    def decode(self, ops: Sequence[tuple], model: str, rids: Sequence[int]) -> Measured:
+        """One batched decode step of `rids`."""
+        self.apply(ops)
+        engine = self.engines[model]
+        seqs = [self.seqs[r] for r in rids]
+        device = self.device
+        t0 = time.perf_counter()
+        tokens = torch.tensor([[s.tokens[-1]] for s in seqs], dtype=torch.long, device=device)
+        positions = torch.tensor([[s.length] for s in seqs], dtype=torch.long, device=device)
+        with torch.inference_mode():
+            logits = engine(tokens, positions, [s.cache for s in seqs])
+        new = greedy(logits)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        for rid, seq, token in zip(rids, seqs, new):
+            seq.length += 1
+            seq.tokens.append(token)
+            self.tokens[rid].append(token)
+        return Measured(None, t0, seconds)
+
+    def warm_up(self, alignment: int) -> int:
+        """Load, build, prefill and decode each model once with the commands above (page cache, kernels,
+        threads), so a replay measures steady-state costs; the arena is empty before and after (its
+        bytes are scratch until the replay's books place units). Returns the models warmed up."""
+        done = 0
+        for name, m in self.models.items():
+            offsets, end = {}, 0
+            for key, lay in m.by_key.items():
+                offsets[key] = end
+                end += -(-lay.nbytes // alignment) * alignment
+            block = int(m.dtype.itemsize * torch.Size(m.block_shape).numel())
+            room = (self.dev.capacity - end) // max(1, block)
+            tokens = min(16, room * self.block_tokens - 1)
+            if tokens < 1:
+                continue  # the model alone fills the arena: its first cold start warms it
+            blocks = [end + i * block for i in range(-(-(tokens + 1) // self.block_tokens))]
+            self.start((), name, offsets, list(m.by_key), (), False)
+            self.prefill((("kv", -1, name, blocks),), name, [(-1, [1] * tokens)])
+            self.decode((), name, [-1])
+            self.apply((("free", -1), ("end", name)))
+            self.tokens.pop(-1, None)
+            done += 1
+        _sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return done
+
+    # ------------------------------------------------------------ the rest
+    def _views(self, m: _Model, offsets: dict[Key, int]) -> dict[str, torch.Tensor]:
+        spec = m.ckpt.spec
+        views = {}
+        for key, lay in m.by_key.items():
+            for s in lay.slots:
+                t = spec.tensors[s.index]
+                views[t.name] = self.dev.tensor(offsets[key] + s.rel, torch_dtype(t.dtype), t.shape)
+        return views
+
+    def _verify(self, m: _Model, offsets: dict[Key, int]) -> None:
+        """Every tensor of the model in the arena equals its bytes in its file (blake2b), or ModelError."""
+        for key, lay in m.by_key.items():
+            for s in lay.slots:
+                on_device = device_digest(self.dev.bytes_at(offsets[key] + s.rel, s.nbytes))
+                in_file = file_digest(s.path, s.start, s.nbytes)
+                if on_device != in_file:
+                    raise ModelError(f"{s.path}: tensor {s.name!r} on {self.device} differs from the file "
+                                     f"(blake2b {on_device} != {in_file}), expected bit-identical bytes")
+
+    def memory(self) -> tuple[int, int]:
+        """(torch allocated, torch reserved) bytes of this process on its device (0 on the CPU)."""
+        if self.device.type != "cuda":
+            return 0, 0
+        return torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
+
+    def finish(self, ops: Sequence[tuple]) -> dict[str, Any]:
+        """Apply the last bindings; what is left bound and every request's tokens."""
+        self.apply(ops)
+        _sync(self.device)
+        return {"kv": len(self.kv), "seqs": len(self.seqs), "engines": len(self.engines),
+                "tokens": self.tokens, "buffer_ok": self.dev.buffer.numel() == self.dev.capacity}
+
+    def close(self) -> None:
+        self.loader.close()
+        self.engines.clear()
+        self.seqs.clear()
+
+
+def core_sets(n: int, threads: int | None) -> list[tuple[int, ...]]:
+    """CPUs for `n` device processes: each its own `threads` (default: an equal share), wrapping
+    around when there are fewer CPUs than asked for."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    each = threads or max(1, len(cpus) // max(1, n))
+    return [tuple(cpus[(i * each + j) % len(cpus)] for j in range(each)) for i in range(n)]
+
+
+def _serve(conn: Any, spec: BackendSpec) -> None:
+    """A device process: build the backend, then answer commands until the pipe closes (the parent
+    ended it, or died: a child never outlives its lifecycle)."""
+    if spec.cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, spec.cores)
+    if spec.threads or spec.cores:
+        torch.set_num_threads(spec.threads or len(spec.cores))
+    import gc
+
+    gc.disable()  # no collection pause inside a timed step; freed with the process
+    try:
+        backend = DeviceBackend(spec)
+    except BaseException as exc:  # noqa: BLE001 - delivered to the parent, which raises it
+        conn.send((False, exc))
+        return
+    conn.send((True, None))
+    while True:
+        try:
+            name, args = conn.recv()
+        except (EOFError, OSError, KeyboardInterrupt):
+            break
+        if name == "close":
+            backend.close()
+            conn.send((True, None))
+            break
+        try:
+            conn.send((True, getattr(backend, name)(*args)))
+        except BaseException as exc:  # noqa: BLE001
+            try:
+                conn.send((False, exc))
+            except Exception:  # an exception that does not pickle: its text
+                conn.send((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
+
+
+class DeviceLink:
+    """Calls into one backend: in this process, or in a child process of its own (`process=True`).
+
+    Calls are made from one thread at a time (the device's thread), so they are answered in order."""
+
+    def __init__(self, spec: BackendSpec, process: bool) -> None:
+        self.process = process
+        self._proc = None
+        if not process:
+            self._backend: DeviceBackend | None = DeviceBackend(spec)
+            return
+        self._backend = None
+        ctx = mp.get_context("spawn")  # never fork a process that holds torch's threads
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, spec), daemon=True, name=f"tangram-{spec.device}")
+        self._proc.start()
+        child.close()
+        self._answer()
+
+    def _answer(self) -> Any:
+        try:
+            ok, value = self._conn.recv()
+        except EOFError:
+            code = self._proc.exitcode if self._proc is not None else None
+            raise RuntimeError(f"the device process ended (exit code {code})") from None
+        if not ok:
+            raise value
+        return value
+
+    def call(self, name: str, *args: Any) -> Any:
+        if self._backend is not None:
+            return getattr(self._backend, name)(*args)
+        self._conn.send((name, args))
+        return self._answer()
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+            return
+        if self._proc is None:
+            return
+        try:
+            if self._proc.is_alive():
+                self._conn.send(("close", ()))
+                self._answer()
+        except (OSError, EOFError, RuntimeError):
+            pass
+        self._conn.close()
+        self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._proc = None
