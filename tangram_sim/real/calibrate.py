@@ -1,36 +1,39 @@
-"""Calibrate the simulator from measurements on one device (`tangram-sim real calibrate`).
+"""Calibrate the simulator from replays on the device (`tangram-sim real calibrate`).
 
-The simulator's time model has a handful of coefficients; each is measured here the way the replay
-will pay it, so that a calibrated simulation predicts the replay rather than a datasheet:
+The simulator's time model has a handful of coefficients; each is fitted on what the replay itself
+measures, so that a calibrated simulation predicts the replay rather than a datasheet. Calibration
+replays small designed traces through the replay's own path (`real.replay.replay_trace`: the
+lifecycle of `core` over `RealDevice`s, one arena per GPU of the experiment, each in its own process
+when there are several), under each of the experiment's systems, and fits on the replays'
+`loads` and `steps` tables:
 
-- `h2d_bps`: host->device copies (pinned and pageable, by chunk size; on the CPU a memcpy), the figure
-  at the loader's chunk size; `d2d_bps`: copies inside the device (compaction);
-- `read_bps` and `unit_overhead_s`: a least-squares fit of `RealGpu.start_instance` wall times to
-  `units x unit_overhead + loaded bytes / read_bps + moved bytes / d2d_bps`, the simulator's load
-  formula, over instance starts that follow the experiment's own policies, arena size and model mix;
-- `engine_overhead_s`: the mean time to bind an engine to the arena views after such a start;
-- per model, `prefill_base_s + prefill_per_token_s x tokens` at prompt lengths spread over the trace's,
-  and `decode_base_s + decode_per_seq_s x (batch - 1) + decode_per_kv_token_s x KV tokens` at several
-  batch sizes and KV lengths: least squares (on relative errors) over the wall time of
-  `RealGpu.prefill` / `decode_step`.
+- `read_bps` and `unit_overhead_s`: least squares of each cold start's device part (compaction copies
+  and reads) on `units x unit_overhead + loaded bytes / read_bps + moved bytes / d2d_bps`, the
+  simulator's load formula;
+- `engine_overhead_s`: the mean engine build of those starts;
+- per model, `prefill_base_s + prefill_per_token_s x tokens` over its prefill steps (one per prefill
+  group: the tokens of all its prompts) and `decode_base_s + decode_per_seq_s x (batch - 1) +
+  decode_per_kv_token_s x KV tokens` over its decode steps: least squares on relative errors;
+- `h2d_bps` (host->device copies by chunk size; on the CPU a memcpy) and `d2d_bps` (copies inside the
+  device) are copy benchmarks: the simulator caps loads at h2d and charges moves at d2d.
 
-Context matters as much as the operation: a start or a prefill timed in a tight loop of identical
-calls finds warm caches that no replay gives it (on a CPU device it runs up to 2x faster). So each
-start waits an idle gap drawn from the trace's inter-arrival times and is followed by an engine build,
-a prefill and decode steps, as a cold start in the replay is; prefills are timed right after an
-instance start and after such a gap; decode steps run back to back, as in a batch.
+The designed trace keeps what makes a step's time depend on its context: the experiment's arrival
+process (its inter-arrival gaps, resampled), model shares and output lengths, so the arenas are busy
+and idle, together or apart, as in the replay (two arenas of one host share its memory bandwidth and
+caches; a step after an idle gap finds colder caches than one in a loop). What it designs: prompt
+lengths cycle through the trace's percentiles (prefills of chosen lengths, each alone or grouped as
+arrivals fall), and a closing phase sends each model bursts at chosen batch sizes (decode at chosen
+batch sizes). The requests are drawn with their own seed, never the experiment's: a calibration is not
+fitted on the requests it is then checked against.
 
 The YAML written holds the `Calibration` fields `tangram-sim run --calibration` reads, plus every raw
-measurement under `measurements:` (ignored by the simulator) so a calibration can be audited.
+figure and each fit's residual under `measurements:` (ignored by the simulator).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import platform
-import random
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,13 +46,11 @@ import torch
 import yaml
 
 from tangram_sim.arena import ARENA_ALIGNMENT as ALIGNMENT
-from tangram_sim.core.run import kv_policy as _kv_policy
 from tangram_sim.errors import ConfigError
-from tangram_sim.policies import PACKING, RETENTION
-from tangram_sim.real.executor import RealGpu, resolve_device
 from tangram_sim.real.loader import DEFAULT_CHUNK_BYTES, Checkpoint
 from tangram_sim.real.memory import driver_info
 from tangram_sim.real.replay import torch_threads
+from tangram_sim.real.setup import resolve_device
 from tangram_sim.sim.systems import SystemSpec, make_system
 from tangram_sim.sim.timemodel import Calibration, ModelCoefficients
 
@@ -175,84 +176,7 @@ def _at_chunk(table: dict[int, float], chunk: int) -> float:
     return table[best]
 
 
-# ------------------------------------------------------------------ loads and engine starts
-def _system_key(s: SystemSpec) -> tuple:
-    return (s.granularity, s.min_unit_bytes, s.unit_divisor, s.retention, s.packing, s.kv, s.kv_fraction,
-            s.kv_block_tokens)
-
-
-def measure_loads(
-    ckpts: dict[str, Checkpoint],
-    dev: torch.device,
-    systems: Sequence[SystemSpec],
-    capacity: int,
-    *,
-    starts: int,
-    weights: dict[str, float] | None = None,
-    gaps: Sequence[float] = (),
-    seed: int = 0,
-    decode_steps: int = 4,
-    loader: dict[str, Any] | None = None,
-) -> pd.DataFrame:
-    """Instance starts under each distinct policy set: one row per start (units, bytes, seconds).
-
-    Models are drawn with the experiment's request shares; each start is followed by an engine build,
-    a prefill and `decode_steps` decode steps (the trace's mean output length: the work an instance
-    does), then the instance ends, as a cold start in the replay is. With `gaps` (the trace's
-    inter-arrival times) every other start first waits one drawn at random: in a replay a start
-    follows either another model's batch or idleness, and both leave colder caches than a tight loop
-    of identical starts (on a CPU device up to 2x slower).
-    """
-    names = list(ckpts)
-    w = [float((weights or {}).get(n, 1.0)) for n in names]
-    rows = []
-    seen: set[tuple] = set()
-    for system in systems:
-        key = _system_key(system)
-        if key in seen:
-            continue
-        seen.add(key)
-        rng = random.Random(seed)
-        retention = RETENTION.create(system.retention) if system.retention != "next-use" else "lru"
-        gpu = RealGpu(dev, capacity, system.granularity, retention, PACKING.create(system.packing),
-                      _kv_policy(system), alignment=ALIGNMENT, min_unit_bytes=system.min_unit_bytes,
-                      unit_divisor=system.unit_divisor, **(loader or {}))
-        try:
-            for i in range(starts + 2):
-                name = rng.choices(names, w)[0]
-                now = float(i)
-                if gaps and i % 2:
-                    _idle(rng.choice(gaps))
-                stats = gpu.start_instance(ckpts[name], now=now)
-                t1 = time.perf_counter()
-                gpu.engine(name)
-                t2 = time.perf_counter()
-                step = gpu.prefill(name, [1] * 16, now=now)
-                for _ in range(decode_steps):
-                    gpu.decode_step(step.rids, now=now)
-                gpu.end_instance(name)
-                if i >= 2:  # the first starts warm the process up
-                    # the device's part of the start, as the replay's device measures it: compaction
-                    # copies and reads (the packing plan is the lifecycle's bookkeeping, not device time)
-                    rows.append((system.name, name, stats.units_loaded, stats.loaded_bytes, stats.moved_bytes,
-                                 stats.move_s + stats.load_s, t2 - t1))
-        finally:
-            gpu.close()
-    return pd.DataFrame(rows, columns=["system", "model", "units_loaded", "loaded_bytes", "moved_bytes",
-                                       "load_s", "engine_s"])
-
-
-def _idle(seconds: float) -> None:
-    """Wait like the replay does between events (sleep, then spin the last 2 ms)."""
-    end = time.perf_counter() + seconds
-    while True:
-        left = end - time.perf_counter()
-        if left <= 0:
-            return
-        if left > 0.002:
-            time.sleep(left - 0.001)
-
-
+# ------------------------------------------------------------------ fits
 def fit_loads(loads: pd.DataFrame, d2d_bps: float, h2d_bps: float) -> tuple[float, float, dict[str, Any]]:
     """(unit_overhead_s, read_bps, details) of the simulator's load formula over the measured starts.
 
@@ -275,185 +199,163 @@ def fit_loads(loads: pd.DataFrame, d2d_bps: float, h2d_bps: float) -> tuple[floa
     return float(unit), float(1.0 / per_byte), details
 
 
-# ------------------------------------------------------------------ prefill and decode
-def _positions(values: Sequence[float], lo: int, hi: int) -> list[int]:
-    return sorted({int(min(hi, max(lo, round(v)))) for v in values})
-
-
-def measure_model(
-    ckpt: Checkpoint,
-    dev: torch.device,
-    system: SystemSpec,
-    *,
-    prompt_lengths: Sequence[int],
-    batch_sizes: Sequence[int],
-    kv_lengths: Sequence[int],
-    repeats: int,
-    steps: int,
-    gaps: Sequence[float] = (),
-    loader: dict[str, Any] | None = None,
-) -> tuple[ModelCoefficients, dict[str, Any]]:
-    """Prefill and decode wall times of one model on an arena of its own; the fitted coefficients.
-
-    Prefills are timed in turn in the two situations a replay runs them in: right after an instance
-    start (weights just loaded, engine just built) and after other work or idleness (with `gaps`, an
-    idle gap drawn from the trace's inter-arrival times), never in a tight loop of identical prefills,
-    whose warm caches no replay has; decode steps run back to back, as in a batch.
-    """
-    spec = ckpt.spec
-    vocab = int(spec.arch.vocab_size) if spec.arch and spec.arch.vocab_size else 0
-    if vocab <= 0:
-        raise ConfigError(f"{ckpt.path}: vocabulary size unknown, expected a decoder checkpoint")
-    longest = max(max(prompt_lengths), max(kv_lengths) + steps + 1)
-    kv_bytes = spec.kv_bytes_per_token * (max(batch_sizes) * (longest + 2 * system.kv_block_tokens))
-    capacity = spec.weight_bytes + kv_bytes + 2 * MiB
-    # no retention: the "after a start" prefills follow a real load of the weights, as a cold start's
-    gpu = RealGpu(dev, capacity, system.granularity, "none", "first-fit", "elastic", alignment=ALIGNMENT,
-                  min_unit_bytes=system.min_unit_bytes, unit_divisor=system.unit_divisor, **(loader or {}))
-    rng = np.random.default_rng(0)
-    pick = random.Random(0)
-    contexts = ("start", "idle") if gaps else ("start", "busy")
-    name = ckpt.name
-    prefill: list[tuple[int, float]] = []  # (prompt tokens, seconds)
-    decode: list[tuple[int, int, float, float]] = []  # (batch, prompt tokens, KV tokens, seconds)
-    try:
-        gpu.start_instance(ckpt, now=0.0)
-        gpu.engine(name)
-        for _ in range(2):  # warm-up
-            s = gpu.prefill(name, rng.integers(0, vocab, 16).tolist())
-            gpu.decode_step(s.rids)
-            gpu.finish(s.rids[0])
-        for rep in range(repeats):
-            for k, n in enumerate(prompt_lengths):
-                prompt = rng.integers(0, vocab, n).tolist()
-                context = contexts[(rep + k) % len(contexts)]
-                if context == "start":
-                    gpu.end_instance(name)
-                    gpu.start_instance(ckpt, now=0.0)
-                    gpu.engine(name)
-                elif context == "idle":
-                    _idle(pick.choice(gaps))
-                t0 = time.perf_counter()
-                s = gpu.prefill(name, prompt)
-                prefill.append((n, time.perf_counter() - t0))
-                gpu.finish(s.rids[0])
-        for b in batch_sizes:
-            for n in kv_lengths:
-                rids = [gpu.prefill(name, rng.integers(0, vocab, n).tolist()).rids[0] for _ in range(b)]
-                for k in range(steps):
-                    t0 = time.perf_counter()
-                    gpu.decode_step(rids)
-                    decode.append((b, n, float(b * (n + k)), time.perf_counter() - t0))
-                for r in rids:
-                    gpu.finish(r)
-    finally:
-        gpu.close()
-    p = np.array(prefill)
-    (p_base, p_tok), p_rel = fit_linear(np.c_[np.ones(len(p)), p[:, 0]], p[:, 1], relative=True)
-    d = np.array(decode)
-    (d_base, d_seq, d_kv), d_rel = fit_linear(np.c_[np.ones(len(d)), d[:, 0] - 1, d[:, 2]], d[:, 3],
-                                              relative=True)
+def fit_steps(steps: pd.DataFrame, model: str) -> tuple[ModelCoefficients, dict[str, Any]]:
+    """One model's prefill and decode coefficients from the replays' steps (relative least squares)."""
+    mine = steps[steps["model"] == model]
+    pre = mine[mine["kind"] == "prefill"]
+    dec = mine[mine["kind"] == "decode"]
+    if len(pre) < 3 or len(dec) < 3:
+        raise ConfigError(f"model {model}: {len(pre)} prefill and {len(dec)} decode steps in the calibration "
+                          "replays, expected at least 3 of each (more requests, or a larger share of this model)")
+    tok = pre["tokens"].to_numpy(float)
+    (p_base, p_tok), p_rel = fit_linear(np.c_[np.ones(len(pre)), tok], pre["seconds"].to_numpy(float),
+                                        relative=True)
+    batch = dec["requests"].to_numpy(float)
+    kv = dec["kv_tokens"].to_numpy(float)
+    (d_base, d_seq, d_kv), d_rel = fit_linear(np.c_[np.ones(len(dec)), batch - 1, kv],
+                                              dec["seconds"].to_numpy(float), relative=True)
     coeffs = ModelCoefficients(float(p_base), float(p_tok), float(d_base), float(d_seq), float(d_kv))
-    prefill_by = {int(n): float(statistics.mean(t for m, t in prefill if m == n)) for n in prompt_lengths}
-    decode_by = {
-        f"batch {b}, prompt {n}": float(statistics.mean(t for bb, nn, _, t in decode if (bb, nn) == (b, n)))
-        for b in batch_sizes
-        for n in kv_lengths
-    }
     details = {
-        "prefill_mean_s_by_tokens": prefill_by,
+        "prefill_steps": len(pre),
+        "prefill_mean_s": float(pre["seconds"].mean()),
+        "prefill_mean_tokens": float(tok.mean()),
+        "prefill_fit_mean_s": float(p_base + p_tok * tok.mean()),
         "prefill_rel_rms_residual": p_rel,
-        "decode_mean_s_by_batch_kv": decode_by,
+        "decode_steps": len(dec),
+        "decode_mean_s": float(dec["seconds"].mean()),
+        "decode_fit_mean_s": float(np.mean(d_base + d_seq * (batch - 1) + d_kv * kv)),
+        "decode_mean_s_by_batch": {int(b): float(g.mean()) for b, g in dec.groupby("requests")["seconds"]},
         "decode_rel_rms_residual": d_rel,
-        "samples": {"prefill": len(prefill), "decode": len(decode)},
     }
     return coeffs, details
 
 
+# ------------------------------------------------------------------ the designed trace
+def design_trace(trace: pd.DataFrame | None, models: Sequence[str], *, n: int, batch_sizes: Sequence[int],
+                 seed: int) -> pd.DataFrame:
+    """The calibration trace (see module docstring): `n` requests following the experiment's arrival
+    process, model shares and output lengths (resampled with `seed`), prompts cycling through the
+    trace's percentiles, then for each model a burst at each of `batch_sizes`."""
+    rng = np.random.default_rng([seed, 0xCA11])
+    if trace is not None and len(trace) > 1:
+        arrivals = trace["arrival_s"].to_numpy(float)
+        gaps = np.diff(arrivals)
+        shares = trace["model"].astype(str).value_counts(normalize=True)
+        names = [m for m in shares.index if m in models] or list(models)
+        p = np.array([shares.get(m, 0.0) for m in names])
+        inputs = trace["input_tokens"].to_numpy(float)
+        outputs = trace["output_tokens"].to_numpy(int)
+        lengths = sorted({max(1, int(round(v))) for v in np.percentile(inputs, [5, 25, 50, 75, 95])})
+        burst_len = max(1, int(np.median(inputs)))
+        burst_out = int(min(64, max(4, np.median(outputs))))
+    else:
+        gaps = np.array([0.05])
+        names, p = list(models), np.ones(len(models))
+        outputs = np.array([8])
+        lengths, burst_len, burst_out = [16, 64, 128, 256], 32, 8
+    p = p / p.sum()
+    picked = rng.choice(len(names), size=n, p=p)
+    t = np.cumsum(rng.choice(gaps, size=n))
+    prompt = [lengths[i] for i in np.concatenate([rng.permutation(len(lengths))
+                                                  for _ in range(-(-n // len(lengths)))])[:n]]
+    rows = [(float(t[i]), names[picked[i]], prompt[i], int(rng.choice(outputs))) for i in range(n)]
+    # bursts: one model's requests at one instant; spaced so each batch mostly drains before the next
+    gap = float(np.percentile(gaps, 90)) if len(gaps) else 0.05
+    now = (t[-1] if n else 0.0) + 2 * gap
+    for b in batch_sizes:
+        for m in names:
+            rows += [(now, m, burst_len, burst_out)] * b
+            now += gap * (1 + b / 2)
+    frame = pd.DataFrame(rows, columns=["arrival_s", "model", "input_tokens", "output_tokens"])
+    frame = frame.sort_values("arrival_s", kind="stable").reset_index(drop=True)
+    frame["arrival_s"] -= frame["arrival_s"].iloc[0]
+    return frame
+
 # ------------------------------------------------------------------ everything
+@dataclass(slots=True)
+class _Replays:
+    loads: list[pd.DataFrame] = field(default_factory=list)
+    steps: list[pd.DataFrame] = field(default_factory=list)
+    per_system: dict[str, Any] = field(default_factory=dict)
+
+
 def calibrate(
     ckpts: dict[str, Checkpoint],
     device: str | torch.device = "cpu",
     *,
     systems: Sequence[SystemSpec] | None = None,
     capacity: int | None = None,
+    arenas: int = 1,
     trace: pd.DataFrame | None = None,
     quick: bool = False,
     loader: dict[str, Any] | None = None,
     threads: int | None = None,
+    processes: bool | None = None,
+    seed: int = 0,
     log: Callable[[str], Any] | None = None,
+    keep: dict[str, Any] | None = None,
 ) -> CalibrationReport:
-    """Measure everything the simulator's time model needs on `device` for these checkpoints.
+    """Measure everything the simulator's time model needs on `device` for these checkpoints, by
+    replaying designed traces (see module docstring) under each of `systems` on `arenas` arenas of
+    `capacity` bytes. `trace` (the experiment's, as the simulator sees it) shapes them; `quick` takes
+    fewer requests. `keep`, when given, receives each system's designed trace and replay
+    (`keep[name] = (trace, ReplayResult)`)."""
+    from tangram_sim.real.replay import replay_trace
 
-    `systems`, `capacity` and `trace` (the experiment's) make the load and compute measurements follow
-    the experiment: its policies and arena size, its model mix, its prompt lengths and batch sizes.
-    `quick` takes fewer samples (CI). Returns the calibration and the raw measurements.
-    """
     dev = resolve_device(device)
     say = log or (lambda _msg: None)
     systems = list(systems or [make_system(p, p) for p in ("serverlessllm", "tangram")])
     loader = dict(loader or {})
     chunk = int(loader.get("chunk_bytes", DEFAULT_CHUNK_BYTES))
-    total_bytes = sum(c.spec.weight_bytes for c in ckpts.values())
     if capacity is None:
         cuda_free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 0
-        capacity = int(0.9 * cuda_free) if cuda_free else int(total_bytes * 1.25)
-    gc_was = gc.isenabled()
-    gc.collect()
-    gc.disable()  # as in the replay: no collection pauses inside the timed calls
+        total_bytes = sum(c.spec.weight_bytes for c in ckpts.values())
+        capacity = int(0.9 * cuda_free / arenas) if cuda_free else int(total_bytes * 1.25)
     t_start = time.perf_counter()
-    try:
-        with torch_threads(threads):
-            cuda = dev.type == "cuda"
-            size = (256 if cuda else 32) * MiB if not quick else 16 * MiB
-            chunks = [c * MiB for c in ((1, 4, 16, 64) if not quick else (1, 4, 16))]
-            sizes = ", ".join(str(c // MiB) for c in chunks)
-            say(f"host->device copies ({size // MiB} MiB per run, chunks {sizes} MiB)")
-            h2d = measure_h2d(dev, chunks, size)
-            h2d_bps = _at_chunk(h2d["pinned" if cuda else "pageable"], chunk)
-            say("device->device copies")
-            d2d = measure_d2d(dev, chunks, size)
-            d2d_bps = max(d2d.values())
-
-            weights = None
-            gaps: list[float] = []
-            work = 8  # decode steps after each start
-            if trace is not None and len(trace):
-                weights = trace["model"].astype(str).value_counts(normalize=True).to_dict()
-                gaps = np.diff(trace["arrival_s"].to_numpy(float)).clip(0, MAX_GAP_S).tolist()
-                work = int(min(64, max(1, round(float(trace["output_tokens"].mean())))))
-            starts = 40 if quick else 120
-            say(f"instance starts ({starts} per policy set, arena {capacity / 1e6:.2f} MB"
-                + (f", after idle gaps of {np.mean(gaps) * 1e3:.1f} ms on average)" if gaps else ")"))
-            loads = measure_loads(ckpts, dev, systems, capacity, starts=starts, weights=weights, gaps=gaps,
-                                  decode_steps=work, loader=loader)
-            unit_overhead, read_bps, load_fit = fit_loads(loads, d2d_bps, h2d_bps)
-            engine = loads.groupby("model")["engine_s"].mean().to_dict()
-            engine_overhead = float(loads["engine_s"].mean())
-
-            if trace is not None and len(trace):
-                inp = trace["input_tokens"].to_numpy(float)
-                out = trace["output_tokens"].to_numpy(float)
-                prompt_lengths = _positions(np.percentile(inp, [5, 25, 50, 75, 95]), 1, 4096)
-                kv_lengths = _positions(np.percentile(inp + out / 2, [10, 50, 90]), 1, 4096)
-            else:
-                prompt_lengths, kv_lengths = [16, 64, 128, 256, 512], [32, 128, 512]
-            max_batch = max(s.max_batch for s in systems)
-            batch_sizes = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max_batch] or [1]
-            repeats, steps = 8, 8  # cheap next to the starts; fewer samples make the fits noisy
-            models: dict[str, ModelCoefficients] = {}
-            per_model: dict[str, Any] = {}
-            for name, ckpt in ckpts.items():
-                say(f"prefill and decode of {name} (prompts {prompt_lengths}, batches {batch_sizes}, "
-                    f"KV {kv_lengths})")
-                coeffs, details = measure_model(ckpt, dev, systems[-1], prompt_lengths=prompt_lengths,
-                                                batch_sizes=batch_sizes, kv_lengths=kv_lengths,
-                                                repeats=repeats, steps=steps, gaps=gaps, loader=loader)
-                models[name] = coeffs
-                per_model[name] = {**details, "engine_s": float(engine.get(name, engine_overhead))}
-    finally:
-        if gc_was:
-            gc.enable()
+    with torch_threads(threads):
+        cuda = dev.type == "cuda"
+        size = (256 if cuda else 32) * MiB if not quick else 16 * MiB
+        chunks = [c * MiB for c in ((1, 4, 16, 64) if not quick else (1, 4, 16))]
+        say(f"host->device copies ({size // MiB} MiB per run, chunks {', '.join(str(c // MiB) for c in chunks)} MiB)")
+        h2d = measure_h2d(dev, chunks, size)
+        h2d_bps = _at_chunk(h2d["pinned" if cuda else "pageable"], chunk)
+        say("device->device copies")
+        d2d = measure_d2d(dev, chunks, size)
+        d2d_bps = max(d2d.values())
+    max_batch = max(s.max_batch for s in systems)
+    batch_sizes = [b for b in (1, 2, 4, 8, 16) if b <= max_batch] or [1]
+    n = len(trace) if trace is not None and len(trace) else 200
+    n = max(40, min(n, 120 if quick else 240))
+    design = design_trace(trace, list(ckpts), n=n, batch_sizes=batch_sizes, seed=seed + 1)
+    replays = _Replays()
+    for system in systems:
+        say(f"replay of {len(design)} designed requests under {system.name} on {arenas} arena(s) of "
+            f"{capacity / 1e6:.2f} MB")
+        r = replay_trace(ckpts, design, system, devices=[dev] * arenas, capacity=capacity, seed=seed + 1,
+                         threads=threads, processes=processes, **loader)
+        if keep is not None:
+            keep[system.name] = (design, r)
+        loads = r.loads.assign(system=system.name, load_s=r.loads["move_s"] + r.loads["read_s"])
+        replays.loads.append(loads)
+        replays.steps.append(r.steps.assign(system=system.name))
+        replays.per_system[system.name] = {
+            "requests": int(r.summary["requests"]), "cold_starts": int(r.summary["cold_starts"]),
+            "mean_load_s": float(r.summary["mean_load_s"]), "p50_ttft_s": float(r.summary["p50_ttft_s"]),
+            "lag_p99_s": float(r.summary["lag_p99_s"]), "wall_s": float(r.wall_s)}
+    loads = pd.concat(replays.loads, ignore_index=True)
+    steps = pd.concat(replays.steps, ignore_index=True)
+    if loads.empty:
+        raise ConfigError("the calibration replays made no cold start, expected models to load")
+    unit_overhead, read_bps, load_fit = fit_loads(loads, d2d_bps, h2d_bps)
+    engine_overhead = float(loads["engine_s"].mean())
+    models: dict[str, ModelCoefficients] = {}
+    per_model: dict[str, Any] = {}
+    for name in ckpts:
+        coeffs, details = fit_steps(steps, name)
+        models[name] = coeffs
+        mine = loads[loads["model"] == name]
+        per_model[name] = {**details, "engine_s": float(mine["engine_s"].mean()) if len(mine) else None,
+                           "cold_starts": len(mine)}
     info = driver_info(dev)
     label = f"{dev} ({info.get('card') or platform.machine()})"
     cal = Calibration(device=label, h2d_bps=float(h2d_bps), d2d_bps=float(d2d_bps),
@@ -465,9 +367,12 @@ def calibrate(
         "device_info": info,
         "seconds": time.perf_counter() - t_start,
         "quick": quick,
-        "loader": {k: v for k, v in loader.items()},
+        "loader": dict(loader),
         "threads": threads if threads is not None else torch.get_num_threads(),
-        "idle_gap_mean_s": float(np.mean(gaps)) if gaps else 0.0,
+        "arenas": arenas,
+        "design": {"requests": len(design), "batch_sizes": batch_sizes, "seed": seed + 1,
+                   "prompt_tokens": sorted(int(v) for v in design["input_tokens"].unique())},
+        "replays": replays.per_system,
         "h2d_bps_by_chunk": h2d,
         "d2d_bps_by_chunk": d2d,
         "loads": {**load_fit, "capacity_bytes": capacity,
@@ -514,5 +419,7 @@ def calibrate_experiment(
         mem = config["cluster"].get("gpu_memory_gib")
         capacity = None if mem is None else int(mem * GiB) - int(mem * GiB) % ALIGNMENT
         trace = load_trace(config["trace"], [m["name"] for m in config["models"]], config["seed"], base_dir)
-        return calibrate(ckpts, device, systems=systems, capacity=capacity, trace=trace, quick=quick,
-                         loader=loader_options(real), threads=real.get("threads"), log=log)
+        arenas = int(config["cluster"]["nodes"]) * int(config["cluster"]["gpus_per_node"])
+        return calibrate(ckpts, device, systems=systems, capacity=capacity, arenas=arenas, trace=trace,
+                         quick=quick, loader=loader_options(real), threads=real.get("threads"),
+                         processes=real.get("processes"), seed=int(config["seed"]), log=log)
