@@ -7,15 +7,18 @@ lifecycle of `core` over `RealDevice`s, one arena per GPU of the experiment, eac
 when there are several), under each of the experiment's systems, and fits on the replays'
 `loads` and `steps` tables:
 
-- `read_bps` and `unit_overhead_s`: least squares of each cold start's device part (compaction copies
-  and reads) on `units x unit_overhead + loaded bytes / read_bps + moved bytes / d2d_bps`, the
-  simulator's load formula;
+- `unit_overhead_s` and the rate one arena's loads reach: least squares of each cold start's device
+  part (compaction copies and reads) on `units x unit_overhead + loaded bytes / rate + moved bytes /
+  d2d_bps`, the simulator's load formula, over the starts that ran alone; that rate becomes the GPU
+  link's (`h2d_bps`, at most the copy benchmark's), and `read_bps`, the node storage that the arenas
+  share, their aggregate as the starts that overlapped another arena's reached it (`fit_loads`);
 - `engine_overhead_s`: the mean engine build of those starts;
 - per model, `prefill_base_s + prefill_per_token_s x tokens` over its prefill steps (one per prefill
   group: the tokens of all its prompts) and `decode_base_s + decode_per_seq_s x (batch - 1) +
-  decode_per_kv_token_s x KV tokens` over its decode steps: least squares on relative errors;
-- `h2d_bps` (host->device copies by chunk size; on the CPU a memcpy) and `d2d_bps` (copies inside the
-  device) are copy benchmarks: the simulator caps loads at h2d and charges moves at d2d.
+  decode_per_kv_token_s x KV tokens` over its decode steps: least squares with an intercept, which
+  keeps the steps' mean;
+- host->device copies by chunk size (on the CPU a memcpy: the cap of `h2d_bps`) and `d2d_bps`
+  (copies inside the device, at which the simulator charges compaction moves) are copy benchmarks.
 
 The designed trace keeps what makes a step's time depend on its context: the experiment's arrival
 process (its inter-arrival gaps, resampled), model shares and output lengths, so the arenas are busy
@@ -177,30 +180,59 @@ def _at_chunk(table: dict[int, float], chunk: int) -> float:
 
 
 # ------------------------------------------------------------------ fits
-def fit_loads(loads: pd.DataFrame, d2d_bps: float, h2d_bps: float) -> tuple[float, float, dict[str, Any]]:
-    """(unit_overhead_s, read_bps, details) of the simulator's load formula over the measured starts.
+def _overlapped(loads: pd.DataFrame, share: float = 0.2) -> np.ndarray:
+    """Per load: whether another arena's load of the same replay covered more than `share` of it."""
+    out = np.zeros(len(loads), dtype=bool)
+    for _, g in loads.groupby("system"):
+        s = g["wall_s"].to_numpy(float)
+        e = s + g["load_s"].to_numpy(float)
+        gpu = g["gpu"].to_numpy()
+        for k, i in enumerate(g.index):
+            other = gpu != gpu[k]
+            cover = np.clip(np.minimum(e[other], e[k]) - np.maximum(s[other], s[k]), 0, None).sum()
+            out[loads.index.get_loc(i)] = cover > share * max(e[k] - s[k], 1e-12)
+    return out
 
-    Moves are charged at the measured d2d rate; a fitted read rate above h2d is capped there, because
-    the simulator streams loads at min(read, h2d), and the per-unit term is refitted under the cap.
-    """
+
+def fit_loads(loads: pd.DataFrame, d2d_bps: float, h2d_bps: float,
+              arenas: int = 1) -> tuple[float, float, float, dict[str, Any]]:
+    """(unit_overhead_s, device_bps, read_bps, details) of the simulator's load formula over the
+    measured starts: a start streams its bytes through its GPU's link (`device_bps`: the rate one
+    arena's loads reach) and the node's storage, which the arenas share (`read_bps`: their aggregate).
+
+    The per-unit term and the device rate are fitted on the starts that ran alone (no other arena
+    loading for more than a fifth of it); a fitted rate above h2d is capped there and the per-unit term
+    refitted. The aggregate is the arenas' number times the median rate of the starts that overlapped
+    another one (when there are at least five; else no contention is assumed), never below one
+    arena's rate. Moves are charged at the measured d2d rate."""
     y = loads["load_s"].to_numpy() - loads["moved_bytes"].to_numpy() / d2d_bps
     x = np.c_[loads["units_loaded"].to_numpy(float), loads["loaded_bytes"].to_numpy(float)]
-    (unit, per_byte), rel = fit_linear(x, y)
+    both = _overlapped(loads) if arenas > 1 and "wall_s" in loads else np.zeros(len(loads), dtype=bool)
+    alone = ~both
+    (unit, per_byte), rel = fit_linear(x[alone], y[alone])
     if per_byte <= 0 or 1.0 / per_byte > h2d_bps:
         per_byte = 1.0 / h2d_bps
-        (unit,), rel = fit_linear(x[:, :1], y - x[:, 1] * per_byte)
+        (unit,), rel = fit_linear(x[alone][:, :1], y[alone] - x[alone][:, 1] * per_byte)
+    device_bps = 1.0 / per_byte
+    streamed = both & (x[:, 1] > 0)
+    rates = x[streamed, 1] / np.maximum(y[streamed] - unit * x[streamed, 0], 1e-9)
+    read_bps = arenas * device_bps
+    if len(rates) >= 5:
+        read_bps = float(np.clip(arenas * np.median(rates), device_bps, arenas * device_bps))
     pred = x @ np.array([unit, per_byte]) + loads["moved_bytes"].to_numpy() / d2d_bps
     per_system = {}
     for name, idx in loads.groupby("system").groups.items():
         real = float(loads.loc[idx, "load_s"].mean())
         fitted = float(pred[loads.index.get_indexer(idx)].mean())
-        per_system[name] = {"mean_load_s": real, "fit_mean_load_s": fitted, "starts": len(idx)}
-    details = {"starts": len(loads), "rel_rms_residual": rel, "per_system": per_system}
-    return float(unit), float(1.0 / per_byte), details
+        per_system[name] = {"mean_load_s": real, "fit_alone_mean_load_s": fitted, "starts": len(idx)}
+    details = {"starts": len(loads), "alone": int(alone.sum()), "overlapped": int(both.sum()),
+               "overlapped_median_bps": float(np.median(rates)) if len(rates) else None,
+               "rel_rms_residual_alone": rel, "per_system": per_system}
+    return float(unit), float(device_bps), float(read_bps), details
 
 
 def fit_steps(steps: pd.DataFrame, model: str) -> tuple[ModelCoefficients, dict[str, Any]]:
-    """One model's prefill and decode coefficients from the replays' steps (relative least squares)."""
+    """One model's prefill and decode coefficients from the replays' steps (least squares)."""
     mine = steps[steps["model"] == model]
     pre = mine[mine["kind"] == "prefill"]
     dec = mine[mine["kind"] == "decode"]
@@ -208,12 +240,13 @@ def fit_steps(steps: pd.DataFrame, model: str) -> tuple[ModelCoefficients, dict[
         raise ConfigError(f"model {model}: {len(pre)} prefill and {len(dec)} decode steps in the calibration "
                           "replays, expected at least 3 of each (more requests, or a larger share of this model)")
     tok = pre["tokens"].to_numpy(float)
-    (p_base, p_tok), p_rel = fit_linear(np.c_[np.ones(len(pre)), tok], pre["seconds"].to_numpy(float),
-                                        relative=True)
+    # absolute least squares with an intercept: the fit keeps the mean of the steps (what queueing and
+    # TTFT add up), where a fit on relative errors bends to the many short steps and under-predicts it
+    (p_base, p_tok), p_rel = fit_linear(np.c_[np.ones(len(pre)), tok], pre["seconds"].to_numpy(float))
     batch = dec["requests"].to_numpy(float)
     kv = dec["kv_tokens"].to_numpy(float)
     (d_base, d_seq, d_kv), d_rel = fit_linear(np.c_[np.ones(len(dec)), batch - 1, kv],
-                                              dec["seconds"].to_numpy(float), relative=True)
+                                              dec["seconds"].to_numpy(float))
     coeffs = ModelCoefficients(float(p_base), float(p_tok), float(d_base), float(d_seq), float(d_kv))
     details = {
         "prefill_steps": len(pre),
@@ -346,7 +379,7 @@ def calibrate(
     steps = pd.concat(replays.steps, ignore_index=True)
     if loads.empty:
         raise ConfigError("the calibration replays made no cold start, expected models to load")
-    unit_overhead, read_bps, load_fit = fit_loads(loads, d2d_bps, h2d_bps)
+    unit_overhead, device_bps, read_bps, load_fit = fit_loads(loads, d2d_bps, h2d_bps, arenas)
     engine_overhead = float(loads["engine_s"].mean())
     models: dict[str, ModelCoefficients] = {}
     per_model: dict[str, Any] = {}
@@ -358,7 +391,9 @@ def calibrate(
                            "cold_starts": len(mine)}
     info = driver_info(dev)
     label = f"{dev} ({info.get('card') or platform.machine()})"
-    cal = Calibration(device=label, h2d_bps=float(h2d_bps), d2d_bps=float(d2d_bps),
+    # the simulator's GPU link runs at the rate one arena's loads reach (at most the copy rate h2d_bps,
+    # measured by chunk under `measurements`), the node's storage at the arenas' aggregate
+    cal = Calibration(device=label, h2d_bps=float(min(h2d_bps, device_bps)), d2d_bps=float(d2d_bps),
                       unit_overhead_s=unit_overhead, engine_overhead_s=engine_overhead, models=models,
                       read_bps=read_bps)
     measurements = {
@@ -374,6 +409,8 @@ def calibrate(
                    "prompt_tokens": sorted(int(v) for v in design["input_tokens"].unique())},
         "replays": replays.per_system,
         "h2d_bps_by_chunk": h2d,
+        "h2d_copy_bps": float(h2d_bps),
+        "device_load_bps": float(device_bps),
         "d2d_bps_by_chunk": d2d,
         "loads": {**load_fit, "capacity_bytes": capacity,
                   "mean_load_s": float(loads["load_s"].mean()),

@@ -48,7 +48,7 @@ from tangram_sim.real.memory import read_memory
 
 LOAD_COLUMNS = [
     "rid", "gpu", "model", "units", "units_loaded", "loaded_bytes", "moved_bytes", "move_s", "read_s",
-    "engine_s", "total_s", "read_gbps",
+    "engine_s", "total_s", "read_gbps", "wall_s",
 ]
 STEP_COLUMNS = [  # one row per piece of device work: what the time model predicts, as measured
     "gpu", "kind", "model", "requests", "tokens", "kv_tokens", "time_s", "wall_s", "seconds",
@@ -130,7 +130,7 @@ class RealDevice:
         self.steps.append((self.gpu_id, "engine", inst.model, 1, 0, 0, submitted + load_s,
                            self.env.wall_at(t0 + load_s), engine_s))
         self.loads.append((head.rid, self.gpu_id, inst.model, len(offsets), len(missing), nbytes,
-                           load.moved_bytes, move_s, read_s, engine_s, done.seconds, gbps))
+                           load.moved_bytes, move_s, read_s, engine_s, done.seconds, gbps, self.env.wall_at(t0)))
         return engine_s, load_s
 
     # ------------------------------------------------------------ prefetch

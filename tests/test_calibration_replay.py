@@ -1,0 +1,100 @@
+"""Calibration measured on the replay path: fed to the simulator, it reproduces the calibration trace's
+own replay (CPU device, tiny models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+
+from tangram_sim.real.calibrate import calibrate, design_trace  # noqa: E402
+from tangram_sim.real.checkpoints import make_checkpoints  # noqa: E402
+from tangram_sim.real.loader import open_checkpoint  # noqa: E402
+from tangram_sim.sim.hardware import GiB, TierSpec, gpu_spec  # noqa: E402
+from tangram_sim.sim.simulate import ClusterSpec, ModelChoice, simulate  # noqa: E402
+from tangram_sim.sim.systems import make_system  # noqa: E402
+
+# Stated tolerance of the simulation of a calibration trace against that trace's replay, on a 2-core
+# VM with sub-10-ms operations (the host's noise is the floor; a GPU's loads are bandwidth-bound):
+TTFT_TOLERANCE = 0.25  # mean TTFT
+LOAD_TOLERANCE = 0.35  # mean load time per cold start
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("cal-ckpts")
+    written = make_checkpoints(["llama-3-8b", "qwen2.5-3b"], out, "small", dtype="float32")
+    return {w.name: open_checkpoint(w.path) for w in written}
+
+
+def _experiment_trace(n: int = 120, seed: int = 3) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "arrival_s": np.cumsum(rng.exponential(0.06, n)),
+        "model": rng.choice(["llama-3-8b", "qwen2.5-3b"], n, p=[0.6, 0.4]),
+        "input_tokens": rng.integers(8, 64, n),
+        "output_tokens": rng.integers(2, 10, n),
+    })
+
+
+def test_design_trace_follows_the_experiment_and_covers_lengths_and_batches() -> None:
+    t = _experiment_trace()
+    d = design_trace(t, ["llama-3-8b", "qwen2.5-3b"], n=100, batch_sizes=[1, 2, 4], seed=1)
+    assert d["arrival_s"].is_monotonic_increasing and d["arrival_s"].iloc[0] == 0
+    assert len(d) == 100 + 2 * (1 + 2 + 4)
+    lengths = set(np.percentile(t["input_tokens"], [5, 25, 50, 75, 95]).round().astype(int))
+    assert lengths <= set(d["input_tokens"])  # prompts at the trace's percentiles
+    bursts = d.groupby(["arrival_s", "model"]).size()
+    assert {2, 4} <= set(bursts)  # simultaneous requests of one model: decode batches
+    assert d.equals(design_trace(t, ["llama-3-8b", "qwen2.5-3b"], n=100, batch_sizes=[1, 2, 4], seed=1))
+    assert not d.equals(design_trace(t, ["llama-3-8b", "qwen2.5-3b"], n=100, batch_sizes=[1, 2, 4], seed=2))
+
+
+def test_calibration_reproduces_its_own_replay_in_the_simulator(ckpts: dict) -> None:
+    cap = int(2.2 * max(c.spec.weight_bytes for c in ckpts.values()))
+    cap -= cap % 256
+    system = make_system("tangram", "tangram", {"keep_alive_s": 0.1, "fairness_window_s": 0.3})
+    keep: dict = {}
+    report = calibrate(ckpts, "cpu", systems=[system], capacity=cap, trace=_experiment_trace(), quick=True,
+                       threads=1, seed=7, keep=keep)
+    cal = report.calibration
+    assert set(cal.models) == set(ckpts) and cal.read_bps > 0 and cal.h2d_bps > 0
+    measured = report.measurements
+    assert measured["replays"]["tangram"]["cold_starts"] >= 10
+    for name, m in measured["models"].items():  # each fit reproduces the mean of the steps it was fitted on
+        assert m["prefill_fit_mean_s"] == pytest.approx(m["prefill_mean_s"], rel=0.15), name
+        assert m["decode_fit_mean_s"] == pytest.approx(m["decode_mean_s"], rel=0.15), name
+
+    design, replay = keep["tangram"]
+    gpu = gpu_spec("a100-80gb", memory_gib=cap / GiB)
+    cluster = ClusterSpec(nodes=1, gpus_per_node=1, gpu=gpu, tiers=TierSpec(host_cache_bytes=0))
+    sim = simulate({m: ModelChoice(c.spec) for m, c in ckpts.items()}, design, cluster, system,
+                   calibration=cal).summary
+    real = replay.summary
+    assert sim["requests"] == real["requests"] == len(design)
+    assert sim["mean_ttft_s"] == pytest.approx(real["mean_ttft_s"], rel=TTFT_TOLERANCE)
+    assert sim["mean_load_s"] == pytest.approx(real["mean_load_s"], rel=LOAD_TOLERANCE)
+    assert sim["cold_starts"] == pytest.approx(real["cold_starts"], rel=0.2)
+
+
+def test_calibration_yaml_keeps_every_raw_figure(ckpts: dict, tmp_path: Path) -> None:
+    import yaml
+
+    from tangram_sim.sim.timemodel import Calibration
+
+    cap = int(2.2 * max(c.spec.weight_bytes for c in ckpts.values()))
+    cap -= cap % 256
+    report = calibrate(ckpts, "cpu", systems=[make_system("serverlessllm", "serverlessllm")], capacity=cap,
+                       trace=_experiment_trace(60), quick=True, threads=1)
+    path = report.write(tmp_path / "cal.yaml")
+    back = Calibration.load(path)
+    assert back.models.keys() == report.calibration.models.keys()
+    raw = yaml.safe_load(path.read_text())["measurements"]
+    for key in ("h2d_bps_by_chunk", "d2d_bps_by_chunk", "loads", "models", "replays", "design"):
+        assert key in raw, key
+    assert raw["loads"]["rel_rms_residual_alone"] >= 0
