@@ -25,9 +25,10 @@ process (its inter-arrival gaps, resampled), model shares and output lengths, so
 and idle, together or apart, as in the replay (two arenas of one host share its memory bandwidth and
 caches; a step after an idle gap finds colder caches than one in a loop). What it designs: prompt
 lengths cycle through the trace's percentiles (prefills of chosen lengths, each alone or grouped as
-arrivals fall), and a closing phase sends each model bursts at chosen batch sizes (decode at chosen
-batch sizes). The requests are drawn with their own seed, never the experiment's: a calibration is not
-fitted on the requests it is then checked against.
+arrivals fall; the other half of them are resampled from the trace, so the fit keeps its mix), and a
+closing phase sends each model bursts at chosen batch sizes (decode at chosen batch sizes). The
+requests are drawn with their own seed, never the experiment's: a calibration is not fitted on the
+requests it is then checked against.
 
 The YAML written holds the `Calibration` fields `tangram-sim run --calibration` reads, plus every raw
 figure and each fit's residual under `measurements:` (ignored by the simulator).
@@ -289,8 +290,11 @@ def design_trace(trace: pd.DataFrame | None, models: Sequence[str], *, n: int, b
     p = p / p.sum()
     picked = rng.choice(len(names), size=n, p=p)
     t = np.cumsum(rng.choice(gaps, size=n))
-    prompt = [lengths[i] for i in np.concatenate([rng.permutation(len(lengths))
-                                                  for _ in range(-(-n // len(lengths)))])[:n]]
+    # half the prompts at the trace's percentiles (prefills of chosen lengths, the fit's span), half
+    # resampled from it (its own mix, so that the least squares keep the mean the replay pays)
+    at = np.concatenate([rng.permutation(len(lengths)) for _ in range(-(-n // len(lengths)))])[:n]
+    drawn = rng.choice(inputs, size=n) if trace is not None and len(trace) > 1 else np.array(lengths)[at]
+    prompt = [lengths[at[i]] if i % 2 else max(1, int(drawn[i])) for i in range(n)]
     rows = [(float(t[i]), names[picked[i]], prompt[i], int(rng.choice(outputs))) for i in range(n)]
     # bursts: one model's requests at one instant; spaced so each batch mostly drains before the next
     gap = float(np.percentile(gaps, 90)) if len(gaps) else 0.05

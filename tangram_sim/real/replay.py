@@ -146,7 +146,10 @@ def replay_trace(
     entries = build_entries({m: (c.spec, sens[m], 1) for m, c in ckpts.items()}, system, ARENA_ALIGNMENT)
     loader = dict(readers=readers, chunk_bytes=chunk_bytes, staging=staging)
     separate = len(devs) > 1 if processes is None else processes
-    cores = core_sets(len(devs), threads) if separate else [()] * len(devs)
+    # CPU arenas compute on their cores: each process gets its own; a GPU's process is left unpinned, its
+    # loader's reader threads need the host's cores and its kernels run on the card
+    pin = separate and all(d.type == "cpu" for d in devs)
+    cores = core_sets(len(devs), threads) if pin else [()] * len(devs)
     specs = [BackendSpec(str(dev), capacity, ARENA_ALIGNMENT, {m: str(c.path) for m, c in ckpts.items()},
                          system.granularity, system.min_unit_bytes, system.unit_divisor, system.kv_block_tokens,
                          loader, threads if separate else None, cores[i])
