@@ -1,17 +1,19 @@
 """Loader throughput: tangram's loader vs `safetensors.torch.load_file` on the same checkpoint.
 
 Generates a checkpoint in a temporary folder (or uses `--dir`), loads it with our pipeline into a
-device arena (reader threads, staging buffers, side-stream copies; `RealGpu.start_instance` with
-nothing resident) and with `safetensors.torch.load_file(device=...)` shard by shard, and prints GB/s
-for each and their ratio. On CUDA it also measures the pinned host->device copy bandwidth (the
+device arena (reader threads, staging buffers, side-stream copies: a cold start with nothing resident
+through the replay path, `real.session.run_requests`, one fresh arena per run; its read time from the
+replay's loads frame) and with `safetensors.torch.load_file(device=...)` shard by shard, and prints
+GB/s for each and their ratio. On CUDA it also measures the pinned host->device copy bandwidth (the
 ceiling for any loader reading from host memory) and prints ours as a fraction of it.
 
-Files are read from the page cache after a warm-up run (both loaders alike), i.e. the host-DRAM
+Files are read from the page cache after a warm-up (both loaders alike; ours: the device's own
+warm-up before each run, which also starts its reader threads and pinned buffers), i.e. the host-DRAM
 tier of the simulator; `--cold` drops the shards from the page cache before every run instead
-(`posix_fadvise(DONTNEED)`, no root needed). On the CPU, `load_file` returns tensors backed by an
-mmap of the file without reading them, so it is reported twice: as is ("lazy"), and followed by a
-copy of every tensor into memory of its own, which is what owning the bytes costs and what the
-ratio uses.
+(`posix_fadvise(DONTNEED)`, no root needed; ours: after the warm-up, before the cold start). On the
+CPU, `load_file` returns tensors backed by an mmap of the file without reading them, so it is
+reported twice: as is ("lazy"), and followed by a copy of every tensor into memory of its own, which
+is what owning the bytes costs and what the ratio uses.
 
     python benchmarks/bench_loader.py                       # CPU: ~1.5 GB synthetic; CUDA: llama-3-8b
     python benchmarks/bench_loader.py --device cuda:0 --gb 8 --repeats 5
@@ -100,8 +102,9 @@ def run(
     import torch
     from safetensors.torch import load_file
 
-    from tangram_sim.real.executor import RealGpu, resolve_device
-    from tangram_sim.real.loader import open_checkpoint
+    from tangram_sim.real.loader import Loader, open_checkpoint
+    from tangram_sim.real.session import run_requests, system_for
+    from tangram_sim.real.setup import resolve_device
 
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
@@ -113,35 +116,31 @@ def run(
         if cuda:
             torch.cuda.synchronize(dev)
 
-    # Ours: a fresh arena-sized RealGpu, nothing resident, `none` retention frees it after each run.
-    gpu = RealGpu(
-        dev,
-        nbytes + 64 * 2**20,
-        "group",
-        "none",
-        readers=readers,
-        chunk_bytes=int(chunk_mb * 2**20),
-        staging=staging,
-    )
-    ours: list[float] = []
-    for i in range(repeats + 1):  # the first run warms the page cache, threads and pinned buffers
+    # Ours: one cold start per run in a fresh arena of the model's size plus room for its KV (`none`
+    # retention), after the device's warm-up; the reads' time from the loads frame.
+    loader = Loader(dev, readers, int(chunk_mb * 2**20), staging)  # the settings the device resolves
+    system = system_for("group", "none")
+
+    def drop(i: int) -> None:  # called once the request is routed: after the warm-up, before the start
         if cold:
             _drop_page_cache(shards)
-        stats = gpu.start_instance(ckpt)
-        if i:
-            ours.append(stats.load_s)
-        if verify and i == repeats:
-            gpu.verify_model(ckpt.name)
-        gpu.end_instance(ckpt.name)
-    read = stats.read
+
+    ours: list[float] = []
+    for i in range(repeats):
+        res = run_requests([ckpt], [(ckpt.name, [1], 1, 0.0)], system, device=dev,
+                           capacity=nbytes + 64 * 2**20, verify=verify and i == repeats - 1, readers=readers,
+                           chunk_bytes=int(chunk_mb * 2**20), staging=staging, warmup=True, progress=drop)
+        load = res.loads.iloc[0]
+        if int(load["loaded_bytes"]) != nbytes:
+            raise AssertionError(f"cold start read {int(load['loaded_bytes'])} of {nbytes} bytes")
+        ours.append(float(load["read_s"]))
     settings = {
-        "readers": read.readers if read else None,
+        "readers": loader.readers,
         "chunk_mib": chunk_mb,
-        "staged": read.staged if read else None,
-        "pinned": bool(read and read.staged and cuda),
+        "staged": loader.staged,
+        "pinned": bool(loader.staged and cuda),
     }
-    gpu.close()
-    del gpu
+    del res
     if cuda:
         torch.cuda.empty_cache()
 

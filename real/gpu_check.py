@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from tangram_sim.real.executor import resolve_device
     from tangram_sim.real.memory import driver_info, read_memory
+    from tangram_sim.real.setup import resolve_device
 
     device = resolve_device(args.device)
     out = Path(args.out)

@@ -169,10 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     from tangram_sim.experiments import run_experiment
     from tangram_sim.experiments.config import load_yaml
     from tangram_sim.real.calibrate import calibrate_experiment
-    from tangram_sim.real.executor import resolve_device
     from tangram_sim.real.fidelity import compare_runs, format_table, plot_fidelity
     from tangram_sim.real.memory import driver_info
     from tangram_sim.real.replay import prepare_replay, run_replay
+    from tangram_sim.real.setup import resolve_device
     from tangram_sim.sim.timemodel import Calibration
 
     t_start = time.perf_counter()

@@ -364,18 +364,19 @@ def test_a_real_replay_prefetches_during_idle_gaps_and_accounts_for_it(real_ckpt
 def test_a_real_prefetch_read_cancelled_before_it_begins_is_skipped(real_ckpts: dict) -> None:
     import threading
 
-    import torch
-
     from tangram_sim.arena import ARENA_ALIGNMENT
     from tangram_sim.core.clock import WallClockEnvironment
+    from tangram_sim.real.backend import BackendSpec, model_layouts
     from tangram_sim.real.device import RealDevice
 
     env = WallClockEnvironment()
     cap = 4 * 2**20
-    dev = RealDevice(env, 0, torch.device("cpu"), cap, ARENA_ALIGNMENT, real_ckpts, "group", 8 * 2**20, 16, {},
-                     readers=1, chunk_bytes=2**20, staging="never")
+    spec = BackendSpec("cpu", cap, ARENA_ALIGNMENT, {m: str(c.path) for m, c in real_ckpts.items()}, "group",
+                       8 * 2**20, 0, 16, {"readers": 1, "chunk_bytes": 2**20, "staging": "never"})
+    dev = RealDevice(env, 0, spec, real_ckpts, {})
     try:
-        key, nbytes = next(iter((lay.unit.key, lay.unit.nbytes) for lay in dev.models["qwen2.5-3b"].by_key.values()))
+        lay = model_layouts(spec, real_ckpts["qwen2.5-3b"])[0]
+        key, nbytes = lay.unit.key, lay.unit.nbytes
         assert dev.prefetch_source(None, key)  # type: ignore[arg-type]
         dev.arena.allocate(key, nbytes)
         gate = threading.Event()

@@ -13,14 +13,15 @@ pytest.importorskip("safetensors")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from tangram_sim.arena import State  # noqa: E402
-from tangram_sim.errors import CapacityError, ModelError  # noqa: E402
+from tangram_sim.arena import ARENA_ALIGNMENT  # noqa: E402
+from tangram_sim.errors import ModelError  # noqa: E402
 from tangram_sim.models.catalog import llama_config  # noqa: E402
-from tangram_sim.policies.kv import KV  # noqa: E402
+from tangram_sim.real.backend import BackendSpec, DeviceBackend  # noqa: E402
 from tangram_sim.real.checkpoints import make_checkpoints  # noqa: E402
 from tangram_sim.real.device_arena import DeviceArena  # noqa: E402
 from tangram_sim.real.engine import CausalLM, EngineConfig, PagedKv  # noqa: E402
-from tangram_sim.real.executor import RealGpu  # noqa: E402
+from tangram_sim.real.loader import open_checkpoint  # noqa: E402
+from tangram_sim.real.session import run_requests, system_for  # noqa: E402
 
 MODELS = ("llama-3-8b", "qwen2.5-3b", "phi-3-mini-4k")  # GQA untied, tied + q/k/v biases, fused projections
 
@@ -84,76 +85,100 @@ def dense_reference(folder: Path, tokens: list[int]) -> torch.Tensor:
     return x @ w.get("lm_head.weight", w["model.embed_tokens.weight"]).T
 
 
+def dense_greedy(folder: Path, prompt: list[int], n: int) -> list[int]:
+    """The first `n` greedy tokens of the dense reference."""
+    seq, out = list(prompt), []
+    for _ in range(n):
+        out.append(int(dense_reference(folder, seq)[-1].argmax()))
+        seq.append(out[-1])
+    return out
+
+
+def backend_engine(folder: Path, device: str = "cpu", capacity: int = 4 << 20) -> CausalLM:
+    """The engine a cold start builds: the checkpoint read by a `DeviceBackend` into its arena (verified
+    against the files), the engine on the arena's views."""
+    name = folder.name
+    spec = BackendSpec(device, capacity, ARENA_ALIGNMENT, {name: str(folder)}, "group", 8 << 20, 0, 4)
+    backend = DeviceBackend(spec)
+    try:
+        units, offsets, end = backend.models[name].by_key, {}, 0
+        for key, lay in units.items():
+            offsets[key] = end
+            end += -(-lay.nbytes // ARENA_ALIGNMENT) * ARENA_ALIGNMENT
+        backend.start((), name, offsets, list(units), (), True)
+        engine = backend.engines[name]
+        assert all(p.untyped_storage().data_ptr() == backend.dev.buffer.untyped_storage().data_ptr()
+                   for p in engine.state_dict().values())  # weights are views of the arena
+        return engine
+    finally:
+        backend.close()
+
+
 PROMPT = [5, 17, 200, 3, 99, 42, 7, 128, 1, 64, 250]  # 11 tokens: spans 3 blocks of 4 tokens
 
 
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("kv", ["elastic", "static"])
-def test_engine_matches_dense_reference(ckdir: Path, model: str, kv: str) -> None:
-    gpu = RealGpu("cpu", 4 << 20, "group", kv=KV.create(kv, block_tokens=4))
-    gpu.start_instance(ckdir / model)
-    first = gpu.prefill(model, PROMPT, all_logits=True)
+def test_engine_matches_dense_reference(ckdir: Path, model: str) -> None:
+    engine = backend_engine(ckdir / model)
+    c = engine.config
+    cache = paged(c, [len(PROMPT) + 6], shared=True)  # KV blocks: views of one arena buffer
+    logits = run(engine, [PROMPT], [0], cache, last_only=False)
     ref = dense_reference(ckdir / model, PROMPT)
-    torch.testing.assert_close(first.logits[0], ref, rtol=1e-4, atol=1e-4)
-    assert first.tokens == [int(ref[-1].argmax())]
-    rid = first.rids[0]
-    seq = list(PROMPT) + first.tokens
+    torch.testing.assert_close(logits[0], ref, rtol=1e-4, atol=1e-4)
+    seq = list(PROMPT) + [int(ref[-1].argmax())]
     for _ in range(6):  # crosses into a fourth and fifth block
-        step = gpu.decode_step([rid])
+        step = run(engine, [seq[-1:]], [len(seq) - 1], cache)
         ref = dense_reference(ckdir / model, seq)
-        torch.testing.assert_close(step.logits[0, -1], ref[-1], rtol=1e-4, atol=1e-4)
-        seq.append(step.tokens[0])
-    # The KV cache lives in the arena: ElasticKV regions, or blocks of the static pool.
-    kv_bytes = gpu.arena.bytes_in(State.KV)
-    assert kv_bytes > 0
-    gpu.check()
-    gpu.end_instance(model)
-    assert gpu.arena.bytes_in(State.KV) == 0
-    gpu.check()
+        torch.testing.assert_close(step[0, -1], ref[-1], rtol=1e-4, atol=1e-4)
+        seq.append(int(step[0, -1].argmax()))
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("kv", ["elastic", "static"])
+def test_replay_generates_the_dense_greedy_tokens(ckdir: Path, model: str, kv: str) -> None:
+    """Through the replay path (the lifecycle's KV in the arena: ElasticKV regions or the static pool)."""
+    res = run_requests([open_checkpoint(ckdir / model)], [(model, PROMPT, 7, 0.0)],
+                       system_for(kv=kv, kv_block_tokens=4), capacity=4 << 20, threads=1)
+    assert res.requests.loc[0, "outcome"] == "completed"
+    assert res.tokens[0] == dense_greedy(ckdir / model, PROMPT, 7)  # 18 tokens: 5 KV blocks of 4
+    assert res.steps.loc[res.steps["kind"] == "decode", "kv_tokens"].tolist() == list(range(12, 18))
 
 
 def test_batched_decode_of_different_lengths(ckdir: Path) -> None:
     model = "llama-3-8b"
-    gpu = RealGpu("cpu", 4 << 20, kv=KV.create("elastic", block_tokens=4))
-    gpu.start_instance(ckdir / model)
     prompts = [PROMPT, [9, 8, 7], list(range(30, 48))]
-    rids, seqs = [], []
-    for p in prompts:
-        step = gpu.prefill(model, p)
-        rids.append(step.rids[0])
-        seqs.append(list(p) + step.tokens)
-    for _ in range(3):
-        step = gpu.decode_step(rids)
-        for b, seq in enumerate(seqs):
-            ref = dense_reference(ckdir / model, seq)
-            torch.testing.assert_close(step.logits[b, -1], ref[-1], rtol=1e-4, atol=1e-4)
-            seq.append(step.tokens[b])
-    gpu.finish(rids[1])
-    gpu.check()
-    gen = gpu.generate(model, [1, 2, 3], 4)
-    assert len(gen.tokens) == 5 and gen.ttft_s > 0
-    gpu.end_instance(model)
-    assert gpu.arena.bytes_in(State.KV) == 0
+    res = run_requests([open_checkpoint(ckdir / model)], [(model, p, 4, 0.0) for p in prompts],
+                       system_for(kv_block_tokens=4), capacity=4 << 20, threads=1)
+    steps = res.steps
+    prefill = steps[steps["kind"] == "prefill"]
+    decode = steps[steps["kind"] == "decode"]
+    assert prefill["requests"].tolist() == [3] and prefill["tokens"].tolist() == [sum(map(len, prompts))]
+    assert decode["requests"].tolist() == [3, 3, 3]  # one batched step per token after the first
+    for rid, p in enumerate(prompts):
+        assert res.tokens[rid] == dense_greedy(ckdir / model, p, 4), rid
+    assert (res.requests["outcome"] == "completed").all() and res.timeline.iloc[-1]["kv_bytes"] == 0
 
 
 SENTINEL = float("nan")  # what KV slots hold until the engine writes them: reading one poisons logits
 
 
-def paged(c: EngineConfig, tokens: list[int], shared: bool, block_tokens: int = 4) -> list[PagedKv]:
+def paged(c: EngineConfig, tokens: list[int], shared: bool, block_tokens: int = 4, device: str = "cpu",
+          dtype: torch.dtype = torch.float32) -> list[PagedKv]:
     """One PagedKv per row with room for tokens[b] tokens, every slot holding SENTINEL.
 
     shared: blocks are views of one arena buffer, in shuffled order, at offsets that are no multiple of
-    a token's K row (the engine's indexed path); else each block is a tensor of its own (its fallback).
+    a token's K row (the engine's indexed path); else each block is a tensor of its own (its fallback),
+    of `dtype`.
     """
     shape = c.kv_block_shape(block_tokens)
     need = [-(-n // block_tokens) for n in tokens]
     caches = [PagedKv(block_tokens) for _ in tokens]
     if not shared:
         for cache, n in zip(caches, need):
-            cache.blocks = [torch.full(shape, SENTINEL) for _ in range(n)]
+            cache.blocks = [torch.full(shape, SENTINEL, dtype=dtype, device=device) for _ in range(n)]
         return caches
     stride = math.prod(shape) * 4 + 12
-    arena = DeviceArena(-(-(sum(need) * stride) // 256) * 256)
+    arena = DeviceArena(-(-(sum(need) * stride) // 256) * 256, device)
     arena.buffer.view(torch.float32).fill_(SENTINEL)
     slots = list(range(sum(need)))[::-1]
     slots = slots[1::2] + slots[::2]
@@ -167,8 +192,9 @@ def run(
 ) -> torch.Tensor:
     """One forward pass of right-padded rows (ragged when their lengths differ)."""
     S = max(len(r) for r in rows)
-    tokens = torch.tensor([r + [255] * (S - len(r)) for r in rows])
-    positions = torch.tensor(starts)[:, None] + torch.arange(S)
+    device = caches[0].blocks[0].device
+    tokens = torch.tensor([r + [255] * (S - len(r)) for r in rows], device=device)
+    positions = torch.tensor(starts, device=device)[:, None] + torch.arange(S, device=device)
     lengths = [len(r) for r in rows] if any(len(r) != S for r in rows) else None
     with torch.inference_mode():
         return engine(tokens, positions, caches, lengths=lengths, **kw)
@@ -184,9 +210,7 @@ PROMPTS = [PROMPT, [9, 8, 7], list(range(30, 48)), [77]]  # 11, 3, 18, 1 tokens
 
 
 def gpu_engine(ckdir: Path, model: str) -> CausalLM:
-    gpu = RealGpu("cpu", 4 << 20, kv=KV.create("elastic", block_tokens=4))
-    gpu.start_instance(ckdir / model)
-    return gpu.engine(model)
+    return backend_engine(ckdir / model)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -304,55 +328,57 @@ def test_ragged_lengths_are_checked(ckdir: Path) -> None:
 
 def test_bf16_engine_runs_and_tracks_fp32(tmp_path: Path) -> None:
     make_checkpoints(["llama-3-8b"], tmp_path, "tiny", dtype="bfloat16")
-    gpu = RealGpu("cpu", 2 << 20)
-    gpu.start_instance(tmp_path / "llama-3-8b")
-    step = gpu.prefill("llama-3-8b", PROMPT)
-    ref = dense_reference(tmp_path / "llama-3-8b", PROMPT)  # fp32 math on the bf16 weights
-    assert torch.isfinite(step.logits).all()
-    assert torch.nn.functional.cosine_similarity(step.logits[0, -1], ref[-1].float(), dim=0) > 0.99
+    folder = tmp_path / "llama-3-8b"
+    engine = backend_engine(folder, capacity=2 << 20)
+    cache = paged(engine.config, [len(PROMPT)], shared=False, dtype=torch.bfloat16)
+    logits = run(engine, [PROMPT], [0], cache)
+    ref = dense_reference(folder, PROMPT)  # fp32 math on the bf16 weights
+    assert torch.isfinite(logits).all()
+    assert torch.nn.functional.cosine_similarity(logits[0, -1].float(), ref[-1].float(), dim=0) > 0.99
+    res = run_requests([open_checkpoint(folder)], [("llama-3-8b", PROMPT, 3, 0.0)], system_for(),
+                       capacity=2 << 20, threads=1, verify=True)
+    assert res.requests.loc[0, "outcome"] == "completed" and len(res.tokens[0]) == 3
 
 
-def test_kv_pressure_evicts_retained_weights_then_waits(ckdir: Path) -> None:
-    gpu = RealGpu("cpu", 1_300_000, "tensor", retention="lru", kv=KV.create("elastic", block_tokens=16))
-    gpu.start_instance(ckdir / "qwen2.5-3b")
-    gpu.end_instance("qwen2.5-3b")  # retained, unpinned
-    gpu.start_instance(ckdir / "llama-3-8b")
-    before = gpu.arena.model_bytes("qwen2.5-3b")
-    rid = gpu.prefill("llama-3-8b", [1] * 300).rids[0]
-    assert gpu.arena.model_bytes("qwen2.5-3b") < before  # ElasticKV evicted another model's units
-    with pytest.raises(CapacityError, match="would wait"):
-        gpu.prefill("llama-3-8b", [1] * 3000)  # 768 KB: more than all evictable bytes
-    gpu.check()
-    gpu.finish(rid)
-    gpu.end_instance("llama-3-8b")
-    gpu.check()
+def test_kv_pressure_evicts_retained_weights_then_rejects(ckdir: Path) -> None:
+    ckpts = {m: open_checkpoint(ckdir / m) for m in ("qwen2.5-3b", "llama-3-8b")}
+    requests = [("qwen2.5-3b", [1], 1, 0.0),  # loaded, then retained (unpinned) when llama starts
+                ("llama-3-8b", [1] * 300, 2, 0.0),  # 77 KB of KV: more than the free bytes
+                ("llama-3-8b", [1] * 3000, 2, 0.0)]  # 768 KB: more than all evictable bytes
+    res = run_requests(ckpts, requests, system_for("tensor", "lru", kv_block_tokens=16), capacity=1_300_000,
+                       threads=1)
+    r = res.requests
+    weights = sum(c.spec.weight_bytes for c in ckpts.values())
+    assert r["outcome"].tolist() == ["completed", "completed", "rejected"]
+    assert r.loc[2, "reason"] == "kv-capacity"
+    assert r["bytes_evicted"].sum() == 0  # no cold start evicted anything...
+    assert res.timeline.iloc[-1]["retained_bytes"] < weights  # ...ElasticKV evicted retained units
 
 
-def test_unsupported_family_loads_but_has_no_engine(ckdir: Path) -> None:
-    gpu = RealGpu("cpu", 4 << 20, verify=True)
-    stats = gpu.start_instance(ckdir / "opt-6.7b")
-    assert stats.loaded_bytes == stats.needed_bytes
-    with pytest.raises(ModelError, match="engine runs llama"):
-        gpu.prefill("opt-6.7b", [1, 2])
-    gpu.end_instance("opt-6.7b")
-    gpu.check()
+def test_unsupported_family_is_a_one_line_error_at_setup(ckdir: Path) -> None:
+    with pytest.raises(ModelError, match="engine runs llama") as info:
+        run_requests([open_checkpoint(ckdir / "opt-6.7b")], [("opt-6.7b", [1, 2], 1, 0.0)], system_for(),
+                     capacity=4 << 20, verify=True)
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("model", MODELS)
 def test_engine_on_cuda_matches_reference(ckdir: Path, model: str) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
-    gpu = RealGpu("cuda", 64 << 20, kv=KV.create("elastic", block_tokens=4))
-    gpu.start_instance(ckdir / model)
-    first = gpu.prefill(model, PROMPT, all_logits=True)
+    engine = backend_engine(ckdir / model, "cuda", 64 << 20)
+    cache = paged(engine.config, [len(PROMPT) + 4], shared=True, device="cuda")
+    logits = run(engine, [PROMPT], [0], cache, last_only=False)
     ref = dense_reference(ckdir / model, PROMPT)
-    torch.testing.assert_close(first.logits[0].cpu(), ref, rtol=1e-3, atol=1e-3)
-    seq = list(PROMPT) + first.tokens
+    torch.testing.assert_close(logits[0].cpu(), ref, rtol=1e-3, atol=1e-3)
+    seq = list(PROMPT) + [int(logits[0, -1].argmax())]
     for _ in range(4):
-        step = gpu.decode_step(first.rids)
+        step = run(engine, [seq[-1:]], [len(seq) - 1], cache)
         torch.testing.assert_close(
-            step.logits[0, -1].cpu(), dense_reference(ckdir / model, seq)[-1], rtol=1e-3, atol=1e-3
+            step[0, -1].cpu(), dense_reference(ckdir / model, seq)[-1], rtol=1e-3, atol=1e-3
         )
-        seq.append(step.tokens[0])
-    gpu.end_instance(model)
-    gpu.check()
+        seq.append(int(step[0, -1].argmax()))
+    res = run_requests([open_checkpoint(ckdir / model)], [(model, PROMPT, 5, 0.0)],
+                       system_for(kv_block_tokens=4),
+                       device="cuda", capacity=64 << 20, verify=True)
+    assert res.tokens[0] == seq[len(PROMPT):]

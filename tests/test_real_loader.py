@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,16 +19,19 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from tangram_sim.arena import State  # noqa: E402
+from tangram_sim.arena import ARENA_ALIGNMENT  # noqa: E402
 from tangram_sim.cli import main  # noqa: E402
 from tangram_sim.errors import CapacityError, ModelError, TangramError  # noqa: E402
 from tangram_sim.models import get_model  # noqa: E402
 from tangram_sim.policies.packing import Move  # noqa: E402
+from tangram_sim.real.backend import BackendSpec, DeviceBackend  # noqa: E402
 from tangram_sim.real.checkpoints import make_checkpoints  # noqa: E402
 from tangram_sim.real.device_arena import DeviceArena  # noqa: E402
-from tangram_sim.real.executor import RealGpu  # noqa: E402
 from tangram_sim.real.loader import Loader, Segment, open_checkpoint  # noqa: E402
 from tangram_sim.real.memory import read_memory  # noqa: E402
+from tangram_sim.real.replay import ReplayResult  # noqa: E402
+from tangram_sim.real.session import run_requests, system_for  # noqa: E402
+from tangram_sim.real.setup import resolve_device  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = [("never", 32 << 20), ("always", 4096), ("always", 32 << 20)]  # direct; staged in small/large chunks
@@ -40,6 +44,11 @@ def ckdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ["llama-3-8b", "qwen2.5-3b"], out, "tiny", derive=["llama-ft=llama-3-8b:0.5"], dtype="float32"
     )
     return out
+
+
+@pytest.fixture(scope="module")
+def ckpts(ckdir: Path) -> dict:
+    return {m: open_checkpoint(ckdir / m) for m in ("llama-3-8b", "qwen2.5-3b", "llama-ft")}
 
 
 def _file_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -56,94 +65,87 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _sequence(ckpts: dict, models: list[str], **kw) -> ReplayResult:
+    """One single-token request per entry of `models`, all at once: served in turn on one CPU arena."""
+    return run_requests(ckpts, [(m, [1, 2], 1, 0.0) for m in models], threads=1, **kw)
+
+
 @pytest.mark.parametrize("granularity", ["group", "tensor"])
 @pytest.mark.parametrize(("staging", "chunk"), MODES)
 def test_fine_tune_reuses_shared_tensors_bit_identically(
-    ckdir: Path, granularity: str, staging: str, chunk: int
+    ckpts: dict, ckdir: Path, granularity: str, staging: str, chunk: int
 ) -> None:
-    gpu = RealGpu("cpu", 4 << 20, granularity, staging=staging, chunk_bytes=chunk, readers=3)
-    for model in ("llama-3-8b", "qwen2.5-3b"):
-        s = gpu.start_instance(ckdir / model)
-        assert s.loaded_bytes == s.needed_bytes and s.reused_bytes == 0
-        assert s.read is not None and s.read.nbytes == s.loaded_bytes
-        assert s.read.staged == (staging == "always")
-        gpu.end_instance(model)
-        gpu.check()
-    # Released units stay resident, unpinned, owned by their model.
-    for key in gpu._models["llama-3-8b"].keys:
-        region = gpu.arena.lookup(key)
-        assert region is not None and region.state is State.RESIDENT and region.pin_count == 0
+    order = ["llama-3-8b", "qwen2.5-3b", "llama-ft"]
+    res = _sequence(ckpts, order, system=system_for(granularity), capacity=4 << 20, verify=True,
+                    staging=staging, chunk_bytes=chunk, readers=3)  # verify: every tensor checked
+    r = res.requests
+    assert r["model"].tolist() == order and r["cold"].all() and (r["outcome"] == "completed").all()
     base, ft = get_model(ckdir / "llama-3-8b"), get_model(ckdir / "llama-ft")
     shared = sum(t.nbytes for t, u in zip(base.tensors, ft.tensors) if t.fingerprint == u.fingerprint)
-    s = gpu.start_instance(ckdir / "llama-ft")
-    assert s.reused_bytes == shared > 0
-    assert s.loaded_bytes == s.read.nbytes == ft.weight_bytes - shared  # shared tensors not copied again
-    gpu.check()
-    gpu.verify_model("llama-ft")  # reused tensors equal this checkpoint's file, bit for bit
-    files = _file_tensors(ckdir / "llama-ft")
-    views = gpu.weights("llama-ft")
-    assert set(views) == set(files)
-    for name, t in files.items():
-        assert torch.equal(views[name], t), name
-        assert views[name].untyped_storage().data_ptr() == gpu.dev.buffer.untyped_storage().data_ptr()
-    gpu.end_instance("llama-ft")
-    assert gpu.arena.model_bytes("llama-3-8b") == gpu.arena.model_bytes("llama-ft") > 0  # both still resident
-    gpu.check()
+    first, ftrow = r.iloc[:2], r.iloc[2]
+    assert (first["bytes_loaded"] == first["bytes_needed"]).all() and (first["bytes_reused"] == 0).all()
+    assert ftrow["bytes_reused"] == shared > 0  # shared tensors not copied again
+    assert ftrow["bytes_loaded"] == ft.weight_bytes - shared
+    loads = res.loads.set_index("rid")
+    assert (loads["loaded_bytes"] == r["bytes_loaded"]).all()
+    assert loads.loc[2, "units_loaded"] < loads.loc[2, "units"]
+    # released units stay resident: both llama models' units and qwen's, nothing else
+    end = res.timeline.iloc[-1]
+    assert end["active_bytes"] == end["kv_bytes"] == 0
+    assert end["retained_bytes"] >= sum(r["bytes_loaded"])
 
 
-def test_pressure_evicts_and_compacts_with_verified_bytes(ckdir: Path) -> None:
+def test_pressure_evicts_and_compacts_with_verified_bytes(ckpts: dict) -> None:
     rng = random.Random(7)
     moved = evicted = 0
     for packing in ("pbp", "compact-all", "first-fit"):
-        gpu = RealGpu(
-            "cpu", 1_400_000, "tensor", "lru", packing, verify=True, staging="always", chunk_bytes=8192
-        )
-        for _ in range(10):
-            model = rng.choice(["llama-3-8b", "qwen2.5-3b", "llama-ft"])
-            s = gpu.start_instance(ckdir / model)  # verify=True: every tensor checked after moves/loads
-            moved += s.moved_bytes
-            evicted += s.evicted_bytes
-            gpu.check()
-            gpu.end_instance(model)
-        gpu.check()
+        models = [rng.choice(["llama-3-8b", "qwen2.5-3b", "llama-ft"]) for _ in range(10)]
+        res = _sequence(ckpts, models, system=system_for("tensor", "lru", packing), capacity=1_400_000,
+                        verify=True, staging="always", chunk_bytes=8192)  # every cold start's tensors checked
+        r = res.requests
+        assert (r["outcome"] == "completed").all()
+        runs = [m for i, m in enumerate(models) if i == 0 or models[i - 1] != m]  # a repeat joins the batch
+        assert r.loc[r["cold"], "model"].tolist() == runs
+        moved += int(r["bytes_moved"].sum())
+        evicted += int(r["bytes_evicted"].sum())
     assert moved > 0 and evicted > 0
 
 
-def test_none_retention_frees_and_capacity_error(ckdir: Path) -> None:
-    gpu = RealGpu("cpu", 2 << 20, retention="none")
-    gpu.start_instance(ckdir / "llama-3-8b")
-    gpu.end_instance("llama-3-8b")
-    assert gpu.arena.free_bytes == gpu.arena.capacity
-    small = RealGpu("cpu", 300_000)
-    with pytest.raises(CapacityError, match="do not fit"):
-        small.start_instance(ckdir / "llama-3-8b")
-    small.check()
-    assert small.arena.free_bytes == small.arena.capacity
+def test_none_retention_reloads_every_time_and_capacity_error(ckpts: dict) -> None:
+    res = _sequence(ckpts, ["llama-3-8b", "qwen2.5-3b", "llama-3-8b"], system=system_for(retention="none"),
+                    capacity=2 << 20)
+    r = res.requests
+    assert r["cold"].all() and (r["bytes_reused"] == 0).all()
+    assert (r["bytes_loaded"] == r["bytes_needed"]).all()  # the third load reads everything again
+    end = res.timeline.iloc[-1]
+    assert end["free_bytes"] == 2 << 20  # nothing retained
+    with pytest.raises(CapacityError, match="do not fit") as info:
+        _sequence(ckpts, ["llama-3-8b"], system=system_for(), capacity=300_000)
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("staging", ["never", "always"])
-def test_read_failure_leaves_arena_consistent(ckdir: Path, tmp_path: Path, staging: str) -> None:
+def test_read_failure_is_a_one_line_error_and_the_run_stops_cleanly(
+    ckpts: dict, ckdir: Path, tmp_path: Path, staging: str
+) -> None:
     folder = _copy(ckdir / "llama-ft", tmp_path / "llama-ft")
-    gpu = RealGpu("cpu", 4 << 20, staging=staging, chunk_bytes=4096)
-    gpu.start_instance(ckdir / "llama-3-8b")
-    gpu.end_instance("llama-3-8b")
-    before = {r.key: (r.offset, r.state) for r in gpu.arena.regions() if r.key is not None}
-    ckpt = open_checkpoint(folder)  # headers read while the files were whole
+    mine = {"llama-3-8b": ckpts["llama-3-8b"], "llama-ft": open_checkpoint(folder)}
     last = sorted(folder.glob("*.safetensors"))[-1]
-    os.truncate(last, last.stat().st_size - 1000)
+    before = {t.name for t in threading.enumerate()}
+
+    def truncate(i: int) -> None:  # once the device holds the headers, before any read
+        if i == 0:
+            os.truncate(last, last.stat().st_size - 1000)
+
     with pytest.raises(ModelError) as info:
-        gpu.start_instance(ckpt)
+        run_requests(mine, [("llama-3-8b", [1], 1, 0.0), ("llama-ft", [1], 1, 0.0)], system_for(),
+                     capacity=4 << 20, staging=staging, chunk_bytes=4096, progress=truncate)
     msg = str(info.value)
     assert "\n" not in msg and last.name in msg and "truncated" in msg
-    gpu.check()
-    assert gpu.arena.bytes_in(State.LOADING) == 0 and "llama-ft" not in gpu.instances
-    after = {r.key: (r.offset, r.state) for r in gpu.arena.regions() if r.key is not None}
-    assert after == before  # nothing half-registered; the shared units stay, unpinned
-    assert all(r.pin_count == 0 for r in gpu.arena.regions())
-    # Reading the (now truncated) headers again is a one-line error before anything moves.
+    assert {t.name for t in threading.enumerate()} <= before  # the device's thread has ended
+    # Reading the (now truncated) headers again is a one-line error before anything runs.
     with pytest.raises(ModelError, match="past the end of the data"):
-        gpu.start_instance(folder)
-    gpu.check()
+        run_requests(mine, [("llama-ft", [1], 1, 0.0)], system_for(), capacity=4 << 20)
 
 
 def test_corrupt_files_give_one_line_errors(
@@ -154,11 +156,9 @@ def test_corrupt_files_give_one_line_errors(
     data = bytearray(shard.read_bytes())
     data[8:20] = b"not json at!"
     shard.write_bytes(bytes(data))
-    gpu = RealGpu("cpu", 4 << 20)
     with pytest.raises(ModelError, match="header is not valid JSON") as info:
-        gpu.start_instance(folder)
+        open_checkpoint(folder)
     assert "\n" not in str(info.value)
-    gpu.check()
     assert main(["real", "load", str(folder), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and shard.name in err and err.count("\n") == 1
@@ -167,19 +167,31 @@ def test_corrupt_files_give_one_line_errors(
 
 
 def test_verify_detects_bytes_changed_in_the_file(ckdir: Path, tmp_path: Path) -> None:
+    """A cold start that reuses resident units checks them against the file: a byte changed in the file
+    since they were read is a one-line ModelError (the backend's `start`, as a replay's reuse runs it)."""
     folder = _copy(ckdir / "qwen2.5-3b", tmp_path / "qwen2.5-3b")
-    gpu = RealGpu("cpu", 4 << 20)
-    gpu.start_instance(folder)
-    gpu.verify_model("qwen2.5-3b")
-    name, (path, start, _) = next(iter(open_checkpoint(folder).locations.items()))
-    with open(path, "r+b") as f:
-        f.seek(start)
-        b = f.read(1)
-        f.seek(start)
-        f.write(bytes([b[0] ^ 0xFF]))
-    with pytest.raises(ModelError, match="differs from the file") as info:
-        gpu.verify_model("qwen2.5-3b")
-    assert name in str(info.value) and "\n" not in str(info.value)
+    spec = BackendSpec("cpu", 4 << 20, ARENA_ALIGNMENT, {"qwen": str(folder)}, "tensor", 1 << 20, 0, 16)
+    backend = DeviceBackend(spec)
+    try:
+        units, offsets, end = backend.models["qwen"].by_key, {}, 0
+        for key, lay in units.items():
+            offsets[key] = end
+            end += -(-lay.nbytes // ARENA_ALIGNMENT) * ARENA_ALIGNMENT
+        backend.start((), "qwen", offsets, list(units), (), True)  # read, then verified
+        backend.apply((("end", "qwen"),))
+        backend.start((), "qwen", offsets, [], (), True)  # everything reused: verified again
+        backend.apply((("end", "qwen"),))
+        name, (path, start, _) = next(iter(open_checkpoint(folder).locations.items()))
+        with open(path, "r+b") as f:
+            f.seek(start)
+            b = f.read(1)
+            f.seek(start)
+            f.write(bytes([b[0] ^ 0xFF]))
+        with pytest.raises(ModelError, match="differs from the file") as info:
+            backend.start((), "qwen", offsets, [], (), True)
+        assert name in str(info.value) and "\n" not in str(info.value)
+    finally:
+        backend.close()
 
 
 def test_loader_segments_scattered_in_file_and_buffer(tmp_path: Path) -> None:
@@ -250,7 +262,9 @@ def test_missing_extra_message_and_bad_device() -> None:
 
     assert "pip install -e '.[real]'" in MISSING_EXTRA
     with pytest.raises(TangramError, match="device"):
-        RealGpu("cuda:99" if not torch.cuda.is_available() else "tpu", 1 << 20)
+        resolve_device("cuda:99" if not torch.cuda.is_available() else "tpu")
+    with pytest.raises(TangramError, match="device"):
+        run_requests({}, [("x", [1], 1, 0.0)], system_for(), device="tpu")
 
 
 def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
@@ -267,25 +281,35 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_load_pinned_staging_reuse_and_verify(ckdir: Path) -> None:
-    gpu = RealGpu("cuda", 16 << 20, "tensor", chunk_bytes=64 << 10)
-    s = gpu.start_instance(ckdir / "llama-3-8b")
-    assert s.read is not None and s.read.staged and gpu.loader._pool[0].is_pinned()
-    gpu.end_instance("llama-3-8b")
-    s = gpu.start_instance(ckdir / "llama-ft")
-    assert s.reused_bytes > 0
-    gpu.verify_model("llama-ft")
-    files = _file_tensors(ckdir / "llama-ft")
-    for name, view in gpu.weights("llama-ft").items():
-        assert view.is_cuda and torch.equal(view.cpu(), files[name])
-    mem = gpu.memory()
-    assert mem.total_bytes > 0 and mem.torch_allocated >= gpu.arena.capacity
-    gpu.end_instance("llama-ft")
-    gpu.check()
+def test_cuda_load_pinned_staging_reuse_and_verify(ckpts: dict, ckdir: Path) -> None:
+    res = run_requests(ckpts, [("llama-3-8b", [1], 1, 0.0), ("llama-ft", [1], 1, 0.0)], system_for("tensor"),
+                       device="cuda", capacity=16 << 20, chunk_bytes=64 << 10, verify=True)
+    r = res.requests
+    assert r["cold"].all() and r.loc[1, "bytes_reused"] > 0 and (res.loads["read_gbps"] > 0).all()
+    mem = res.memory.iloc[-1]
+    assert mem["total_bytes"] > 0 and mem["torch_allocated"] >= 16 << 20
+    # the backend's loader stages through pinned buffers; its views equal the files
+    spec = BackendSpec("cuda", 16 << 20, ARENA_ALIGNMENT, {"llama-ft": str(ckdir / "llama-ft")}, "tensor", 1 << 20, 0,
+                       16, {"chunk_bytes": 64 << 10})
+    backend = DeviceBackend(spec)
+    try:
+        units, offsets, end = backend.models["llama-ft"].by_key, {}, 0
+        for key, lay in units.items():
+            offsets[key] = end
+            end += -(-lay.nbytes // ARENA_ALIGNMENT) * ARENA_ALIGNMENT
+        backend.start((), "llama-ft", offsets, list(units), (), True)
+        assert backend.loader.staged and backend.loader._pool[0].is_pinned()
+        files = _file_tensors(ckdir / "llama-ft")
+        views = backend._views(backend.models["llama-ft"], offsets)
+        assert set(views) == set(files)
+        for name, view in views.items():
+            assert view.is_cuda and torch.equal(view.cpu(), files[name])
+    finally:
+        backend.close()
 
 
 @pytest.mark.gpu
-def test_cuda_moves_and_compaction_under_pressure(ckdir: Path) -> None:
+def test_cuda_moves_and_compaction_under_pressure(ckpts: dict) -> None:
     dev = DeviceArena(1 << 20, "cuda", move_chunk_bytes=4096)
     host = torch.randint(0, 256, (dev.capacity,), dtype=torch.uint8)
     dev.buffer.copy_(host)
@@ -294,8 +318,8 @@ def test_cuda_moves_and_compaction_under_pressure(ckdir: Path) -> None:
         dev.copy_move(Move("k", src, dst, n))
         ref[dst : dst + n] = ref[src : src + n]
     assert dev.buffer.cpu().numpy().tobytes() == bytes(ref)
-    gpu = RealGpu("cuda", 1_400_000, "tensor", "lru", "pbp", verify=True, chunk_bytes=8192)
-    for model in ["llama-3-8b", "qwen2.5-3b", "llama-ft", "qwen2.5-3b", "llama-3-8b"]:
-        gpu.start_instance(ckdir / model)
-        gpu.check()
-        gpu.end_instance(model)
+    models = ["llama-3-8b", "qwen2.5-3b", "llama-ft", "qwen2.5-3b", "llama-3-8b"]
+    res = run_requests(ckpts, [(m, [1], 1, 0.0) for m in models], system_for("tensor", "lru", "pbp"),
+                       device="cuda", capacity=1_400_000, chunk_bytes=8192, verify=True)
+    r = res.requests
+    assert r["cold"].all() and (r["outcome"] == "completed").all() and r["bytes_evicted"].sum() > 0

@@ -49,8 +49,10 @@ def add_parser(subparsers: Any) -> None:
     ld = sub.add_parser(
         "load",
         help="load checkpoints one after another into one device arena (reuse, compaction, eviction)",
-        description="Each model is started (missing units loaded, shared or retained ones reused) and "
-        "ended again (units stay resident unless retention is none) before the next one.",
+        description="One single-token request per model, in turn, through the replay path (the simulator's "
+        "lifecycle on one device arena, the `tangram` preset with the chosen policies): each model is "
+        "started (missing units loaded, shared or retained ones reused) and ended again (units stay "
+        "resident unless retention is none) when the next one's request comes.",
     )
     ld.add_argument("models", nargs="+", metavar="DIR", help="checkpoint folders, or a folder of them")
     ld.add_argument(
@@ -59,7 +61,11 @@ def add_parser(subparsers: Any) -> None:
     _device_options(ld)
     ld.set_defaults(func=cmd_load)
 
-    gen = sub.add_parser("generate", help="load one checkpoint and run prefill + N decode tokens (greedy)")
+    gen = sub.add_parser(
+        "generate", help="load one checkpoint and run prefill + N decode tokens (greedy)",
+        description="One request through the replay path (see `real load`); prefill and decode times are "
+        "the replay's measured steps.",
+    )
     gen.add_argument("model", metavar="DIR", help="checkpoint folder (llama, mistral, qwen2 or phi3)")
     gen.add_argument(
         "--prompt", default=None, help="comma-separated token ids (default: random, see --prompt-len)"
@@ -181,88 +187,92 @@ def cmd_make_checkpoints(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gpu(args: argparse.Namespace, model_bytes: int) -> Any:
-    """A RealGpu from the common options; the CPU default capacity fits every model at once."""
+def _session(args: argparse.Namespace, ckpts: list[Any]) -> dict[str, Any]:
+    """`run_requests` arguments from the common options: the system (the `tangram` preset with the
+    chosen policies), the device and the arena (on the CPU by default every model fits at once)."""
     import torch
 
-    from tangram_sim.real.executor import RealGpu, resolve_device
+    from tangram_sim.real.session import cpu_capacity, system_for
+    from tangram_sim.real.setup import default_capacity, resolve_device
 
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.capacity_gb is not None:
-        if args.capacity_gb <= 0:
+        if not args.capacity_gb > 0:
             raise ConfigError(f"--capacity-gb {args.capacity_gb}, expected a positive number")
-        capacity: int | None = int(args.capacity_gb * 1e9)
+        capacity = int(args.capacity_gb * 1e9)
     elif device.type == "cpu":
-        capacity = int(model_bytes * 1.25) + 64 * 2**20
+        capacity = cpu_capacity({c.name: c for c in ckpts})
     else:
-        capacity = None
-    if args.chunk_mb <= 0:
+        capacity = default_capacity([device], "--capacity-gb")  # 90% of the card's free memory
+    if not args.chunk_mb > 0:
         raise ConfigError(f"--chunk-mb {args.chunk_mb}, expected a positive number")
-    return RealGpu(
-        device,
-        capacity,
-        args.granularity,
-        args.retention,
-        args.packing,
-        args.kv,
-        readers=args.readers,
-        chunk_bytes=max(4096, int(args.chunk_mb * 2**20)),
-        staging=args.staging,
-        verify=getattr(args, "verify", False),
-    )
+    system = system_for(args.granularity, args.retention, args.packing, args.kv)
+    return dict(system=system, device=device, capacity=capacity, readers=args.readers,
+                chunk_bytes=max(4096, int(args.chunk_mb * 2**20)), staging=args.staging)
 
 
 def _row(cells: list[str], widths: list[int]) -> str:
     return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
 
+def _memory_line(result: Any) -> str:
+    """The device's memory at the replay's last reading."""
+    from tangram_sim.real.memory import MemoryReading
+
+    last = result.memory.iloc[-1]
+    numbers = ("total_bytes", "used_bytes", "free_bytes", "torch_allocated", "torch_reserved")
+    return MemoryReading(str(last["device"]), str(last["source"]), *(int(last[c]) for c in numbers)).summary()
+
+
 def cmd_load(args: argparse.Namespace) -> int:
     _require()
-    from tangram_sim.real.executor import checkpoint_dirs
     from tangram_sim.real.loader import open_checkpoint
+    from tangram_sim.real.session import run_requests
+    from tangram_sim.real.setup import checkpoint_dirs
 
     ckpts = [open_checkpoint(p) for p in checkpoint_dirs(args.models)]
-    gpu = _gpu(args, sum(c.spec.weight_bytes for c in ckpts))
-    header = [
-        "model",
-        "needed MB",
-        "loaded MB",
-        "reused MB",
-        "moved MB",
-        "evicted MB",
-        "load s",
-        "GB/s",
-        "total s",
-    ]
+    seen: set[str] = set()
+    for c in ckpts:
+        if c.name in seen:
+            raise ConfigError(f"{c.path}: model {c.name!r} is given twice, expected distinct checkpoint "
+                              "folders")
+        seen.add(c.name)
+    options = _session(args, ckpts)
+    # one single-token request per model, all at once: served in turn, each a cold start
+    requests = [(c.name, [0], 1, 0.0) for c in ckpts]
+    result = run_requests(ckpts, requests, verify=args.verify, **options)
+    header = ["model", "needed MB", "loaded MB", "reused MB", "moved MB", "evicted MB", "load s", "GB/s",
+              "total s"]
     widths = [max(12, *(len(c.name) for c in ckpts)), *(len(h) for h in header[1:])]
-    print(f"arena: {gpu.arena.capacity / MB:.1f} MB on {gpu.device}, granularity {gpu.granularity}")
+    print(f"arena: {options['capacity'] / MB:.1f} MB on {options['device']}, granularity {args.granularity}")
     print(_row(header, widths))
-    try:
-        for ckpt in ckpts:
-            s = gpu.start_instance(ckpt)
-            cells = [
-                s.model,
-                f"{s.needed_bytes / MB:.2f}",
-                f"{s.loaded_bytes / MB:.2f}",
-                f"{s.reused_bytes / MB:.2f}",
-                f"{s.moved_bytes / MB:.2f}",
-                f"{s.evicted_bytes / MB:.2f}",
-                f"{s.load_s:.3f}",
-                f"{s.load_gbps:.2f}",
-                f"{s.total_s:.3f}",
-            ]
-            print(_row(cells, widths))
-            gpu.end_instance(s.model)
-        gpu.check()
-        u = gpu.usage()
-        print(
-            f"arena: resident {u['resident'] / MB:.2f} MB, free {u['free'] / MB:.2f} MB, "
-            f"fragmentation {u['fragmentation']:.3f}, {u['regions']} regions"
-            + (" (verified bit-identical)" if args.verify else "")
-        )
-        print(f"memory: {gpu.memory().summary()}")
-    finally:
-        gpu.close()
+    loads = result.loads.set_index("rid")
+    for rid, r in result.requests.iterrows():
+        if r["outcome"] != "completed" or rid not in loads.index:
+            print(_row([str(r["model"]), f"{r['bytes_needed'] / MB:.2f}", "-", "-", "-", "-", "-", "-", "-"],
+                       widths) + f"  ({r['outcome']}{': ' + r['reason'] if r['reason'] else ''})")
+            continue
+        ld = loads.loc[rid]
+        cells = [
+            str(r["model"]),
+            f"{r['bytes_needed'] / MB:.2f}",
+            f"{r['bytes_loaded'] / MB:.2f}",
+            f"{r['bytes_reused'] / MB:.2f}",
+            f"{r['bytes_moved'] / MB:.2f}",
+            f"{(r['bytes_evicted'] + r['bytes_extra_evicted']) / MB:.2f}",
+            f"{ld['move_s'] + ld['read_s']:.3f}",
+            f"{ld['read_gbps']:.2f}",
+            f"{ld['total_s']:.3f}",
+        ]
+        print(_row(cells, widths))
+    end = result.timeline.iloc[-1]
+    resident = end["active_bytes"] + end["retained_bytes"]
+    print(
+        f"arena: resident {resident / MB:.2f} MB, free {end['free_bytes'] / MB:.2f} MB "
+        f"(largest {end['largest_free_bytes'] / MB:.2f} MB), fragmentation {end['fragmentation']:.3f}"
+        + (" (verified bit-identical)" if args.verify else "")
+    )
+    print(f"memory: {_memory_line(result)}")
     return 0
 
 
@@ -271,38 +281,46 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from tangram_sim.real.loader import open_checkpoint
+    from tangram_sim.real.session import run_requests
 
     ckpt = open_checkpoint(args.model)
     if args.tokens < 0:
         raise ConfigError(f"--tokens {args.tokens}, expected >= 0")
-    gpu = _gpu(args, ckpt.spec.weight_bytes)
-    try:
-        stats = gpu.start_instance(ckpt)
-        vocab = gpu.engine(ckpt.name).config.vocab
-        if args.prompt:
-            try:
-                prompt = [int(t) for t in args.prompt.split(",") if t.strip()]
-            except ValueError:
-                raise ConfigError(f"--prompt {args.prompt!r}: expected comma-separated token ids") from None
-        else:
-            if args.prompt_len <= 0:
-                raise ConfigError(f"--prompt-len {args.prompt_len}, expected a positive number")
-            g = torch.Generator().manual_seed(args.seed)
-            prompt = torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist()
-        out = gpu.generate(ckpt.name, prompt, args.tokens)
-        print(
-            f"loaded {ckpt.name}: {stats.loaded_bytes / MB:.2f} MB in {stats.load_s:.3f} s "
-            f"({stats.load_gbps:.2f} GB/s) on {gpu.device}"
-        )
-        print(f"prompt ({len(prompt)} tokens): {prompt}")
-        print(f"tokens: {out.tokens}")
-        per = out.decode_s / args.tokens * 1e3 if args.tokens else 0.0
-        print(
-            f"prefill (first token): {out.ttft_s * 1e3:.2f} ms; decode: {args.tokens} tokens in "
-            f"{out.decode_s * 1e3:.2f} ms ({per:.2f} ms/token)"
-        )
-    finally:
-        gpu.close()
+    vocab = int(ckpt.spec.arch.vocab_size or 0) if ckpt.spec.arch else 0
+    if vocab <= 0:
+        raise ConfigError(f"{ckpt.path}: vocabulary size unknown, expected a decoder checkpoint")
+    if args.prompt:
+        try:
+            prompt = [int(t) for t in args.prompt.split(",") if t.strip()]
+        except ValueError:
+            raise ConfigError(f"--prompt {args.prompt!r}: expected comma-separated token ids") from None
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if not prompt or bad:
+            raise ConfigError(f"--prompt {args.prompt!r}: expected token ids in [0, {vocab})")
+    else:
+        if args.prompt_len <= 0:
+            raise ConfigError(f"--prompt-len {args.prompt_len}, expected a positive number")
+        g = torch.Generator().manual_seed(args.seed)
+        prompt = torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist()
+    options = _session(args, [ckpt])
+    result = run_requests([ckpt], [(ckpt.name, prompt, args.tokens + 1, 0.0)], **options)
+    r = result.requests.iloc[0]
+    if r["outcome"] != "completed":
+        raise ConfigError(f"{ckpt.name}: the request was {r['outcome']} ({r['reason']}), expected a larger "
+                          "--capacity-gb or a shorter prompt")
+    ld = result.loads.iloc[0]
+    steps = result.steps
+    prefill_s = float(steps.loc[steps["kind"] == "prefill", "seconds"].sum())
+    decode = steps.loc[steps["kind"] == "decode", "seconds"]
+    decode_s = float(decode.sum())
+    load_s = float(ld["move_s"] + ld["read_s"])
+    print(f"loaded {ckpt.name}: {ld['loaded_bytes'] / MB:.2f} MB in {load_s:.3f} s "
+          f"({ld['read_gbps']:.2f} GB/s) on {options['device']}")
+    print(f"prompt ({len(prompt)} tokens): {prompt}")
+    print(f"tokens: {result.tokens[0]}")
+    per = decode_s / len(decode) * 1e3 if len(decode) else 0.0
+    print(f"prefill (first token): {prefill_s * 1e3:.2f} ms; decode: {len(decode)} tokens in "
+          f"{decode_s * 1e3:.2f} ms ({per:.2f} ms/token)")
     return 0
 
 

@@ -8,7 +8,10 @@ one-line TangramError rather than an ImportError deep in a traceback.
 - `device_arena`: `Arena` offsets mapped onto one `torch.empty(capacity, uint8)` buffer
 - `loader`: reader threads + staging buffers + side-stream copies; checkpoints and unit layouts
 - `engine`: a minimal Llama-style decoder bound to arena views, paged KV in arena blocks
-- `executor`: `RealGpu`, the device the trace replay drives (start/end instance, prefill, decode)
+- `backend`, `device`: the torch side of one replay GPU and the lifecycle's device over it
+- `replay`: traces replayed by the simulator's lifecycle (`core`) on real devices; `session`: a few
+  requests on one device through it (`real load`, `real generate`, the loader benchmark)
+- `setup`: devices, arenas and checkpoints of a replay (`resolve_device`, `checkpoint_dirs`)
 - `memory`: NVML / torch / host memory readings
 """
 
@@ -22,13 +25,11 @@ from tangram_sim.errors import TangramError
 MISSING_EXTRA = "the real executor needs the 'real' extra: pip install -e '.[real]'"
 
 _EXPORTS = {
-    "RealGpu": "executor",
-    "LoadStats": "executor",
-    "Generation": "executor",
-    "Step": "executor",
-    "VerifyResult": "executor",
-    "resolve_device": "executor",
-    "checkpoint_dirs": "executor",
+    "resolve_device": "setup",
+    "checkpoint_dirs": "setup",
+    "run_requests": "session",
+    "replay_trace": "replay",
+    "ReplayResult": "replay",
     "DeviceArena": "device_arena",
     "Loader": "loader",
     "LoadResult": "loader",

@@ -61,7 +61,7 @@ class EngineConfig:
         if a is None or a.family not in SUPPORTED_FAMILIES or spec.family == "llava":
             raise ModelError(
                 f"{where}: the engine runs {', '.join(SUPPORTED_FAMILIES)} decoders, "
-                f"got family {spec.family!r} (loading works for every family)"
+                f"got family {spec.family!r}"
             )
         cfg = dict(config or {})
         if cfg.get("rope_scaling"):
