@@ -1,8 +1,9 @@
 """What the lifecycle asks of a GPU: the `Device` interface, and the cold start it hands over.
 
 The worker (`core.worker`) takes every decision on plain state - which units to evict, move and load,
-which requests to admit, when KV grows and whom to preempt - and applies it to the arena's books.
-A device then does the work those decisions stand for and returns when it is done:
+which requests to admit, when KV grows and whom to preempt - and applies it to the arena's books
+(memory through one entry point, `core.memory`: `acquire` plans it, `commit` books it and tells
+retention). A device then does the work those decisions stand for and returns when it is done:
 
 - `start_instance`: run the packing plan of a cold start (compaction copies, loads) and start the engine;
 - `prefill`: one prefill iteration over a group of admitted requests (their first tokens);

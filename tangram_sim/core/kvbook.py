@@ -1,17 +1,19 @@
 """A running instance's KV memory: the static pool reserved at its start (vLLM-style) or blocks taken
 on demand from the arena (ElasticKV), grown `kv_chunk_blocks` blocks at a time, on every rank at once.
 
-The decisions and the arena's books are here; each rank's device binds the memory behind them
-(`Device.pool_reserved`, `kv_grown`, `kv_freed`).
+The decisions and the arena's books are here; the memory itself is planned and taken through the one
+memory entry point (`core.memory`: a "kv-pool" ask for the static pool, a "kv" ask per growth, which
+spares models waiting on the GPU when the KV policy `spares_queued` and the request joins a running
+batch). Each rank's device binds the memory behind them (`Device.pool_reserved`, `kv_grown`, `kv_freed`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tangram_sim.core.loadplan import eviction_order
+from tangram_sim.core.memory import Ask, acquire, commit
 from tangram_sim.core.records import EPS_TOKENS, Request
-from tangram_sim.policies.kv import KvPool, execute_kv_plan, plan_kv
+from tangram_sim.policies.kv import KvPool
 from tangram_sim.sim.systems import SystemSpec
 
 if TYPE_CHECKING:
@@ -23,6 +25,7 @@ def reserve_static_kv(leader: GpuWorker) -> None:
     c = leader.cluster
     inst = leader.instance
     block = c.block_bytes[inst.model]
+    now = c.env.now
     plans = []
     for rank, worker in enumerate(inst.group):
         arena = worker.arena
@@ -33,17 +36,11 @@ def reserve_static_kv(leader: GpuWorker) -> None:
             # raising vLLM's gpu_memory_utilization, reserve everything the weights leave.
             want = arena.capacity - weights
         want -= want % block
-        plan = plan_kv(arena, want, block, ())
-        if plan.must_wait:
-            plan = plan_kv(arena, want, block, eviction_order(worker, c.env.now))
-        if plan.must_wait:  # fragmentation: take the whole blocks the holes hold
-            fits = sum(r.size - r.size % block for r in arena.free_regions())
-            plan = plan_kv(arena, fits, block, ())
+        plan = acquire(worker, Ask("kv-pool", nbytes=want, block=block), now)  # never None: holes at worst
         plans.append((worker, plan))
     capacity = min(plan.nbytes for _, plan in plans)  # ranks hold equal shards of every block
     for worker, plan in plans:
-        worker.retention.on_evict_many(plan.evictions, c.env.now)
-        keys = execute_kv_plan(worker.arena, plan, ("pool", worker.gpu_id, inst.started))
+        keys = commit(worker, plan, now, key_prefix=("pool", worker.gpu_id, inst.started))
         inst.pool_keys += [(worker, key) for key in keys]
         if worker.device.binds_memory:
             worker.device.pool_reserved(inst, keys)
@@ -71,22 +68,15 @@ def kv_take(leader: GpuWorker, req: Request, tokens: int, joining: bool = False)
             worker.device.kv_grown(inst, req, (), nbytes)
     else:
         now = c.env.now
+        ask = Ask("kv", nbytes=nbytes, block=block, spare_queued=joining and c.kv.spares_queued)
         plans = []
         for worker in inst.group:  # plan every rank first: all or nothing
-            arena = worker.arena
-            plan = plan_kv(arena, nbytes, block, ())
-            if plan.must_wait:
-                order = eviction_order(worker, now)
-                if joining and c.kv.spares_queued:
-                    waiting = worker.queues.oldest_arrivals()
-                    order = [k for k in order if waiting.keys().isdisjoint(arena.lookup(k).owners)]
-                plan = plan_kv(arena, nbytes, block, order)
-                if plan.must_wait:
-                    return False
+            plan = acquire(worker, ask, now)
+            if plan is None:
+                return False
             plans.append((worker, plan))
         for worker, plan in plans:
-            worker.retention.on_evict_many(plan.evictions, now)
-            keys = execute_kv_plan(worker.arena, plan, ("kv", req.rid), first_index=len(req.kv_keys))
+            keys = commit(worker, plan, now, key_prefix=("kv", req.rid), first_index=len(req.kv_keys))
             req.kv_keys += [(worker.arena, key) for key in keys]
             if worker.device.binds_memory:
                 worker.device.kv_grown(inst, req, keys, nbytes)

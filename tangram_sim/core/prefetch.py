@@ -6,17 +6,18 @@ worker sees it) and `on_cold_start` with each cold start's units; the router cal
 request routed to the GPU. A system with `prefetch: none` builds no `Prefetcher`: nothing changes.
 
 A prefetch asks the system's prefetch policy (`policies.prefetch`) for a model and the owner sets it may
-displace, then plans the model's missing units that the device can prefetch with the system's packing
-policy, as a cold start does: `packing.plan(arena, missing, order)`, `order` being the retention
-policy's eviction order restricted to those owner sets (no eviction at all when the free bytes
-suffice). It runs the plan unit by unit, in plan order: before each unit it evicts the planned
-evictions that overlap the unit's range, books the unit as loading, has the device load it
-(`Device.prefetch_unit`), then finishes it unpinned, so it is retained and evictable like any retained
-unit. Retention's `record_access` is not called: a prefetch is not a request. A speculative load is
-not worth moving resident data: a plan with compaction moves is replaced by first-fit's over the same
-order (which evicts further down it instead), and when there is none the prefetch stops until the GPU
-next becomes idle. A plan whose arena changed under it (an instance's static KV released, say) is
-dropped and the policy asked again. When a model is done the policy is
+displace, then plans the model's missing units that the device can prefetch through the one memory
+entry point (`core.memory`, purpose "prefetch"): the system's packing policy, as for a cold start, with
+no eviction at all when the free bytes suffice, else over the retention policy's eviction order of the
+units the spell did not load itself, restricted to those owner sets. A speculative load is not worth
+moving resident data: a plan with compaction moves is replaced by one over the order, then by
+first-fit's over the same order (which evicts further down it instead), and when there is none the
+prefetch stops until the GPU next becomes idle. It runs the plan unit by unit, in plan order: before
+each unit it evicts the planned evictions that overlap the unit's range (`core.memory.evict`, which
+tells retention), books the unit as loading, has the device load it (`Device.prefetch_unit`), then
+finishes it unpinned, so it is retained and evictable like any retained unit. Retention's
+`record_access` is not called: a prefetch is not a request. A plan whose arena changed under it (an
+instance's static KV released, say) is dropped and the policy asked again. When a model is done the policy is
 asked again; within one prefetch (one idle spell) a model is prefetched at most once and the units it
 loaded are never displaced by a later choice, so a spell ends.
 
@@ -46,14 +47,13 @@ from typing import TYPE_CHECKING
 import simpy
 
 from tangram_sim.arena import Key, State
-from tangram_sim.core.loadplan import eviction_order
-from tangram_sim.policies.packing import PACKING, PackingPlan
+from tangram_sim.core.memory import Ask, acquire, evict
+from tangram_sim.policies.packing import PackingPlan
 from tangram_sim.policies.prefetch import PrefetchCandidate, PrefetchPolicy, ResidentGroup
 
 if TYPE_CHECKING:
     from tangram_sim.core.worker import GpuWorker
 
-_FIRST_FIT = PACKING.create("first-fit")
 PREFETCH_COLUMNS = ("prefetched_bytes", "prefetch_used_bytes", "prefetch_wasted_bytes",
                     "prefetch_cancelled_bytes", "prefetch_resident_bytes")
 
@@ -185,18 +185,12 @@ class Prefetcher:
         for key, _ in missing:  # prefetched before, evicted since without a use
             if key in self.unused:
                 self.wasted_bytes += self.unused.pop(key)
-        plan = None
-        if arena.free_bytes >= sum(arena.align(n) for _, n in missing):
-            plan = c.packing.plan(arena, missing, ())
-        if plan is None or plan.moves:
-            allowed = choice.evictable
-            order = [key for key in eviction_order(worker, now, evictable)
-                     if arena.lookup(key).owners in allowed]
-            plan = c.packing.plan(arena, missing, order)
-            if plan is not None and plan.moves:
-                plan = _FIRST_FIT.plan(arena, missing, order)
-        if plan is None or plan.moves or not plan.placed:
-            self._log("prefetch_skipped", f"{choice.model} {'moves' if plan is not None and plan.moves else 'no room'}")
+        # Ranked among the units this spell did not load (no later choice displaces them), evicting
+        # only units of the owner sets the policy allows; the plan never moves resident data.
+        plan = acquire(worker, Ask("prefetch", units=missing, aligned=sum(arena.align(n) for _, n in missing),
+                                   owners=choice.evictable, candidates=evictable), now)
+        if plan is None or not plan.placed:
+            self._log("prefetch_skipped", f"{choice.model} no room")
             return None
         spell.version = arena.version
         return choice.model, plan, dict(missing)
@@ -244,9 +238,7 @@ class Prefetcher:
 
     def _evict(self, model: str, keys: Sequence[Key]) -> None:
         """Evict retained units for the prefetch of `model` (the policy allowed their owner sets)."""
-        worker = self.worker
-        worker.retention.on_evict_many(keys, worker.cluster.env.now)
-        worker.arena.evict_many(keys)
+        evict(self.worker, keys, self.worker.cluster.env.now)
 
     def _finished(self, spell: _Spell, key: Key, nbytes: int) -> None:
         arena = self.worker.arena

@@ -10,9 +10,10 @@ An idle instance stays active for `keep_alive_s` unless a request for another mo
 GPU, which ends it at once. When an instance ends, its weights are unpinned: retention systems keep
 them resident (evictable, reusable); `none` retention frees them as ServerlessLLM does.
 
-A cold start plans every rank's units (packing plan over the arena, evicting in retention order only
-when free bytes are short), books the plan in the arena, then hands the copies and loads to the
-device (`core.device`). Admitted requests are prefilled in groups of `prefill_batch` (0: all at once);
+A cold start plans every rank's units (`core.loadplan`: a packing plan over the arena from the one
+memory entry point, `core.memory`, evicting in retention order only when free bytes are short), books
+the plan in the arena (`core.memory.commit`, which also tells retention of the evictions), then hands
+the copies and loads to the device (`core.device`). Admitted requests are prefilled in groups of `prefill_batch` (0: all at once);
 the batch decodes until the next completion or KV growth point, or an admissible arrival; KV grows by
 `kv_chunk_blocks` blocks at a time from the arena (on demand) or the instance's static pool, and a
 batch that cannot grow preempts its newest member, which recomputes later; a growing request that is
@@ -40,12 +41,13 @@ from tangram_sim.core.fairness import stop_admitting
 from tangram_sim.core.gang import cancel, follow, join, place_again
 from tangram_sim.core.kvbook import kv_free, kv_take, reserve_static_kv, want_tokens
 from tangram_sim.core.loadplan import plan_rank
+from tangram_sim.core.memory import commit
 from tangram_sim.core.prefetch import Prefetcher
 from tangram_sim.core.records import EPS_TOKENS, Gang, LifecycleError, ModelEntry, Request
 from tangram_sim.core.storage import Node
 from tangram_sim.policies.kv import KvPool
 from tangram_sim.policies.lifecycle import ModelQueues, preemption_victim
-from tangram_sim.policies.packing import Move, execute_plan
+from tangram_sim.policies.packing import Move
 from tangram_sim.policies.retention import RetentionPolicy
 
 if TYPE_CHECKING:
@@ -209,10 +211,8 @@ class GpuWorker:
             missing, rank_loaded, reused_keys, plan = plan_rank(worker, entry, rank, head.model, t0)
             if worker.prefetch is not None:
                 worker.prefetch.on_cold_start(missing, reused_keys)
-            worker.retention.on_evict_many(plan.evictions, t0)
             moves: list[Move] = []
-            execute_plan(worker.arena, plan, owners=c.unit_owners.__getitem__,
-                         on_move=moves.append if plan.moved_bytes else None)
+            commit(worker, plan, t0, on_move=moves.append if plan.moved_bytes else None)
             worker.arena.pin_many(reused_keys)
             loaded += rank_loaded
             reused += sum(entry.rank_bytes[rank]) - rank_loaded
