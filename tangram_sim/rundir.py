@@ -297,6 +297,12 @@ def _nearest_existing(path: Path) -> Path:
 def check_out_dir(path: Path | str, option: str = "--out") -> None:
     """Refuse, in one line and before any work, an output folder that cannot be made or written."""
     path = Path(path)
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError as exc:  # a byte the shell passed that is not UTF-8 (pyarrow needs UTF-8 names)
+        bad = os.fsencode(str(path)[exc.start:exc.end])
+        raise RunDirError(f"{option}: the folder name holds a byte that is not UTF-8 text (0x{bad[0]:02x} at "
+                          f"character {exc.start}); choose a UTF-8 name") from None
     absolute = Path(os.path.abspath(path))
     existing = _nearest_existing(absolute)
     if existing == absolute:
@@ -339,8 +345,9 @@ def read_record(run_dir: Path | str) -> RunRecord | None:
 
 
 def _resume_hint(run_dir: Path, kind: str) -> str:
-    command = "tangram-sim real replay EXP.yaml" if kind == "replay" else "tangram-sim run EXP.yaml"
-    return f"{command} --out {run_dir} --resume"
+    if kind == "replay":  # a replay is not resumed (its devices' state is gone): it starts over
+        return f"tangram-sim real replay EXP.yaml --out {run_dir} --force (a replay starts over)"
+    return f"tangram-sim run EXP.yaml --out {run_dir} --resume"
 
 
 def require_complete(run_dir: Path | str) -> RunRecord:
@@ -350,9 +357,12 @@ def require_complete(run_dir: Path | str) -> RunRecord:
         raise RunDirError(f"{run_dir}: not a directory; expected a run directory from `tangram-sim run`")
     record = read_record(run_dir)
     if record is None:
+        if not any((run_dir / name).exists() for name in ("config.yaml", "summary.csv", JOBS_DIR)):
+            raise RunDirError(f"{run_dir}: not a run directory (no {RECORD}, config.yaml or summary.csv); expected "
+                              "a folder written by tangram-sim run or tangram-sim real replay")
         raise RunDirError(
             f"{run_dir}: no {RECORD}, so not a finished run (interrupted, still running, or written by an "
-            f"older tangram-sim); run it again: tangram-sim run EXP.yaml --out {run_dir}"
+            f"older tangram-sim); run it again: tangram-sim run EXP.yaml --out {run_dir} --force"
         )
     if not record.complete:
         what = f"{len(record.jobs_done)} of {record.jobs_total} job(s) done"

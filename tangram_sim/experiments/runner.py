@@ -163,6 +163,24 @@ def _ignore_sigint() -> None:
     # Ctrl-C in a terminal reaches every process of the group: the workers ignore it (no traceback per
     # worker) and the parent, which gets it too, stops them itself (_stop_pool).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with_parent()
+
+
+def exit_with_parent(interval_s: float = 0.5) -> None:
+    """End this (worker) process when its parent dies: a parent killed with -9 stops nothing itself, and
+    its workers would simulate on, orphaned. A daemon thread watches the parent's pid (a process whose
+    parent died is re-parented, so os.getppid() changes)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _run_caught(job: Job) -> JobResult | Exception:
