@@ -100,11 +100,13 @@ class Experiment:
 
     def run(self, out: str | Path | None = None, jobs: int = 1, backend: str = "local", *,
             progress: bool = True, plots: bool | None = None, skip_bad_rows: bool = False,
-            resume: bool = False, force: bool = False) -> Result:
+            resume: bool = False, force: bool = False, calibration_partial: bool = False,
+            max_jobs: int | None = None) -> Result:
         """Simulate every system at every sweep point and write the run directory `out` (a new
         temporary folder when None). jobs: parallel simulations; backend: "local" (process pool) or
         "ray"; progress: a bar when stderr is a terminal; plots: None = the experiment's `outputs.plots`;
-        resume/force: as `tangram-sim run --resume/--force`. Raises RunFailed (a TangramError carrying
+        resume/force/calibration_partial/max_jobs: as `tangram-sim run --resume/--force/--calibration-partial/
+        --max-jobs` (max_jobs None: the default bound, `runner.MAX_JOBS`). Raises RunFailed (a TangramError carrying
         `.summary` and `.record`) when some jobs fail, after writing the others."""
         from tangram_sim.experiments import runner
 
@@ -116,6 +118,7 @@ class Experiment:
         summary = runner.run_experiment(
             self.raw, self.base_dir, out_dir, sets=self.overrides, backend=backend, n_jobs=jobs,
             progress=progress, plots=plots, skip_bad_rows=skip_bad_rows, resume=resume, force=force,
+            calibration_partial=calibration_partial, max_jobs=runner.MAX_JOBS if max_jobs is None else max_jobs,
         )
         return Result(out_dir, summary)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from tangram_sim.errors import ConfigError
+from tangram_sim.errors import ConfigError, shown
 
 T = TypeVar("T")
 
@@ -21,7 +21,7 @@ class Registry(Generic[T]):
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._factories:
-                raise ValueError(f"{self.kind} {name!r} registered twice")
+                raise ValueError(f"{self.kind} {shown(name)} registered twice")
             self._factories[name] = factory
             return factory
 
@@ -36,7 +36,7 @@ class Registry(Generic[T]):
         renamed one."""
         new = self._renamed.get(name) if isinstance(name, str) else None
         hint = f" ({name} was renamed {new})" if new else ""
-        return f"unknown {self.kind} {name!r}{hint}; expected one of: {', '.join(self.names())}"
+        return f"unknown {self.kind} {shown(name)}{hint}; expected one of: {', '.join(self.names())}"
 
     def names(self) -> list[str]:
         return sorted(self._factories)
@@ -52,4 +52,4 @@ class Registry(Generic[T]):
         try:
             return factory(**params)
         except TypeError as exc:
-            raise ConfigError(f"bad parameters for {self.kind} {name!r}: {exc}") from None
+            raise ConfigError(f"bad parameters for {self.kind} {shown(name)}: {exc}") from None

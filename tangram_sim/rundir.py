@@ -43,6 +43,8 @@ import pandas as pd
 
 from tangram_sim import __version__
 from tangram_sim.errors import TangramError
+from tangram_sim.rundir_claim import refuse_replacing, refuse_tune, tune_record
+from tangram_sim.runlock import LOCK_NAME, RunLock
 
 __all__ = [
     "FORMAT", "JOBS_DIR", "RECORD", "JobFailure", "JobKey", "JobPart", "RunDirError", "RunFailed", "RunRecord",
@@ -295,6 +297,12 @@ def _nearest_existing(path: Path) -> Path:
 def check_out_dir(path: Path | str, option: str = "--out") -> None:
     """Refuse, in one line and before any work, an output folder that cannot be made or written."""
     path = Path(path)
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError as exc:  # a byte the shell passed that is not UTF-8 (pyarrow needs UTF-8 names)
+        bad = os.fsencode(str(path)[exc.start:exc.end])
+        raise RunDirError(f"{option}: the folder name holds a byte that is not UTF-8 text (0x{bad[0]:02x} at "
+                          f"character {exc.start}); choose a UTF-8 name") from None
     absolute = Path(os.path.abspath(path))
     existing = _nearest_existing(absolute)
     if existing == absolute:
@@ -337,8 +345,9 @@ def read_record(run_dir: Path | str) -> RunRecord | None:
 
 
 def _resume_hint(run_dir: Path, kind: str) -> str:
-    command = "tangram-sim real replay EXP.yaml" if kind == "replay" else "tangram-sim run EXP.yaml"
-    return f"{command} --out {run_dir} --resume"
+    if kind == "replay":  # a replay is not resumed (its devices' state is gone): it starts over
+        return f"tangram-sim real replay EXP.yaml --out {run_dir} --force (a replay starts over)"
+    return f"tangram-sim run EXP.yaml --out {run_dir} --resume"
 
 
 def require_complete(run_dir: Path | str) -> RunRecord:
@@ -348,9 +357,12 @@ def require_complete(run_dir: Path | str) -> RunRecord:
         raise RunDirError(f"{run_dir}: not a directory; expected a run directory from `tangram-sim run`")
     record = read_record(run_dir)
     if record is None:
+        if not any((run_dir / name).exists() for name in ("config.yaml", "summary.csv", JOBS_DIR)):
+            raise RunDirError(f"{run_dir}: not a run directory (no {RECORD}, config.yaml or summary.csv); expected "
+                              "a folder written by tangram-sim run or tangram-sim real replay")
         raise RunDirError(
             f"{run_dir}: no {RECORD}, so not a finished run (interrupted, still running, or written by an "
-            f"older tangram-sim); run it again: tangram-sim run EXP.yaml --out {run_dir}"
+            f"older tangram-sim); run it again: tangram-sim run EXP.yaml --out {run_dir} --force"
         )
     if not record.complete:
         what = f"{len(record.jobs_done)} of {record.jobs_total} job(s) done"
@@ -397,6 +409,38 @@ def adopt_legacy(run_dir: Path | str, *, kind: str = "run") -> RunRecord:
     return record
 
 
+def _contents(folder: Path) -> list[Path]:
+    """What a folder holds, leaving out a lock file (a stale lock alone is an empty folder)."""
+    return [p for p in folder.iterdir() if p.name != LOCK_NAME]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _damage(part: JobPart) -> str | None:
+    """Why a stored job's frames do not read back (None when they do): checksums written with the job,
+    else the Parquet footer."""
+    digests = part.info.get("_sha256") or {}
+    for name in part.frames:
+        path = part.path / f"{name}.parquet"
+        try:
+            if name in digests:
+                if _sha256(path) != digests[name]:
+                    return f"{name}.parquet changed since it was written"
+            else:
+                import pyarrow.parquet as pq
+
+                pq.read_metadata(path)
+        except Exception as exc:  # OSError, ArrowInvalid: damaged either way
+            return f"{name}.parquet does not read back ({exc.__class__.__name__})"
+    return None
+
+
 def _guard_force(run_dir: Path) -> None:
     """--force empties the folder: never the current folder, one holding it, home, or a root."""
     target = run_dir.resolve()
@@ -414,8 +458,9 @@ class RunWriter:
 
     def __init__(self, out_dir: Path | str, config: Mapping[str, Any], *, kind: str = "run",
                  hash_extra: Mapping[str, Any] | None = None, resume: bool = False, force: bool = False,
-                 config_text: str | None = None) -> None:
-        """config: the resolved experiment (hashed; written as config.yaml, or config_text if given)."""
+                 config_text: str | None = None, command: str | None = None) -> None:
+        """config: the resolved experiment (hashed; written as config.yaml, or config_text if given);
+        command: what the lock file says is writing the folder."""
         self.out_dir = Path(out_dir)
         self.config = config
         self.kind = kind
@@ -431,6 +476,8 @@ class RunWriter:
         self._previous: RunRecord | None = None
         self._complete_already = False
         self._checked = False
+        self._damaged: list[str] = []
+        self._lock = RunLock(self.out_dir, command or f"tangram-sim {kind} of {self.experiment}")
         self._t0 = time.perf_counter()
         self._started = _now()
 
@@ -461,8 +508,9 @@ class RunWriter:
         self._keys = sorted(set(keys))
         self._checked = True
         d = self.out_dir
-        if not d.is_dir() or not any(d.iterdir()):
+        if not d.is_dir() or not _contents(d):
             return set()
+        self._lock.check()  # another live process writes here: refused, whatever --force says
         if self.force:
             _guard_force(d)
             return set()
@@ -471,6 +519,9 @@ class RunWriter:
         except RunDirError as exc:
             raise RunDirError(f"{exc}; not writing into {d}: pick another --out or add --force to empty it") from None
         if record is None:
+            tune = tune_record(d)
+            if tune is not None:
+                refuse_tune(d, tune, RunDirError)
             if self._legacy_name(d) != self.experiment:
                 raise RunDirError(f"{d}: not empty and not a run of '{self.experiment}' (no {RECORD}); pick "
                                   "another --out or add --force to empty it")
@@ -480,6 +531,8 @@ class RunWriter:
                               f"'{self.experiment}'; pick another --out or add --force to empty it")
         self._previous = record
         if not self.resume:
+            stored = len(self._stored_parts(verify=False)) if not record.complete else 0
+            refuse_replacing(d, record, self.config_hash, self.kind, stored, RunDirError)
             return set()
         if record.config_hash != self.config_hash:
             raise RunDirError(f"--resume: {d} was run with another configuration ({record.config_hash}, now "
@@ -490,6 +543,16 @@ class RunWriter:
         self._done = {p.key: p for p in self._stored_parts() if p.key in set(self._keys)}
         self._resumed = len(self._done)
         return set(self._done)
+
+    @property
+    def resumed(self) -> int:
+        """Stored jobs of an earlier run that this one keeps (--resume)."""
+        return self._resumed
+
+    @property
+    def damaged(self) -> list[str]:
+        """Stored jobs that did not read back (--resume runs them again): `p0001-s000: requests.parquet ...`."""
+        return list(self._damaged)
 
     @staticmethod
     def _legacy_name(d: Path) -> str | None:
@@ -502,18 +565,23 @@ class RunWriter:
             return None
         return str(data.get("name")) if isinstance(data, dict) and data.get("name") else None
 
-    def _stored_parts(self) -> list[JobPart]:
+    def _stored_parts(self, verify: bool = True) -> list[JobPart]:
         parts = []
         if not self.jobs_dir.is_dir():
             return parts
         for folder in sorted(self.jobs_dir.iterdir()):
-            part = self._read_part(folder)
+            part = self._read_part(folder, any_config=not verify)
+            if part is not None and verify:
+                problem = _damage(part)
+                if problem:
+                    self._damaged.append(f"{folder.name}: {problem}")
+                    continue
             if part is not None:
                 parts.append(part)
         return parts
 
-    def _read_part(self, folder: Path) -> JobPart | None:
-        """A stored job if it is whole and of this configuration, else None."""
+    def _read_part(self, folder: Path, any_config: bool = False) -> JobPart | None:
+        """A stored job if it is whole and of this configuration (any_config: of any), else None."""
         if folder.name.startswith(".") or not folder.is_dir():
             return None
         try:
@@ -522,11 +590,13 @@ class RunWriter:
             frames = tuple(str(f) for f in data.get("frames") or [])
         except (OSError, ValueError, TypeError, KeyError):
             return None
-        if (data.get("config_hash") != self.config_hash or folder.name != key.folder
+        if ((data.get("config_hash") != self.config_hash and not any_config) or folder.name != key.folder
                 or not all((folder / f"{f}.parquet").is_file() for f in frames)):
             return None
-        return JobPart(key, folder, dict(data.get("row") or {}), dict(data.get("timing") or {}), frames,
-                       dict(data.get("info") or {}))
+        info = dict(data.get("info") or {})
+        if isinstance(data.get("sha256"), dict):
+            info["_sha256"] = data["sha256"]
+        return JobPart(key, folder, dict(data.get("row") or {}), dict(data.get("timing") or {}), frames, info)
 
     def open(self) -> None:
         """Claim the folder: empty it (--force), clear the previous run's outputs (unless resuming),
@@ -538,9 +608,12 @@ class RunWriter:
         d = self.out_dir
         try:
             d.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+            self._recheck()
             if self.force:
                 for child in list(d.iterdir()):
-                    _remove(child)
+                    if child.name != LOCK_NAME:
+                        _remove(child)
             elif not self.resume:
                 self._clear_previous()
             self._clear_stale_parts()
@@ -548,7 +621,25 @@ class RunWriter:
                             else _dump_yaml(self.config))
             self._write_record("running")
         except OSError as exc:
+            self._lock.release()
             raise _os_error(d, exc) from None
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _recheck(self) -> None:
+        """With the lock held: the folder is still as check() saw it (no run finished into it since)."""
+        try:
+            now = read_record(self.out_dir)
+        except RunDirError:
+            now = None
+        before = self._previous
+        same = (now is None and before is None) or (
+            now is not None and before is not None and (now.status, now.started, now.config_hash)
+            == (before.status, before.started, before.config_hash))
+        if not same and not self.force:
+            raise RunDirError(f"{self.out_dir}: another run wrote into it while this one was starting; "
+                              "run again to see what it holds now")
 
     def _clear_previous(self) -> None:
         """Remove what an earlier run of this experiment wrote, so no stale file outlives this run."""
@@ -603,8 +694,10 @@ class RunWriter:
                     frame.insert(0, col, value)
                 frame.to_parquet(tmp / f"{name}.parquet", index=False)
                 stored.append(name)
+            digests = {name: _sha256(tmp / f"{name}.parquet") for name in stored}
             data = {"format": FORMAT, "config_hash": self.config_hash, "point": key.point, "system": key.system,
-                    "row": dict(row), "timing": dict(timing or {}), "frames": stored, "info": dict(info or {})}
+                    "row": dict(row), "timing": dict(timing or {}), "frames": stored, "info": dict(info or {}),
+                    "sha256": digests}
             (tmp / JOB_RECORD).write_text(_dumps(data))
             if final.exists():
                 shutil.rmtree(final)
@@ -698,6 +791,8 @@ class RunWriter:
                 shutil.rmtree(self.jobs_dir)  # the combined files hold everything now
         except OSError as exc:
             raise _os_error(self.out_dir, exc) from None
+        finally:
+            self._lock.release()
         return record
 
     def current_record(self, status: str = "running", meta: Mapping[str, Any] | None = None) -> RunRecord:

@@ -72,12 +72,14 @@ def test_compare_cli_writes_csv_and_plot_and_checks_the_tolerance(tmp_path: Path
             requests("tangram", [scale * x for x in (0.5, 1.0, 0.0)], [2.0, 3.0, 1.0], [5, 0, 0]),
         ])
         frame.to_parquet(d / "requests.parquet")
-        adopt_legacy(d)  # compare refuses folders without a complete run.json
+        adopt_legacy(d, kind="run" if d == sim_dir else "replay")  # compare needs a complete run.json
     assert main(["compare", str(sim_dir), str(real_dir), "--tolerance", "0.5"]) == 0
-    table = pd.read_csv(sim_dir / "fidelity.csv")
+    out = tmp_path / "compare" / "sim-vs-real"  # beside the runs, never into one
+    table = pd.read_csv(out / "fidelity.csv")
     assert list(table["system"]) == ["serverlessllm", "tangram"]
     assert table["mean_load_s_err"].to_numpy() == pytest.approx([0.3, 0.3])
-    assert (sim_dir / "fidelity.png").stat().st_size > 10_000
+    assert (out / "fidelity.png").stat().st_size > 10_000
+    assert not (sim_dir / "fidelity.csv").exists() and not (real_dir / "fidelity.csv").exists()
     assert main(["compare", str(sim_dir), str(real_dir), "--tolerance", "0.1", "--out",
                  str(tmp_path / "f"), "--no-plot"]) == 1  # 30% is not within 10%
     assert not (tmp_path / "f" / "fidelity.png").exists()
@@ -88,7 +90,7 @@ def test_runs_of_different_requests_are_refused(tmp_path: Path) -> None:
     a.mkdir(), b.mkdir()
     requests("tangram", [1.0, 2.0], [1.0, 1.0], [1, 1]).to_parquet(a / "requests.parquet")
     requests("tangram", [1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [1, 1, 1]).to_parquet(b / "requests.parquet")
-    adopt_legacy(a), adopt_legacy(b)
+    adopt_legacy(a), adopt_legacy(b, kind="replay")
     with pytest.raises(TangramError, match="different requests"):
         compare_runs(a, b)
     requests("other", [1.0, 2.0], [1.0, 1.0], [1, 1]).to_parquet(b / "requests.parquet")

@@ -14,13 +14,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import math
 import os
+import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pytest
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -164,16 +169,17 @@ def mutate_rows(rows: list[list[str]], data: st.DataObject) -> list[list[str]]:
 
 
 # ------------------------------------------------------------------ the contract
-def run_and_check(experiment: bytes, folder: Path, record: bool = True) -> int:
+def run_and_check(experiment: bytes, folder: Path, record: bool = True, extra: tuple[str, ...] = ()) -> int:
     path = folder / "exp.yaml"
     path.write_bytes(experiment)
     out = folder / "out"
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        rc = main(["run", str(path), "--out", str(out), "--quiet", "--no-plots", "--jobs", "1"])
+        rc = main(["run", str(path), "--out", str(out), "--quiet", "--no-plots", "--jobs", "1", *extra])
     if rc == 2:
         lines = err.getvalue().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), err.getvalue()
+        assert len(lines[0]) < 2500, len(lines[0])  # a huge value is quoted short, not copied whole
         if record:  # --hypothesis-show-statistics: which key or file the errors were about
             event(f"rc 2: {lines[0][7:].replace(str(folder), '').split(':')[0][:40]}")
         return rc
@@ -268,3 +274,121 @@ def test_the_unmutated_bases_run(tmp_path: Path) -> None:
         trace.write_text("\n".join(",".join(r) for r in rows) + "\n")
         assert run_and_check(dump(base_experiment(trace, kind)), folder, record=False) == 0
         assert pd.read_csv(folder / "out/summary.csv")["completed"].tolist() == [REQUESTS, REQUESTS]
+
+
+# ------------------------------------------------------------------ attacks on the YAML itself
+def alias_bomb(levels: int, width: int) -> str:
+    """`&b0 [x, ...]`, `&b1 [*b0, *b0, ...]`, ...: width**levels values once expanded."""
+    lines = ["bombs:", f"  - &b0 [{', '.join(['x'] * width)}]"]
+    lines += [f"  - &b{i} [{', '.join([f'*b{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@FUZZ
+@given(data=st.data(), attack=st.sampled_from(["alias bomb", "self alias", "duplicate key", "huge value",
+                                               "deep nesting", "long sweep"]))
+def test_yaml_attacks_fail_in_one_line_or_run_cleanly(data: st.DataObject, attack: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        trace = folder / "trace.csv"
+        trace.write_text("\n".join(",".join(r) for r in azure_rows()) + "\n")
+        config = base_experiment(trace)
+        text = dump(config).decode()
+        if attack == "alias bomb":  # a small one may pass the alias limit and fail as an unknown key
+            text += alias_bomb(data.draw(st.integers(2, 9), label="levels"), data.draw(st.integers(2, 12), label="width"))
+        elif attack == "self alias":
+            text += "sweep: &s {seed: [*s]}\n"
+        elif attack == "duplicate key":
+            key = data.draw(st.sampled_from(sorted(config)), label="key")
+            text += f"{key}: {data.draw(st.sampled_from(['1', 'x', '[]', '{}']), label='value')}\n"
+        elif attack == "huge value":
+            path = data.draw(st.sampled_from(sorted(paths_of(config), key=len, reverse=True)), label="path")
+            size = data.draw(st.sampled_from([10**4, 10**6, 5 * 10**6]), label="size")
+            set_dotted(config, ".".join(map(str, path)), "q" * size)
+            text = dump(config).decode()
+        elif attack == "deep nesting":
+            depth = data.draw(st.sampled_from([50, 5000, 50_000]), label="depth")
+            text += f"description: {'[' * depth}{']' * depth}\n"
+        else:
+            text = text.replace("seed: 7", "seed: 7\nsweep: {seed: [" + ", ".join(map(str, range(20_001))) + "]}")
+        event(attack)
+        run_and_check(text.encode(), folder)
+
+
+# ------------------------------------------------------------------ calibration files
+QUICKSTART_MODELS = ["qwen2.5-3b", "phi-3-mini-4k", "llama-3-8b", "yi-9b"]
+
+
+def base_calibration() -> dict[str, Any]:
+    coeffs = {"prefill_base_s": 0.04, "prefill_per_token_s": 1e-4, "decode_base_s": 0.03,
+              "decode_per_seq_s": 0.007, "decode_per_kv_token_s": 1e-6}
+    return {"device": "test", "h2d_bps": 2.5e10, "d2d_bps": 5e11, "read_bps": 2e10, "unit_overhead_s": 4e-5,
+            "engine_overhead_s": 0.05, "models": {m: dict(coeffs) for m in QUICKSTART_MODELS},
+            "measurements": {"seconds": 1.0}}
+
+
+@FUZZ
+@given(data=st.data(), partial=st.booleans())
+def test_mutated_calibration_files_fail_in_one_line_or_run_cleanly(data: st.DataObject, partial: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        trace = folder / "trace.csv"
+        trace.write_text("\n".join(",".join(r) for r in azure_rows()) + "\n")
+        cal = mutate(base_calibration(), data, data.draw(st.integers(1, 3), label="rounds"))
+        (folder / "cal.yaml").write_bytes(damage_text(dump(cal), data))
+        extra = ("--calibration", str(folder / "cal.yaml"), *(["--calibration-partial"] if partial else []))
+        run_and_check(dump(base_experiment(trace)), folder, extra=extra)
+
+
+def test_the_unmutated_calibration_runs(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.csv"
+    trace.write_text("\n".join(",".join(r) for r in azure_rows()) + "\n")
+    (tmp_path / "cal.yaml").write_bytes(dump(base_calibration()))
+    assert run_and_check(dump(base_experiment(trace)), tmp_path, record=False,
+                         extra=("--calibration", str(tmp_path / "cal.yaml"))) == 0
+
+
+# ------------------------------------------------------------------ concurrent writers
+@pytest.mark.parametrize("lock", ["live here", "dead here", "other host", "garbage", "empty"])
+@pytest.mark.parametrize("state", ["none", "complete", "interrupted"])
+def test_a_run_folder_with_a_lock_refuses_or_runs_in_one_line(tmp_path: Path, lock: str, state: str) -> None:
+    from tangram_sim.rundir import JobKey, RunWriter, read_record
+    from tangram_sim.runlock import LOCK_NAME
+
+    trace = tmp_path / "trace.csv"
+    trace.write_text("\n".join(",".join(r) for r in azure_rows()) + "\n")
+    experiment = dump(base_experiment(trace))
+    out = tmp_path / "out"
+    if state != "none":
+        assert run_and_check(experiment, tmp_path, record=False) == 0
+        if state == "interrupted":
+            record = json.loads((out / "run.json").read_text())
+            record.update(status="interrupted", complete=False)
+            (out / "run.json").write_text(json.dumps(record))
+    out.mkdir(exist_ok=True)
+    holder = None
+    if lock == "live here":  # a writer of this process holds it
+        holder = RunWriter(out / "sub", {"name": "x"})
+        holder.check([JobKey(0, 0)])
+        holder.open()
+        (out / LOCK_NAME).write_text((out / "sub" / LOCK_NAME).read_text())
+    elif lock == "dead here":
+        proc = subprocess.Popen([sys.executable, "-c", "pass"])
+        proc.wait()
+        (out / LOCK_NAME).write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname()}))
+    elif lock == "other host":
+        (out / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
+    elif lock == "garbage":
+        (out / LOCK_NAME).write_bytes(b"\xff\x00not json")
+        os.utime(out / LOCK_NAME, (0, 0))  # old: not a lock being written right now
+    else:
+        (out / LOCK_NAME).write_bytes(b"")
+        os.utime(out / LOCK_NAME, (0, 0))
+    before = read_record(out)
+    rc = run_and_check(experiment, tmp_path, record=False)
+    if holder is not None:
+        holder.close(status="interrupted")
+    if lock in ("live here", "other host"):
+        assert rc == 2 and read_record(out) == before  # refused, nothing written
+    else:
+        assert rc == 0 and read_record(out).complete  # a stale lock is taken over

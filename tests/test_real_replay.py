@@ -226,7 +226,7 @@ def yaml_load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def test_calibrate_simulate_compare_closes_the_loop(replayed: Path, tmp_path: Path) -> None:
+def test_calibrate_simulate_compare_closes_the_loop(replayed: Path, tmp_path: Path, capsys) -> None:
     cal = tmp_path / "calibration.yaml"
     sim = tmp_path / "sim"
     assert main(["real", "calibrate", str(replayed / "experiment.sim.yaml"), "--device", "cpu", "--out",
@@ -240,8 +240,19 @@ def test_calibrate_simulate_compare_closes_the_loop(replayed: Path, tmp_path: Pa
 
     assert main(["run", str(replayed / "experiment.sim.yaml"), "--calibration", str(cal), "--out", str(sim),
                  "--jobs", "1", "--quiet", "--no-plots"]) == 0
+    capsys.readouterr()
     assert main(["compare", str(sim), str(replayed), "--no-plot"]) == 0
-    table = pd.read_csv(sim / "fidelity.csv").set_index("system")
+    assert "warning" not in capsys.readouterr().err  # the simulation is the replay's experiment.sim.yaml
+    assert main(["compare", str(replayed), str(sim), "--no-plot"]) == 2  # swapped
+    assert "the arguments are swapped" in capsys.readouterr().err
+    other = tmp_path / "other"  # a simulation of another cluster is named as such
+    assert main(["run", str(replayed / "experiment.sim.yaml"), "--calibration", str(cal), "--out", str(other),
+                 "--jobs", "1", "--quiet", "--no-plots", "--set", "cluster.gpu_memory_gib=64"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(other), str(replayed), "--no-plot"]) == 0
+    err = capsys.readouterr().err
+    assert "was not simulated from" in err and "cluster.gpu_memory_gib" in err, err
+    table = pd.read_csv(tmp_path / "compare" / "sim-vs-real" / "fidelity.csv").set_index("system")
     assert list(table.index) == ["serverlessllm", "tangram"]
     sim_summary = pd.read_csv(sim / "summary.csv").set_index("system")
     assert sim_summary.loc["tangram", "bytes_loaded"] < sim_summary.loc["serverlessllm", "bytes_loaded"]

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tangram_sim.cli import main
-from tangram_sim.errors import TangramError
+from tangram_sim.errors import CapacityError, TangramError
 from tangram_sim.experiments import runner
 from tangram_sim.experiments.runner import run_experiment
 from tangram_sim.rundir import (
@@ -112,14 +112,25 @@ def test_check_out_dir_accepts_new_and_existing_folders(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ a failing point keeps the others
-def test_a_failing_sweep_point_is_named_and_the_others_are_kept(tmp_path: Path, capsys) -> None:
-    exp = write_exp(tmp_path, fast(sweep={"cluster.gpu_memory_gib": [60, 50, 24]}))
+_RUN_JOB = runner.run_job
+
+
+def _fail_point_two(job: runner.Job) -> runner.JobResult:
+    """A job that fails only where the simulation finds it out (a config check would catch it first)."""
+    if job.point == 2:
+        raise CapacityError("model qwen2.5-14b ran out of memory at this point")
+    return _RUN_JOB(job)
+
+
+def test_a_failing_sweep_point_is_named_and_the_others_are_kept(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(runner, "run_job", _fail_point_two)  # forked workers inherit it
+    exp = write_exp(tmp_path, fast(sweep={"cluster.gpu_memory_gib": [60, 50, 40]}))
     out = tmp_path / "out"
     assert main(["run", str(exp), "--out", str(out), "--jobs", "2"]) == 2
     captured = capsys.readouterr()
     err = captured.err.strip()
-    assert err.startswith("error: 2 of 6 job(s) failed: point 2 (cluster.gpu_memory_gib=24): model qwen2.5-14b "
-                          "needs") and "\n" not in err
+    assert err.startswith("error: 2 of 6 job(s) failed: point 2 (cluster.gpu_memory_gib=40): model qwen2.5-14b "
+                          "ran out") and "\n" not in err
     assert "results in" in captured.out and "run.json" in captured.out  # what was written is listed
     summary = pd.read_csv(out / "summary.csv")
     assert sorted(set(summary["point"])) == [0, 1] and len(summary) == 4
@@ -134,12 +145,26 @@ def test_a_failing_sweep_point_is_named_and_the_others_are_kept(tmp_path: Path, 
     assert "incomplete run (failed, 4 of 6 job(s) done" in err and "--resume" in err
 
 
-def test_run_experiment_raises_run_failed_with_the_record(tmp_path: Path) -> None:
-    raw = fast(sweep={"cluster.gpu_memory_gib": [60, 24]})
+def test_run_experiment_raises_run_failed_with_the_record(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(runner, "run_job", _fail_point_two)
+    raw = fast(sweep={"cluster.gpu_memory_gib": [60, 50, 40]})
     with pytest.raises(RunFailed) as info:
         run_experiment(raw, None, tmp_path / "o", progress=False)
-    assert info.value.record.failures[0].label == "point 1 (cluster.gpu_memory_gib=24)"
-    assert list(info.value.summary["point"]) == [0, 0]
+    assert info.value.record.failures[0].label == "point 2 (cluster.gpu_memory_gib=40)"
+    assert list(info.value.summary["point"]) == [0, 0, 1, 1]
+
+
+def test_a_model_larger_than_the_gpu_is_one_line_before_any_folder(tmp_path: Path, capsys) -> None:
+    exp = write_exp(tmp_path, fast(sweep={"cluster.gpu_memory_gib": [60, 24]}))
+    out = tmp_path / "out"
+    assert main(["run", str(exp), "--out", str(out)]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith("error: point 1 (cluster.gpu_memory_gib=24): model qwen2.5-14b needs") and "--resume" not in err
+    assert not out.exists()
+    tp = write_exp(tmp_path, fast(models=[{"name": "qwen2.5-3b", "tensor_parallel": 2}]))
+    assert main(["run", str(tp), "--out", str(out)]) == 2
+    assert "tensor_parallel: 2 GPUs per instance, but a node has only 1" in one_line_error(capsys)
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------ interruption and --resume
@@ -159,7 +184,7 @@ def test_resume_after_an_interruption_runs_only_the_missing_jobs(tmp_path: Path,
     assert sorted(p.name for p in (out / "jobs").iterdir()) == ["p0000-s000", "p0000-s001", "p0001-s000"]
     with pytest.raises(RunDirError, match="interrupted"):
         require_complete(out)
-    assert main(["compare", str(out), str(ref)]) == 2
+    assert main(["plot", str(out)]) == 2
     assert "incomplete run (interrupted, 3 of 4 job(s) done)" in one_line_error(capsys)
 
     executed.clear()
@@ -232,7 +257,9 @@ def test_a_foreign_non_empty_out_needs_force(tmp_path: Path, capsys) -> None:
     # a run of another experiment is refused too; the same experiment may be run again into it
     assert main(["run", str(write_exp(tmp_path, fast(name="other"))), "--out", str(out), "--quiet"]) == 2
     assert "holds the run of 'rundir-test'" in one_line_error(capsys)
-    assert main(["run", str(exp), "--out", str(out), "--quiet", "--set", "seed=5"]) == 0
+    assert main(["run", str(exp), "--out", str(out), "--quiet"]) == 0  # the same configuration again
+    assert main(["run", str(exp), "--out", str(out), "--quiet", "--set", "seed=5"]) == 2  # finished work
+    assert "holds a complete run of rundir-test" in one_line_error(capsys)
 
 
 def test_a_run_folder_of_an_older_version_is_rerun_in_place(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("sim_dir", metavar="SIM_DIR", help="run directory of the simulation")
     p.add_argument("real_dir", metavar="REAL_DIR", help="run directory of the real replay")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="where fidelity.csv and fidelity.png go (default: SIM_DIR)")
+                   help="where fidelity.csv and fidelity.png go (default: compare/SIM-vs-REPLAY/ beside "
+                        "SIM_DIR; never a run folder)")
     p.add_argument("--tolerance", type=float, default=None, metavar="FRACTION",
                    help="exit 1 if |error| of mean load time or p50 TTFT exceeds this (e.g. 0.1)")
     p.add_argument("--no-plot", action="store_true", help="write fidelity.csv only")
@@ -35,8 +37,18 @@ def _compare(args: argparse.Namespace) -> int:
 
     if args.tolerance is not None and not args.tolerance > 0:
         raise ConfigError(f"--tolerance {args.tolerance}: expected a positive fraction, e.g. 0.1")
-    fid = compare_runs(args.sim_dir, args.real_dir)
-    out = Path(args.out) if args.out else Path(args.sim_dir)
+    from tangram_sim.real.pairing import check_kinds, check_out, config_differences, default_out
+    from tangram_sim.rundir import check_out_dir
+
+    sim_dir, real_dir = Path(args.sim_dir), Path(args.real_dir)
+    check_kinds(sim_dir, real_dir)
+    out = Path(args.out) if args.out else default_out(sim_dir, real_dir)
+    check_out_dir(out)
+    check_out(out)
+    fid = compare_runs(sim_dir, real_dir)
+    mismatch = config_differences(sim_dir, real_dir)
+    if mismatch:
+        print(f"warning: {mismatch}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     fid.table.to_csv(out / "fidelity.csv", index=False, float_format="%.6g")
     written = [out / "fidelity.csv"]

@@ -339,12 +339,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
     raw, base_dir = load_experiment(args.experiment)
     name = raw.get("name", Path(args.experiment).stem)
     out = Path(args.out) if args.out else Path("results") / f"{name}-replay"
-    summary = run_replay(
-        raw, base_dir, out, devices=args.device or [_default_device()], split=args.split,
-        time_scale=args.time_scale,
-        systems=args.system, checkpoints=args.checkpoints, sets=args.sets, progress=not args.quiet,
-        plots=False if args.no_plots else None, force=args.force,
-    )
+    try:
+        summary = run_replay(
+            raw, base_dir, out, devices=args.device or [_default_device()], split=args.split,
+            time_scale=args.time_scale,
+            systems=args.system, checkpoints=args.checkpoints, sets=args.sets, progress=not args.quiet,
+            plots=False if args.no_plots else None, force=args.force,
+        )
+    except KeyboardInterrupt:  # a replay is not resumed: the command that starts it over
+        print(f"interrupted: {out}/ holds a partial replay; start it over with: tangram-sim real replay "
+              f"{args.experiment} --out {out} --force", file=sys.stderr)
+        return 130
     if not args.quiet:
         cols = [c for c in ("system", "requests", "completed", "rejected", "cold_starts", "mean_load_s",
                             "p50_ttft_s", "p99_ttft_s", "bytes_loaded", "full_hit_ratio", "lag_p99_s",

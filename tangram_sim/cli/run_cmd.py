@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tangram_sim.errors import ConfigError
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -24,6 +26,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted key, e.g. --set cluster.gpus_per_node=4 (repeatable)")
     p.add_argument("--calibration", help="calibration YAML from `tangram-sim real calibrate`")
+    p.add_argument("--calibration-partial", action="store_true",
+                   help="accept a calibration without coefficients for some models (the roofline times them)")
+    p.add_argument("--max-jobs", type=int, default=None, metavar="N",
+                   help="run a sweep of more than 10000 jobs (points x systems), up to N")
     p.add_argument("--no-plots", action="store_true", help="skip plots and report")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="drop malformed trace rows (counted and reported) instead of stopping at the first")
@@ -31,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="continue an interrupted or partly failed run in --out: run only the jobs it has not "
                         "stored (same configuration only)")
     p.add_argument("--force", action="store_true",
-                   help="empty --out first even if it holds something other than a run of this experiment")
+                   help="empty --out first even if it holds a finished run, a tune or something else")
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
     p.set_defaults(func=_run)
 
@@ -48,18 +54,28 @@ def _run(args: argparse.Namespace) -> int:
     experiment = experiment.with_overrides(sets, validate=False)
     raw = experiment.raw
     out = Path(args.out) if args.out else Path("results") / str(raw.get("name", Path(args.experiment).stem))
+    if args.max_jobs is not None and args.max_jobs < 1:
+        raise ConfigError(f"--max-jobs: expected an integer >= 1, got {args.max_jobs}")
     try:
         result = experiment.run(
             out, jobs=args.jobs, backend=args.backend, progress=not args.quiet,
             plots=False if args.no_plots else None, skip_bad_rows=args.skip_bad_rows, resume=args.resume,
-            force=args.force,
+            force=args.force, calibration_partial=args.calibration_partial, max_jobs=args.max_jobs,
         )
+    except KeyboardInterrupt:
+        print(_interrupted(out, args), file=sys.stderr)
+        return 130
     except RunFailed as exc:  # what succeeded is written: show it, then the one-line error
         if not args.quiet and exc.summary is not None and not exc.summary.empty:
-            _print_table(exc.summary)
+            _print_table(exc.summary, exc.record)
         _print_written(out, exc.record)
         raise
     record = result.record
+    for line in result.summary.attrs.get("damaged_jobs") or ():
+        print(f"note: stored job {line}; ran it again", file=sys.stderr)
+    if args.resume and not result.already_complete and record is not None:
+        print(f"resumed: reused {record.jobs_resumed} of {record.jobs_total} job(s) stored in {out}/, ran "
+              f"{len(record.jobs_done) - record.jobs_resumed}", file=sys.stderr)
     if not args.quiet:
         _print_table(result.summary)
         if result.already_complete:
@@ -74,11 +90,49 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_table(summary: Any) -> None:
-    cols = [c for c in ("system", "point", "requests", "completed", "rejected", "mean_load_s", "p50_ttft_s",
+def _print_table(summary: Any, record: Any = None) -> None:
+    """The summary's main columns; a sweep's swept values beside its point; numbers to 4 significant
+    digits (a CPU replay's load times are microseconds: fixed decimals would print 0.000)."""
+    record = record if record is not None else summary.attrs.get("record")
+    swept = [str(k) for k in ((record.meta.get("sweep_keys") if record is not None else None) or [])]
+    cols = [c for c in ("system", "point", *swept, "requests", "completed", "rejected", "mean_load_s", "p50_ttft_s",
                         "p99_ttft_s", "io_reduction", "full_hit_ratio", "mean_load_per_request_s",
                         "request_resident_ratio") if c in summary.columns]
-    print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+def resume_command(args: argparse.Namespace, out: Path) -> str:
+    """The command that continues this run: its own options, --resume instead of --force."""
+    import shlex
+
+    words = ["tangram-sim", "run", args.experiment, "--out", str(out)]
+    for assignment in args.sets:
+        words += ["--set", assignment]
+    if args.calibration:
+        words += ["--calibration", args.calibration]
+    for flag, on in (("--calibration-partial", args.calibration_partial), ("--skip-bad-rows", args.skip_bad_rows),
+                     ("--no-plots", args.no_plots)):
+        if on:
+            words.append(flag)
+    if args.max_jobs is not None:
+        words += ["--max-jobs", str(args.max_jobs)]
+    if args.backend != "local":
+        words += ["--backend", args.backend]
+    return shlex.join([*words, "--resume"])
+
+
+def _interrupted(out: Path, args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves: the jobs kept and the exact command that continues."""
+    from tangram_sim.rundir import RunDirError, read_record
+
+    try:
+        record = read_record(out)
+    except RunDirError:
+        record = None
+    if record is None or record.status != "interrupted":
+        return "interrupted (nothing was written)"
+    return (f"interrupted: kept {len(record.jobs_done)} of {record.jobs_total} job(s) in {out}/; continue with: "
+            f"{resume_command(args, out)}")
 
 
 def _print_written(out: Path, record: Any) -> None:

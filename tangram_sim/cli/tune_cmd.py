@@ -58,13 +58,37 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+# SystemSpec fields read only under some policy: field -> (the field choosing the policy, when it applies)
+APPLIES: dict[str, tuple[str, Any]] = {
+    "fairness_window_s": ("fairness", lambda v: v == "fixed"),
+    "fairness_bound_s": ("fairness", lambda v: v == "adaptive"),
+    "kv_fraction": ("kv", lambda v: v == "static"),
+    "unit_divisor": ("granularity", lambda v: v == "group"),
+    "min_unit_bytes": ("granularity", lambda v: v == "group"),
+}
+PARAM_GROUPS: dict[str, tuple[str, Any]] = {
+    "prefetch_params": ("prefetch", lambda v: v != "none"),
+}
+
+
 def _print_front(result: Any) -> None:
     record = result.record
     objectives = [label.split(":", 1)[-1] for label in record["settings"]["objectives"]]
-    front = result.front[["trial", *record["params"], *objectives, "ties"]].fillna("")
+    front = result.front[["trial", *record["params"], *objectives, "ties"]]
+    shown = front.apply(lambda col: col.map(_cell)) if not front.empty else front
+    for param in record["params"]:  # a parameter the trial's own policies do not read is left blank
+        rule = APPLIES.get(param) or next((r for p, r in PARAM_GROUPS.items() if param.startswith(p)), None)
+        if rule is not None and rule[0] in front.columns:
+            shown.loc[[not rule[1](v) for v in front[rule[0]]], param] = ""
     if front.empty:
         print("no trial completed: nothing on the front (trials.csv has the errors)")
         return
     what = "best trial" if len(result.record["settings"]["objectives"]) == 1 else "Pareto front"
     print(f"{what}:")
-    print(front.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(shown.to_string(index=False))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if value != value else f"{value:.4g}"
+    return "" if value is None else str(value)

@@ -66,7 +66,6 @@ import copy
 import dataclasses
 import itertools
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +73,10 @@ from typing import Any
 
 import yaml
 
-from tangram_sim.errors import ConfigError, TangramError
+from tangram_sim.errors import ConfigError, TangramError, shown
+
+# YamlLoader and load_yaml are re-exported: callers read experiments through this module
+from tangram_sim.experiments.yamlio import DuplicateKeyError, YamlLoader, load_yaml, yaml_load  # noqa: F401
 from tangram_sim.sim.hardware import GPUS, TierSpec, gpu_spec
 from tangram_sim.sim.systems import PRESETS, SystemSpec, make_system
 
@@ -93,62 +95,12 @@ REAL_KEYS = ("scale", "dtype", "checkpoints", "time_scale", "readers", "chunk_mb
              "lag_bound_s", "processes")
 
 
-class YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that also reads exponent forms without a dot (`5e-2`, `1e9`, `1.5e3`) as floats.
-
-    PyYAML implements YAML 1.1, whose floats need a dot and a signed exponent, so `5e-2` would arrive
-    as the string '5e-2' and fail a number check; YAML 1.2 and most other readers take it as a number.
-    """
-
-
-YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def yaml_load(text: str) -> Any:
-    """Parse YAML text the way experiment files and `--set` values are read (see `YamlLoader`)."""
-    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-def load_yaml(path: str | Path) -> tuple[dict[str, Any], Path]:
-    """Read an experiment file; returns the raw dict and the folder relative paths resolve against."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: experiment file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder; expected an experiment YAML file") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        text = data.decode("utf-8-sig")  # a leading BOM is fine
-    except UnicodeDecodeError as exc:  # e.g. `tangram-sim run trace.parquet`
-        raise ConfigError(
-            f"{path}: not a UTF-8 text file (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-            "expected an experiment YAML"
-        ) from None
-    try:
-        raw = yaml_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"{path}{where}: malformed YAML: {problem}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of experiment keys at the top level")
-    return raw, path.resolve().parent
-
-
 # ------------------------------------------------------------------ dotted keys
 def _parse_key(dotted: str) -> list[str | int]:
     parts: list[str | int] = []
     for part in dotted.split("."):
         if not part:
-            raise ConfigError(f"bad dotted key {dotted!r}")
+            raise ConfigError(f"bad dotted key {shown(dotted)}")
         parts.append(int(part) if part.isdigit() else part)
     return parts
 
@@ -184,10 +136,12 @@ def set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
 def parse_set(assignment: str) -> tuple[str, Any]:
     """`key=value` from the command line; the value is parsed as YAML (numbers, lists, booleans)."""
     if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
+        raise ConfigError(f"--set {shown(assignment)}: expected KEY=VALUE")
     key, text = assignment.split("=", 1)
     try:
         value = yaml_load(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"--set {key.strip()}: {exc.problem}") from None
     except yaml.YAMLError:
         value = text
     return key.strip(), value
@@ -224,8 +178,14 @@ def _check_keys(section: Any, allowed: tuple[str, ...], where: str) -> dict[str,
         raise ConfigError(f"{where}: expected a mapping, got {type(section).__name__}")
     for key in section:
         if key not in allowed:
-            raise ConfigError(f"{where}.{key}: unknown key; expected one of: {', '.join(allowed)}")
+            raise ConfigError(f"{where}.{_key(key)}: unknown key; expected one of: {', '.join(allowed)}")
     return section
+
+
+def _key(key: Any) -> str:
+    """A key as an error names it: a very long one is cut."""
+    text = str(key)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def _get(section: dict[str, Any], key: str, where: str, kind: type | tuple[type, ...], default: Any) -> Any:
@@ -234,7 +194,7 @@ def _get(section: dict[str, Any], key: str, where: str, kind: type | tuple[type,
     if value is None:
         return default
     if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
-        raise ConfigError(f"{where}.{key}: expected {_kind_name(kind)}, got {value!r}")
+        raise ConfigError(f"{where}.{key}: expected {_kind_name(kind)}, got {shown(value)}")
     return value
 
 
@@ -255,11 +215,11 @@ def check_number(value: Any, where: str, bound: str, *, integer: bool = False, m
     if integer:
         what = f"an integer >= {minimum}"
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{where}: expected {what}, got {value!r}{_string_hint(value)}")
+            raise ConfigError(f"{where}: expected {what}, got {shown(value)}{_string_hint(value)}")
         return value
     what = "a positive value" if bound == POSITIVE else f"a number {_RANGES[bound]}"
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{where}: expected {_number_kind(bound)}, got {value!r}{_string_hint(value)}")
+        raise ConfigError(f"{where}: expected {_number_kind(bound)}, got {shown(value)}{_string_hint(value)}")
     try:
         number = float(value)
     except OverflowError:  # an integer too large for a float
@@ -271,7 +231,7 @@ def check_number(value: Any, where: str, bound: str, *, integer: bool = False, m
         UNIT_INTERVAL: 0 <= number <= 1,
     }[bound]
     if not ok:
-        raise ConfigError(f"{where}: expected {what}, got {value!r}")
+        raise ConfigError(f"{where}: expected {what}, got {shown(value)}")
     return number
 
 
@@ -281,7 +241,7 @@ def _number_kind(bound: str) -> str:
 
 def _string_hint(value: Any) -> str:
     """Why a number written as a string was refused (the loader already reads bare `5e-2` as a number)."""
-    if isinstance(value, str):
+    if isinstance(value, str) and len(value) < 100:
         try:
             float(value)
         except ValueError:
@@ -366,7 +326,7 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
         "memory_efficiency": _num(cl, "memory_efficiency", "cluster", 0.7, FRACTION),
     }
     if cluster["gpu"] not in GPUS:
-        raise ConfigError(f"cluster.gpu: unknown GPU {cluster['gpu']!r}; expected one of: {', '.join(GPUS)}")
+        raise ConfigError(f"cluster.gpu: unknown GPU {shown(cluster['gpu'])}; expected one of: {', '.join(GPUS)}")
     tiers = _check_keys(cl.get("tiers"), TIER_KEYS, "cluster.tiers")
     cluster["tiers"] = {
         "host_cache_gib": _num(tiers, "host_cache_gib", "cluster.tiers", 256.0, NON_NEGATIVE),
@@ -393,8 +353,11 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
         mname = m.get("name")
         if not isinstance(mname, str) or not mname:
             raise ConfigError(f"{where}.name: expected a catalog model name or a checkpoint path")
+        if len(mname) > 4096:  # longer than any path: neither a name nor a file
+            raise ConfigError(f"{where}.name: expected a catalog model name or a checkpoint path, got "
+                              f"{shown(mname)}")
         if mname in seen:
-            raise ConfigError(f"{where}.name: model {mname!r} is listed twice")
+            raise ConfigError(f"{where}.name: model {shown(mname)} is listed twice")
         seen.add(mname)
         entry = {
             "name": mname,
@@ -443,10 +406,10 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
         if sname is None:
             sname = preset
         if sname in names:
-            raise ConfigError(f"{where}.name: system {sname!r} is listed twice")
+            raise ConfigError(f"{where}.name: system {shown(sname)} is listed twice")
         names.add(sname)
         if preset not in PRESETS:
-            raise ConfigError(f"{where}.preset: unknown preset {preset!r}; expected one of: {', '.join(PRESETS)}")
+            raise ConfigError(f"{where}.preset: unknown preset {shown(preset)}; expected one of: {', '.join(PRESETS)}")
         overrides = _get(s, "overrides", where, dict, {})
         make_system(sname, preset, overrides, where=where)  # type and policy-name checks
         out_systems.append({"name": sname, "preset": preset, "overrides": dict(overrides)})
@@ -466,7 +429,7 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
         try:
             interval = check_number(interval, "outputs.sample_interval_s", NON_NEGATIVE)
         except ConfigError:
-            raise ConfigError(f"outputs.sample_interval_s: expected auto or a number >= 0, got {interval!r}") from None
+            raise ConfigError(f"outputs.sample_interval_s: expected auto or a number >= 0, got {shown(interval)}") from None
     out["outputs"] = {
         "requests": _get(outputs, "requests", "outputs", bool, True),
         "timeline": _get(outputs, "timeline", "outputs", bool, True),
@@ -486,7 +449,7 @@ def _validate_real(section: Any, base_dir: Path | None) -> dict[str, Any]:
         "time_scale": _num(real, "time_scale", "real", 1.0),
     }
     if out["scale"] not in ("tiny", "small", "full"):
-        raise ConfigError(f"real.scale: expected tiny, small or full, got {out['scale']!r}")
+        raise ConfigError(f"real.scale: expected tiny, small or full, got {shown(out['scale'])}")
     for key in ("dtype", "checkpoints", "staging"):
         if real.get(key) is not None:
             out[key] = _get(real, key, "real", str, None)
@@ -500,13 +463,15 @@ def _validate_real(section: Any, base_dir: Path | None) -> dict[str, Any]:
     if real.get("processes") is not None:
         out["processes"] = _get(real, "processes", "real", bool, None)
     if out.get("staging", "auto") not in ("auto", "always", "never"):
-        raise ConfigError(f"real.staging: expected auto, always or never, got {out['staging']!r}")
+        raise ConfigError(f"real.staging: expected auto, always or never, got {shown(out['staging'])}")
     if "checkpoints" in out:
         out["checkpoints"] = str(_resolve_path(out["checkpoints"], base_dir, "real.checkpoints"))
     return out
 
 
 def _resolve_path(value: str, base_dir: Path | None, where: str) -> Path:
+    if len(value) > 4096 or "\0" in value:  # no file system has such a path; do not build copies of it
+        raise ConfigError(f"{where}: path not found: {shown(value)} (not a usable path)")
     p = Path(value).expanduser()
     if p.is_absolute():
         candidates = [p]
@@ -515,7 +480,7 @@ def _resolve_path(value: str, base_dir: Path | None, where: str) -> Path:
     for c in candidates:
         if c.exists():
             return c
-    raise ConfigError(f"{where}: path not found: {value!r} (looked in {', '.join(str(c) for c in candidates)})")
+    raise ConfigError(f"{where}: path not found: {shown(value)} (looked in {', '.join(str(c) for c in candidates)})")
 
 
 # ------------------------------------------------------------------ building simulator inputs
@@ -551,7 +516,7 @@ def build_models(config: dict[str, Any], base_dir: Path | None) -> dict[str, Any
         d = m["derive"]
         base = specs.get(d["base"])
         if base is None:
-            raise ConfigError(f"models.{i}.derive.base: {d['base']!r} is not a (non-derived) model listed in models")
+            raise ConfigError(f"models.{i}.derive.base: {shown(d['base'])} is not a (non-derived) model listed in models")
         try:
             share = d.get("share") or share_patterns_first_layers(base, d.get("share_first_layers", 0.5))
             specs[m["name"]] = derive_model(base, m["name"], share)

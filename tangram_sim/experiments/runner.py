@@ -37,6 +37,8 @@ from tangram_sim.experiments.config import (
     validate,
 )
 from tangram_sim.experiments.plugins import load_plugins
+from tangram_sim.experiments.preflight import check_points
+from tangram_sim.experiments.yamlio import check_expansion
 from tangram_sim.rundir import JobKey, RunFailed, RunWriter, check_out_dir
 
 
@@ -63,19 +65,48 @@ class JobResult:
 Override = str | tuple[str, Any]  # `--set` text "key=value", or a (dotted key, value) pair
 
 
-def prepare(raw: dict[str, Any], base_dir: Path | None, sets: Sequence[Override] = ()) -> tuple[dict, list[dict]]:
+MAX_JOBS = 10_000  # (sweep points x systems) a run accepts unless told more (--max-jobs)
+
+
+def prepare(raw: dict[str, Any], base_dir: Path | None, sets: Sequence[Override] = (),
+            max_jobs: int = MAX_JOBS) -> tuple[dict, list[dict]]:
     """Apply `--set` overrides (text or (key, value) pairs, in order), expand the sweep and validate
-    every point (fail before running)."""
-    raw = json.loads(json.dumps(raw))  # a private deep copy of plain data
+    every point (fail before running). A sweep of more than `max_jobs` jobs is refused before it is
+    expanded."""
+    check_expansion(raw, "experiment")  # aliases: before the copy below expands them
+    try:
+        raw = json.loads(json.dumps(raw))  # a private deep copy of plain data
+    except (TypeError, ValueError) as exc:  # from Python: a value YAML cannot hold
+        raise ConfigError(f"experiment: expected plain YAML values ({str(exc).splitlines()[0][:120]})") from None
     for assignment in sets:
         key, value = parse_set(assignment) if isinstance(assignment, str) else assignment
         set_dotted(raw, key, copy.deepcopy(value))
+    check_sweep_size(raw, max_jobs)
     points = sweep_points(raw)
     configs = [validate(apply_point(raw, p), base_dir) for p in points]
     resolved = dict(configs[0])
     if raw.get("sweep"):
         resolved["sweep"] = raw["sweep"]
     return resolved, [dict(config=c, point=p) for c, p in zip(configs, points)]
+
+
+def check_sweep_size(raw: dict[str, Any], max_jobs: int = MAX_JOBS) -> int:
+    """The number of jobs (sweep points x systems) of `raw`, counted without expanding the sweep;
+    ConfigError above `max_jobs`."""
+    sweep = raw.get("sweep") or {}
+    points = 1
+    if isinstance(sweep, dict):
+        for values in sweep.values():
+            if isinstance(values, list) and values:
+                points *= len(values)
+    systems = raw.get("systems")
+    n_systems = len(systems) if isinstance(systems, list) and systems else 1
+    jobs = points * n_systems
+    if jobs > max_jobs:
+        raise ConfigError(f"sweep: {points:,} point(s) x {n_systems} system(s) = {jobs:,} jobs, more than "
+                          f"{max_jobs:,} (each job is one simulation); --max-jobs {jobs} to run them all, or "
+                          "sweep fewer values")
+    return jobs
 
 
 @functools.lru_cache(maxsize=8)
@@ -132,6 +163,24 @@ def _ignore_sigint() -> None:
     # Ctrl-C in a terminal reaches every process of the group: the workers ignore it (no traceback per
     # worker) and the parent, which gets it too, stops them itself (_stop_pool).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with_parent()
+
+
+def exit_with_parent(interval_s: float = 0.5) -> None:
+    """End this (worker) process when its parent dies: a parent killed with -9 stops nothing itself, and
+    its workers would simulate on, orphaned. A daemon thread watches the parent's pid (a process whose
+    parent died is re-parented, so os.getppid() changes)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _run_caught(job: Job) -> JobResult | Exception:
@@ -299,12 +348,16 @@ def run_experiment(
     skip_bad_rows: bool = False,
     resume: bool = False,
     force: bool = False,
+    calibration_partial: bool = False,
+    max_jobs: int = MAX_JOBS,
 ) -> pd.DataFrame:
     """Run every (point, system) job and write the run directory (layout: `tangram_sim.rundir`).
 
     Each job is stored as it finishes; at the end config.yaml, summary.csv, timings.csv,
     requests/timeline parquet, plots and report.md, and run.json last. resume: run only the jobs not
-    stored by an earlier run of the same configuration; force: empty a folder that holds something else.
+    stored by an earlier run of the same configuration; force: empty a folder that holds something else
+    (or replace a finished run); calibration_partial: models the calibration file has no coefficients
+    for are timed by the roofline instead of refused; max_jobs: the largest sweep accepted.
     Returns the summary table, with attrs "record" (the RunRecord), "skipped_rows" and, when resume found
     the run complete already, "already_complete". When jobs fail, the others are written and RunFailed
     is raised; on Ctrl-C the workers are stopped and run.json says "interrupted".
@@ -313,7 +366,8 @@ def run_experiment(
         raise ConfigError(f"--backend: expected local or ray, got {backend!r}")
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
-    resolved, points = prepare(raw, base_dir, sets)
+    resolved, points = prepare(raw, base_dir, sets, max_jobs)
+    check_points(points, base_dir, calibration_partial=calibration_partial)  # before any folder exists
     jobs = [
         Job(i, s, p["config"], str(base_dir) if base_dir else None, skip_bad_rows)
         for i, p in enumerate(points)
@@ -341,7 +395,7 @@ def run_experiment(
     except BaseException as exc:  # the record must not say "running" (or "complete") after this
         _close_quietly(writer, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         raise
-    summary.attrs.update(record=record, skipped_rows=skipped, trace_notes=notes)
+    summary.attrs.update(record=record, skipped_rows=skipped, trace_notes=notes, damaged_jobs=writer.damaged)
     if bug is not None:
         raise bug
     if record.failures:

@@ -61,6 +61,9 @@ PER_REQUEST_NOTES = (
 )
 
 
+DESCRIPTION_CHARS = 4000  # of an experiment's description quoted in report.md
+
+
 def _cell(value: Any, kind: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
@@ -278,7 +281,10 @@ def write_report(run_dir: Path | str, *, require_complete: bool = True) -> Path:
     out: list[str] = [f"# {run.name}", ""]
     description = run.config.get("description")
     if description:
-        out += [str(description).strip(), ""]
+        text = str(description).strip()
+        if len(text) > DESCRIPTION_CHARS:  # a report is read by people: the whole text is in config.yaml
+            text = f"{text[:DESCRIPTION_CHARS]} ... ({len(text):,} characters in all; see config.yaml)"
+        out += [text, ""]
     out += ["## Setup", "", *_setup(run), ""]
     out += ["## Results", "", _summary_table(run), "",
             "TTFT statistics cover completed requests; TTFT <= 1 s is a share of all requests.", ""]

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from tangram_sim.errors import ConfigError
+from tangram_sim.errors import ConfigError, shown
 
 MiB = 2**20
 
@@ -133,9 +133,9 @@ def make_system(name: str, preset: str = "tangram", overrides: dict[str, Any] | 
                 where: str = "systems") -> SystemSpec:
     """Preset + overrides, type- and range-checked; errors name `<where>.overrides.<key>`."""
     if preset not in PRESETS:
-        raise ConfigError(f"{where}.preset: unknown preset {preset!r}; expected one of: {', '.join(PRESETS)}")
+        raise ConfigError(f"{where}.preset: unknown preset {shown(preset)}; expected one of: {', '.join(PRESETS)}")
     if overrides is not None and not isinstance(overrides, dict):
-        raise ConfigError(f"{where}.overrides: expected a mapping of system fields, got {overrides!r}")
+        raise ConfigError(f"{where}.overrides: expected a mapping of system fields, got {shown(overrides)}")
     values: dict[str, Any] = dict(PRESETS[preset])
     for key, value in (overrides or {}).items():
         if key not in _FIELD_TYPES:
@@ -149,10 +149,10 @@ def make_system(name: str, preset: str = "tangram", overrides: dict[str, Any] | 
             except OverflowError:  # an integer too large for a float: out of range below
                 value = math.inf
         if not isinstance(value, want) or isinstance(value, bool):
-            raise ConfigError(f"{where}.overrides.{key}: expected {want.__name__}, got {value!r}")
+            raise ConfigError(f"{where}.overrides.{key}: expected {want.__name__}, got {shown(value)}")
         problem = _out_of_range(key, value)
         if problem:
-            raise ConfigError(f"{where}.overrides.{key}: expected {problem}, got {value!r}")
+            raise ConfigError(f"{where}.overrides.{key}: expected {problem}, got {shown(value)}")
         values[key] = value
     spec = replace(SystemSpec(name=name), **values)
     _validate(spec, where)
@@ -179,11 +179,11 @@ def _validate(spec: SystemSpec, where: str) -> None:
         if getattr(spec, key) not in registry:
             raise ConfigError(f"{where}.{key}: {registry.unknown(getattr(spec, key))}")
     if spec.granularity not in ("model", "tensor", "group"):
-        raise ConfigError(f"{where}.granularity: expected model, tensor or group, got {spec.granularity!r}")
+        raise ConfigError(f"{where}.granularity: expected model, tensor or group, got {shown(spec.granularity)}")
     if spec.fairness not in ("fixed", "adaptive"):
-        raise ConfigError(f"{where}.overrides.fairness: expected fixed or adaptive, got {spec.fairness!r}")
+        raise ConfigError(f"{where}.overrides.fairness: expected fixed or adaptive, got {shown(spec.fairness)}")
     if spec.prefetch != "none" and spec.retention == "none":
-        raise ConfigError(f"{where}.overrides.prefetch: {spec.prefetch!r} needs a retention policy that keeps "
+        raise ConfigError(f"{where}.overrides.prefetch: {shown(spec.prefetch)} needs a retention policy that keeps "
                           "weights, but retention none frees them when an instance ends")
     # Policy parameters are checked by building the policy once (the next-use heuristic also needs the
     # trace, so its parameters are checked when the run builds it).

@@ -11,9 +11,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tangram_sim.errors import ConfigError
 from tangram_sim.models.spec import ModelSpec
 from tangram_sim.sim.hardware import GpuSpec
 
@@ -85,39 +82,10 @@ class Calibration:
 
     @staticmethod
     def load(path: str | Path) -> Calibration:
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: calibration file not found") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        models = {}
-        for name, coeffs in (raw.get("models") or {}).items():
-            try:
-                models[name] = ModelCoefficients(**{k: float(v) for k, v in coeffs.items()})
-            except (TypeError, ValueError, AttributeError) as exc:
-                raise ConfigError(f"{path}: models.{name}: bad coefficients ({exc})") from None
+        """Read a calibration YAML with the experiment loader's rules (`sim.calibration_file`)."""
+        from tangram_sim.sim.calibration_file import read_calibration
 
-        def num(key: str) -> float | None:
-            value = raw.get(key)
-            if value is None:
-                return None
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"{path}: {key}: expected a non-negative number, got {value!r}")
-            return float(value)
-
-        return Calibration(
-            device=str(raw.get("device", "unknown")),
-            h2d_bps=num("h2d_bps"),
-            d2d_bps=num("d2d_bps"),
-            unit_overhead_s=num("unit_overhead_s"),
-            engine_overhead_s=num("engine_overhead_s"),
-            models=models,
-            read_bps=num("read_bps"),
-        )
+        return read_calibration(path)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"device": self.device}

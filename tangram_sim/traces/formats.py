@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from tangram_sim.errors import TraceError
+from tangram_sim.traces.linecheck import check_line_lengths
 
 COLUMNS = ("arrival_s", "model", "input_tokens", "output_tokens")
 FORMATS = ("azure-llm", "azure-functions", "azure-functions-2021", "servegen", "burstgpt", "table")
@@ -211,7 +212,9 @@ def _check_file(path: _PathLike) -> Path:
 
 
 def _first_line(path: Path) -> str:
-    """The first non-blank line, for header checks and format detection (empty file -> TraceError)."""
+    """The first non-blank line, for header checks and format detection (empty file -> TraceError).
+    A file with a line too long for a trace is refused first (`linecheck`)."""
+    check_line_lengths(path)
     try:
         with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
             for line in islice(f, 1000):

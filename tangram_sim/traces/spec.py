@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tangram_sim.errors import TraceError
+from tangram_sim.errors import TraceError, shown
 from tangram_sim.traces import formats
 from tangram_sim.traces.mapping import apply_mapping
 from tangram_sim.traces.synthetic import ARRIVALS, Diurnal, synthesize
@@ -305,10 +305,10 @@ def load_trace(
     (`rate_scale`). `df.attrs` records the source, format and `skipped_rows`.
     """
     if not isinstance(spec, Mapping):
-        raise TraceError(f"trace: expected a mapping with at least 'kind', got {spec!r}")
+        raise TraceError(f"trace: expected a mapping with at least 'kind', got {shown(spec)}")
     kind = spec.get("kind")
     if kind not in KIND_KEYS:
-        raise TraceError(f"trace.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+        raise TraceError(f"trace.kind: expected one of {', '.join(KINDS)}, got {shown(kind)}")
     allowed = _COMMON + KIND_KEYS[kind]
     for key in spec:
         if key not in allowed:

@@ -32,6 +32,7 @@ from tangram_sim import __version__
 from tangram_sim.api import Experiment
 from tangram_sim.errors import ConfigError
 from tangram_sim.rundir import RunDirError, atomic_write, check_out_dir, config_hash
+from tangram_sim.runlock import LOCK_NAME, RunLock
 
 RECORD = "tune.json"
 TUNE_EXTRA = "tangram-sim tune needs the 'tune' extra (Optuna): pip install -e '.[tune]'"
@@ -60,11 +61,9 @@ def tune_experiment(experiment: Experiment, space: Any, objectives: Sequence[str
     """Search `space` (a SPACE.yaml path or a `Space`) for `n_trials` trials in total, minimising or
     maximising the summary columns `objectives` ("p50_ttft_s", "max:request_bytes_from_gpu")."""
     require_optuna()
-    from tangram_sim.tune import outputs
     from tangram_sim.tune.space import Space
     from tangram_sim.tune.space_file import load_space
-    from tangram_sim.tune.study import TrialSeededSampler, open_study, parse_objectives, requeue_unfinished
-    from tangram_sim.tune.trial import TrialRunner
+    from tangram_sim.tune.study import TrialSeededSampler, parse_objectives
 
     if backend not in BACKENDS:
         raise ConfigError(f"--backend: expected local or ray, got {backend!r}")
@@ -84,7 +83,25 @@ def tune_experiment(experiment: Experiment, space: Any, objectives: Sequence[str
 
     base = make_system(space.system, space.preset, space.base_overrides).to_dict()
     digest = config_hash(config, {"space": space.to_dict(), "base_system": base, **settings})
+    lock = RunLock(out_dir, f"tangram-sim tune of {config['name']}")
+    if out_dir.is_dir():
+        lock.check()  # another live process tunes (or runs) into it: refused before anything is read
     record = _claim(out_dir, str(config["name"]), digest, resume)
+    lock.acquire()
+    try:
+        return _tune(experiment, space, goals, n_trials, out_dir, config, record, settings, seeded, backend,
+                     progress)
+    finally:
+        lock.release()
+
+
+def _tune(experiment: Experiment, space: Any, goals: Any, n_trials: int, out_dir: Path, config: dict[str, Any],
+          record: dict[str, Any], settings: dict[str, Any], seeded: Any, backend: str, progress: bool) -> TuneResult:
+    """The study itself, with the folder claimed and locked."""
+    from tangram_sim.tune import outputs
+    from tangram_sim.tune.study import open_study, requeue_unfinished
+    from tangram_sim.tune.trial import TrialRunner
+
     record.update(settings=settings, params=[p.key for p in space.params], trials={"requested": n_trials},
                   backend=backend)
     from tangram_sim.experiments.config import dump_yaml
@@ -186,7 +203,7 @@ def _claim(out_dir: Path, experiment: str, digest: str, resume: bool) -> dict[st
     record: dict[str, Any] = {"format": 1, "kind": "tune", "experiment": experiment, "status": "running",
                               "complete": False, "config_hash": digest, "version": __version__,
                               "started": _now(), "finished": None, "files": []}
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+    if not out_dir.is_dir() or not [p for p in out_dir.iterdir() if p.name != LOCK_NAME]:
         out_dir.mkdir(parents=True, exist_ok=True)
         return record
     previous = read_tune_record(out_dir)
