@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="more instance starts and larger copies (slower)")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="exit 1 if mean load time or p50 TTFT error exceeds this fraction")
+    parser.add_argument("--calibration-partial", action="store_true",
+                        help="simulate even when the calibration lacks some of the experiment's models "
+                             "(those are timed by the roofline), as `tangram-sim run --calibration-partial`")
     parser.add_argument("--calibration", default=None, metavar="FILE",
                         help="reuse this calibration.yaml (from an earlier run on the same card) "
                              "instead of the calibrate step")
@@ -242,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         if summary is not None and calibration is not None:
             sim_raw, sim_base = load_yaml(replay_dir / "experiment.sim.yaml")
             done = _step("simulate", steps, lambda: run_experiment(
-                sim_raw, sim_base, sim_dir, sets=[f"calibration={cal_path.resolve()}"], progress=False))
+                sim_raw, sim_base, sim_dir, sets=[f"calibration={cal_path.resolve()}"], progress=False,
+                calibration_partial=args.calibration_partial))
             if done is not None:
                 def compare() -> Any:
                     fid = compare_runs(sim_dir, replay_dir)

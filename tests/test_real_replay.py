@@ -297,14 +297,16 @@ def test_checkpoints_are_reused_by_a_second_replay(replayed: Path, tmp_path: Pat
 # ------------------------------------------------------------------ the GPU-machine kit, dry run
 def test_gpu_run_reuses_a_calibration_and_keeps_out_small(tmp_path: Path) -> None:
     """`real/gpu_run.sh --skip-check` with a calibration measured earlier: no calibrate or bench
-    step, the calibration copied beside the results, and OUT holds a handful of files (no checkpoints)."""
+    step, the calibration copied beside the results, and OUT holds a handful of files (no checkpoints).
+    That calibration is another card's for other models: simulating with it says so (`--calibration-partial`)."""
     cal = ROOT / "real" / "h200-2026-11-27" / "calibration.yaml"
     out = tmp_path / "out"
     proc = subprocess.run(
         ["bash", "real/gpu_run.sh", "--device", "cpu", "--out", str(out), "--skip-check",
          "--validate-set", "trace.n_requests=20", "--validate-set", "real.scale=tiny",
          "--validate-set", "cluster.gpu_memory_gib=0.00125", "--validate-set", "real.time_scale=16",
-         "--validate-arg", f"--calibration={cal}", "--validate-arg", "--skip-bench"],
+         "--validate-arg", f"--calibration={cal}", "--validate-arg", "--skip-bench",
+         "--validate-arg", "--calibration-partial"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
