@@ -49,7 +49,7 @@ from tangram_sim.real.loader import (
     open_checkpoint,
 )
 
-__all__ = ["BackendSpec", "DeviceBackend", "DeviceLink", "core_sets"]
+__all__ = ["BackendSpec", "DeviceBackend", "DeviceLink", "core_sets", "sync"]
 
 
 @dataclass(slots=True)
@@ -85,8 +85,8 @@ class _Seq:
     length: int = 0  # tokens whose K/V are in the cache
 
 
-def _sync(device: torch.device) -> None:
-    """Wait for the device's queued work: every measured duration ends here."""
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work: every measured duration (and benchmark) ends here."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -154,18 +154,17 @@ class DeviceBackend:
         checksums when `verify`). Value: (move_s, read_s, engine_s, read bytes, read GB/s)."""
         self.apply(ops)
         m = self.models[model]
-        segments = [Segment(s.path, s.start, s.nbytes, offsets[key] + s.rel)
-                    for key in missing for s in m.by_key[key].slots]
+        segments = [seg for key in missing for seg in self._segments(m, key, offsets[key])]
         t0 = time.perf_counter()
         for src, dst, n in moves:
             self.dev.copy_move(Move(None, src, dst, n))
-        _sync(self.device)
+        sync(self.device)
         t1 = time.perf_counter()
         read = self.loader.load(self.dev.buffer, segments) if segments else None
-        _sync(self.device)
+        sync(self.device)
         t2 = time.perf_counter()
         self.engines[model] = build_engine(m.config, self._views(m, offsets), self.device)
-        _sync(self.device)
+        sync(self.device)
         t3 = time.perf_counter()
         if verify:
             self._verify(m, offsets)
@@ -174,10 +173,10 @@ class DeviceBackend:
 
     def prefetch(self, model: str, key: Key, offset: int) -> Measured:
         """Read one unit of `model`'s files into its region."""
-        segments = [Segment(s.path, s.start, s.nbytes, offset + s.rel) for s in self.models[model].by_key[key].slots]
+        segments = self._segments(self.models[model], key, offset)
         t0 = time.perf_counter()
         self.loader.load(self.dev.buffer, segments)
-        _sync(self.device)
+        sync(self.device)
         return Measured(None, t0, time.perf_counter() - t0)
 
     def prefill(self, ops: Sequence[tuple], model: str, batch: Sequence[tuple[int, list[int]]]) -> Measured:
@@ -202,7 +201,7 @@ class DeviceBackend:
         with torch.inference_mode():
             logits = engine(tokens, positions, [s.cache for s in seqs], lengths=lengths)
         first = greedy(logits)
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - t0
         for (rid, _), seq, n, token in zip(batch, seqs, lengths, first):
             seq.length = n
@@ -222,7 +221,7 @@ class DeviceBackend:
         with torch.inference_mode():
             logits = engine(tokens, positions, [s.cache for s in seqs])
         new = greedy(logits)
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - t0
         for rid, seq, token in zip(rids, seqs, new):
             seq.length += 1
@@ -252,12 +251,17 @@ class DeviceBackend:
             self.apply((("free", -1), ("end", name)))
             self.tokens.pop(-1, None)
             done += 1
-        _sync(self.device)
+        sync(self.device)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return done
 
     # ------------------------------------------------------------ the rest
+    @staticmethod
+    def _segments(m: _Model, key: Key, offset: int) -> list[Segment]:
+        """The file reads that fill unit `key` of `m` placed at `offset`."""
+        return [Segment(s.path, s.start, s.nbytes, offset + s.rel) for s in m.by_key[key].slots]
+
     def _views(self, m: _Model, offsets: dict[Key, int]) -> dict[str, torch.Tensor]:
         spec = m.ckpt.spec
         views = {}
@@ -286,7 +290,7 @@ class DeviceBackend:
     def finish(self, ops: Sequence[tuple]) -> dict[str, Any]:
         """Apply the last bindings; what is left bound and every request's tokens."""
         self.apply(ops)
-        _sync(self.device)
+        sync(self.device)
         return {"kv": len(self.kv), "seqs": len(self.seqs), "engines": len(self.engines),
                 "tokens": self.tokens, "buffer_ok": self.dev.buffer.numel() == self.dev.capacity}
 

@@ -51,6 +51,7 @@ import yaml
 
 from tangram_sim.arena import ARENA_ALIGNMENT as ALIGNMENT
 from tangram_sim.errors import ConfigError
+from tangram_sim.real.backend import sync
 from tangram_sim.real.loader import DEFAULT_CHUNK_BYTES, Checkpoint
 from tangram_sim.real.memory import driver_info
 from tangram_sim.real.replay import torch_threads
@@ -120,19 +121,14 @@ def fit_linear(x: np.ndarray, y: np.ndarray, nonneg: bool = True,
 
 
 # ------------------------------------------------------------------ bandwidths
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def _best_rate(fn: Callable[[], None], nbytes: int, dev: torch.device, repeats: int) -> float:
     fn()  # warm-up (first touch, pinned mappings, kernels)
-    _sync(dev)
+    sync(dev)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        _sync(dev)
+        sync(dev)
         best = min(best, time.perf_counter() - t0)
     return nbytes / best if best > 0 else 0.0
 
