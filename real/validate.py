@@ -241,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
                 orient="records")
         if summary is not None and calibration is not None:
             sim_raw, sim_base = load_yaml(replay_dir / "experiment.sim.yaml")
+            # a calibration reused from an earlier run may lack this experiment's models: the roofline
+            # times those (as `tangram-sim run --calibration-partial`); a fresh one covers them all
             done = _step("simulate", steps, lambda: run_experiment(
-                sim_raw, sim_base, sim_dir, sets=[f"calibration={cal_path.resolve()}"], progress=False))
+                sim_raw, sim_base, sim_dir, sets=[f"calibration={cal_path.resolve()}"], progress=False,
+                calibration_partial=bool(args.calibration)))
             if done is not None:
                 def compare() -> Any:
                     fid = compare_runs(sim_dir, replay_dir)
