@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                 orient="records")
         if summary is not None and calibration is not None:
             sim_raw, sim_base = load_yaml(replay_dir / "experiment.sim.yaml")
+            # a calibration reused from another run may lack this experiment's models: with
+            # --calibration-partial the roofline times those (as `tangram-sim run --calibration-partial`)
             done = _step("simulate", steps, lambda: run_experiment(
                 sim_raw, sim_base, sim_dir, sets=[f"calibration={cal_path.resolve()}"], progress=False,
                 calibration_partial=args.calibration_partial))
