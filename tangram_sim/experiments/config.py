@@ -24,6 +24,9 @@ Schema (defaults in brackets):
               unit_overhead_s: 0}
       compute_efficiency: number [0.5]     # roofline
       memory_efficiency: number [0.7]      # roofline
+      decode_admission: fluid | step [fluid]  # an arrival joins a decoding batch at once (fluid), or
+                                           # when the running decode step ends (step: an engine with
+                                           # iteration-level scheduling, as the real replay runs)
       time_model:                          # optional: these linear costs replace the roofline, every model
         prefill_base_s: number [0]         #   per prefill iteration
         prefill_per_token_s: number [0]    #   per prompt token
@@ -84,9 +87,10 @@ GiB = 2**30
 TOP_KEYS = ("name", "seed", "description", "cluster", "models", "trace", "systems", "sweep", "calibration",
             "outputs", "real", "plugins")
 CLUSTER_KEYS = ("nodes", "gpus_per_node", "gpu", "gpu_memory_gib", "gpu_overrides", "tiers",
-                "compute_efficiency", "memory_efficiency", "time_model")
+                "compute_efficiency", "memory_efficiency", "time_model", "decode_admission")
 TIME_MODEL_KEYS = ("prefill_base_s", "prefill_per_token_s", "decode_base_s", "decode_per_seq_s",
                    "decode_per_kv_token_s")
+DECODE_ADMISSION = ("fluid", "step")
 TIER_KEYS = ("host_cache_gib", "ssd_gbps", "network_gbps", "ssd_holds_all", "unit_overhead_s")
 MODEL_KEYS = ("name", "sensitivity", "tensor_parallel", "derive", "checkpoint")
 SYSTEM_KEYS = ("name", "preset", "overrides")
@@ -325,6 +329,10 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
         "compute_efficiency": _num(cl, "compute_efficiency", "cluster", 0.5, FRACTION),
         "memory_efficiency": _num(cl, "memory_efficiency", "cluster", 0.7, FRACTION),
     }
+    if cl.get("decode_admission") is not None:  # only when given: the default leaves configs as they were
+        cluster["decode_admission"] = _get(cl, "decode_admission", "cluster", str, None)
+        if cluster["decode_admission"] not in DECODE_ADMISSION:
+            raise ConfigError(f"cluster.decode_admission: expected fluid or step, got {shown(cluster['decode_admission'])}")
     if cluster["gpu"] not in GPUS:
         raise ConfigError(f"cluster.gpu: unknown GPU {shown(cluster['gpu'])}; expected one of: {', '.join(GPUS)}")
     tiers = _check_keys(cl.get("tiers"), TIER_KEYS, "cluster.tiers")
@@ -553,6 +561,7 @@ def build_cluster(config: dict[str, Any]) -> Any:
         ),
         compute_efficiency=c["compute_efficiency"],
         memory_efficiency=c["memory_efficiency"],
+        decode_admission=c.get("decode_admission", "fluid"),
     )
 
 

@@ -163,6 +163,7 @@ def _sim_config(config: dict[str, Any], base_dir: Path | None, out_dir: Path, pa
     cluster = copy.deepcopy(config["cluster"])
     cluster.update(nodes=1, gpus_per_node=gpus, gpu_memory_gib=capacity / GiB)
     cluster["tiers"] = {**cluster["tiers"], "host_cache_gib": 0.0, "ssd_holds_all": True}
+    cluster["decode_admission"] = "step"  # the real engine admits arrivals when its decode step ends
     models = []
     for m in config["models"]:
         path = paths[m["name"]].resolve()

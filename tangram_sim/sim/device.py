@@ -13,6 +13,7 @@ link (after the per-unit overhead); cancelling it removes its transfer from the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import simpy
@@ -34,7 +35,7 @@ class ModelledDevice:
 
     def __init__(self, env: simpy.Environment, gpu_id: int, memory_bytes: int, alignment: int,
                  pcie_bps: float, fabric: Fabric, time_model: TimeModel, engine_overhead_s: float,
-                 unit_overhead_s: float, d2d_bps: float) -> None:
+                 unit_overhead_s: float, d2d_bps: float, whole_steps: bool = False) -> None:
         self.env = env
         self.gpu_id = gpu_id  # position in the cluster
         self.arena = Arena(memory_bytes, alignment=alignment)  # the books are the whole device
@@ -45,6 +46,8 @@ class ModelledDevice:
         self.engine_overhead_s = engine_overhead_s  # runtime start before the weights load
         self.unit_overhead_s = unit_overhead_s  # per loaded unit (allocation, copy launch)
         self.d2d_bps = d2d_bps  # compaction copies
+        self.whole_steps = whole_steps  # a wake-up waits for the decode step under way to end (an
+        # engine that schedules per iteration, as the real replay's); else the fluid batch stops at once
 
     def start_instance(self, inst: Instance, head: Request, loads: Sequence[RankLoad]) -> Work:
         env = self.env
@@ -107,13 +110,42 @@ class ModelledDevice:
         if dt > 0 and start + dt == start:  # e.g. a bandwidth of 1e-300 pushed time to 1e300 s
             raise ConfigError(f"simulated time reached {start:.3g} s, where a decode step of {dt:.3g} s no "
                               "longer advances the clock; expected rates, bandwidths and sizes of realistic scale")
-        done = env.timeout(dt) if wake is None else wake | env.timeout(dt)
+        if wake is None:
+            done = env.timeout(dt)
+        elif not self.whole_steps or step <= 0:
+            done = wake | env.timeout(dt)
+        else:
+            done = self._at_step_end(wake, start, step, dt)
 
         def advanced() -> tuple[float, float]:
             elapsed = env.now - start
             return elapsed, (min(horizon, elapsed / step) if step > 0 else horizon)
 
         return done, advanced
+
+    def _at_step_end(self, wake: simpy.Event, start: float, step: float, dt: float) -> simpy.Event:
+        """An event at `start + dt`, or when `wake` fires, at the end of the step then under way (a
+        wake before the first step begins stops the batch at once)."""
+        env = self.env
+        done = env.event()
+
+        def finish(_event: object = None) -> None:
+            if not done.triggered:
+                done.succeed()
+
+        def woken(_event: object) -> None:
+            if done.triggered:
+                return
+            steps = math.ceil((env.now - start) / step - 1e-9)
+            end = min(dt, steps * step)
+            if start + end <= env.now:
+                finish()
+            else:
+                env.timeout(start + end - env.now).callbacks.append(finish)
+
+        env.timeout(dt).callbacks.append(finish)
+        wake.callbacks.append(woken)
+        return done
 
     # Memory binding has no cost in the model (and the worker does not call these: binds_memory).
     def kv_grown(self, inst: Instance, req: Request, keys: Sequence[Key], nbytes: int) -> None:

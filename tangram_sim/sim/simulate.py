@@ -51,6 +51,7 @@ class ClusterSpec:
     compute_efficiency: float = 0.5  # roofline: share of peak FLOP/s reached
     memory_efficiency: float = 0.7  # roofline: share of HBM bandwidth reached
     alignment: int = ARENA_ALIGNMENT  # arena alignment in bytes
+    decode_admission: str = "fluid"  # "step": arrivals join a decoding batch when its step ends
 
 
 @dataclass(slots=True)
@@ -142,7 +143,7 @@ def simulate(
     fabric = Fabric(env)
     devices = [
         ModelledDevice(env, i, gpu.memory_bytes, cluster.alignment, gpu.pcie_bps, fabric, time_model,
-                       engine_overhead, unit_overhead, d2d)
+                       engine_overhead, unit_overhead, d2d, whole_steps=cluster.decode_admission == "step")
         for i in range(cluster.nodes * cluster.gpus_per_node)
     ]
     recorder = Recorder(record_events, sample_interval_s, check_invariants)
