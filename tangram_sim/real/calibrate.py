@@ -7,9 +7,10 @@ lifecycle of `core` over `RealDevice`s, one arena per GPU of the experiment, eac
 when there are several), under each of the experiment's systems, and fits on the replays'
 `loads` and `steps` tables:
 
-- `unit_overhead_s` and the rate one arena's loads reach: least squares of each cold start's device
-  part (compaction copies and reads) on `units x unit_overhead + loaded bytes / rate + moved bytes /
-  d2d_bps`, the simulator's load formula, over the starts that ran alone; that rate becomes the GPU
+- `load_overhead_s`, `unit_overhead_s` and the rate one arena's loads reach: least squares of each
+  cold start's device part (compaction copies and reads) on `load_overhead (if it reads anything) +
+  units x unit_overhead + loaded bytes / rate + moved bytes / d2d_bps`, the simulator's load formula,
+  over the starts that ran alone; that rate becomes the GPU
   link's (`h2d_bps`, at most the copy benchmark's), and `read_bps`, the node storage that the arenas
   share, their aggregate as the starts that overlapped another arena's reached it (`fit_loads`);
 - `engine_overhead_s`: the mean engine build of those starts;
@@ -192,31 +193,34 @@ def _overlapped(loads: pd.DataFrame, share: float = 0.2) -> np.ndarray:
 
 
 def fit_loads(loads: pd.DataFrame, d2d_bps: float, h2d_bps: float,
-              arenas: int = 1) -> tuple[float, float, float, dict[str, Any]]:
-    """(unit_overhead_s, device_bps, read_bps, details) of the simulator's load formula over the
-    measured starts: a start streams its bytes through its GPU's link (`device_bps`: the rate one
-    arena's loads reach) and the node's storage, which the arenas share (`read_bps`: their aggregate).
+              arenas: int = 1) -> tuple[float, float, float, float, dict[str, Any]]:
+    """(load_overhead_s, unit_overhead_s, device_bps, read_bps, details) of the simulator's load formula
+    over the measured starts: a start that reads anything pays `load_overhead_s` (the loader's setup)
+    and `unit_overhead_s` per unit, and streams its bytes through its GPU's link (`device_bps`: the
+    rate one arena's loads reach) and the node's storage, which the arenas share (`read_bps`: their
+    aggregate).
 
-    The per-unit term and the device rate are fitted on the starts that ran alone (no other arena
-    loading for more than a fifth of it); a fitted rate above h2d is capped there and the per-unit term
-    refitted. The aggregate is the arenas' number times the median rate of the starts that overlapped
-    another one (when there are at least five; else no contention is assumed), never below one
-    arena's rate. Moves are charged at the measured d2d rate."""
+    The overheads and the device rate are fitted (non-negative least squares) on the starts that ran
+    alone (no other arena loading for more than a fifth of it); a fitted rate above h2d is capped there
+    and the overheads refitted. The aggregate is the arenas' number times the median rate of the starts
+    that overlapped another one (when there are at least five; else no contention is assumed), never
+    below one arena's rate. Moves are charged at the measured d2d rate."""
     y = loads["load_s"].to_numpy() - loads["moved_bytes"].to_numpy() / d2d_bps
-    x = np.c_[loads["units_loaded"].to_numpy(float), loads["loaded_bytes"].to_numpy(float)]
+    units = loads["units_loaded"].to_numpy(float)
+    x = np.c_[(units > 0).astype(float), units, loads["loaded_bytes"].to_numpy(float)]
     both = _overlapped(loads) if arenas > 1 and "wall_s" in loads else np.zeros(len(loads), dtype=bool)
     alone = ~both
-    (unit, per_byte), rel = fit_linear(x[alone], y[alone])
+    (fixed, unit, per_byte), rel = fit_linear(x[alone], y[alone])
     if per_byte <= 0 or 1.0 / per_byte > h2d_bps:
         per_byte = 1.0 / h2d_bps
-        (unit,), rel = fit_linear(x[alone][:, :1], y[alone] - x[alone][:, 1] * per_byte)
+        (fixed, unit), rel = fit_linear(x[alone][:, :2], y[alone] - x[alone][:, 2] * per_byte)
     device_bps = 1.0 / per_byte
-    streamed = both & (x[:, 1] > 0)
-    rates = x[streamed, 1] / np.maximum(y[streamed] - unit * x[streamed, 0], 1e-9)
+    streamed = both & (x[:, 2] > 0)
+    rates = x[streamed, 2] / np.maximum(y[streamed] - fixed - unit * x[streamed, 1], 1e-9)
     read_bps = arenas * device_bps
     if len(rates) >= 5:
         read_bps = float(np.clip(arenas * np.median(rates), device_bps, arenas * device_bps))
-    pred = x @ np.array([unit, per_byte]) + loads["moved_bytes"].to_numpy() / d2d_bps
+    pred = x @ np.array([fixed, unit, per_byte]) + loads["moved_bytes"].to_numpy() / d2d_bps
     per_system = {}
     for name, idx in loads.groupby("system").groups.items():
         real = float(loads.loc[idx, "load_s"].mean())
@@ -225,7 +229,7 @@ def fit_loads(loads: pd.DataFrame, d2d_bps: float, h2d_bps: float,
     details = {"starts": len(loads), "alone": int(alone.sum()), "overlapped": int(both.sum()),
                "overlapped_median_bps": float(np.median(rates)) if len(rates) else None,
                "rel_rms_residual_alone": rel, "per_system": per_system}
-    return float(unit), float(device_bps), float(read_bps), details
+    return float(fixed), float(unit), float(device_bps), float(read_bps), details
 
 
 def fit_steps(steps: pd.DataFrame, model: str) -> tuple[ModelCoefficients, dict[str, Any]]:
@@ -379,7 +383,7 @@ def calibrate(
     steps = pd.concat(replays.steps, ignore_index=True)
     if loads.empty:
         raise ConfigError("the calibration replays made no cold start, expected models to load")
-    unit_overhead, device_bps, read_bps, load_fit = fit_loads(loads, d2d_bps, h2d_bps, arenas)
+    load_overhead, unit_overhead, device_bps, read_bps, load_fit = fit_loads(loads, d2d_bps, h2d_bps, arenas)
     engine_overhead = float(loads["engine_s"].mean())
     models: dict[str, ModelCoefficients] = {}
     per_model: dict[str, Any] = {}
@@ -395,7 +399,7 @@ def calibrate(
     # measured by chunk under `measurements`), the node's storage at the arenas' aggregate
     cal = Calibration(device=label, h2d_bps=float(min(h2d_bps, device_bps)), d2d_bps=float(d2d_bps),
                       unit_overhead_s=unit_overhead, engine_overhead_s=engine_overhead, models=models,
-                      read_bps=read_bps)
+                      read_bps=read_bps, load_overhead_s=load_overhead)
     measurements = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),

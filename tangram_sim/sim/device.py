@@ -35,7 +35,8 @@ class ModelledDevice:
 
     def __init__(self, env: simpy.Environment, gpu_id: int, memory_bytes: int, alignment: int,
                  pcie_bps: float, fabric: Fabric, time_model: TimeModel, engine_overhead_s: float,
-                 unit_overhead_s: float, d2d_bps: float, whole_steps: bool = False) -> None:
+                 unit_overhead_s: float, d2d_bps: float, whole_steps: bool = False,
+                 load_overhead_s: float = 0.0) -> None:
         self.env = env
         self.gpu_id = gpu_id  # position in the cluster
         self.arena = Arena(memory_bytes, alignment=alignment)  # the books are the whole device
@@ -45,6 +46,7 @@ class ModelledDevice:
         self.time_model = time_model
         self.engine_overhead_s = engine_overhead_s  # runtime start before the weights load
         self.unit_overhead_s = unit_overhead_s  # per loaded unit (allocation, copy launch)
+        self.load_overhead_s = load_overhead_s  # per rank that loads anything (the loader's setup)
         self.d2d_bps = d2d_bps  # compaction copies
         self.whole_steps = whole_steps  # a wake-up waits for the decode step under way to end (an
         # engine that schedules per iteration, as the real replay's); else the fluid batch stops at once
@@ -55,7 +57,10 @@ class ModelledDevice:
         # Ranks copy and load in parallel; the slowest one sets the pace.
         copy_s = 0.0
         for load in loads:
-            copy_s = max(copy_s, load.moved_bytes / self.d2d_bps + self.unit_overhead_s * len(load.missing))
+            rank_s = load.moved_bytes / self.d2d_bps + self.unit_overhead_s * len(load.missing)
+            if load.missing and self.load_overhead_s:
+                rank_s += self.load_overhead_s
+            copy_s = max(copy_s, rank_s)
         if self.engine_overhead_s:
             yield env.timeout(self.engine_overhead_s)
         t_load = env.now

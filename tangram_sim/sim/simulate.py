@@ -143,7 +143,8 @@ def simulate(
     fabric = Fabric(env)
     devices = [
         ModelledDevice(env, i, gpu.memory_bytes, cluster.alignment, gpu.pcie_bps, fabric, time_model,
-                       engine_overhead, unit_overhead, d2d, whole_steps=cluster.decode_admission == "step")
+                       engine_overhead, unit_overhead, d2d, whole_steps=cluster.decode_admission == "step",
+                       load_overhead_s=(calibration.load_overhead_s or 0.0) if calibration else 0.0)
         for i in range(cluster.nodes * cluster.gpus_per_node)
     ]
     recorder = Recorder(record_events, sample_interval_s, check_invariants)

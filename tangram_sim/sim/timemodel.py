@@ -79,6 +79,9 @@ class Calibration:
     # Checkpoint files -> device through the real loader (page cache or disk, as measured); when set,
     # the simulator's SSD tier streams at this rate, so loads run at min(read_bps, h2d_bps).
     read_bps: float | None = None
+    # Per cold start that loads anything (the loader's setup: opening files, handing out the reads,
+    # the final synchronisation), on top of unit_overhead_s per unit.
+    load_overhead_s: float | None = None
 
     @staticmethod
     def load(path: str | Path) -> Calibration:
@@ -89,7 +92,7 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"device": self.device}
-        for key in ("h2d_bps", "d2d_bps", "read_bps", "unit_overhead_s", "engine_overhead_s"):
+        for key in ("h2d_bps", "d2d_bps", "read_bps", "unit_overhead_s", "load_overhead_s", "engine_overhead_s"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         out["models"] = {
