@@ -18,17 +18,16 @@ from typing import Any
 import pandas as pd
 import torch
 
-from tangram_sim.errors import CapacityError, ConfigError
+from tangram_sim.errors import ConfigError
+from tangram_sim.models.units import GRANULARITIES
 from tangram_sim.real.loader import DEFAULT_CHUNK_BYTES, Checkpoint
 from tangram_sim.real.replay import ReplayResult, replay_trace
-from tangram_sim.real.setup import default_capacity, resolve_device
+from tangram_sim.real.setup import check_fits, default_capacity, resolve_device
 from tangram_sim.sim.systems import SystemSpec, make_system
 
 __all__ = ["Request", "cpu_capacity", "run_requests", "system_for"]
 
 Request = tuple[str, Sequence[int], int, float]  # model, prompt token ids, output tokens, arrival (s)
-
-GRANULARITIES = ("model", "group", "tensor")
 
 
 def system_for(granularity: str = "group", retention: str = "tangram", packing: str = "pbp",
@@ -85,11 +84,7 @@ def run_requests(
         if not keep_alive_s >= 0:
             raise ConfigError(f"keep_alive_s {keep_alive_s}: expected a number >= 0")
         system = replace(system, keep_alive_s=float(keep_alive_s))
-    for name, ckpt in ckpts.items():
-        need = ckpt.spec.weight_bytes + ckpt.spec.kv_bytes_per_token * system.kv_block_tokens
-        if need > capacity:
-            raise CapacityError(f"model {name}: weights and one KV block ({need / 1e6:.3f} MB) do not fit "
-                                f"the arena of {capacity / 1e6:.3f} MB, expected a larger capacity")
+    check_fits(dict(ckpts), capacity, system.kv_block_tokens, "expected a larger capacity")
     models, prompts, rows = set(ckpts), {}, []
     for rid, (model, prompt, output_tokens, arrival_s) in enumerate(requests):
         if model not in models:

@@ -31,7 +31,7 @@ from tangram_sim.sim.hardware import GiB
 from tangram_sim.sim.systems import SystemSpec
 from tangram_sim.traces.spec import load_trace, resolve_path
 
-__all__ = ["ReplaySetup", "checkpoint_dirs", "default_capacity", "loader_options", "prepare_replay",
+__all__ = ["ReplaySetup", "check_fits", "checkpoint_dirs", "default_capacity", "loader_options", "prepare_replay",
            "replay_devices", "resolve_device"]
 
 
@@ -295,13 +295,7 @@ def prepare_replay(
         if need > free:
             raise CapacityError(f"cluster.gpu_memory_gib: {sum(1 for x in devs if x == d)} arena(s) of "
                                 f"{capacity / GiB:.2f} GiB do not fit the {free / GiB:.2f} GiB free on {d}")
-    for name, ck in ckpts.items():
-        need = ck.spec.weight_bytes + ck.spec.kv_bytes_per_token * max(s.kv_block_tokens for s in all_systems)
-        if need > capacity:
-            raise CapacityError(
-                f"model {name}: needs {need / GiB:.4f} GiB (weights + one KV block) but an arena has "
-                f"{capacity / GiB:.4f} GiB; raise cluster.gpu_memory_gib"
-            )
+    check_fits(ckpts, capacity, max(s.kv_block_tokens for s in all_systems), "raise cluster.gpu_memory_gib")
     scale = float(real.get("time_scale", 1.0))
     sim = _sim_config(config, base_dir, out_dir, paths, capacity, len(devs), scale, real)
     trace = load_trace(sim["trace"], [m["name"] for m in config["models"]], config["seed"], base_dir)
@@ -311,6 +305,16 @@ def prepare_replay(
         (out_dir / "experiment.sim.yaml").write_text(dump_yaml(sim))
     return ReplaySetup(config, base_dir, out_dir, devs, capacity, scale, ckpts, trace, all_systems, sim, real,
                        notes)
+
+
+def check_fits(ckpts: dict[str, Checkpoint], capacity: int, block_tokens: int, hint: str) -> None:
+    """Every model's weights and one KV block fit an arena of `capacity` bytes, or a one-line
+    CapacityError ending with `hint` (a replay's and `run_requests`' check before anything runs)."""
+    for name, ck in ckpts.items():
+        need = ck.spec.weight_bytes + ck.spec.kv_bytes_per_token * block_tokens
+        if need > capacity:
+            raise CapacityError(f"model {name}: its weights and one KV block ({need / GiB:.4f} GiB) do not fit "
+                                f"an arena of {capacity / GiB:.4f} GiB; {hint}")
 
 
 def loader_options(real: dict[str, Any]) -> dict[str, Any]:
