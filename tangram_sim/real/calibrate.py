@@ -8,9 +8,9 @@ when there are several), under each of the experiment's systems, and fits on the
 `loads` and `steps` tables:
 
 - `load_overhead_s`, `unit_overhead_s` and the rate one arena's loads reach: least squares of each
-  cold start's device part (compaction copies and reads) on `load_overhead (if it reads anything) +
-  units x unit_overhead + loaded bytes / rate + moved bytes / d2d_bps`, the simulator's load formula,
-  over the starts that ran alone; that rate becomes the GPU
+  cold start's reads (timed apart from its compaction moves) on `load_overhead (if it reads anything)
+  + units x unit_overhead + loaded bytes / rate`, the simulator's load formula, over the starts that
+  ran alone; that rate becomes the GPU
   link's (`h2d_bps`, at most the copy benchmark's), and `read_bps`, the node storage that the arenas
   share, their aggregate as the starts that overlapped another arena's reached it (`fit_loads`);
 - `engine_overhead_s`: the mean engine build of those starts;
@@ -18,8 +18,10 @@ when there are several), under each of the experiment's systems, and fits on the
   group: the tokens of all its prompts) and `decode_base_s + decode_per_seq_s x (batch - 1) +
   decode_per_kv_token_s x KV tokens` over its decode steps: least squares with an intercept, which
   keeps the steps' mean;
-- host->device copies by chunk size (on the CPU a memcpy: the cap of `h2d_bps`) and `d2d_bps`
-  (copies inside the device, at which the simulator charges compaction moves) are copy benchmarks.
+- `d2d_bps`, at which the simulator charges compaction moves: the replays' bytes moved over their
+  seconds moving (the copy benchmark's rate when fewer than three starts moved anything);
+- host->device copies by chunk size (on the CPU a memcpy: the cap of `h2d_bps`) and copies inside the
+  device are copy benchmarks, kept under `measurements`.
 
 The designed trace keeps what makes a step's time depend on its context: the experiment's arrival
 process (its inter-arrival gaps, resampled), model shares and output lengths, so the arenas are busy
@@ -193,19 +195,29 @@ def _overlapped(loads: pd.DataFrame, share: float = 0.2) -> np.ndarray:
 
 
 def fit_loads(loads: pd.DataFrame, d2d_bps: float, h2d_bps: float,
-              arenas: int = 1) -> tuple[float, float, float, float, dict[str, Any]]:
-    """(load_overhead_s, unit_overhead_s, device_bps, read_bps, details) of the simulator's load formula
-    over the measured starts: a start that reads anything pays `load_overhead_s` (the loader's setup)
-    and `unit_overhead_s` per unit, and streams its bytes through its GPU's link (`device_bps`: the
-    rate one arena's loads reach) and the node's storage, which the arenas share (`read_bps`: their
-    aggregate).
+              arenas: int = 1) -> tuple[float, float, float, float, float, dict[str, Any]]:
+    """(load_overhead_s, unit_overhead_s, device_bps, read_bps, move_bps, details) of the simulator's load
+    formula over the measured starts: a start that reads anything pays `load_overhead_s` (the loader's
+    setup) and `unit_overhead_s` per unit, and streams its bytes through its GPU's link (`device_bps`:
+    the rate one arena's loads reach) and the node's storage, which the arenas share (`read_bps`: their
+    aggregate); its compaction moves run at `move_bps`.
 
-    The overheads and the device rate are fitted (non-negative least squares) on the starts that ran
-    alone (no other arena loading for more than a fifth of it); a fitted rate above h2d is capped there
-    and the overheads refitted. The aggregate is the arenas' number times the median rate of the starts
-    that overlapped another one (when there are at least five; else no contention is assumed), never
-    below one arena's rate. Moves are charged at the measured d2d rate."""
-    y = loads["load_s"].to_numpy() - loads["moved_bytes"].to_numpy() / d2d_bps
+    The reads and the moves are timed apart (`read_s`, `move_s`), so each is fitted on its own time:
+    moves at the replay's own aggregate rate (bytes moved / seconds moving, when at least three starts
+    moved anything; else the copy benchmark's `d2d_bps`). Moves on a device are slower than a copy
+    benchmark (an overlapping move goes in distance-sized chunks or through a scratch buffer), and a
+    fit that charged them at the benchmark's rate gave the difference to the fixed cost of every start.
+    The overheads and the device rate are fitted (non-negative least squares) on the reads of the starts
+    that ran alone (no other arena loading for more than a fifth of it); a fitted rate above h2d is
+    capped there and the overheads refitted. The aggregate is the arenas' number times the median rate
+    of the starts that overlapped another one (when there are at least five; else no contention is
+    assumed), never below one arena's rate."""
+    moved = loads["moved_bytes"].to_numpy(float)
+    move_s = loads["move_s"].to_numpy(float)
+    movers = moved > 0
+    move_bps = float(moved[movers].sum() / move_s[movers].sum()) \
+        if movers.sum() >= 3 and move_s[movers].sum() > 0 else float(d2d_bps)
+    y = loads["read_s"].to_numpy(float)
     units = loads["units_loaded"].to_numpy(float)
     x = np.c_[(units > 0).astype(float), units, loads["loaded_bytes"].to_numpy(float)]
     both = _overlapped(loads) if arenas > 1 and "wall_s" in loads else np.zeros(len(loads), dtype=bool)
@@ -220,7 +232,7 @@ def fit_loads(loads: pd.DataFrame, d2d_bps: float, h2d_bps: float,
     read_bps = arenas * device_bps
     if len(rates) >= 5:
         read_bps = float(np.clip(arenas * np.median(rates), device_bps, arenas * device_bps))
-    pred = x @ np.array([fixed, unit, per_byte]) + loads["moved_bytes"].to_numpy() / d2d_bps
+    pred = x @ np.array([fixed, unit, per_byte]) + moved / move_bps
     per_system = {}
     for name, idx in loads.groupby("system").groups.items():
         real = float(loads.loc[idx, "load_s"].mean())
@@ -228,8 +240,10 @@ def fit_loads(loads: pd.DataFrame, d2d_bps: float, h2d_bps: float,
         per_system[name] = {"mean_load_s": real, "fit_alone_mean_load_s": fitted, "starts": len(idx)}
     details = {"starts": len(loads), "alone": int(alone.sum()), "overlapped": int(both.sum()),
                "overlapped_median_bps": float(np.median(rates)) if len(rates) else None,
-               "rel_rms_residual_alone": rel, "per_system": per_system}
-    return float(fixed), float(unit), float(device_bps), float(read_bps), details
+               "rel_rms_residual_alone": rel, "per_system": per_system,
+               "moves": int(movers.sum()), "moved_bytes": float(moved.sum()), "move_s": float(move_s[movers].sum()),
+               "move_bps": move_bps, "d2d_copy_bps": float(d2d_bps)}
+    return float(fixed), float(unit), float(device_bps), float(read_bps), move_bps, details
 
 
 def fit_steps(steps: pd.DataFrame, model: str) -> tuple[ModelCoefficients, dict[str, Any]]:
@@ -383,7 +397,8 @@ def calibrate(
     steps = pd.concat(replays.steps, ignore_index=True)
     if loads.empty:
         raise ConfigError("the calibration replays made no cold start, expected models to load")
-    load_overhead, unit_overhead, device_bps, read_bps, load_fit = fit_loads(loads, d2d_bps, h2d_bps, arenas)
+    load_overhead, unit_overhead, device_bps, read_bps, move_bps, load_fit = fit_loads(loads, d2d_bps, h2d_bps,
+                                                                                      arenas)
     engine_overhead = float(loads["engine_s"].mean())
     models: dict[str, ModelCoefficients] = {}
     per_model: dict[str, Any] = {}
@@ -397,7 +412,7 @@ def calibrate(
     label = f"{dev} ({info.get('card') or platform.machine()})"
     # the simulator's GPU link runs at the rate one arena's loads reach (at most the copy rate h2d_bps,
     # measured by chunk under `measurements`), the node's storage at the arenas' aggregate
-    cal = Calibration(device=label, h2d_bps=float(min(h2d_bps, device_bps)), d2d_bps=float(d2d_bps),
+    cal = Calibration(device=label, h2d_bps=float(min(h2d_bps, device_bps)), d2d_bps=move_bps,
                       unit_overhead_s=unit_overhead, engine_overhead_s=engine_overhead, models=models,
                       read_bps=read_bps, load_overhead_s=load_overhead)
     measurements = {
