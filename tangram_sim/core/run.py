@@ -23,6 +23,7 @@ from tangram_sim.core.metrics import accounting_problems, requests_frame, summar
 from tangram_sim.core.prefetch import prefetch_totals
 from tangram_sim.core.records import ModelEntry, Request
 from tangram_sim.core.router import Cluster, Recorder
+from tangram_sim.core.slo import Slo
 from tangram_sim.core.stream import RequestStream
 from tangram_sim.policies import KV, PACKING, PREFETCH, RETENTION, SCHEDULER
 from tangram_sim.policies.kv import KvPolicy
@@ -118,12 +119,14 @@ class LifecycleRun:
     cluster: Cluster  # workers, their arenas and counters at the end
     recorder: Recorder  # events and timeline
 
-    def frames(self) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-        """The request table, the timeline and the summary row (without the system's name)."""
+    def frames(self, slo: Slo | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+        """The request table, the timeline and the summary row (without the system's name), its SLO
+        columns against `slo` (None: the default SLO)."""
         frame = requests_frame(self.requests)
         workers = self.cluster.workers
         summary = summarize(frame, sum(w.busy_s for w in workers), sum(w.compaction_bytes for w in workers),
-                            self.cluster.entries, prefetch_totals(workers))
+                            self.cluster.entries, prefetch_totals(workers), slo=slo,
+                            gpu_held_s=sum(w.held_s for w in workers))
         return frame, timeline_frame(self.recorder.timeline), summary
 
 
@@ -237,12 +240,13 @@ def run_on_wall_clock(
     sample_interval_s: float = 0.01,
     factor: float = 1.0,
     progress: Callable[[int], Any] | None = None,
+    slo: Slo | None = None,
 ) -> WallClockRun:
     """The replay driver: the lifecycle on one node of `make_devices(env)`'s GPUs, arrivals at their wall
     time (`factor` wall seconds per trace second), the storage tiers of a replay (every unit read from its
     files: no host cache). `time_model`, `h2d_bps` and the system's engine overhead only feed the
     scheduler's estimates (and `h2d_bps` tangram's cost rule), as in `simulate`; the devices take the
-    time they take."""
+    time they take. The summary's SLO columns are against `slo` (None: the default SLO)."""
     policies = build_policies(system, h2d_bps=h2d_bps, sensitivity=sensitivity, trace=trace)
     env = WallClockEnvironment(factor)
     devices = make_devices(env)
@@ -256,7 +260,7 @@ def run_on_wall_clock(
         engine_overhead_s=system.engine_overhead_s, pcie_bps=h2d_bps, progress=progress,
     )
     wall = time.perf_counter() - t0
-    frame, timeline, numbers = run.frames()
+    frame, timeline, numbers = run.frames(slo)
     summary: dict[str, Any] = {"system": system.name}
     summary.update(numbers)
     summary.update(env.lag_stats())

@@ -91,6 +91,7 @@ class GpuWorker:
         self._wake_any = False  # idle: any arrival wakes; decoding: only an admissible one
         self.held_by: GpuWorker | None = None  # leader of the tensor-parallel gang holding this GPU
         self.busy_s = 0.0  # time spent loading, prefilling or decoding
+        self.held_s = 0.0  # time an instance occupied this GPU, busy or idle: the GPU time billed
         self.compaction_bytes = 0
         self.cold_starts = 0
         self.last_sample = -math.inf  # when the timeline last sampled this GPU
@@ -248,7 +249,9 @@ class GpuWorker:
         c = self.cluster
         for worker, key in inst.pool_keys:
             worker.arena.release(key)
+        held = c.env.now - inst.started  # from the start of its cold start (loading included)
         for rank, worker in enumerate(inst.group):
+            worker.held_s += held
             unpinned = worker.arena.unpin_many(inst.entry.rank_keys[rank])
             if not worker.retention.retains:
                 worker.arena.evict_many(unpinned)
