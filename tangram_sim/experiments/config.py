@@ -43,6 +43,9 @@ Schema (defaults in brackets):
     trace: {kind: ..., ...}                # see tangram_sim.traces.spec
     systems:                               # at least one
       - {name: str, preset: serverlessllm | tangram | model-reuse | ..., overrides: {...}}
+                                           # overrides: fields of a system; the policy fields (retention,
+                                           # keep_alive, fairness, ...), their *_params and their defaults
+                                           # are listed in tangram_sim/sim/systems.py
     sweep: {dotted.key: [values, ...]}     # optional grid
     calibration: path                      # optional, from `tangram-sim real calibrate`
     plugins: [examples/my_policy.py, my_package.policies]   # optional: imported before anything is
