@@ -6,9 +6,11 @@ model, but only while the system's fairness rule allows (`core.fairness`: that o
 than `fairness_window_s`, or its predicted wait stays under `fairness_bound_s`); without this,
 interleaved models would force a switch per request, and without a bound a hot model would starve the
 rest.
-An idle instance stays active for `keep_alive_s` unless a request for another model is queued on its
-GPU, which ends it at once. When an instance ends, its weights are unpinned: retention systems keep
-them resident (evictable, reusable); `none` retention frees them as ServerlessLLM does.
+An idle instance stays active for as long as the system's keep-alive policy says (`core.keepalive`:
+`keep_alive_s` with the default `fixed`; 0 when its model is to be pre-warmed later instead) unless a
+request for another model is queued on its GPU, which ends it at once. When an instance ends, its
+weights are unpinned: retention systems keep them resident (evictable, reusable); `none` retention
+frees them as ServerlessLLM does.
 
 A cold start plans every rank's units (`core.loadplan`: a packing plan over the arena from the one
 memory entry point, `core.memory`, evicting in retention order only when free bytes are short), books
@@ -16,9 +18,9 @@ the plan in the arena (`core.memory.commit`, which also tells retention of the e
 the copies and loads to the device (`core.device`). Admitted requests are prefilled in groups of `prefill_batch` (0: all at once);
 the batch decodes until the next completion or KV growth point, or an admissible arrival; KV grows by
 `kv_chunk_blocks` blocks at a time from the arena (on demand) or the instance's static pool, and a
-batch that cannot grow preempts its newest member, which recomputes later; a growing request that is
-itself the newest and was preempted before yields instead (two requests re-admitted in turn would
-otherwise preempt each other forever).
+batch that cannot grow preempts a member (the system's preemption policy's victim: by default the
+newest), which recomputes later; a growing request that is itself the newest and was preempted before
+yields instead (two requests re-admitted in turn would otherwise preempt each other forever).
 
 A model with `tensor_parallel: N` runs on an aligned group of N GPUs of one node: the first is the
 leader (it queues the requests and runs the instance), the others are held by a gang barrier; each
@@ -46,7 +48,7 @@ from tangram_sim.core.prefetch import Prefetcher
 from tangram_sim.core.records import EPS_TOKENS, Gang, LifecycleError, ModelEntry, Request
 from tangram_sim.core.storage import Node
 from tangram_sim.policies.kv import KvPool
-from tangram_sim.policies.lifecycle import ModelQueues, preemption_victim
+from tangram_sim.policies.lifecycle import ModelQueues
 from tangram_sim.policies.packing import Move
 from tangram_sim.policies.retention import RetentionPolicy
 
@@ -161,7 +163,7 @@ class GpuWorker:
                 if self.instance is None:
                     yield self._wake
                 else:
-                    timer = env.timeout(self.cluster.system.keep_alive_s)
+                    timer = env.timeout(self.cluster.keep_alive.window_s(self))  # 0: pre-warmed later
                     yield self._wake | timer
                     if not self.queued and not self.followers_waiting():
                         self.cluster.recorder.log(env.now, self.gpu_id, "keep_alive_expired", -1,
@@ -362,7 +364,7 @@ class GpuWorker:
                 if req.input_tokens + req.done_tokens < req.kv_limit - EPS_TOKENS:
                     continue
                 while not kv_take(self, req, want_tokens(c.system, req)):
-                    victim = preemption_victim(running, growing=req)
+                    victim = c.preemption.victim(running, growing=req)
                     if victim is None:  # alone and still too large
                         running.remove(req)
                         self._reject(req, "kv-capacity")
@@ -386,9 +388,7 @@ class GpuWorker:
         kv_free(self, req)
         req.e2e_s = now - req.arrival
         req.outcome = "completed"
-        self.cluster.finished += 1
-        if self.cluster.on_finished is not None:
-            self.cluster.on_finished(req)
+        self.cluster.finish(req)
         self.cluster.recorder.log(now, self.gpu_id, "completed", req.rid, "")
         self.cluster.recorder.sample(self)
 
@@ -400,9 +400,7 @@ class GpuWorker:
         req.outcome = "rejected"
         req.reason = reason
         req.gpu = self.gpu_id
-        self.cluster.finished += 1
-        if self.cluster.on_finished is not None:
-            self.cluster.on_finished(req)
+        self.cluster.finish(req)
         self.cluster.recorder.log(self.cluster.env.now, self.gpu_id, "rejected", req.rid, reason)
 
     def active_model(self) -> str:

@@ -43,6 +43,9 @@ Schema (defaults in brackets):
     trace: {kind: ..., ...}                # see tangram_sim.traces.spec
     systems:                               # at least one
       - {name: str, preset: serverlessllm | tangram | model-reuse | ..., overrides: {...}}
+                                           # overrides: fields of a system; the policy fields (retention,
+                                           # keep_alive, fairness, ...), their *_params and their defaults
+                                           # are listed in tangram_sim/sim/systems.py
     sweep: {dotted.key: [values, ...]}     # optional grid
     slo:                                   # service-level objectives of the summary's SLO columns
       ttft_s: number [2]                   #   time to first token, seconds (> 0)
