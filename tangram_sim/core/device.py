@@ -99,7 +99,8 @@ def pipeline(ready: Sequence[float], compute: Sequence[float], start: float) -> 
     (f_{-1} = `start`, when the iteration began), f_i = s_i + compute_i. This is exactly what running it
     event by event gives (a process waiting for each layer's landing, then computing it), so a device may
     evaluate it once every ready time is known; the last finish is >= the last landing, so that is never
-    after the fact. Returns (starts, finishes)."""
+    after the fact. Decode is never part of it: its first step needs the first token, so the last layer.
+    Returns (starts, finishes)."""
     starts: list[float] = []
     finishes: list[float] = []
     f = start
