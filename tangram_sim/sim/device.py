@@ -12,8 +12,8 @@ their bytes arrive; the start returns at the compute gate and the instance's fir
 `core.device.pipeline` over the layers' ready times and the time model's per-layer split. The GPU
 computes for one instance at a time (the worker runs one), so nothing else competes for its compute
 while it loads: the lane's stages end before the gate, compaction copies before any layer is ready.
-Prefill is one time-model iteration per group. Decode is a fluid: between events (an arrival that can join, a completion, a KV growth
-point) every running sequence advances at one token per step, the step time from the time model for
+Prefill is one time-model iteration per group. Decode is a fluid: between events (an arrival that can
+join, a completion, a KV growth point) every running sequence advances at one token per step, the step time from the time model for
 the current batch and KV size; this keeps events per request O(1) instead of O(output tokens).
 A prefetch (`core.prefetch`) loads one unit at a time from the node's DRAM cache over the GPU's PCIe
 link (after the per-unit overhead); cancelling it removes its transfer from the link at once.
