@@ -44,6 +44,18 @@ class Registry(Generic[T]):
     def __contains__(self, name: object) -> bool:
         return name in self._factories
 
+    def needs(self, name: str) -> frozenset[str]:
+        """What the policy registered as `name` declares it needs from the run (its class attribute
+        `needs`, empty when it has none); `tangram_sim.policies.needs` says what a run provides."""
+        try:
+            factory = self._factories[name]
+        except KeyError:
+            raise ConfigError(self.unknown(name)) from None
+        needs = getattr(factory, "needs", frozenset())
+        if isinstance(needs, str) or not all(isinstance(n, str) for n in needs):
+            raise ConfigError(f"{self.kind} {shown(name)}: needs must be a set of names, got {shown(needs)}")
+        return frozenset(needs)
+
     def create(self, name: str, **params: object) -> T:
         try:
             factory = self._factories[name]

@@ -51,7 +51,8 @@ FUZZ = settings(
 ALWAYS_DEFINED = ["requests", "completed", "rejected", "cold_starts", "mean_load_s", "p99_load_s", "bytes_needed",
                   "bytes_loaded", "bytes_reused", "io_reduction", "full_hit_ratio", "request_resident_ratio",
                   "request_bytes_from_gpu", "mean_load_per_request_s", "compaction_bytes",
-                  "evicted_bytes", "gpu_busy_s", "waited_for_kv_s", "preemptions"]
+                  "evicted_bytes", "gpu_busy_s", "waited_for_kv_s", "preemptions", "ttft_slo_attainment",
+                  "tpot_slo_attainment", "goodput_rps", "gpu_held_s", "gpu_seconds_per_request", "mean_overlap_s"]
 DEFINED_IF_COMPLETED = ["mean_ttft_s", "p50_ttft_s", "p90_ttft_s", "p99_ttft_s", "mean_e2e_s", "mean_queue_s"]
 
 

@@ -83,7 +83,7 @@ def policy_loads(steps: Sequence[Sequence], sizes: dict, capacity: int, reserve:
     future: dict[str, list[float]] = {}
     for t, m in enumerate(models):
         future.setdefault(m, []).append(float(t))
-    policy = RETENTION.create(name, **({"future": future} if name == "next-use" else {}))
+    policy = RETENTION.create(name, **({"arrivals": future} if name == "next-use" else {}))
     held: set = set()
     loaded = 0
     for t, (model, step) in enumerate(zip(models, steps)):

@@ -12,6 +12,7 @@ import yaml
 
 from tangram_sim.cli import main
 from tangram_sim.core.metrics import per_request_metrics
+from tangram_sim.core.slo import Slo, slo_metrics
 from tangram_sim.errors import TangramError
 from tangram_sim.plots import FIGURES, load_run, render_all, write_report
 from tangram_sim.rundir import adopt_legacy
@@ -42,7 +43,7 @@ def _requests(rng: np.random.Generator, system: str, point: int, n: int, reuse: 
         "gpu": rng.integers(0, 2, n), "cold": cold, "queue_s": queue_s, "load_s": load_s,
         "bytes_needed": needed, "bytes_loaded": loaded,  # a warm request reuses all its model's bytes
         "bytes_reused": needed - loaded, "bytes_moved": np.zeros(n, np.int64),
-        "startup_s": load_s, "ttft_s": np.where(outcome == "completed", ttft, np.nan),
+        "startup_s": load_s, "overlap_s": np.zeros(n), "ttft_s": np.where(outcome == "completed", ttft, np.nan),
         "e2e_s": np.where(outcome == "completed", ttft + rng.uniform(1, 5, n), np.nan),
         "waited_for_kv_s": np.zeros(n), "preemptions": np.zeros(n, np.int64), "outcome": outcome,
         "reason": reason,
@@ -69,6 +70,8 @@ def _summary_row(req: pd.DataFrame, per_request: bool = True) -> dict[str, Any]:
     }
     for target in (0.5, 1, 2, 5):
         row[f"slo_ttft_{target:g}s"] = float((ttft <= target).sum() / len(req))
+    if per_request:  # the SLO and cost columns are newer still
+        row.update(slo_metrics(req, Slo(), gpu_held_s=1200.0))
     row["sim_end_s"] = 650.0
     return row
 
@@ -93,7 +96,8 @@ def make_run(root: Path, systems: list[str], *, sweep: dict[str, list[Any]] | No
              no_cold: tuple[str, ...] = (), all_rejected: tuple[str, ...] = (), parquet: bool = True,
              name: str = "fixture-exp", per_request: bool = True) -> Path:
     """Fabricate what `tangram-sim run` writes: config.yaml, summary.csv and the two parquet files
-    (per_request=False: a summary.csv written before the per-request metrics existed)."""
+    (per_request=False: a summary.csv written before the per-request metrics existed, and so before the
+    SLO and cost columns)."""
     rng = np.random.default_rng(0)
     sweep = sweep or {}
     keys = list(sweep)
@@ -105,6 +109,8 @@ def make_run(root: Path, systems: list[str], *, sweep: dict[str, list[Any]] | No
         "trace": {"kind": "synthetic", "n_requests": n, "rate": 0.25},
         "systems": [{"name": s, "preset": s, "overrides": {}} for s in systems],
     }
+    if per_request:
+        config["slo"] = {"ttft_s": 2.0, "tpot_s": 0.2}
     if sweep:
         config["sweep"] = sweep
     rows, requests, timelines = [], [], []
@@ -174,6 +180,11 @@ def test_no_sweep_with_a_system_without_cold_starts(tmp_path: Path) -> None:
         assert term in text
     assert "mean load per cold start" in text and "mean load per request" in text
     assert "Bottom, per completed request" in text  # the I/O figure's caption names both rows
+    # service level and cost, against the configured SLO, each column explained
+    assert "### Service level and cost" in text and "SLO: TTFT <= 2 s, TPOT <= 0.2 s" in text
+    assert "| TTFT SLO met | TPOT SLO met | goodput (req/s) | GPU time held (s) | GPU-s per request |" in text
+    for term in ("**TTFT / TPOT SLO met**", "**goodput**", "**GPU time held**", "**mean overlap**"):
+        assert term in text
 
 
 def test_a_summary_without_per_request_metrics_still_draws_and_says_so(tmp_path: Path) -> None:
@@ -181,15 +192,18 @@ def test_a_summary_without_per_request_metrics_still_draws_and_says_so(tmp_path:
     run_dir = make_run(tmp_path / "old", ["serverlessllm", "tangram"], per_request=False,
                        sweep={"cluster.gpus_per_node": [1, 2]}, n=60)
     pngs = render_all(run_dir)
-    _assert_pngs(pngs, ALL_FIGURES)
+    _assert_pngs(pngs, ALL_FIGURES - {"slo_cost.png"})
     write_report(run_dir)
     text = _assert_report(run_dir, ["serverlessllm", "tangram"], pngs)
     assert "Not in this run's summary.csv" in text and "| I/O reduction | full hits |" in text
+    assert text.count("Not in this run's summary.csv") == 2  # the per-request and the service tables
+    assert "| TTFT SLO met |" not in text
     assert "mean load per request" not in text and "Bottom, per completed request" not in text
 
 
 def test_weight_loading_figures_show_both_ways_of_counting(tmp_path: Path) -> None:
     from tangram_sim.plots.figures import breakdown, io_reduction, sweep_lines
+    from tangram_sim.plots.service import slo_cost
 
     new = load_run(make_run(tmp_path / "new", ["a", "b"], sweep={"cluster.gpus_per_node": [1, 2]}, n=60))
     old = load_run(make_run(tmp_path / "old", ["a", "b"], sweep={"cluster.gpus_per_node": [1, 2]}, n=60,
@@ -210,8 +224,12 @@ def test_weight_loading_figures_show_both_ways_of_counting(tmp_path: Path) -> No
     assert titles(sweep_lines(new)) == [
         "mean load time per cold start", "I/O reduction per cold start", "p50 TTFT",
         "mean load time per request", "bytes from GPU per request", "resident per request",
+        "TTFT SLO attainment", "goodput", "GPU time per request",
     ]
     assert titles(sweep_lines(old)) == ["mean load time per cold start", "I/O reduction per cold start", "p50 TTFT"]
+    assert titles(slo_cost(new)) == ["TTFT SLO attainment", "TPOT SLO attainment", "goodput",
+                                     "GPU time per request"]
+    assert slo_cost(old) is None
 
 
 def test_sweep_draws_sensitivity_lines_and_panels(tmp_path: Path) -> None:
@@ -241,7 +259,7 @@ def test_two_key_sweep_and_all_rejected_system(tmp_path: Path) -> None:
 def test_summary_only_run_skips_request_figures(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "bare", ["a", "b"], parquet=False)
     pngs = render_all(run_dir)
-    _assert_pngs(pngs, {"breakdown.png", "io_reduction.png"})
+    _assert_pngs(pngs, {"breakdown.png", "io_reduction.png", "slo_cost.png"})
     write_report(run_dir)
     text = _assert_report(run_dir, ["a", "b"], pngs)
     assert "requests.parquet" in text

@@ -356,7 +356,8 @@ def test_must_yield_predicted() -> None:
 
 def test_fairness_fields_are_checked() -> None:
     assert SystemSpec("x").fairness == "fixed"  # existing presets keep the fixed window
-    with pytest.raises(ConfigError, match=r"^systems.0.overrides.fairness: expected fixed or adaptive"):
+    with pytest.raises(ConfigError, match=r"^systems\.0\.fairness: unknown fairness policy 'sometimes'; expected "
+                                          r"one of: adaptive, fixed$"):
         make_system("s", "tangram", {"fairness": "sometimes"}, where="systems.0")
     with pytest.raises(ConfigError, match=r"^systems.0.overrides.fairness_bound_s: expected a number >= 0"):
         make_system("s", "tangram", {"fairness": "adaptive", "fairness_bound_s": -1.0}, where="systems.0")

@@ -80,3 +80,18 @@ def test_replay_driver_over_the_modelled_device_equals_the_simulator(trace: pd.D
     assert set(sim["gpu"]) == {0, 1} and len(cold) > 20
     if preset != "serverlessllm":
         assert cold["bytes_reused"].sum() > 0 and cold["bytes_evicted"].sum() > 0
+
+
+@pytest.mark.parametrize("overrides", [
+    {"keep_alive": "histogram", "keep_alive_params": {"min_samples": 3}, "keep_alive_s": 2.0},
+    {"preemption": "longest-context", "fairness": "adaptive", "max_batch": 4},
+])
+def test_replay_driver_equals_the_simulator_under_other_lifecycle_policies(trace: pd.DataFrame,
+                                                                         overrides: dict) -> None:
+    """Keep-alive windows (and pre-warm processes, which find nothing to load without a host cache),
+    preemption and fairness policies decide alike on the wall clock."""
+    sim = simulate(MODELS, trace, CLUSTER, make_system("tangram", "tangram", overrides), seed=3).requests
+    rep = replay_with_modelled_devices(trace, "tangram", overrides)
+    pd.testing.assert_frame_equal(rep[EXACT], sim[EXACT])
+    for col in TIMES:
+        np.testing.assert_allclose(rep[col].to_numpy(), sim[col].to_numpy(), rtol=1e-9, atol=0, err_msg=col)

@@ -150,7 +150,7 @@ def test_decayed_frequency_with_one_half_life_equals_hand_value() -> None:
 
 def test_next_use_evicts_farthest_next_use() -> None:
     future = {"a": [0.0, 10.0, 50.0], "b": [5.0, 20.0], "c": [1.0], "d": [30.0]}
-    pol = RETENTION.create("next-use", future=future)
+    pol = RETENTION.create("next-use", arrivals=future)
     regions = [
         unit("a0", 1, {"a"}, 0),  # next use 10
         unit("b0", 1, {"b"}, 1),  # next use 20
@@ -203,7 +203,7 @@ NAMES = ["tangram", "lru", "lfu", "gdsf", "decayed-frequency", "none"]
 def test_deterministic_and_complete(accesses: list[tuple[str, list[int]]], name: str) -> None:
     """Same inputs -> same order; every candidate appears exactly once; order is by value."""
     future = {"a": [3.0, 40.0], "b": [7.0], "c": []}
-    params = {"future": future} if name == "next-use" else {}
+    params = {"arrivals": future} if name == "next-use" else {}
     regions = [unit(f"k{i}", 1 + 37 * i % 11, {"abc"[i % 3], "abc"[i * 7 % 3]}, i) for i in range(6)]
     orders = []
     for _ in range(2):

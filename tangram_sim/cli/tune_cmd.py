@@ -68,6 +68,7 @@ APPLIES: dict[str, tuple[str, Any]] = {
 }
 PARAM_GROUPS: dict[str, tuple[str, Any]] = {
     "prefetch_params": ("prefetch", lambda v: v != "none"),
+    "keep_alive_params": ("keep_alive", lambda v: v != "fixed"),
 }
 
 

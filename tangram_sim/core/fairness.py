@@ -2,7 +2,8 @@
 
 Each GPU starts instances in FCFS order, but the active instance may let its queued requests join
 the batch past an older request of another model (the *blocker*), since a switch costs a cold start.
-How long it may do so is the system's `fairness`:
+How long it may do so is the system's fairness policy (`FAIRNESS` in `policies.lifecycle`, which a plugin
+may extend; one that `predicts` is handed the predicted rest of the blocker's wait computed here):
 
 - `fixed`: while the blocker has waited less than `fairness_window_s` (`policies.lifecycle.must_yield`).
 - `adaptive`: while the blocker's predicted wait stays under `fairness_bound_s`: what it has waited so
@@ -23,7 +24,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tangram_sim.core.records import Request
-from tangram_sim.policies.lifecycle import must_yield, must_yield_predicted
 from tangram_sim.policies.scheduler import pipelined_load_s
 
 if TYPE_CHECKING:
@@ -44,16 +44,16 @@ def stop_admitting(worker: GpuWorker, inst: Instance, candidate: Request, admitt
     """Should the instance stop admitting `candidate` (its model's oldest queued request), with
     `admitted` already taken in this round?"""
     c = worker.cluster
-    system = c.system
+    policy = c.fairness
     blk = blocker(worker, inst)
     now = c.env.now
-    if system.fairness == "fixed":
-        return must_yield(blk, candidate, now, system.fairness_window_s)
+    if not policy.predicts:
+        return policy.must_yield(blk, candidate, now, 0.0)
     if blk is None or blk.rid > candidate.rid:
-        return False
+        return False  # no older blocker: nothing to predict (the prediction is the costly part)
     real = blk.slot_of if blk.slot_of is not None else blk
     predicted = drain_s(worker, inst, admitted, candidate) + switch_s(worker, real)
-    return must_yield_predicted(blk, candidate, now, predicted, system.fairness_bound_s)
+    return policy.must_yield(blk, candidate, now, predicted)
 
 
 def drain_s(worker: GpuWorker, inst: Instance, admitted: Sequence[Request], candidate: Request) -> float:

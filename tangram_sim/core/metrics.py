@@ -17,6 +17,10 @@ A run that prefetches (`core.prefetch`) adds its counters, summed over GPUs: `pr
 prefetched bytes + cancelled bytes) / bytes needed: every byte that crossed PCIe, since a cold start
 that finds a prefetched unit reuses it, so `io_reduction` alone no longer counts all the loading (and
 may exceed its bound); `io_reduction_with_prefetch` stays within `io_reduction_bound`.
+
+Last come the SLO and cost columns (`core.slo`): `ttft_slo_attainment`, `tpot_slo_attainment` and
+`goodput_rps` against the experiment's `slo`, `gpu_held_s` and `gpu_seconds_per_request` (GPU time
+held by instances, busy or idle) and `mean_overlap_s`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from tangram_sim.core.bound import bound_metrics
+from tangram_sim.core.slo import Slo, slo_metrics
 
 if TYPE_CHECKING:
     from tangram_sim.core.records import ModelEntry
@@ -36,8 +41,8 @@ if TYPE_CHECKING:
 REQUEST_COLUMNS = [
     "rid", "arrival_s", "model", "input_tokens", "output_tokens", "gpu", "cold", "queue_s", "load_s",
     "bytes_needed", "bytes_loaded", "bytes_reused", "bytes_moved", "bytes_evicted", "bytes_extra_evicted",
-    "startup_s", "ttft_s", "e2e_s",
-    "waited_for_kv_s", "preemptions", "outcome", "reason", "overlap_s", "first_layer_s",
+    "startup_s", "overlap_s", "ttft_s", "e2e_s",
+    "waited_for_kv_s", "preemptions", "outcome", "reason", "first_layer_s",
 ]
 TIMELINE_COLUMNS = [
     "time_s", "gpu", "active_model", "active_bytes", "retained_bytes", "kv_bytes", "loading_bytes",
@@ -51,8 +56,8 @@ def request_row(r: Any) -> tuple:
     return (
         r.rid, r.arrival, r.model, r.input_tokens, r.output_tokens, r.gpu, r.cold, r.queue_s, r.load_s,
         r.bytes_needed, r.bytes_loaded, r.bytes_reused, r.bytes_moved, r.bytes_evicted, r.bytes_extra_evicted,
-        r.startup_s, r.ttft_s, r.e2e_s,
-        r.waited_for_kv_s, r.preemptions, r.outcome, r.reason, r.overlap_s, r.first_layer_s,
+        r.startup_s, r.overlap_s, r.ttft_s, r.e2e_s,
+        r.waited_for_kv_s, r.preemptions, r.outcome, r.reason, r.first_layer_s,
     )
 
 
@@ -90,12 +95,15 @@ def per_request_metrics(requests: pd.DataFrame) -> dict[str, float]:
 
 def summarize(requests: pd.DataFrame, gpu_busy_s: float, compaction_bytes: int,
               entries: Mapping[str, ModelEntry] | None = None,
-              prefetch: Mapping[str, int] | None = None) -> dict[str, Any]:
+              prefetch: Mapping[str, int] | None = None, *, slo: Slo | None = None,
+              gpu_held_s: float = 0.0) -> dict[str, Any]:
     """One row of numbers per system; every figure derives from the request table. Load and byte
     figures named without `request_` are per cold start; see the module docstring. With the run's
     model `entries` (and the table's model, gpu, arrival_s and queue_s columns), the two bound columns
     follow their counterparts. With a run's `prefetch` counters (`core.prefetch.PREFETCH_COLUMNS`),
-    they and `io_reduction_with_prefetch` are added (nothing is added without them)."""
+    they and `io_reduction_with_prefetch` are added (nothing is added without them). The SLO and cost
+    columns (`core.slo`) come last, against `slo` (None: the default SLO) and the GPU time the run's
+    instances held (`gpu_held_s`)."""
     bound = bound_metrics(requests, entries) if entries is not None else {}
     done = requests[requests["outcome"] == "completed"]
     cold = requests[requests["cold"].astype(bool)]  # (an empty table's column is not boolean)
@@ -136,6 +144,7 @@ def summarize(requests: pd.DataFrame, gpu_busy_s: float, compaction_bytes: int,
     n = len(requests)
     for target in SLO_TARGETS_S:
         out[f"slo_ttft_{target:g}s"] = float((done["ttft_s"] <= target).sum() / n) if n else math.nan
+    out.update(slo_metrics(requests, slo, gpu_held_s))
     return out
 
 

@@ -31,6 +31,13 @@ node's DRAM cache, so a prefetch crosses this GPU's PCIe link and no link that a
 could share (the node's SSD and network); the cache's LRU order is left as it is. The real device reads
 any unit from its files, on the device's own thread (`real.device`).
 
+Pre-warms (`core.keepalive`): a keep-alive policy that expects a model soon has the GPU it last ran on
+load it through the same path (`prewarm`): due pre-warms come before the policy's own choices, each
+once, while the model is still expected; one may displace the evictable units of models that have
+nothing queued and are not expected themselves. A system without a prefetch policy whose keep-alive
+pre-warms gets a prefetcher with `NoPrefetch`, which loads nothing on its own. Pre-warmed bytes are
+prefetched bytes in the accounting below.
+
 Accounting, per GPU: `prefetched_bytes` (units whose load completed), `used_bytes` (of those, found
 resident by a later cold start, which reuses them), `wasted_bytes` (evicted before any use, plus
 `cancelled_bytes`, what cancelled units had moved) and `resident_bytes` (still resident and unused at
@@ -46,10 +53,10 @@ from typing import TYPE_CHECKING
 
 import simpy
 
-from tangram_sim.arena import Key, State
+from tangram_sim.arena import Key, Region, State
 from tangram_sim.core.memory import Ask, acquire, evict
 from tangram_sim.policies.packing import PackingPlan
-from tangram_sim.policies.prefetch import PrefetchCandidate, PrefetchPolicy, ResidentGroup
+from tangram_sim.policies.prefetch import PrefetchCandidate, PrefetchChoice, PrefetchPolicy, ResidentGroup
 
 if TYPE_CHECKING:
     from tangram_sim.core.worker import GpuWorker
@@ -84,6 +91,18 @@ class Prefetcher:
         self.used_bytes = 0
         self.wasted_bytes = 0  # evicted before use, plus cancelled_bytes
         self.cancelled_bytes = 0
+        self.due: list[str] = []  # models the keep-alive policy asked to pre-warm, oldest first
+
+    def prewarm(self, model: str) -> None:
+        """The keep-alive policy expects a request for `model` soon (`core.keepalive`): load its missing
+        units first, now when the GPU is idle, else when it next is, while the model is still expected."""
+        if model not in self.due:
+            self.due.append(model)
+        worker = self.worker
+        # Only a GPU waiting in its idle branch prefetches (as when the worker calls `start`): not one
+        # that prefills or decodes with an empty queue, nor one a tensor-parallel gang holds.
+        if worker._wake is not None and worker._wake_any and worker.held_by is None:
+            self.start()
 
     # ------------------------------------------------------------ hooks
     def observe(self, model: str, now: float) -> None:
@@ -166,6 +185,13 @@ class Prefetcher:
         groups = [ResidentGroup(owners, sum(value(m) for m in sorted(owners)), nbytes,
                                 any(worker.queued_for(m) for m in owners))
                   for owners, nbytes in grouped.items()]
+        while self.due:  # pre-warms first: the keep-alive policy expects these models now
+            choice = self._prewarm_choice(spell, groups, now)
+            if choice is None:
+                break
+            step = self._plan(spell, choice, evictable, now, prewarm=True)
+            if step is not None:
+                return step
         candidates = []
         for model, entry in c.entries.items():
             if entry.tp != 1 or model in spell.done or value(model) <= 0:
@@ -179,9 +205,34 @@ class Prefetcher:
         choice = policy.choose(candidates, arena.free_bytes, groups)
         if choice is None:
             return None
-        entry = c.entries[choice.model]
+        step = self._plan(spell, choice, evictable, now)
+        if step is None:
+            self._log("prefetch_skipped", f"{choice.model} no room")
+        return step
+
+    def _prewarm_choice(self, spell: _Spell, groups: Sequence[ResidentGroup], now: float) -> PrefetchChoice | None:
+        """The oldest due pre-warm still wanted, free to displace units of no expected and no queued
+        model; None when there is none left (each is tried once)."""
+        keep_alive = self.worker.cluster.keep_alive
+        while self.due:
+            model = self.due.pop(0)
+            if model in spell.done or not keep_alive.wants(model, now):
+                continue
+            return PrefetchChoice(model, frozenset(
+                g.owners for g in groups
+                if not g.queued and model not in g.owners and keep_alive.displaceable(g.owners, now)))
+        return None
+
+    def _plan(self, spell: _Spell, choice: PrefetchChoice, evictable: Sequence[Region], now: float,
+              prewarm: bool = False) -> tuple[str, PackingPlan, dict[Key, int]] | None:
+        """The plan of `choice`'s missing units, or None (no room; for a pre-warm, nothing missing)."""
+        worker = self.worker
+        arena, device, node = worker.arena, worker.device, worker.node
+        entry = worker.cluster.entries[choice.model]
         missing = [(key, n) for key, n in entry.rank_units[0]
                    if key not in arena and device.prefetch_source(node, key)]
+        if prewarm and not missing:
+            return None  # resident already: nothing to pre-warm
         for key, _ in missing:  # prefetched before, evicted since without a use
             if key in self.unused:
                 self.wasted_bytes += self.unused.pop(key)
@@ -190,7 +241,6 @@ class Prefetcher:
         plan = acquire(worker, Ask("prefetch", units=missing, aligned=sum(arena.align(n) for _, n in missing),
                                    owners=choice.evictable, candidates=evictable), now)
         if plan is None or not plan.placed:
-            self._log("prefetch_skipped", f"{choice.model} no room")
             return None
         spell.version = arena.version
         return choice.model, plan, dict(missing)

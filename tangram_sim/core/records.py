@@ -48,8 +48,11 @@ class Request:
         self.queue_s = 0.0  # arrival -> start of its cold start or its admission to the batch
         self.load_s = 0.0  # cold start: compaction copies and weight loading (0 when warm)
         self.startup_s = 0.0  # cold start: engine start (runtime init, binding the weights; 0 when warm)
-        self.overlap_s = 0.0  # cold start with execute-while-load: load time its first prefill computed
-        # through (compute inside the load's span; 0 when warm or serial)
+        # cold start: load time hidden behind compute, i.e. the load time its first prefill computed
+        # through with execute-while-load (compute inside the load's span). A serial cold start loads
+        # everything before the first prefill, so it stays 0 there (and when warm); the summary's
+        # mean_overlap_s reads it.
+        self.overlap_s = 0.0
         self.first_layer_s = 0.0  # cold start: its begin -> the first layer resident (a serial start
         # lands its weights as a whole: startup before the weights + load; 0 when warm)
         self.bytes_needed = 0  # the model's bytes on the GPU(s), cold start or warm (0: never admitted)

@@ -1,7 +1,8 @@
 """The cluster: nodes x GPUs, each a `GpuWorker` over a device, and the routing of arrivals.
 
-Lifecycle of a request: arrival -> routing (an active instance of its model whose queue holds only
-that model, else the system's scheduler places a new instance) -> the GPU's queue -> a cold start when
+Lifecycle of a request: arrival -> routing (an active instance of its model that the system's warm
+routing policy picks, by default the least loaded one whose queue holds only that model, else the
+system's scheduler places a new instance) -> the GPU's queue -> a cold start when
 its model is not active there and it is the oldest queued request -> batched prefill (first token =
 TTFT) -> decode in a continuous batch, KV growing chunk by chunk -> completion (see `core.worker`).
 The retention policy of every GPU the request may run on records one access per request, at arrival.
@@ -9,6 +10,8 @@ The retention policy of every GPU the request may run on records one access per 
 
 from __future__ import annotations
 
+import math
+import operator
 import random
 from collections.abc import Callable, Sequence
 
@@ -16,18 +19,24 @@ import simpy
 
 from tangram_sim.arena import Key, State
 from tangram_sim.core.device import Device
+from tangram_sim.core.keepalive import KeepAlive
 from tangram_sim.core.records import Gang, LifecycleError, ModelEntry, Request
 from tangram_sim.core.storage import Node
 from tangram_sim.core.worker import GpuWorker
 from tangram_sim.models.layers import layer_blocks
+from tangram_sim.policies.keep_alive import KeepAlivePolicy
 from tangram_sim.policies.kv import KvPolicy, kv_block_bytes
+from tangram_sim.policies.lifecycle import FairnessPolicy, PreemptionPolicy
 from tangram_sim.policies.packing import PackingPolicy
 from tangram_sim.policies.prefetch import PrefetchPolicy
 from tangram_sim.policies.retention import RetentionPolicy
 from tangram_sim.policies.scheduler import PlacementOption, Scheduler, pipelined_load_s
+from tangram_sim.policies.warm_routing import WarmInstance, WarmRoutingPolicy
 from tangram_sim.sim.hardware import TierSpec
 from tangram_sim.sim.systems import SystemSpec
 from tangram_sim.sim.timemodel import TimeModel
+
+_gpu_id = operator.attrgetter("gpu_id")
 
 
 class Recorder:
@@ -91,6 +100,10 @@ class Cluster:
         recorder: Recorder,
         engine_overhead_s: float,
         pcie_bps: float,
+        keep_alive: KeepAlivePolicy,
+        fairness: FairnessPolicy,
+        preemption: PreemptionPolicy,
+        warm_routing: WarmRoutingPolicy,
         make_prefetch: Callable[[], PrefetchPolicy] | None = None,
     ) -> None:
         self.env = env
@@ -115,6 +128,11 @@ class Cluster:
         )
         self.pcie_bps = pcie_bps
         self.make_prefetch = make_prefetch  # one prefetch policy per GPU (None: no prefetch)
+        self.keep_alive = KeepAlive(self, keep_alive)  # idle instances, idle times, pre-warms
+        self.fairness = fairness  # when a running instance stops admitting (core.fairness)
+        self.preemption = preemption  # which running request gives its KV back
+        self.warm_routing = warm_routing  # which active instance an arrival joins
+        self.total_requests: float = math.inf  # requests of the run, when known (`run_lifecycle`)
         # KV of a tensor-parallel model is split by heads: each rank holds 1/tp of every block.
         self.block_bytes = {
             name: kv_block_bytes(-(-e.spec.kv_bytes_per_token // e.tp), system.kv_block_tokens)
@@ -172,16 +190,8 @@ class Cluster:
         entry = self.entries[req.model]
         if not replace:
             self.scheduler.observe(req.model, self.gpu_model_bytes[req.model], self.env.now)
-        best = None
-        best_load = 0
-        for w in self.warm_workers.get(req.model, ()):
-            queued = w.queued
-            if w.queued_for(req.model) != queued or w.followers_waiting():
-                continue  # another model waits there: the request would queue behind a switch
-            load = queued + len(w.instance.running)
-            if best is None or load < best_load or (load == best_load and w.gpu_id < best.gpu_id):
-                best, best_load = w, load
-        if best is not None and best_load < self.system.max_batch:
+        best = self.warm_instance(req.model)
+        if best is not None:
             group = best.instance.group
         else:
             options = self.placement_options(req)
@@ -193,6 +203,7 @@ class Cluster:
         self.recorder.log(self.env.now, best.gpu_id, "rerouted" if replace else "routed", req.rid, req.model)
         if not replace:
             now = self.env.now
+            self.keep_alive.arrived(req.model, now)
             for rank, worker in enumerate(group):
                 worker.retention.record_access(req.model, entry.rank_keys[rank], now)
                 if worker.prefetch is not None:
@@ -204,6 +215,25 @@ class Cluster:
                 slot.slot_of = req
                 slot.gang = req.gang
                 follower.submit(slot)
+
+    def warm_instance(self, model: str) -> GpuWorker | None:
+        """The leader of the active instance of `model` that the warm routing policy picks, or None."""
+        warm = self.warm_workers.get(model)
+        if not warm:
+            return None
+        workers = sorted(warm, key=_gpu_id)  # a set: the policy sees them in GPU order
+        instances = [WarmInstance(w.gpu_id, w.queued, len(w.instance.running),
+                                  w.queued_for(model) == w.queued and not w.followers_waiting())
+                     for w in workers]
+        choice = self.warm_routing.choose(model, instances)
+        return None if choice is None else workers[choice]
+
+    def finish(self, req: Request) -> None:
+        """`req` has its outcome (completed or rejected): count it, tell keep-alive and the stream."""
+        self.finished += 1
+        self.keep_alive.finished(req.model, self.env.now)
+        if self.on_finished is not None:
+            self.on_finished(req)
 
     def placement_groups(self, tp: int) -> list[tuple[GpuWorker, ...]]:
         """Aligned groups of `tp` GPUs inside one node (a GPU always has the same rank in them)."""

@@ -23,16 +23,21 @@ from tangram_sim.core.metrics import accounting_problems, requests_frame, summar
 from tangram_sim.core.prefetch import prefetch_totals
 from tangram_sim.core.records import ModelEntry, Request
 from tangram_sim.core.router import Cluster, Recorder
+from tangram_sim.core.slo import Slo
 from tangram_sim.core.stream import RequestStream
 from tangram_sim.errors import ConfigError
-from tangram_sim.policies import KV, PACKING, PREFETCH, RETENTION, SCHEDULER
+from tangram_sim.policies import KV, POLICY_FIELDS
+from tangram_sim.policies.keep_alive import KeepAlivePolicy
 from tangram_sim.policies.kv import KvPolicy
+from tangram_sim.policies.lifecycle import FairnessPolicy, PreemptionPolicy
+from tangram_sim.policies.needs import PolicyField, check_needs, policy_kwargs
 from tangram_sim.policies.packing import PackingPolicy
-from tangram_sim.policies.prefetch import PrefetchPolicy
+from tangram_sim.policies.prefetch import NoPrefetch, PrefetchPolicy
 from tangram_sim.policies.retention import RetentionPolicy
 from tangram_sim.policies.scheduler import Scheduler
+from tangram_sim.policies.warm_routing import WarmRoutingPolicy
 from tangram_sim.sim.hardware import TierSpec
-from tangram_sim.sim.systems import SystemSpec
+from tangram_sim.sim.systems import SystemSpec, system_field_names
 from tangram_sim.sim.timemodel import TimeModel
 
 
@@ -46,38 +51,66 @@ class Policies:
     packing: PackingPolicy  # stateless: shared
     kv: KvPolicy  # stateless: shared
     scheduler: Scheduler  # placement of new instances
-    make_prefetch: Callable[[], PrefetchPolicy] | None = None  # one per GPU; None: no prefetch
+    make_prefetch: Callable[[], PrefetchPolicy] | None  # one per GPU; None: no prefetch
+    keep_alive: KeepAlivePolicy  # one per cluster (idle times per model)
+    fairness: FairnessPolicy  # shared
+    preemption: PreemptionPolicy  # shared
+    warm_routing: WarmRoutingPolicy  # shared
+
+
+class RunFacts:
+    """What a run gives the policies that declare they need it (`policies.needs`), computed on demand:
+    a run whose policies need no trace never builds the arrivals."""
+
+    def __init__(self, system: SystemSpec, h2d_bps: float, sensitivity: dict[str, float],
+                 trace: pd.DataFrame) -> None:
+        self.system = system
+        self.trace = trace
+        self._facts: dict[str, Any] = {"h2d_bps": h2d_bps, "sensitivity": sensitivity, "trace": trace}
+
+    def __call__(self, need: str) -> Any:
+        if need == "arrivals" and need not in self._facts:
+            arrivals: dict[str, list[float]] = {}
+            for t, m in zip(self.trace["arrival_s"].to_numpy(dtype=np.float64).tolist(),
+                            self.trace["model"].astype(str).tolist()):
+                arrivals.setdefault(m, []).append(t)
+            self._facts[need] = arrivals
+        if need in self._facts:
+            value = self._facts[need]
+            return dict(value) if need == "sensitivity" else value  # each policy its own copy to keep
+        return getattr(self.system, need)  # a system field (check_needs allowed only those)
+
+    def factory(self, kind: PolicyField) -> Callable[[], Any]:
+        """A maker of the system's policy of this kind: its needs from the run, then its parameters.
+        The needs are checked now (ConfigError naming the policy); the policy is not built yet."""
+        name = getattr(self.system, kind.field)
+        needs = check_needs(kind.registry, name, system_field_names())
+        params = getattr(self.system, kind.params) if kind.params else {}
+        registry = kind.registry
+
+        def make() -> Any:
+            return registry.create(name, **policy_kwargs(needs, self, params))
+
+        return make
 
 
 def build_policies(system: SystemSpec, *, h2d_bps: float, sensitivity: dict[str, float],
                    trace: pd.DataFrame) -> Policies:
-    """The system's policies with the parameters they take from the run: tangram's cost rule gets the
-    host-to-GPU bandwidth and the models' sensitivities, the next-use heuristic the trace's future."""
-    params = dict(system.retention_params)
-    if system.retention in ("tangram", "decayed-frequency", "model-value"):
-        params.setdefault("host_to_gpu_bps", h2d_bps)
-        params.setdefault("sensitivity", dict(sensitivity))
-    if system.retention == "next-use":
-        future: dict[str, list[float]] = {}
-        for t, m in zip(trace["arrival_s"].to_numpy(dtype=np.float64).tolist(),
-                        trace["model"].astype(str).tolist()):
-            future.setdefault(m, []).append(t)
-        params["future"] = future
-
-    def make_retention() -> RetentionPolicy:
-        return RETENTION.create(system.retention, **params)
-
-    make_retention()  # fail on bad parameters before the run starts
+    """The system's policies, each given what it declares it needs (`policies.needs`): the configured
+    host-to-GPU bandwidth, the models' sensitivities, the trace's arrivals, system fields."""
+    facts = RunFacts(system, h2d_bps, dict(sensitivity), trace)
+    make = {kind.field: facts.factory(kind) for kind in POLICY_FIELDS}
+    make_retention = make["retention"]
+    retains = make_retention().retains  # fail on bad parameters before the run starts
+    keep_alive = make["keep_alive"]()
     make_prefetch = None
     if system.prefetch != "none":
-        prefetch_params = {"sensitivity": dict(sensitivity), **system.prefetch_params}
-
-        def make_prefetch() -> PrefetchPolicy:
-            return PREFETCH.create(system.prefetch, **prefetch_params)
-
+        make_prefetch = make["prefetch"]
         make_prefetch()
-    return Policies(make_retention, PACKING.create(system.packing), kv_policy(system),
-                    SCHEDULER.create(system.scheduler, **system.scheduler_params), make_prefetch)
+    elif keep_alive.prewarms and retains:
+        make_prefetch = NoPrefetch  # pre-warms go through the prefetch path; nothing else is prefetched
+    return Policies(make_retention, make["packing"](), kv_policy(system), make["scheduler"](), make_prefetch,
+                    keep_alive, make["fairness"](), make["preemption"](), make["warm_routing"]())
 
 
 def kv_policy(system: SystemSpec) -> KvPolicy:
@@ -119,12 +152,14 @@ class LifecycleRun:
     cluster: Cluster  # workers, their arenas and counters at the end
     recorder: Recorder  # events and timeline
 
-    def frames(self) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-        """The request table, the timeline and the summary row (without the system's name)."""
+    def frames(self, slo: Slo | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+        """The request table, the timeline and the summary row (without the system's name), its SLO
+        columns against `slo` (None: the default SLO)."""
         frame = requests_frame(self.requests)
         workers = self.cluster.workers
         summary = summarize(frame, sum(w.busy_s for w in workers), sum(w.compaction_bytes for w in workers),
-                            self.cluster.entries, prefetch_totals(workers))
+                            self.cluster.entries, prefetch_totals(workers), slo=slo,
+                            gpu_held_s=sum(w.held_s for w in workers))
         return frame, timeline_frame(self.recorder.timeline), summary
 
 
@@ -162,7 +197,10 @@ def run_lifecycle(
         time_model=time_model, make_retention=policies.make_retention, packing=policies.packing,
         kv=policies.kv, scheduler=policies.scheduler, rng=random.Random(seed), recorder=recorder,
         engine_overhead_s=engine_overhead_s, pcie_bps=pcie_bps, make_prefetch=policies.make_prefetch,
+        keep_alive=policies.keep_alive, fairness=policies.fairness, preemption=policies.preemption,
+        warm_routing=policies.warm_routing,
     )
+    cluster.total_requests = n  # a pre-warm after the last outcome would load for nobody
     cluster.on_finished = stream
 
     if isinstance(env, WallClockEnvironment):  # once all is served, the keep-alives need no waiting
@@ -241,12 +279,13 @@ def run_on_wall_clock(
     sample_interval_s: float = 0.01,
     factor: float = 1.0,
     progress: Callable[[int], Any] | None = None,
+    slo: Slo | None = None,
 ) -> WallClockRun:
     """The replay driver: the lifecycle on one node of `make_devices(env)`'s GPUs, arrivals at their wall
     time (`factor` wall seconds per trace second), the storage tiers of a replay (every unit read from its
     files: no host cache). `time_model`, `h2d_bps` and the system's engine overhead only feed the
     scheduler's estimates (and `h2d_bps` tangram's cost rule), as in `simulate`; the devices take the
-    time they take."""
+    time they take. The summary's SLO columns are against `slo` (None: the default SLO)."""
     policies = build_policies(system, h2d_bps=h2d_bps, sensitivity=sensitivity, trace=trace)
     env = WallClockEnvironment(factor)
     devices = make_devices(env)
@@ -260,7 +299,7 @@ def run_on_wall_clock(
         engine_overhead_s=system.engine_overhead_s, pcie_bps=h2d_bps, progress=progress,
     )
     wall = time.perf_counter() - t0
-    frame, timeline, numbers = run.frames()
+    frame, timeline, numbers = run.frames(slo)
     summary: dict[str, Any] = {"system": system.name}
     summary.update(numbers)
     summary.update(env.lag_stats())

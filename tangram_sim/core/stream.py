@@ -19,11 +19,12 @@ import pyarrow.parquet as pq
 
 from tangram_sim.core.metrics import REQUEST_COLUMNS, accounting_problems, request_row, summarize
 from tangram_sim.core.records import ModelEntry, Request
+from tangram_sim.core.slo import Slo
 
 # what `summarize` reads, both metric families and their bounds (the rest of the table stays on disk)
-SUMMARY_COLUMNS = ["rid", "arrival_s", "model", "gpu", "outcome", "cold", "ttft_s", "load_s", "queue_s", "e2e_s",
-                   "bytes_needed", "bytes_loaded", "bytes_reused", "bytes_evicted", "bytes_extra_evicted",
-                   "waited_for_kv_s", "preemptions"]
+SUMMARY_COLUMNS = ["rid", "arrival_s", "model", "output_tokens", "gpu", "outcome", "cold", "ttft_s", "load_s",
+                   "overlap_s", "queue_s", "e2e_s", "bytes_needed", "bytes_loaded", "bytes_reused", "bytes_evicted",
+                   "bytes_extra_evicted", "waited_for_kv_s", "preemptions"]
 
 
 class RequestStream:
@@ -64,8 +65,10 @@ class RequestStream:
 
     def summary(self, gpu_busy_s: float, compaction_bytes: int,
                 entries: Mapping[str, ModelEntry] | None = None,
-                prefetch: Mapping[str, int] | None = None) -> dict[str, Any]:
+                prefetch: Mapping[str, int] | None = None, *, slo: Slo | None = None,
+                gpu_held_s: float = 0.0) -> dict[str, Any]:
         """`summarize` over the written requests, in `rid` order (model names read as categories)."""
         frame = pd.read_parquet(self.path, columns=SUMMARY_COLUMNS, read_dictionary=["model"])
         frame = frame.sort_values("rid", kind="stable")
-        return summarize(frame.reset_index(drop=True), gpu_busy_s, compaction_bytes, entries, prefetch)
+        return summarize(frame.reset_index(drop=True), gpu_busy_s, compaction_bytes, entries, prefetch,
+                         slo=slo, gpu_held_s=gpu_held_s)

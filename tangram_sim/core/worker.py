@@ -6,17 +6,19 @@ model, but only while the system's fairness rule allows (`core.fairness`: that o
 than `fairness_window_s`, or its predicted wait stays under `fairness_bound_s`); without this,
 interleaved models would force a switch per request, and without a bound a hot model would starve the
 rest.
-An idle instance stays active for `keep_alive_s` unless a request for another model is queued on its
-GPU, which ends it at once. When an instance ends, its weights are unpinned: retention systems keep
-them resident (evictable, reusable); `none` retention frees them as ServerlessLLM does.
+An idle instance stays active for as long as the system's keep-alive policy says (`core.keepalive`:
+`keep_alive_s` with the default `fixed`; 0 when its model is to be pre-warmed later instead) unless a
+request for another model is queued on its GPU, which ends it at once. When an instance ends, its
+weights are unpinned: retention systems keep them resident (evictable, reusable); `none` retention
+frees them as ServerlessLLM does.
 
 A cold start (`core.coldstart`) plans every rank's units, books the plan in the arena, then hands the
 copies and loads to the device (`core.device`), booking units resident as they land. Admitted requests are prefilled in groups of `prefill_batch` (0: all at once);
 the batch decodes until the next completion or KV growth point, or an admissible arrival; KV grows by
 `kv_chunk_blocks` blocks at a time from the arena (on demand) or the instance's static pool, and a
-batch that cannot grow preempts its newest member, which recomputes later; a growing request that is
-itself the newest and was preempted before yields instead (two requests re-admitted in turn would
-otherwise preempt each other forever).
+batch that cannot grow preempts a member (the system's preemption policy's victim: by default the
+newest), which recomputes later; a growing request that is itself the newest and was preempted before
+yields instead (two requests re-admitted in turn would otherwise preempt each other forever).
 
 A model with `tensor_parallel: N` runs on an aligned group of N GPUs of one node: the first is the
 leader (it queues the requests and runs the instance), the others are held by a gang barrier; each
@@ -40,7 +42,7 @@ from tangram_sim.core.kvbook import kv_free, kv_take, want_tokens
 from tangram_sim.core.prefetch import Prefetcher
 from tangram_sim.core.records import EPS_TOKENS, LifecycleError, Request
 from tangram_sim.core.storage import Node
-from tangram_sim.policies.lifecycle import ModelQueues, preemption_victim
+from tangram_sim.policies.lifecycle import ModelQueues
 from tangram_sim.policies.retention import RetentionPolicy
 
 if TYPE_CHECKING:
@@ -67,6 +69,7 @@ class GpuWorker:
         self._wake_any = False  # idle: any arrival wakes; decoding: only an admissible one
         self.held_by: GpuWorker | None = None  # leader of the tensor-parallel gang holding this GPU
         self.busy_s = 0.0  # time spent loading, prefilling or decoding
+        self.held_s = 0.0  # time an instance occupied this GPU, busy or idle: the GPU time billed
         self.compaction_bytes = 0
         self.cold_starts = 0
         self.last_sample = -math.inf  # when the timeline last sampled this GPU
@@ -136,7 +139,7 @@ class GpuWorker:
                 if self.instance is None:
                     yield self._wake
                 else:
-                    timer = env.timeout(self.cluster.system.keep_alive_s)
+                    timer = env.timeout(self.cluster.keep_alive.window_s(self))  # 0: pre-warmed later
                     yield self._wake | timer
                     if not self.queued and not self.followers_waiting():
                         self.cluster.recorder.log(env.now, self.gpu_id, "keep_alive_expired", -1,
@@ -173,7 +176,9 @@ class GpuWorker:
         c = self.cluster
         for worker, key in inst.pool_keys:
             worker.arena.release(key)
+        held = c.env.now - inst.started  # from the start of its cold start (loading included)
         for rank, worker in enumerate(inst.group):
+            worker.held_s += held
             unpinned = worker.arena.unpin_many(inst.entry.rank_keys[rank])
             if not worker.retention.retains:
                 worker.arena.evict_many(unpinned)
@@ -284,7 +289,7 @@ class GpuWorker:
                 if req.input_tokens + req.done_tokens < req.kv_limit - EPS_TOKENS:
                     continue
                 while not kv_take(self, req, want_tokens(c.system, req)):
-                    victim = preemption_victim(running, growing=req)
+                    victim = c.preemption.victim(running, growing=req)
                     if victim is None:  # alone and still too large
                         running.remove(req)
                         self._reject(req, "kv-capacity")
@@ -308,9 +313,7 @@ class GpuWorker:
         kv_free(self, req)
         req.e2e_s = now - req.arrival
         req.outcome = "completed"
-        self.cluster.finished += 1
-        if self.cluster.on_finished is not None:
-            self.cluster.on_finished(req)
+        self.cluster.finish(req)
         self.cluster.recorder.log(now, self.gpu_id, "completed", req.rid, "")
         self.cluster.recorder.sample(self)
 
@@ -322,9 +325,7 @@ class GpuWorker:
         req.outcome = "rejected"
         req.reason = reason
         req.gpu = self.gpu_id
-        self.cluster.finished += 1
-        if self.cluster.on_finished is not None:
-            self.cluster.on_finished(req)
+        self.cluster.finish(req)
         self.cluster.recorder.log(self.cluster.env.now, self.gpu_id, "rejected", req.rid, reason)
 
     def active_model(self) -> str:

@@ -1,5 +1,7 @@
 """User modules an experiment imports before it is validated (`plugins:`), so that the policies they
-register by name (retention, packing, KV, scheduler) can be chosen in `systems`.
+register by name (retention, packing, KV, scheduler, prefetch, keep-alive, fairness, preemption, warm
+routing: every registry of `tangram_sim.policies`) can be chosen in `systems`. A plugin policy declares
+what it takes from the run with `needs` (`tangram_sim.policies.needs`), like the built-in ones.
 
 An entry is either a Python file (it ends in `.py` or holds a `/`), resolved against the experiment's
 folder first and then the current folder, or a dotted module name (imported normally; a module next

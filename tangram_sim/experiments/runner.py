@@ -126,6 +126,7 @@ def load_point_trace(config: dict[str, Any], base_dir: str | None, skip_bad_rows
 
 def run_job(job: Job) -> JobResult:
     """Simulate one system at one sweep point (runs in a worker process or a Ray task)."""
+    from tangram_sim.core.slo import Slo
     from tangram_sim.sim.simulate import simulate
 
     t0 = time.perf_counter()
@@ -143,7 +144,7 @@ def run_job(job: Job) -> JobResult:
         duration = float(trace["arrival_s"].iloc[-1]) if len(trace) else 0.0
         interval = max(0.5, duration / 400)
     result = simulate(models, trace, cluster, system, seed=config["seed"], calibration=calibration,
-                      sample_interval_s=float(interval))
+                      sample_interval_s=float(interval), slo=Slo.from_config(config.get("slo")))
     outputs = config["outputs"]
     return JobResult(
         job.point,

@@ -37,6 +37,7 @@ from tangram_sim.plots.rundata import (
     load_run,
     short_keys,
 )
+from tangram_sim.plots.service import slo_cost, slo_cost_caption
 
 __all__ = ["FIGURES", "GB", "FigureSpec", "RunData", "load_run", "render_all", "short_keys"]
 
@@ -219,6 +220,9 @@ SWEEP_ROWS = (  # (summary column, axis label, factor): per cold start, then per
     (("mean_load_per_request_s", "mean load time per request (s)", 1.0),
      ("request_bytes_from_gpu", "bytes from GPU per request (%)", 100.0),
      ("request_resident_ratio", "resident per request (% of requests)", 100.0)),
+    (("ttft_slo_attainment", "TTFT SLO attainment (% of requests)", 100.0),  # service level and cost
+     ("goodput_rps", "goodput (requests/s meeting both SLOs)", 1.0),
+     ("gpu_seconds_per_request", "GPU time per request (GPU-seconds)", 1.0)),
 )
 
 
@@ -347,9 +351,14 @@ def _sweep_caption(run: RunData) -> str:
     x_key, others = keys
     styles = f"; line style and marker distinguish {', '.join(others)}" if others else ""
     what = "Mean load time per cold start, I/O reduction per cold start and p50 TTFT"
+    service = "goodput_rps" in run.summary.columns
     if _per_request(run):
         what = (f"{what} (top row), and per request ({AUTHORS}) mean load time, share of model bytes "
-                "served from GPU memory and share of requests whose model was resident (bottom row),")
+                "served from GPU memory and share of requests whose model was resident "
+                f"({'middle' if service else 'bottom'} row),")
+    if service:
+        what += (" TTFT SLO attainment, goodput and GPU-seconds held per completed request (bottom row; "
+                 "see the service-level figure),")
     return f"{what} against {x_key}, one colour per system{styles}."
 
 
@@ -386,6 +395,7 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec("fragmentation.png", fragmentation, lambda r: (
         f"Fragmentation of free GPU memory (1 - largest free block / free bytes) over time, one panel per "
         f"GPU and one colour per system{_at(r)}; 0% means all free memory is one block.")),
+    FigureSpec("slo_cost.png", slo_cost, slo_cost_caption),
     FigureSpec("sweep.png", sweep_lines, _sweep_caption),
 )
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from tangram_sim.plots.figures import FIGURES
 from tangram_sim.plots.rundata import GB, RunData, _fmt_s, _fmt_value, load_run, short_keys
+from tangram_sim.plots.service import slo_text
 
 # (summary column, header, kind): kind picks the formatting.
 TABLE_COLUMNS = (
@@ -60,6 +61,26 @@ PER_REQUEST_NOTES = (
     "(warm, or a cold start that loaded nothing).",
 )
 
+# Service level and cost (`core.slo`): what the newer serverless LLM papers report beside latency.
+SERVICE_COLUMNS = (
+    ("ttft_slo_attainment", "TTFT SLO met", "pct"),
+    ("tpot_slo_attainment", "TPOT SLO met", "pct"),
+    ("goodput_rps", "goodput (req/s)", "rate"),
+    ("gpu_held_s", "GPU time held (s)", "s"),
+    ("gpu_seconds_per_request", "GPU-s per request", "s"),
+    ("mean_overlap_s", "mean overlap (s)", "s"),
+)
+SERVICE_NOTES = (
+    "**TTFT / TPOT SLO met**: share of all requests, a rejected one counting as a miss, that completed "
+    "within the target; TPOT = (E2E - TTFT) / (output tokens - 1), and a one-token answer meets it.",
+    "**goodput**: requests meeting both SLOs per second, from the first arrival to the last completion.",
+    "**GPU time held**: GPU-seconds during which an instance occupied a GPU (from the start of its cold "
+    "start to its end, busy or idle), summed over GPUs; **per request**: divided by the completed "
+    "requests (0 when none completed).",
+    "**mean overlap**: load time hidden behind compute, averaged over cold starts (0 while a cold start "
+    "loads everything before its first prefill).",
+)
+
 
 DESCRIPTION_CHARS = 4000  # of an experiment's description quoted in report.md
 
@@ -75,6 +96,8 @@ def _cell(value: Any, kind: str) -> str:
         return f"{100 * float(value):.1f}%"
     if kind == "gb":
         return f"{float(value) / GB:,.1f}"
+    if kind == "rate":
+        return f"{float(value):.3g}"
     return _fmt_value(value)
 
 
@@ -163,6 +186,19 @@ def _loading_tables(run: RunData) -> list[str]:
                       "experiment to get them.", ""]
     return out + [_summary_table(run, PER_REQUEST_COLUMNS), "",
                   *(f"- {note}" for note in PER_REQUEST_NOTES), ""]
+
+
+def _service_tables(run: RunData) -> list[str]:
+    """SLO attainment, goodput and GPU time per request, against the SLO of config.yaml; a summary.csv
+    written before these columns existed says so."""
+    out = ["### Service level and cost", ""]
+    if not any(c in run.summary.columns for c, _, _ in SERVICE_COLUMNS):
+        return out + ["Not in this run's summary.csv (written before these metrics existed); rerun the "
+                      "experiment to get them.", ""]
+    target = slo_text(run.config)
+    if target:
+        out += [f"SLO: {target} (`slo` in config.yaml).", ""]
+    return out + [_summary_table(run, SERVICE_COLUMNS), "", *(f"- {note}" for note in SERVICE_NOTES), ""]
 
 
 def _ratio_text(what: str, value: float, base: float) -> str:
@@ -289,6 +325,7 @@ def write_report(run_dir: Path | str, *, require_complete: bool = True) -> Path:
     out += ["## Results", "", _summary_table(run), "",
             "TTFT statistics cover completed requests; TTFT <= 1 s is a share of all requests.", ""]
     out += _loading_tables(run)
+    out += _service_tables(run)
     comparisons = _comparisons(run)
     if comparisons:
         out += [f"### Compared with {run.systems[0]}", "", *comparisons, ""]

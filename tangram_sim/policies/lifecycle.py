@@ -6,15 +6,42 @@ must stop admitting its own queued requests (an older request of another model h
 fairness window), and which running request gives its KV back when the batch cannot grow (the
 newest, never the last one left). Keeping those rules here, over plain objects with `rid`, `model` and
 `arrival`, is what keeps the simulator's predictions and the replay's measurements comparable.
+
+The last two are policies chosen by a system (registries, like retention's):
+
+- `FAIRNESS` (system field `fairness`): `fixed` (default) stops admitting once the blocker has waited
+  `fairness_window_s` (`must_yield`); `adaptive` once its predicted wait reaches `fairness_bound_s`
+  (`must_yield_predicted`; the lifecycle predicts the rest of its wait, `core.fairness`).
+- `PREEMPTION` (system field `preemption`): `newest` (default) gives back the newest request's KV
+  (`preemption_victim`); `longest-context` the request holding the most KV (longest prompt + generated
+  tokens; ties: the newest), so one preemption frees the most memory at the price of more recompute.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator, Sequence
-from typing import Generic, Protocol, TypeVar
+from typing import ClassVar, Generic, Protocol, TypeVar
 
-__all__ = ["ModelQueues", "Queued", "must_yield", "must_yield_predicted", "preemption_victim"]
+from tangram_sim.policies.params import non_negative
+from tangram_sim.registry import Registry
+
+__all__ = [
+    "FAIRNESS",
+    "PREEMPTION",
+    "AdaptiveFairness",
+    "FairnessPolicy",
+    "FixedFairness",
+    "LongestContextPreemption",
+    "ModelQueues",
+    "NewestPreemption",
+    "PreemptionPolicy",
+    "Queued",
+    "Running",
+    "must_yield",
+    "must_yield_predicted",
+    "preemption_victim",
+]
 
 
 class Queued(Protocol):
@@ -25,7 +52,15 @@ class Queued(Protocol):
     arrival: float
 
 
+class Running(Queued, Protocol):
+    """What a preemption rule may read of a running request besides: its prompt and generated tokens."""
+
+    input_tokens: int
+    done_tokens: float
+
+
 R = TypeVar("R", bound=Queued)
+P = TypeVar("P", bound=Running)
 
 
 class ModelQueues(Generic[R]):
@@ -135,3 +170,88 @@ def preemption_victim(running: Sequence[R], growing: R | None = None) -> R | Non
         if req is not growing:
             return req
     return None
+
+
+class FairnessPolicy:
+    """When must the running instance stop admitting its own queued requests? (`must_yield`)"""
+
+    needs: ClassVar[frozenset[str]] = frozenset()  # what the run passes it (`policies.needs`)
+    predicts: ClassVar[bool] = False  # True: the lifecycle predicts the blocker's remaining wait for it
+
+    def must_yield(self, blocker: Queued | None, candidate: Queued, now: float, predicted_s: float) -> bool:
+        """Stop admitting `candidate` (its model's oldest queued request) because of `blocker` (the
+        oldest queued request for something else on the instance's GPUs, None when there is none)?
+        `predicted_s` is the predicted rest of the blocker's wait when the policy `predicts` (0 else)."""
+        raise NotImplementedError
+
+
+FAIRNESS = Registry[FairnessPolicy]("fairness policy")
+
+
+@FAIRNESS.register("fixed")
+class FixedFairness(FairnessPolicy):
+    """Yield once the blocker has waited the system's `fairness_window_s`."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"fairness_window_s"})
+
+    def __init__(self, fairness_window_s: float = 5.0) -> None:
+        self.window_s = non_negative("fairness", "fairness_window_s", fairness_window_s)
+
+    def must_yield(self, blocker: Queued | None, candidate: Queued, now: float, predicted_s: float) -> bool:
+        return must_yield(blocker, candidate, now, self.window_s)
+
+
+@FAIRNESS.register("adaptive")
+class AdaptiveFairness(FairnessPolicy):
+    """Yield once the blocker's wait so far plus its predicted rest reach the system's `fairness_bound_s`."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"fairness_bound_s"})
+    predicts: ClassVar[bool] = True
+
+    def __init__(self, fairness_bound_s: float = 60.0) -> None:
+        self.bound_s = non_negative("fairness", "fairness_bound_s", fairness_bound_s)
+
+    def must_yield(self, blocker: Queued | None, candidate: Queued, now: float, predicted_s: float) -> bool:
+        return must_yield_predicted(blocker, candidate, now, predicted_s, self.bound_s)
+
+
+class PreemptionPolicy:
+    """Which running request gives its KV back when the batch cannot grow? (`victim`)"""
+
+    needs: ClassVar[frozenset[str]] = frozenset()  # what the run passes it (`policies.needs`)
+
+    def victim(self, running: Sequence[P], growing: P | None = None) -> P | None:
+        """A request of `running` (in admission order) other than `growing`, or None: then the caller
+        rejects `growing`, alone and still too large. Return None when only one request runs."""
+        raise NotImplementedError
+
+
+PREEMPTION = Registry[PreemptionPolicy]("preemption policy")
+
+
+@PREEMPTION.register("newest")
+class NewestPreemption(PreemptionPolicy):
+    """The newest in admission order (`preemption_victim`): it has the least work to recompute."""
+
+    def victim(self, running: Sequence[P], growing: P | None = None) -> P | None:
+        return preemption_victim(running, growing)
+
+
+@PREEMPTION.register("longest-context")
+class LongestContextPreemption(PreemptionPolicy):
+    """The request with the longest context (prompt + generated tokens), which holds the most KV: one
+    preemption frees the most memory, so fewer requests are interrupted, though each recomputes more.
+    Ties: the newest."""
+
+    def victim(self, running: Sequence[P], growing: P | None = None) -> P | None:
+        if len(running) <= 1:
+            return None
+        best = None
+        best_tokens = -1.0
+        for req in reversed(running):  # newest first: a tie keeps the newer one
+            if req is growing:
+                continue
+            tokens = req.input_tokens + req.done_tokens
+            if tokens > best_tokens:
+                best, best_tokens = req, tokens
+        return best

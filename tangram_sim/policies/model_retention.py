@@ -34,6 +34,7 @@ the small one is missed more often; on the overall Azure and ServeGen experiment
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import ClassVar
 
 from tangram_sim.arena.arena import Key, Region
 from tangram_sim.errors import ConfigError
@@ -47,14 +48,18 @@ __all__ = ["ModelValueRetention"]
 class ModelValueRetention(RetentionPolicy):
     """Whole-model values: decayed request rate per byte of reload (see the module docstring)."""
 
+    needs: ClassVar[frozenset[str]] = frozenset({"h2d_bps", "sensitivity"})  # the run's PCIe, models' weights
+
     def __init__(
         self,
-        host_to_gpu_bps: float = 25e9,
+        host_to_gpu_bps: float | None = None,
         sensitivity: Mapping[str, float] | None = None,
         half_life_s: float = 600.0,
         queue_aware: bool = True,
+        h2d_bps: float = 25e9,
     ) -> None:
-        self.host_to_gpu_bps = _positive("host_to_gpu_bps", host_to_gpu_bps)
+        # `host_to_gpu_bps` (a parameter of the system) wins over `h2d_bps` (the run's configured PCIe)
+        self.host_to_gpu_bps = _positive("host_to_gpu_bps", h2d_bps if host_to_gpu_bps is None else host_to_gpu_bps)
         self.half_life_s = _positive("half_life_s", half_life_s)
         self.sensitivity = _sensitivity(sensitivity)  # model -> weight (default 1)
         if not isinstance(queue_aware, bool):

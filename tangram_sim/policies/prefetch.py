@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from tangram_sim.errors import ConfigError
 from tangram_sim.policies.decay import DecayedCounts
@@ -79,6 +80,8 @@ class PrefetchChoice:
 class PrefetchPolicy:
     """The contract of every prefetch policy (see the module docstring)."""
 
+    needs: ClassVar[frozenset[str]] = frozenset()  # what the run passes it (`policies.needs`)
+
     def observe(self, model: str, now: float) -> None:
         """A request for `model` was routed to this GPU at `now`."""
 
@@ -104,6 +107,8 @@ class NoPrefetch(PrefetchPolicy):
 @PREFETCH.register("next-model")
 class NextModelPrefetch(PrefetchPolicy):
     """The most valuable model with bytes missing, over free memory and less valuable units only."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"sensitivity"})  # the models' weights
 
     def __init__(self, half_life_s: float = 600.0, home_only: bool = True, evict_below: float = 1.0,
                  sensitivity: Mapping[str, float] | None = None) -> None:

@@ -36,6 +36,7 @@ __all__ = [
 class RetentionPolicy:
     """The one contract every retention policy honours (see the module docstring)."""
 
+    needs: ClassVar[frozenset[str]] = frozenset()  # what the run passes it (`policies.needs`)
     retains: ClassVar[bool] = True  # False: weights are discarded when an instance's keep-alive ends
     uses_queue: bool = False  # True: `observe_queue` is called before every eviction order (a policy may
     # set it per instance, as model-value does from its `queue_aware` parameter)
@@ -91,8 +92,12 @@ class TangramRetention(RetentionPolicy):
     all-time counts (no decay), so a unit shared by several models is worth the sum of their shares.
     """
 
-    def __init__(self, host_to_gpu_bps: float = 25e9, sensitivity: Mapping[str, float] | None = None) -> None:
-        self.host_to_gpu_bps = _positive("host_to_gpu_bps", host_to_gpu_bps)
+    needs: ClassVar[frozenset[str]] = frozenset({"h2d_bps", "sensitivity"})  # the run's PCIe, models' weights
+
+    def __init__(self, host_to_gpu_bps: float | None = None, sensitivity: Mapping[str, float] | None = None,
+                 h2d_bps: float = 25e9) -> None:
+        # `host_to_gpu_bps` (a parameter of the system) wins over `h2d_bps` (the run's configured PCIe)
+        self.host_to_gpu_bps = _positive("host_to_gpu_bps", h2d_bps if host_to_gpu_bps is None else host_to_gpu_bps)
         self.sensitivity = _sensitivity(sensitivity)  # model -> weight (default 1)
         self.counts: dict[str, int] = {}  # model -> requests seen
         self.total = 0  # requests seen, all models
@@ -178,11 +183,12 @@ class DecayedFrequencyRetention(TangramRetention):
 
     def __init__(
         self,
-        host_to_gpu_bps: float = 25e9,
+        host_to_gpu_bps: float | None = None,
         sensitivity: Mapping[str, float] | None = None,
         half_life_s: float = 600.0,
+        h2d_bps: float = 25e9,
     ) -> None:
-        super().__init__(host_to_gpu_bps, sensitivity)
+        super().__init__(host_to_gpu_bps, sensitivity, h2d_bps)
         self.half_life_s = _positive("half_life_s", half_life_s)
         self.decayed = DecayedCounts(self.half_life_s)  # model -> decayed count
         self.decayed_total = DecayedCounts(self.half_life_s)  # "" -> decayed count of all models
@@ -291,8 +297,10 @@ class NextUseRetention(RetentionPolicy):
     only a new `now` costs one bisect per model.
     """
 
-    def __init__(self, future: Mapping[str, Sequence[float]]) -> None:
-        self.future: dict[str, list[float]] = {m: sorted(ts) for m, ts in future.items()}
+    needs: ClassVar[frozenset[str]] = frozenset({"arrivals"})  # the trace's future
+
+    def __init__(self, arrivals: Mapping[str, Sequence[float]]) -> None:
+        self.future: dict[str, list[float]] = {m: sorted(ts) for m, ts in arrivals.items()}
         self._cursor: dict[str, int] = {}  # model -> index of its first arrival > last `now` asked
 
     def next_access(self, model: str, now: float) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from tangram_sim.registry import Registry
 
@@ -102,6 +103,8 @@ def _argmin(options: Sequence[PlacementOption], cost: Callable[[PlacementOption]
 
 class Scheduler:
     """Picks one of the feasible placements for a request of `model`."""
+
+    needs: ClassVar[frozenset[str]] = frozenset()  # what the run passes it (`policies.needs`)
 
     def observe(self, model: str, gpu_bytes: int, now: float) -> None:
         """A request for `model` arrived at `now` (every request, warm or not, before any placement);

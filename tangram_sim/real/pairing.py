@@ -4,9 +4,9 @@
   REPLAY_DIR); swapped arguments are refused with the command that works;
 - the simulation's configuration is the replay's `experiment.sim.yaml` (what `tangram-sim run
   REPLAY/experiment.sim.yaml --calibration CAL` simulates): both are resolved and hashed without the
-  keys that do not change the workload or the cluster (calibration, outputs, description, real, where
-  the checkpoints lie), and any other difference is named, so a simulation of another cluster is not
-  read as a +100000% error of the simulator;
+  keys that do not change the workload or the cluster (calibration, outputs, description, real, slo,
+  where the checkpoints lie), and any other difference is named, so a simulation of another cluster is
+  not read as a +100000% error of the simulator;
 - the fidelity files go to a folder of their own, never into a finished run.
 
 Pure Python (no torch).
@@ -22,7 +22,8 @@ from tangram_sim.rundir import RunDirError, read_record
 
 __all__ = ["check_kinds", "check_out", "config_differences", "default_out"]
 
-IGNORED = ("calibration", "outputs", "description", "real", "name")
+# `slo` only sets what the summary measures against, not what is simulated or replayed
+IGNORED = ("calibration", "outputs", "description", "real", "name", "slo")
 
 
 def check_kinds(sim_dir: Path, real_dir: Path) -> None:

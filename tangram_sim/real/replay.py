@@ -26,6 +26,7 @@ from tangram_sim.arena import ARENA_ALIGNMENT
 from tangram_sim.core.clock import WallClockEnvironment
 from tangram_sim.core.records import build_entries
 from tangram_sim.core.run import run_on_wall_clock
+from tangram_sim.core.slo import Slo
 from tangram_sim.errors import ConfigError
 from tangram_sim.experiments.config import load_yaml
 from tangram_sim.real.backend import BackendSpec, core_sets
@@ -121,6 +122,7 @@ def replay_trace(
     processes: bool | None = None,
     prompts: dict[int, list[int]] | None = None,
     verify: bool = False,
+    slo: Slo | None = None,
 ) -> ReplayResult:
     """Replay `trace` (canonical columns; `arrival_s` already compressed) under `system`, one arena of
     `capacity` bytes per entry of `devices` (default: 90% of free memory on CUDA), all on one node.
@@ -129,8 +131,9 @@ def replay_trace(
     torch threads each (default: when there are several arenas); else in this process.
     `prompts` (rid -> token ids) replaces the random prompts drawn from the seed; `verify` checks every
     tensor of each cold start's model against its file. `time_model` only feeds the scheduler's
-    estimates, as in the simulator (default: the roofline of an a100-80gb). Raises RunInvariantError if
-    a request is unaccounted or anything is left bound."""
+    estimates, as in the simulator (default: the roofline of an a100-80gb); `slo` is what the summary's
+    SLO columns measure against (None: the default SLO). Raises RunInvariantError if a request is
+    unaccounted or anything is left bound."""
     check_replayable(system)
     unknown = sorted(set(trace["model"].astype(str)) - set(ckpts))
     if unknown:
@@ -174,7 +177,7 @@ def replay_trace(
             run = run_on_wall_clock(
                 make_devices, trace, system, entries=entries, sensitivity=sens, h2d_bps=h2d_bps,
                 time_model=time_model or Roofline(GPUS["a100-80gb"]), seed=seed,
-                sample_interval_s=sample_interval_s, progress=progress,
+                sample_interval_s=sample_interval_s, progress=progress, slo=slo,
             )
             for g in gpus:
                 g.close()
@@ -220,6 +223,7 @@ def replay_system(setup: ReplaySetup, system: SystemSpec, progress: bool = False
             threads=real.get("threads"), lag_bound_s=float(real.get("lag_bound_s", LAG_BOUND_S)),
             processes=real.get("processes"),
             progress=(lambda n: bar.update(n - bar.n)) if progress else None,
+            slo=Slo.from_config(setup.config.get("slo")),
         )
     finally:
         bar.close()

@@ -24,6 +24,7 @@ from tangram_sim.core.run import (
     run_lifecycle,
     trace_requests,
 )
+from tangram_sim.core.slo import Slo
 from tangram_sim.core.stream import RequestStream
 from tangram_sim.errors import CapacityError, ConfigError
 from tangram_sim.models.spec import ModelSpec
@@ -104,11 +105,13 @@ def simulate(
     check_invariants: bool = True,
     progress: bool = False,
     requests_path: str | Path | None = None,
+    slo: Slo | None = None,
 ) -> SimResult:
     """Simulate `trace` (canonical columns) under `system`; raises on any conservation failure.
 
     With `requests_path`, finished requests are written there (Parquet, in batches, in the order they
-    finished) instead of being kept: memory then stays flat in the number of requests."""
+    finished) instead of being kept: memory then stays flat in the number of requests. The summary's
+    SLO columns are against `slo` (None: the default SLO, `core.slo`)."""
     _validate(models, trace, cluster, system)
     gpu = cluster.gpu
     roofline = Roofline(gpu, cluster.compute_efficiency, cluster.memory_efficiency)
@@ -171,12 +174,13 @@ def simulate(
         bar.close()
     summary: dict[str, Any] = {"system": system.name}
     if stream is None:
-        frame, timeline, numbers = run.frames()
+        frame, timeline, numbers = run.frames(slo)
     else:
         workers = run.cluster.workers
         frame, timeline = None, timeline_frame(recorder.timeline)
         numbers = stream.summary(sum(w.busy_s for w in workers), sum(w.compaction_bytes for w in workers),
-                                 entries, prefetch_totals(workers))
+                                 entries, prefetch_totals(workers), slo=slo,
+                                 gpu_held_s=sum(w.held_s for w in workers))
     summary.update(numbers)
     summary["sim_end_s"] = float(env.now)
     return SimResult(system.name, frame, timeline, summary, recorder.events)

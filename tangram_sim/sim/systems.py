@@ -1,4 +1,29 @@
-"""Systems: named bundles of policy choices, with presets for the paper's comparisons."""
+"""Systems: named bundles of policy choices, with presets for the paper's comparisons.
+
+A system's fields, as an experiment's `systems.N.overrides` sets them: each policy is a name in a
+registry of `tangram_sim.policies` (docs/policies.md) and, for most kinds, a mapping of parameters:
+
+    retention [tangram], retention_params {}
+    packing [pbp]
+    kv [elastic]                     # its parameters are the fields kv_fraction, kv_block_tokens
+    scheduler [tangram-affinity], scheduler_params {}
+    prefetch [none], prefetch_params {}
+    keep_alive [fixed], keep_alive_params {}
+                                     # fixed: an idle instance stays keep_alive_s [30];
+                                     # histogram: Shahrad et al.'s hybrid histogram with pre-warming,
+                                     # falling back to keep_alive_s; keep_alive_params (defaults):
+                                     # bin_s 1, range_s 240, head 0.05, tail 0.99, margin 0.1,
+                                     # cv_threshold 2, min_samples 10, oob_threshold 0.5,
+                                     # oob_margin 0.15, history 10, prewarm true
+                                     # (tangram_sim/policies/keep_alive.py)
+    fairness [fixed], fairness_params {}
+                                     # fixed: fairness_window_s [5]; adaptive: fairness_bound_s [60]
+    preemption [newest | longest-context], preemption_params {}
+    warm_routing [least-loaded], warm_routing_params {}   # least-loaded: under max_batch [32]
+
+Parameters in `*_params` win over what the policy takes from the run (`tangram_sim.policies.needs`).
+The other fields (granularity, units, batching, engine overhead) are commented on `SystemSpec`.
+"""
 
 from __future__ import annotations
 
@@ -28,13 +53,22 @@ class SystemSpec:
     kv_block_tokens: int = 16  # tokens per KV block
     kv_chunk_blocks: int = 16  # blocks a request's KV grows by at once (bounds simulator events)
     scheduler: str = "tangram-affinity"  # placement of new instances
-    keep_alive_s: float = 30.0  # an idle instance stays active this long (unless its GPU is needed)
+    keep_alive_s: float = 30.0  # an idle instance stays active this long (unless its GPU is needed);
+    # the `fixed` keep-alive's window and the `histogram` one's fallback
+    keep_alive: str = "fixed"  # keep-alive policy (policies.keep_alive): fixed | histogram (+ pre-warming)
+    keep_alive_params: dict[str, Any] = field(default_factory=dict)  # extra keep-alive policy parameters
     max_batch: int = 32  # continuous batching limit per instance
     fairness_window_s: float = 5.0  # queued requests of the active model may overtake an older
     # request of another model (joining the running batch) only while that one has waited less
-    fairness: str = "fixed"  # fixed: the window above; adaptive: the active model keeps admitting while
-    # the oldest other request's predicted wait (waited + drain of the batch + its cold start) stays under
+    fairness: str = "fixed"  # fairness policy (policies.lifecycle): fixed: the window above; adaptive:
+    # the active model keeps admitting while the oldest other request's predicted wait (waited + drain of
+    # the batch + its cold start) stays under
     fairness_bound_s: float = 60.0  # the adaptive mode's bound on that predicted wait
+    fairness_params: dict[str, Any] = field(default_factory=dict)  # extra fairness policy parameters
+    preemption: str = "newest"  # which running request gives its KV back (policies.lifecycle)
+    preemption_params: dict[str, Any] = field(default_factory=dict)  # extra preemption policy parameters
+    warm_routing: str = "least-loaded"  # which active instance an arrival joins (policies.warm_routing)
+    warm_routing_params: dict[str, Any] = field(default_factory=dict)  # extra warm routing parameters
     scheduler_params: dict[str, Any] = field(default_factory=dict)  # extra scheduler parameters
     engine_overhead_s: float = 0.2  # instance start cost before weights load (runtime init, graphs)
     prefill_batch: int = 0  # requests prefilled together in one iteration: 0 = all admitted at once
@@ -113,10 +147,17 @@ _FIELD_TYPES = {
     "kv_chunk_blocks": int,
     "scheduler": str,
     "keep_alive_s": float,
+    "keep_alive": str,
+    "keep_alive_params": dict,
     "max_batch": int,
     "fairness_window_s": float,
     "fairness": str,
     "fairness_bound_s": float,
+    "fairness_params": dict,
+    "preemption": str,
+    "preemption_params": dict,
+    "warm_routing": str,
+    "warm_routing_params": dict,
     "scheduler_params": dict,
     "engine_overhead_s": float,
     "prefill_batch": int,
@@ -189,16 +230,16 @@ def _out_of_range(key: str, value: Any) -> str | None:
 
 
 def _validate(spec: SystemSpec, where: str) -> None:
-    from tangram_sim.policies import KV, PACKING, PREFETCH, RETENTION, SCHEDULER
+    from tangram_sim.policies import KV, POLICY_FIELDS
+    from tangram_sim.policies.needs import PLACEHOLDERS, RUN_ONLY, check_needs, policy_kwargs
 
-    for key, registry in (("retention", RETENTION), ("packing", PACKING), ("kv", KV), ("scheduler", SCHEDULER),
-                          ("prefetch", PREFETCH)):
-        if getattr(spec, key) not in registry:
-            raise ConfigError(f"{where}.{key}: {registry.unknown(getattr(spec, key))}")
+    for kind in POLICY_FIELDS:
+        if getattr(spec, kind.field) not in kind.registry:
+            raise ConfigError(f"{where}.{kind.field}: {kind.registry.unknown(getattr(spec, kind.field))}")
+    if spec.kv not in KV:
+        raise ConfigError(f"{where}.kv: {KV.unknown(spec.kv)}")
     if spec.granularity not in ("model", "tensor", "group"):
         raise ConfigError(f"{where}.granularity: expected model, tensor or group, got {shown(spec.granularity)}")
-    if spec.fairness not in ("fixed", "adaptive"):
-        raise ConfigError(f"{where}.overrides.fairness: expected fixed or adaptive, got {shown(spec.fairness)}")
     plan = resolve_startup(spec.startup, spec.engine_overhead_s, f"{where}.overrides.startup")
     if spec.execute_while_load and plan.post_s:
         late = next(n for n, st in plan.stages if st.mode == "serial" and st.s and n in ("kv_init", "graph_capture"))
@@ -207,21 +248,39 @@ def _validate(spec: SystemSpec, where: str) -> None:
     if spec.prefetch != "none" and spec.retention == "none":
         raise ConfigError(f"{where}.overrides.prefetch: {shown(spec.prefetch)} needs a retention policy that keeps "
                           "weights, but retention none frees them when an instance ends")
-    # Policy parameters are checked by building the policy once (the next-use heuristic also needs the
-    # trace, so its parameters are checked when the run builds it).
-    checks = [("scheduler_params", SCHEDULER, spec.scheduler, spec.scheduler_params),
-              ("prefetch_params", PREFETCH, spec.prefetch, spec.prefetch_params)]
-    if spec.retention != "next-use":
-        checks.append(("retention_params", RETENTION, spec.retention, spec.retention_params))
-    for key, registry, name, params in checks:
-        if not all(isinstance(k, str) for k in params):
-            raise ConfigError(f"{where}.overrides.{key}: parameter names must be strings, got {list(params)!r}")
-        try:
-            registry.create(name, **params)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}.overrides.{key}: {exc}") from None
     # Presets hold in-range values, so a field out of range here came from a SystemSpec built directly.
     for key in _FIELD_RANGES:
         problem = _out_of_range(key, getattr(spec, key))
         if problem:
             raise ConfigError(f"{where}.{key}: expected {problem}, got {getattr(spec, key)!r}")
+    # Policy parameters are checked by building each policy once, with what it needs from the system and
+    # placeholders for the run's facts; a policy that needs the trace is checked when the run builds it.
+    names = system_field_names()
+
+    def fact(need: str) -> Any:
+        if need in PLACEHOLDERS:
+            value = PLACEHOLDERS[need]
+            return dict(value) if isinstance(value, dict) else value  # a policy may keep what it is given
+        return getattr(spec, need)
+
+    for kind in POLICY_FIELDS:
+        name = getattr(spec, kind.field)
+        params = getattr(spec, kind.params) if kind.params else {}
+        key = kind.params or kind.field
+        if not all(isinstance(k, str) for k in params):
+            raise ConfigError(f"{where}.overrides.{key}: parameter names must be strings, got {list(params)!r}")
+        try:
+            needs = check_needs(kind.registry, name, names)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.{kind.field}: {exc}") from None
+        if needs & RUN_ONLY:
+            continue
+        try:
+            kind.registry.create(name, **policy_kwargs(needs, fact, params))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.overrides.{key}: {exc}") from None
+
+
+def system_field_names() -> frozenset[str]:
+    """The fields of a system a policy may name as a need (`policies.needs`)."""
+    return frozenset(f.name for f in fields(SystemSpec))
