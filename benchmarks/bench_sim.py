@@ -4,6 +4,9 @@
    serverlessllm.
 2. A synthetic trace of 1,000,000 requests on 128 GPUs (16 nodes x 8), 32 models, under tangram
    (`--skip-large` leaves it out).
+3. The first case at 40 GiB with execute-while-load on (`execute_while_load: true`: marked transfers,
+   units landing one by one, the first prefill layer by layer), under tangram and serverlessllm. A
+   revision without execute-while-load runs its serial line of the same case for `--against`.
 
 Each line also prints SimPy's raw rate on this machine, measured just before it (one process yielding
 bare timeouts), and the simulator's requests per 1,000 raw timeouts: a figure that compares across
@@ -75,10 +78,11 @@ def simpy_rate(n: int = 200_000) -> float:
     return best
 
 
-def timed(label: str, models, trace, cluster, preset: str, profile: bool) -> float:
+def timed(label: str, models, trace, cluster, preset: str, profile: bool,
+          overrides: dict | None = None) -> float:
     """Prints one line; returns requests per wall-second."""
     raw = simpy_rate()
-    system = make_system(preset, preset)
+    system = make_system(preset, preset, overrides)
     profiler = cProfile.Profile() if profile else None
     t0 = time.perf_counter()
     if profiler:
@@ -143,13 +147,23 @@ def main() -> None:
                           f"{rate / against(args.against, line, args):.3f}", flush=True)
             line += 1
 
-    if args.skip_large or args.only not in (None, line):
-        return
-    big_models, big, big_cluster = large_case(args.large_requests)
-    rate = args.large_requests / 3600.0
-    got = timed(f"synthetic {rate:.0f} req/s, 128 GPUs", big_models, big, big_cluster, "tangram", args.profile)
-    if args.against and args.only is None:
-        print(f"  same-run ratio, this tree / {args.against}: {got / against(args.against, line, args):.3f}")
+    if not args.skip_large and args.only in (None, line):
+        big_models, big, big_cluster = large_case(args.large_requests)
+        rate = args.large_requests / 3600.0
+        got = timed(f"synthetic {rate:.0f} req/s, 128 GPUs", big_models, big, big_cluster, "tangram", args.profile)
+        if args.against and args.only is None:
+            print(f"  same-run ratio, this tree / {args.against}: {got / against(args.against, line, args):.3f}")
+    line += 1
+
+    cluster = ClusterSpec(1, 8, gpu_spec("a100-80gb", memory_gib=40))
+    for serial_line, preset in ((2, "tangram"), (3, "serverlessllm")):  # their serial lines above
+        if args.only in (None, line):
+            rate = timed("azure conv, 8 x 40 GiB, exec-while-load", models, trace, cluster, preset, args.profile,
+                         {"execute_while_load": True})
+            if args.against:
+                print(f"  same-run ratio, this tree / {args.against}'s serial line: "
+                      f"{rate / against(args.against, serial_line, args):.3f}", flush=True)
+        line += 1
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ GPU = gpu_spec("a100-40gb", memory_gib=24.0)  # two models at most: evictions, m
 CLUSTER = ClusterSpec(nodes=1, gpus_per_node=2, gpu=GPU, tiers=TierSpec(host_cache_bytes=0))
 EXACT = ["rid", "model", "gpu", "cold", "outcome", "reason", "bytes_needed", "bytes_loaded", "bytes_reused",
          "bytes_moved", "bytes_evicted", "bytes_extra_evicted", "preemptions"]
-TIMES = ["queue_s", "load_s", "startup_s", "ttft_s", "e2e_s", "waited_for_kv_s"]
+TIMES = ["queue_s", "load_s", "startup_s", "ttft_s", "e2e_s", "waited_for_kv_s", "overlap_s", "first_layer_s"]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,9 @@ def replay_with_modelled_devices(trace: pd.DataFrame, preset: str, overrides: di
     def devices(env: WallClockEnvironment) -> list[ModelledDevice]:
         fabric = Fabric(env)
         return [ModelledDevice(env, i, GPU.memory_bytes, ARENA_ALIGNMENT, GPU.pcie_bps, fabric, time_model,
-                               system.engine_overhead_s, CLUSTER.tiers.unit_overhead_s, GPU.d2d_bps)
+                               system.engine_overhead_s, CLUSTER.tiers.unit_overhead_s, GPU.d2d_bps,
+                               startup=system.startup_plan() if system.startup else None,
+                               execute_while_load=system.execute_while_load)
                 for i in range(2)]
 
     entries = build_entries({n: (c.spec, c.sensitivity, 1) for n, c in MODELS.items()}, system, ARENA_ALIGNMENT)
@@ -59,10 +61,16 @@ def replay_with_modelled_devices(trace: pd.DataFrame, preset: str, overrides: di
     return run.requests
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
-def test_replay_driver_over_the_modelled_device_equals_the_simulator(trace: pd.DataFrame, preset: str) -> None:
-    sim = simulate(MODELS, trace, CLUSTER, make_system(preset, preset), seed=3).requests
-    rep = replay_with_modelled_devices(trace, preset)
+STAGED = {"execute_while_load": True, "startup": {"runtime": {"s": 0.1}, "kv_init": {"mode": "overlap", "s": 0.3},
+                                                  "graph_capture": {"mode": "restore", "restore_s": 0.05}}}
+
+
+@pytest.mark.parametrize("preset,overrides", [(p, None) for p in PRESETS] + [("tangram", STAGED),
+                                                                              ("serverlessllm", STAGED)])
+def test_replay_driver_over_the_modelled_device_equals_the_simulator(trace: pd.DataFrame, preset: str,
+                                                                     overrides: dict | None) -> None:
+    sim = simulate(MODELS, trace, CLUSTER, make_system(preset, preset, overrides), seed=3).requests
+    rep = replay_with_modelled_devices(trace, preset, overrides)
     assert len(sim) == len(rep) == 320
     pd.testing.assert_frame_equal(rep[EXACT], sim[EXACT])
     for col in TIMES:

@@ -5,8 +5,12 @@ which requests to admit, when KV grows and whom to preempt - and applies it to t
 (memory through one entry point, `core.memory`: `acquire` plans it, `commit` books it and tells
 retention). A device then does the work those decisions stand for and returns when it is done:
 
-- `start_instance`: run the packing plan of a cold start (compaction copies, loads) and start the engine;
-- `prefill`: one prefill iteration over a group of admitted requests (their first tokens);
+- `start_instance`: run the packing plan of a cold start (compaction copies, loads) and start the engine,
+  telling the worker as units land (`landed`: the worker books each unit resident then, not when the
+  start returns); with execute-while-load (`overlaps_load`) it returns as soon as the engine may compute,
+  the weights still landing, with a `LayerProgress` that says when each layer has landed;
+- `prefill`: one prefill iteration over a group of admitted requests (their first tokens); the first one
+  of an instance whose weights are still landing computes layer by layer (`pipeline`);
 - `decode`: advance the running batch (the modelled device by a fluid horizon, a real one by a step);
   these two, the most frequent, return the event to wait for and a function that gives the step's
   result once it has happened (no generator frame per step: the simulator runs millions of them);
@@ -22,6 +26,7 @@ and links) and the real one (`real.device`: torch copies and forward passes, dur
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -49,21 +54,95 @@ class RankLoad:
     moved_bytes: int  # bytes of those copies
 
 
+Landed = Callable[[RankLoad, Sequence[tuple[Key, int]]], None]  # (a rank's part, units now resident there)
+
+
+class LayerProgress:
+    """One cold start's weights landing layer by layer, with execute-while-load: made by the device that
+    starts the instance, which fills `ready` and calls `finish` when the last unit of every rank has
+    landed; read by the instance's first prefill (`pipeline`) and by the worker's cold start
+    (`core.coldstart`). Layers are the model's `models.layers.layer_blocks`, in compute order."""
+
+    __slots__ = ("ready", "done", "finished", "load_start", "load_end", "consumed", "head", "on_loaded")
+
+    def __init__(self, env: simpy.Environment, ready: list[float], load_start: float) -> None:
+        self.ready = ready  # per layer: when it was resident on every rank (final once `finished`)
+        self.done = env.event()  # fires once every unit has landed
+        self.finished = False  # `done` has been triggered
+        self.load_start = load_start  # when the weights began to load (compaction copies first)
+        self.load_end = math.nan  # when the last unit landed
+        self.consumed = False  # the first prefill has taken it: later ones find every layer resident
+        self.head: Request | None = None  # the request that started the instance (gets `overlap_s`)
+        self.on_loaded: Callable[[LayerProgress], None] | None = None  # the worker's hook, before `done`
+
+    def finish(self, now: float) -> None:
+        """Every unit has landed at `now`: `ready` is final."""
+        self.load_end = now
+        self.finished = True
+        if self.on_loaded is not None:
+            self.on_loaded(self)
+        self.done.succeed()
+
+    def computed(self, starts: Sequence[float], finishes: Sequence[float]) -> None:
+        """The first prefill computes layer i over [starts[i], finishes[i]]: the load time it hides (the
+        compute inside the load's span) becomes the head's `overlap_s`."""
+        lo, hi = self.load_start, self.load_end
+        hidden = 0.0
+        for s, f in zip(starts, finishes):
+            hidden += max(0.0, min(f, hi) - max(s, lo))
+        if self.head is not None:
+            self.head.overlap_s = hidden
+
+
+def pipeline(ready: Sequence[float], compute: Sequence[float], start: float) -> tuple[list[float], list[float]]:
+    """Layer i of a prefill starts once it is resident and layer i-1 is done: s_i = max(ready_i, f_{i-1})
+    (f_{-1} = `start`, when the iteration began), f_i = s_i + compute_i. This is exactly what running it
+    event by event gives (a process waiting for each layer's landing, then computing it), so a device may
+    evaluate it once every ready time is known; the last finish is >= the last landing, so that is never
+    after the fact. Decode is never part of it: its first step needs the first token, so the last layer.
+    Returns (starts, finishes)."""
+    starts: list[float] = []
+    finishes: list[float] = []
+    f = start
+    for r, c in zip(ready, compute):
+        s = r if r > f else f
+        f = s + c
+        starts.append(s)
+        finishes.append(f)
+    return starts, finishes
+
+
+@dataclass(slots=True)
+class Started:
+    """What `start_instance` returns."""
+
+    startup_s: float  # the stages' time on the critical path (engine start; not the load)
+    load_s: float  # compaction copies and loads; NaN while they are still landing (`progress` says when)
+    progress: LayerProgress | None = None  # execute-while-load: the weights still landing
+
+
 class Device(Protocol):
     """One GPU as the lifecycle drives it (see the module docstring)."""
 
     gpu_id: int  # position in the cluster
     arena: Arena  # the memory books the worker plans on
+    overlaps_load: bool  # it can run an instance's first prefill while its weights land (execute_while_load)
     binds_memory: bool  # False: the books are all there is (the modelled device); the worker then skips
     # the calls below that only bind or read memory (kv_grown, kv_freed, pool_reserved, end_instance,
     # sampled), which are the simulator's most frequent calls
 
-    def start_instance(self, inst: Instance, head: Request, loads: Sequence[RankLoad]) -> Work:
-        """Run the cold start's copies and loads and start the engine; returns (startup_s, load_s)."""
+    def start_instance(self, inst: Instance, head: Request, loads: Sequence[RankLoad], landed: Landed) -> Work:
+        """Run the cold start's stages, copies and loads; call `landed(load, units)` as units land (each
+        missing unit once, in plan order per rank; a device that cannot tell lands them all at once, with
+        an empty call for a rank that loads nothing). Returns `Started`: when the engine serves, with
+        everything landed, or, with execute-while-load, as soon as it may compute (`progress` set)."""
         ...
 
     def prefill(self, inst: Instance, batch: Sequence[Request]) -> tuple[simpy.Event, Callable[[], float]]:
-        """One prefill iteration over `batch` (its requests' KV is bound): (event, seconds it took)."""
+        """One prefill iteration over `batch` (its requests' KV is bound): (event, seconds it took). When
+        `inst.loading` is a `LayerProgress` not yet consumed, this is the instance's first prefill while
+        its weights land: it consumes it, computes layer by layer as `pipeline` says and reports the
+        layers' spans through `LayerProgress.computed`."""
         ...
 
     def decode(self, inst: Instance, running: Sequence[Request], horizon: float, kv_tokens: float,

@@ -9,7 +9,8 @@ may extend; one that `predicts` is handed the predicted rest of the blocker's wa
 - `adaptive`: while the blocker's predicted wait stays under `fairness_bound_s`: what it has waited so
   far, plus the predicted time for the batch to drain with the candidate admitted (pending prefills,
   then the longest remaining decode at the batch's step time), plus its own cold start on this GPU
-  (engine start + its missing bytes over PCIe, or over storage when the host cache lacks them). Under overload the active model keeps serving for as
+  (engine start + its missing bytes over PCIe, or over storage when the host cache lacks them; with
+  execute-while-load the part of that load its prefill cannot hide). Under overload the active model keeps serving for as
   long as the bound allows instead of switching at every interleaved arrival; when the queue is short
   the blocker's wait stays small anyway.
 
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tangram_sim.core.records import Request
+from tangram_sim.policies.scheduler import pipelined_load_s
 
 if TYPE_CHECKING:
     from tangram_sim.core.worker import GpuWorker, Instance
@@ -78,11 +80,16 @@ def drain_s(worker: GpuWorker, inst: Instance, admitted: Sequence[Request], cand
 def switch_s(worker: GpuWorker, req: Request) -> float:
     """Predicted cold start of `req`'s model on this GPU: engine start + its missing bytes over PCIe,
     or over the slower storage link when the node's host cache does not hold the checkpoint (the
-    scheduler's `estimated_load_s`)."""
+    scheduler's `estimated_load_s`); with execute-while-load, only the part of that load its prefill
+    cannot hide (`pipelined_load_s`)."""
     c = worker.cluster
     missing = max(0, c.gpu_model_bytes[req.model] - worker.resident_bytes(req.model))
     node = worker.node
+    entry = c.entries[req.model]
     bps = c.pcie_bps
-    if not node.holds(c.entries[req.model], req.model):
+    if not node.holds(entry, req.model):
         bps = min(bps, node.ssd.bps if node.tiers.ssd_holds_all else node.network.bps)
+    if c.pipeline_layers is not None:
+        prefill = c.time_model.prefill_s(entry.spec, req.input_tokens, entry.tp)
+        return c.engine_overhead_s + pipelined_load_s(missing / bps, prefill, c.pipeline_layers[req.model])
     return c.engine_overhead_s + missing / bps

@@ -42,7 +42,7 @@ REQUEST_COLUMNS = [
     "rid", "arrival_s", "model", "input_tokens", "output_tokens", "gpu", "cold", "queue_s", "load_s",
     "bytes_needed", "bytes_loaded", "bytes_reused", "bytes_moved", "bytes_evicted", "bytes_extra_evicted",
     "startup_s", "overlap_s", "ttft_s", "e2e_s",
-    "waited_for_kv_s", "preemptions", "outcome", "reason",
+    "waited_for_kv_s", "preemptions", "outcome", "reason", "first_layer_s",
 ]
 TIMELINE_COLUMNS = [
     "time_s", "gpu", "active_model", "active_bytes", "retained_bytes", "kv_bytes", "loading_bytes",
@@ -57,7 +57,7 @@ def request_row(r: Any) -> tuple:
         r.rid, r.arrival, r.model, r.input_tokens, r.output_tokens, r.gpu, r.cold, r.queue_s, r.load_s,
         r.bytes_needed, r.bytes_loaded, r.bytes_reused, r.bytes_moved, r.bytes_evicted, r.bytes_extra_evicted,
         r.startup_s, r.overlap_s, r.ttft_s, r.e2e_s,
-        r.waited_for_kv_s, r.preemptions, r.outcome, r.reason,
+        r.waited_for_kv_s, r.preemptions, r.outcome, r.reason, r.first_layer_s,
     )
 
 

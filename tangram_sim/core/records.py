@@ -31,7 +31,8 @@ class Request:
     __slots__ = (
         "rid", "arrival", "model", "input_tokens", "output_tokens",
         "gpu", "cold", "queue_s", "load_s", "bytes_needed", "bytes_loaded", "bytes_reused",
-        "bytes_moved", "bytes_evicted", "bytes_extra_evicted", "startup_s", "overlap_s", "ttft_s", "e2e_s",
+        "bytes_moved", "bytes_evicted", "bytes_extra_evicted", "startup_s", "overlap_s", "first_layer_s",
+        "ttft_s", "e2e_s",
         "waited_for_kv_s", "preemptions", "outcome", "reason",
         "done_tokens", "kv_limit", "kv_bytes", "kv_keys", "kv_wait_since", "admitted_at", "gang", "slot_of",
     )
@@ -47,10 +48,13 @@ class Request:
         self.queue_s = 0.0  # arrival -> start of its cold start or its admission to the batch
         self.load_s = 0.0  # cold start: compaction copies and weight loading (0 when warm)
         self.startup_s = 0.0  # cold start: engine start (runtime init, binding the weights; 0 when warm)
-        # cold start: load time hidden behind compute (a start that executes while it loads). Today's cold
-        # starts load everything before the first prefill, so it stays 0; the summary's mean_overlap_s
-        # reads it, so the column exists before any start overlaps.
+        # cold start: load time hidden behind compute, i.e. the load time its first prefill computed
+        # through with execute-while-load (compute inside the load's span). A serial cold start loads
+        # everything before the first prefill, so it stays 0 there (and when warm); the summary's
+        # mean_overlap_s reads it.
         self.overlap_s = 0.0
+        self.first_layer_s = 0.0  # cold start: its begin -> the first layer resident (a serial start
+        # lands its weights as a whole: startup before the weights + load; 0 when warm)
         self.bytes_needed = 0  # the model's bytes on the GPU(s), cold start or warm (0: never admitted)
         self.bytes_loaded = 0  # cold start: bytes that crossed PCIe
         self.bytes_reused = 0  # bytes already resident in the arena (warm: all of bytes_needed)

@@ -23,13 +23,14 @@ from tangram_sim.core.keepalive import KeepAlive
 from tangram_sim.core.records import Gang, LifecycleError, ModelEntry, Request
 from tangram_sim.core.storage import Node
 from tangram_sim.core.worker import GpuWorker
+from tangram_sim.models.layers import layer_blocks
 from tangram_sim.policies.keep_alive import KeepAlivePolicy
 from tangram_sim.policies.kv import KvPolicy, kv_block_bytes
 from tangram_sim.policies.lifecycle import FairnessPolicy, PreemptionPolicy
 from tangram_sim.policies.packing import PackingPolicy
 from tangram_sim.policies.prefetch import PrefetchPolicy
 from tangram_sim.policies.retention import RetentionPolicy
-from tangram_sim.policies.scheduler import PlacementOption, Scheduler
+from tangram_sim.policies.scheduler import PlacementOption, Scheduler, pipelined_load_s
 from tangram_sim.policies.warm_routing import WarmInstance, WarmRoutingPolicy
 from tangram_sim.sim.hardware import TierSpec
 from tangram_sim.sim.systems import SystemSpec
@@ -117,7 +118,14 @@ class Cluster:
         self.scheduler = scheduler
         self.rng = rng
         self.recorder = recorder
-        self.engine_overhead_s = engine_overhead_s
+        # what a cold start's stages add to its load, for the estimates: the engine overhead, or the
+        # serial stages of the system's `startup` (core.startup; stages beside the load assumed hidden)
+        self.engine_overhead_s = system.startup_plan(engine_overhead_s).fixed_s if system.startup \
+            else engine_overhead_s
+        # execute-while-load: a cold start's first prefill pipelines with its load over these many layers
+        self.pipeline_layers: dict[str, int] | None = (
+            {name: len(layer_blocks(e.spec)) for name, e in entries.items()} if system.execute_while_load else None
+        )
         self.pcie_bps = pcie_bps
         self.make_prefetch = make_prefetch  # one prefetch policy per GPU (None: no prefetch)
         self.keep_alive = KeepAlive(self, keep_alive)  # idle instances, idle times, pre-warms
@@ -167,7 +175,11 @@ class Cluster:
         if cold:
             entry = self.entries[req.model]
             missing = entry.nbytes - worker.resident_bytes(req.model)
-            est += self.engine_overhead_s + missing / self.pcie_bps
+            load = missing / self.pcie_bps
+            if self.pipeline_layers is not None:
+                prefill = self.time_model.prefill_s(entry.spec, req.input_tokens)
+                load = pipelined_load_s(load, prefill, self.pipeline_layers[req.model])
+            est += self.engine_overhead_s + load
         return est
 
     def route(self, req: Request, replace: bool = False) -> None:
@@ -261,6 +273,7 @@ class Cluster:
                     prefill_s=prefill,
                     load_overhead_s=self.engine_overhead_s,
                     capacity_bytes=min(w.arena.capacity for w in group),
+                    layers=self.pipeline_layers[req.model] if self.pipeline_layers is not None else 0,
                 )
             )
         return options

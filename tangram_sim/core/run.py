@@ -25,6 +25,7 @@ from tangram_sim.core.records import ModelEntry, Request
 from tangram_sim.core.router import Cluster, Recorder
 from tangram_sim.core.slo import Slo
 from tangram_sim.core.stream import RequestStream
+from tangram_sim.errors import ConfigError
 from tangram_sim.policies import KV, POLICY_FIELDS
 from tangram_sim.policies.keep_alive import KeepAlivePolicy
 from tangram_sim.policies.kv import KvPolicy
@@ -188,6 +189,9 @@ def run_lifecycle(
     With `stream`, finished requests go to it and are not kept (`requests` may then be an iterator of
     `n_requests` records, e.g. `iter_requests`); the returned run's `requests` is empty."""
     n = len(requests) if n_requests is None else n_requests  # type: ignore[arg-type]
+    if system.execute_while_load and not all(d.overlaps_load for d in devices):
+        raise ConfigError(f"systems ({system.name}): execute_while_load needs devices that compute while the "
+                          "weights land; not yet supported by the real executor")
     cluster = Cluster(
         env, devices=devices, gpus_per_node=gpus_per_node, tiers=tiers, system=system, entries=entries,
         time_model=time_model, make_retention=policies.make_retention, packing=policies.packing,

@@ -12,10 +12,8 @@ request for another model is queued on its GPU, which ends it at once. When an i
 weights are unpinned: retention systems keep them resident (evictable, reusable); `none` retention
 frees them as ServerlessLLM does.
 
-A cold start plans every rank's units (`core.loadplan`: a packing plan over the arena from the one
-memory entry point, `core.memory`, evicting in retention order only when free bytes are short), books
-the plan in the arena (`core.memory.commit`, which also tells retention of the evictions), then hands
-the copies and loads to the device (`core.device`). Admitted requests are prefilled in groups of `prefill_batch` (0: all at once);
+A cold start (`core.coldstart`) plans every rank's units, books the plan in the arena, then hands the
+copies and loads to the device (`core.device`), booking units resident as they land. Admitted requests are prefilled in groups of `prefill_batch` (0: all at once);
 the batch decodes until the next completion or KV growth point, or an admissible arrival; KV grows by
 `kv_chunk_blocks` blocks at a time from the arena (on demand) or the instance's static pool, and a
 batch that cannot grow preempts a member (the system's preemption policy's victim: by default the
@@ -32,47 +30,25 @@ queue heads, like every instance start, and withdraw when the head changes, so g
 from __future__ import annotations
 
 import math
-import operator
 from typing import TYPE_CHECKING
 
 import simpy
 
-from tangram_sim.arena import Key
-from tangram_sim.core.device import Device, RankLoad
+from tangram_sim.core.coldstart import Instance, cold_start, settle
+from tangram_sim.core.device import Device
 from tangram_sim.core.fairness import stop_admitting
 from tangram_sim.core.gang import cancel, follow, join, place_again
-from tangram_sim.core.kvbook import kv_free, kv_take, reserve_static_kv, want_tokens
-from tangram_sim.core.loadplan import plan_rank
-from tangram_sim.core.memory import commit
+from tangram_sim.core.kvbook import kv_free, kv_take, want_tokens
 from tangram_sim.core.prefetch import Prefetcher
-from tangram_sim.core.records import EPS_TOKENS, Gang, LifecycleError, ModelEntry, Request
+from tangram_sim.core.records import EPS_TOKENS, LifecycleError, Request
 from tangram_sim.core.storage import Node
-from tangram_sim.policies.kv import KvPool
 from tangram_sim.policies.lifecycle import ModelQueues
-from tangram_sim.policies.packing import Move
 from tangram_sim.policies.retention import RetentionPolicy
 
 if TYPE_CHECKING:
     from tangram_sim.core.router import Cluster
 
-# of a (key, nbytes) unit; C-level, so that per-unit loops of a cold start cost no Python call per unit
-_key, _nbytes = operator.itemgetter(0), operator.itemgetter(1)
-
-
-class Instance:
-    __slots__ = ("model", "entry", "running", "pool", "pool_keys", "started", "group", "gang", "head")
-
-    def __init__(self, model: str, entry: ModelEntry, started: float, group: tuple[GpuWorker, ...],
-                 gang: Gang | None, head: Request) -> None:
-        self.model = model  # model it serves
-        self.entry = entry  # its units
-        self.running: list[Request] = []  # the continuous batch, in admission order
-        self.pool: KvPool | None = None  # static KV reservation per rank (None with on-demand KV)
-        self.pool_keys: list[tuple[GpuWorker, Key]] = []  # arena regions holding that reservation
-        self.started = started  # time the cold start began
-        self.group = group  # GPUs it runs on, leader first (rank = position)
-        self.gang = gang  # barrier the followers wait on (None for one GPU)
-        self.head = head  # request that started it: admitted first, whatever the fairness rule says
+__all__ = ["GpuWorker", "Instance"]  # Instance lives in core.coldstart; devices import it from here too
 
 
 class GpuWorker:
@@ -187,64 +163,13 @@ class GpuWorker:
                     head.gang = None  # started: the instance keeps the gang
                 elif self.cluster.entries[head.model].tp > 1:
                     raise LifecycleError(f"gpu {self.gpu_id}: request {head.rid} ({head.model}) has no gang")
-                yield from self._cold_start(head, gang)
+                yield from cold_start(self, head, gang)
             yield from self._serve()
+            yield from settle(self.instance)  # execute-while-load: its weights may still be landing
             if self.instance is not None and self.followers_waiting():
                 self._end_instance()  # the batch drained and gang members have their own work
 
-    # ------------------------------------------------------------ instance start / end
-    def _cold_start(self, head: Request, gang: Gang | None):
-        """Start `head`'s instance on this GPU (or its gang): plan, evict, move, load, pin."""
-        c = self.cluster
-        env = c.env
-        entry = c.entries[head.model]
-        t0 = env.now
-        group = gang.workers if gang is not None else (self,)
-        head.cold = True
-        head.queue_s = t0 - head.arrival
-        head.gpu = self.gpu_id
-        inst = self.instance = Instance(head.model, entry, t0, group, gang, head)
-        c.warm_workers.setdefault(head.model, set()).add(self)
-        self.cold_starts += 1
-        c.recorder.log(t0, self.gpu_id, "cold_start", head.rid, head.model)
-
-        loads: list[RankLoad] = []
-        reused = loaded = moved = evicted = extra = 0
-        for rank, worker in enumerate(group):
-            missing, rank_loaded, reused_keys, plan = plan_rank(worker, entry, rank, head.model, t0)
-            if worker.prefetch is not None:
-                worker.prefetch.on_cold_start(missing, reused_keys)
-            moves: list[Move] = []
-            commit(worker, plan, t0, on_move=moves.append if plan.moved_bytes else None)
-            worker.arena.pin_many(reused_keys)
-            loaded += rank_loaded
-            reused += sum(entry.rank_bytes[rank]) - rank_loaded
-            moved += plan.moved_bytes
-            evicted += plan.evicted_bytes
-            extra += plan.extra_evicted_bytes
-            worker.compaction_bytes += plan.moved_bytes
-            loads.append(RankLoad(worker, missing, moves, plan.moved_bytes))
-        head.bytes_needed = entry.nbytes
-        head.bytes_reused = reused
-        head.bytes_loaded = loaded
-        head.bytes_moved = moved
-        head.bytes_evicted = evicted
-        head.bytes_extra_evicted = extra
-
-        startup_s, load_s = yield from self.device.start_instance(inst, head, loads)
-        for load in loads:
-            load.worker.node.after_load(load.missing)
-            load.worker.arena.finish_load_many(map(_key, load.missing), pin=True)
-        head.startup_s = startup_s
-        head.load_s = load_s
-        self.busy_s += env.now - t0
-        c.recorder.log(env.now, self.gpu_id, "loaded", head.rid,
-                       f"loaded={loaded} reused={reused} moved={moved} evicted={evicted}")
-        if not c.kv.on_demand:
-            reserve_static_kv(self)
-        for worker in group:
-            c.recorder.sample(worker)
-
+    # ------------------------------------------------------------ instance end
     def _end_instance(self) -> None:
         inst = self.instance
         assert inst is not None and not inst.running

@@ -27,6 +27,7 @@ __all__ = [
     "TtftAwareScheduler",
     "estimated_load_s",
     "missing_bytes",
+    "pipelined_load_s",
 ]
 
 
@@ -46,6 +47,8 @@ class PlacementOption:
     prefill_s: float  # estimated prefill time of the request on these GPUs
     load_overhead_s: float = 0.0  # fixed engine/instance start cost added to every load
     capacity_bytes: int = 0  # arena bytes of each of these GPUs (0: not given)
+    layers: int = 0  # execute-while-load: the first prefill runs layer by layer as the model's layers
+    # land, over this many layers (0: the load, then the prefill)
 
     def __post_init__(self) -> None:
         if not self.gpus:
@@ -65,18 +68,31 @@ def missing_bytes(option: PlacementOption) -> int:
     return max(0, option.model_bytes - option.resident_bytes)
 
 
+def pipelined_load_s(load_s: float, prefill_s: float, layers: int) -> float:
+    """The part of a load that a first token still waits for when the prefill computes each of `layers`
+    equal layers as soon as it has landed: load + prefill overlapped is max(load/L + prefill, load +
+    prefill/L) (the first layer's load, then all compute; or all the load, then the last layer's
+    compute), less the prefill. `layers` <= 1: the whole load."""
+    if layers <= 1:
+        return load_s
+    return max(load_s / layers + prefill_s, load_s + prefill_s / layers) - prefill_s
+
+
 def estimated_load_s(option: PlacementOption, *, reuse: bool = True) -> float:
     """Seconds to bring the model onto these GPUs: overhead + bytes / bandwidth of the slowest tier.
 
     From host DRAM the bytes cross PCIe; otherwise they stream storage -> DRAM -> GPU pipelined, so the
     slower of the two links sets the pace. With `reuse` only the missing bytes move (Tangram); without
-    it the whole model does (ServerlessLLM's model-level loading).
+    it the whole model does (ServerlessLLM's model-level loading). With execute-while-load (`layers`),
+    only the part of the load the prefill cannot hide counts (`pipelined_load_s`).
     """
     nbytes = missing_bytes(option) if reuse else option.model_bytes
     if option.in_host_cache:
         bps = option.host_to_gpu_bps
     else:
         bps = min(option.host_to_gpu_bps, option.storage_bps)
+    if option.layers > 1:
+        return option.load_overhead_s + pipelined_load_s(nbytes / bps, option.prefill_s, option.layers)
     return option.load_overhead_s + nbytes / bps
 
 

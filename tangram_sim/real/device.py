@@ -9,7 +9,8 @@ clock's `run_on`:
 - a cold start sends the plan's compaction moves in the order the plan applied them, the missing units
   and every unit's offset; the backend copies, reads the units from the checkpoint files into their
   regions (`Loader`: reader threads, staging buffers), then builds the engine on the arena's views;
-  `load_s` is the copies and reads, `startup_s` the engine build;
+  `load_s` is the copies and reads, `startup_s` the engine build; the units land, all of them, when the
+  start returns (a serial start: execute-while-load is not implemented here yet, `overlaps_load`);
 - KV bytes the worker grants become block offsets: the regions of on-demand KV, or blocks of the
   instance's static pool (the pool's regions are cut into blocks when it is reserved); they reach the
   backend with its next command, as do freed KV and ended instances;
@@ -37,7 +38,7 @@ import torch
 
 from tangram_sim.arena import Arena, Key
 from tangram_sim.core.clock import Measured, WallClockEnvironment
-from tangram_sim.core.device import RankLoad, Work
+from tangram_sim.core.device import Landed, RankLoad, Started, Work
 from tangram_sim.core.records import Request
 from tangram_sim.core.storage import Node
 from tangram_sim.core.worker import Instance
@@ -67,6 +68,7 @@ class RealDevice:
     compared with its file (not timed; a mismatch fails the run with a one-line ModelError)."""
 
     binds_memory = True  # KV bytes become block views, samples read the device's memory counters
+    overlaps_load = False  # its loader hands a model over whole: no prefill before the start returns
 
     def __init__(self, env: WallClockEnvironment, gpu_id: int, spec: BackendSpec, ckpts: dict[str, Checkpoint],
                  prompts: dict[int, list[int]], *, process: bool = False, verify: bool = False) -> None:
@@ -105,7 +107,7 @@ class RealDevice:
         return ops
 
     # ------------------------------------------------------------ cold start
-    def start_instance(self, inst: Instance, head: Request, loads: Sequence[RankLoad]) -> Work:
+    def start_instance(self, inst: Instance, head: Request, loads: Sequence[RankLoad], landed: Landed) -> Work:
         if len(loads) != 1:
             raise AssertionError("the real device runs one-GPU instances only")
         load = loads[0]
@@ -131,7 +133,8 @@ class RealDevice:
                            self.env.wall_at(t0 + load_s), engine_s))
         self.loads.append((head.rid, self.gpu_id, inst.model, len(offsets), len(missing), nbytes,
                            load.moved_bytes, move_s, read_s, engine_s, done.seconds, gbps, self.env.wall_at(t0)))
-        return engine_s, load_s
+        landed(load, load.missing)  # every layer is ready when the start returns
+        return Started(engine_s, load_s)
 
     # ------------------------------------------------------------ prefetch
     def prefetch_source(self, node: Node, key: Key) -> bool:

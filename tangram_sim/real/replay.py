@@ -34,6 +34,7 @@ from tangram_sim.real.device import LOAD_COLUMNS, MEMORY_COLUMNS, STEP_COLUMNS, 
 from tangram_sim.real.loader import DEFAULT_CHUNK_BYTES, Checkpoint
 from tangram_sim.real.setup import (
     ReplaySetup,
+    check_replayable,
     default_capacity,
     loader_options,
     prepare_replay,
@@ -133,6 +134,7 @@ def replay_trace(
     estimates, as in the simulator (default: the roofline of an a100-80gb); `slo` is what the summary's
     SLO columns measure against (None: the default SLO). Raises RunInvariantError if a request is
     unaccounted or anything is left bound."""
+    check_replayable(system)
     unknown = sorted(set(trace["model"].astype(str)) - set(ckpts))
     if unknown:
         raise ConfigError(f"trace uses model(s) {', '.join(unknown)} without a checkpoint")

@@ -280,6 +280,8 @@ def prepare_replay(
         keep = [i for i, s in enumerate(all_systems) if s.name in systems]
         config = {**config, "systems": [config["systems"][i] for i in keep]}
         all_systems = [all_systems[i] for i in keep]
+    for system in all_systems:
+        check_replayable(system)
     writer = claim(config, devs) if claim is not None else None
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = _checkpoints(config, base_dir, out_dir / "checkpoints", real)
@@ -305,6 +307,14 @@ def prepare_replay(
         (out_dir / "experiment.sim.yaml").write_text(dump_yaml(sim))
     return ReplaySetup(config, base_dir, out_dir, devs, capacity, scale, ckpts, trace, all_systems, sim, real,
                        notes)
+
+
+def check_replayable(system: SystemSpec) -> None:
+    """A ConfigError for what the real executor does not run yet: execute-while-load needs a loader that
+    reports each layer as it lands and an engine that runs a forward pass layer by layer."""
+    if system.execute_while_load:
+        raise ConfigError(f"systems ({system.name}): execute_while_load is not yet supported by the real "
+                          "executor (its device lands a model's weights as a whole); simulate it, or set it false")
 
 
 def check_fits(ckpts: dict[str, Checkpoint], capacity: int, block_tokens: int, hint: str) -> None:

@@ -1,11 +1,19 @@
 """The modelled GPU: a `core.device.Device` whose every step takes the time model's time.
 
-A cold start is the engine overhead, then the compaction copies (device-to-device bandwidth plus a
-per-unit overhead; ranks copy in parallel, the slowest sets the pace), then the loads: each missing
-unit streams host->GPU over the GPU's PCIe link, from the node's DRAM cache, else its SSD, else the
-network, as fluid transfers that share links fairly (`core.links`). Prefill is one time-model iteration
-per group. Decode is a fluid: between events (an arrival that can join, a completion, a KV growth
-point) every running sequence advances at one token per step, the step time from the time model for
+A cold start is the system's startup stages before the weights (`core.startup`; by default the engine
+overhead), then the compaction copies (device-to-device bandwidth plus a per-unit overhead; ranks copy in
+parallel, the slowest sets the pace), then the loads: each missing unit streams host->GPU over the GPU's
+PCIe link, from the node's DRAM cache, else its SSD, else the network, as fluid transfers (one per tier
+and rank, the units in plan order) that share links fairly (`core.links`); stages on the lane beside the
+load and those after it come last. A serial start lands every unit when its last transfer ends and
+returns when the engine serves. With execute-while-load the transfers carry marks where each unit ends
+and where each layer's bytes inside a unit end, so units land, and layers become ready, at the moment
+their bytes arrive; the start returns at the compute gate and the instance's first prefill follows
+`core.device.pipeline` over the layers' ready times and the time model's per-layer split. The GPU
+computes for one instance at a time (the worker runs one), so nothing else competes for its compute
+while it loads: the lane's stages end before the gate, compaction copies before any layer is ready.
+Prefill is one time-model iteration per group. Decode is a fluid: between events (an arrival that can
+join, a completion, a KV growth point) every running sequence advances at one token per step, the step time from the time model for
 the current batch and KV size; this keeps events per request O(1) instead of O(output tokens).
 A prefetch (`core.prefetch`) loads one unit at a time from the node's DRAM cache over the GPU's PCIe
 link (after the per-unit overhead); cancelling it removes its transfer from the link at once.
@@ -19,12 +27,16 @@ from collections.abc import Callable, Sequence
 import simpy
 
 from tangram_sim.arena import Arena, Key
-from tangram_sim.core.device import RankLoad, Work
+from tangram_sim.core.device import Landed, LayerProgress, RankLoad, Started, Work, pipeline
 from tangram_sim.core.links import Fabric, Link
 from tangram_sim.core.records import Request
+from tangram_sim.core.startup import StartupPlan
 from tangram_sim.core.storage import Node
 from tangram_sim.core.worker import Instance
 from tangram_sim.errors import ConfigError
+from tangram_sim.models.layers import layer_blocks, unit_parts
+from tangram_sim.models.spec import ModelSpec
+from tangram_sim.models.units import ReuseUnit
 from tangram_sim.sim.timemodel import TimeModel
 
 
@@ -32,11 +44,13 @@ class ModelledDevice:
     """One simulated GPU (see the module docstring); all of them share one `Fabric` of links."""
 
     binds_memory = False  # the arena's books are the whole device
+    overlaps_load = True  # its first prefill may run while the weights land (execute_while_load)
 
     def __init__(self, env: simpy.Environment, gpu_id: int, memory_bytes: int, alignment: int,
                  pcie_bps: float, fabric: Fabric, time_model: TimeModel, engine_overhead_s: float,
                  unit_overhead_s: float, d2d_bps: float, whole_steps: bool = False,
-                 load_overhead_s: float = 0.0) -> None:
+                 load_overhead_s: float = 0.0, startup: StartupPlan | None = None,
+                 execute_while_load: bool = False) -> None:
         self.env = env
         self.gpu_id = gpu_id  # position in the cluster
         self.arena = Arena(memory_bytes, alignment=alignment)  # the books are the whole device
@@ -50,8 +64,11 @@ class ModelledDevice:
         self.d2d_bps = d2d_bps  # compaction copies
         self.whole_steps = whole_steps  # a wake-up waits for the decode step under way to end (an
         # engine that schedules per iteration, as the real replay's); else the fluid batch stops at once
+        # the system's startup stages (None: the single stage `engine_overhead_s` before the weights)
+        self.startup = startup
+        self.execute_while_load = execute_while_load  # compute each layer as soon as it has landed
 
-    def start_instance(self, inst: Instance, head: Request, loads: Sequence[RankLoad]) -> Work:
+    def start_instance(self, inst: Instance, head: Request, loads: Sequence[RankLoad], landed: Landed) -> Work:
         env = self.env
         t0 = env.now
         # Ranks copy and load in parallel; the slowest one sets the pace.
@@ -61,15 +78,100 @@ class ModelledDevice:
             if load.missing and self.load_overhead_s:
                 rank_s += self.load_overhead_s
             copy_s = max(copy_s, rank_s)
-        if self.engine_overhead_s:
-            yield env.timeout(self.engine_overhead_s)
+        plan = self.startup
+        before = self.engine_overhead_s if plan is None else plan.pre_s
+        if before:
+            yield env.timeout(before)
         t_load = env.now
+        if self.execute_while_load:
+            progress = self._land_layers(inst, loads, landed, t_load, copy_s)
+            if plan is not None and plan.lane_s:  # stages that gate compute (post_s is 0: SystemSpec)
+                yield env.timeout(plan.lane_s)
+            return Started(env.now - t0, math.nan, progress)
         if copy_s:
             yield env.timeout(copy_s)
         transfers = [ev for load in loads if load.missing for ev in load.worker.device._transfers(load)]
         if transfers:
             yield env.all_of(transfers)
-        return t_load - t0, env.now - t_load
+        for load in loads:  # a serial engine gets its weights as a whole
+            landed(load, load.missing)
+        startup_s, load_s = t_load - t0, env.now - t_load
+        if plan is not None and (plan.lane_s or plan.post_s):
+            t_loaded = env.now
+            after = max(0.0, t_load + plan.lane_s - t_loaded) + plan.post_s
+            if after:
+                yield env.timeout(after)
+                startup_s += env.now - t_loaded
+        return Started(startup_s, load_s)
+
+    def _land_layers(self, inst: Instance, loads: Sequence[RankLoad], landed: Landed, t_load: float,
+                     copy_s: float) -> LayerProgress:
+        """Start the copies and marked transfers of an execute-while-load start (a process of their own);
+        the returned progress fills as units and layers land."""
+        entry = inst.entry
+        n_layers = len(layer_blocks(entry.spec))
+        progress = LayerProgress(self.env, [t_load] * n_layers, t_load)
+        self.env.process(self._stream(progress, entry.spec, entry.units, entry.rank_keys, loads, landed, copy_s))
+        return progress
+
+    def _stream(self, progress: LayerProgress, spec: ModelSpec, units: tuple[ReuseUnit, ...],
+                rank_keys: tuple[tuple[Key, ...], ...], loads: Sequence[RankLoad], landed: Landed,
+                copy_s: float) -> Work:
+        env = self.env
+        if copy_s:
+            yield env.timeout(copy_s)
+        ready = progress.ready
+        for i in range(len(ready)):  # a layer of reused units only is ready once the copies are done
+            ready[i] = env.now
+        parts = unit_parts(spec, units)
+        transfers = []
+        for rank, load in enumerate(loads):
+            if not load.missing:
+                landed(load, ())
+                continue
+            position = {key: i for i, key in enumerate(rank_keys[rank])}
+            for links, tier_units in load.worker.device._tiers(load):
+                marks: list[float] = []
+                what: list[tuple[int, tuple[Key, int] | None]] = []  # (layer, None) or (-1, unit landed)
+                offset = 0
+                for key, nbytes in tier_units:
+                    for fraction, layer in parts[position[key]]:
+                        marks.append(offset + fraction * nbytes)
+                        what.append((layer, None))
+                    offset += nbytes
+                    marks.append(float(offset))
+                    what.append((-1, (key, nbytes)))
+
+                def on_mark(i: int, what=what, load=load) -> None:
+                    layer, unit = what[i]
+                    if unit is not None:
+                        landed(load, (unit,))
+                    elif env.now > ready[layer]:
+                        ready[layer] = env.now
+
+                transfers.append(self.fabric.transfer(offset, links, marks, on_mark))
+        if transfers:
+            yield env.all_of(transfers)
+        progress.finish(env.now)
+
+    def _tiers(self, load: RankLoad) -> list[tuple[tuple[Link, ...], list[tuple[Key, int]]]]:
+        """`_transfers`' split of the missing units by tier, as (links, units in plan order)."""
+        node = load.worker.node
+        cache, on_ssd, ssd_holds_all = node.cache, node.on_ssd, node.tiers.ssd_holds_all
+        dram: list[tuple[Key, int]] = []
+        ssd: list[tuple[Key, int]] = []
+        remote: list[tuple[Key, int]] = []
+        for unit in load.missing:
+            key = unit[0]
+            if key in cache:
+                dram.append(unit)
+                cache.move_to_end(key)
+            elif ssd_holds_all or key in on_ssd:
+                ssd.append(unit)
+            else:
+                remote.append(unit)
+        tiers = (((self.pcie,), dram), ((node.ssd, self.pcie), ssd), ((node.network, self.pcie), remote))
+        return [(links, units) for links, units in tiers if units]
 
     def _transfers(self, load: RankLoad) -> list[simpy.Event]:
         """Missing units stream host->GPU; those not in the DRAM cache come from SSD or remote first."""
@@ -103,8 +205,38 @@ class ModelledDevice:
         return copy.done, copy.cancel
 
     def prefill(self, inst: Instance, batch: Sequence[Request]) -> tuple[simpy.Event, Callable[[], float]]:
+        loading = inst.loading
+        if loading is not None and not loading.consumed:
+            return self._prefill_while_loading(inst, batch, loading)
         dt = self.time_model.prefill_s(inst.entry.spec, sum(r.input_tokens for r in batch), len(inst.group))
         return self.env.timeout(dt), lambda: dt
+
+    def _prefill_while_loading(self, inst: Instance, batch: Sequence[Request], loading: LayerProgress
+                               ) -> tuple[simpy.Event, Callable[[], float]]:
+        """The first prefill of an instance whose weights are landing: once every layer's ready time is
+        known (the last unit landed), `pipeline` gives each layer's span; the iteration ends with the last."""
+        env = self.env
+        loading.consumed = True
+        start = env.now
+        compute = self.time_model.prefill_layers_s(inst.entry.spec, sum(r.input_tokens for r in batch),
+                                                   len(inst.group))
+        done = env.event()
+        took = [0.0]
+
+        def run(_event: object = None) -> None:
+            starts, finishes = pipeline(loading.ready, compute, start)
+            loading.computed(starts, finishes)
+            # the engine serves once its model is whole: a text model's last layer lands with its last
+            # unit anyway, but a vision tower's units (no layer of a text prompt) may land after it
+            end = max(finishes[-1], loading.load_end) if finishes else loading.load_end
+            took[0] = end - start
+            env.timeout(max(0.0, end - env.now)).callbacks.append(lambda _e: done.succeed())
+
+        if loading.finished:
+            run()
+        else:
+            loading.done.callbacks.append(run)
+        return done, lambda: took[0]
 
     def decode(self, inst: Instance, running: Sequence[Request], horizon: float, kv_tokens: float,
                wake: simpy.Event | None) -> tuple[simpy.Event, Callable[[], tuple[float, float]]]:

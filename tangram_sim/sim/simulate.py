@@ -125,6 +125,8 @@ def simulate(
         if calibration and calibration.engine_overhead_s is not None
         else system.engine_overhead_s
     )
+    # a system without stages keeps the single engine overhead of before (None: exactly that code path)
+    startup = system.startup_plan(engine_overhead) if system.startup else None
     tiers = cluster.tiers
     if calibration and calibration.read_bps:  # the measured checkpoint read rate replaces the SSD's
         tiers = dataclasses.replace(tiers, ssd_bps=calibration.read_bps)
@@ -147,7 +149,8 @@ def simulate(
     devices = [
         ModelledDevice(env, i, gpu.memory_bytes, cluster.alignment, gpu.pcie_bps, fabric, time_model,
                        engine_overhead, unit_overhead, d2d, whole_steps=cluster.decode_admission == "step",
-                       load_overhead_s=(calibration.load_overhead_s or 0.0) if calibration else 0.0)
+                       load_overhead_s=(calibration.load_overhead_s or 0.0) if calibration else 0.0,
+                       startup=startup, execute_while_load=system.execute_while_load)
         for i in range(cluster.nodes * cluster.gpus_per_node)
     ]
     recorder = Recorder(record_events, sample_interval_s, check_invariants)

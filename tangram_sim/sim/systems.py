@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from tangram_sim.core.startup import StartupPlan, resolve_startup, runtime_from_engine_overhead
 from tangram_sim.errors import ConfigError, shown
 
 MiB = 2**20
@@ -74,9 +75,20 @@ class SystemSpec:
     # (vLLM-like batched prefill); 1 = one by one, as the real executor's engine prefills
     prefetch: str = "none"  # prefetch policy: what an idle GPU loads before it is asked (none: nothing)
     prefetch_params: dict[str, Any] = field(default_factory=dict)  # extra prefetch policy parameters
+    # A cold start's stages (core.startup): {preset: NAME, runtime|context|kv_init|graph_capture: MODE or
+    # {mode: serial|overlap|skip|restore, s, restore_s}}; empty: runtime serial for engine_overhead_s
+    startup: dict[str, Any] = field(default_factory=dict)
+    execute_while_load: bool = False  # the first prefill computes layer i once layer i has landed (and
+    # layer i-1 is done) instead of after the whole load; the modelled device only, for now
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def startup_plan(self, engine_overhead_s: float | None = None) -> StartupPlan:
+        """The cold start's stages; `engine_overhead_s` (e.g. a calibration's) replaces the system's as the
+        runtime stage's time where that time is the engine overhead (no preset, no runtime time given)."""
+        overhead = self.engine_overhead_s if engine_overhead_s is None else engine_overhead_s
+        return resolve_startup(self.startup, overhead)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -151,6 +163,8 @@ _FIELD_TYPES = {
     "prefill_batch": int,
     "prefetch": str,
     "prefetch_params": dict,
+    "startup": dict,
+    "execute_while_load": bool,
 }
 
 
@@ -189,7 +203,7 @@ def make_system(name: str, preset: str = "tangram", overrides: dict[str, Any] | 
                 value = float(value)
             except OverflowError:  # an integer too large for a float: out of range below
                 value = math.inf
-        if not isinstance(value, want) or isinstance(value, bool):
+        if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
             raise ConfigError(f"{where}.overrides.{key}: expected {want.__name__}, got {shown(value)}")
         problem = _out_of_range(key, value)
         if problem:
@@ -197,6 +211,9 @@ def make_system(name: str, preset: str = "tangram", overrides: dict[str, Any] | 
         values[key] = value
     spec = replace(SystemSpec(name=name), **values)
     _validate(spec, where)
+    if "engine_overhead_s" in (overrides or {}) and not runtime_from_engine_overhead(spec.startup):
+        raise ConfigError(f"{where}.overrides.engine_overhead_s: the startup stages set the runtime stage's time "
+                          "(a preset or runtime.s); set one of the two")
     return spec
 
 
@@ -223,6 +240,11 @@ def _validate(spec: SystemSpec, where: str) -> None:
         raise ConfigError(f"{where}.kv: {KV.unknown(spec.kv)}")
     if spec.granularity not in ("model", "tensor", "group"):
         raise ConfigError(f"{where}.granularity: expected model, tensor or group, got {shown(spec.granularity)}")
+    plan = resolve_startup(spec.startup, spec.engine_overhead_s, f"{where}.overrides.startup")
+    if spec.execute_while_load and plan.post_s:
+        late = next(n for n, st in plan.stages if st.mode == "serial" and st.s and n in ("kv_init", "graph_capture"))
+        raise ConfigError(f"{where}.overrides.startup.{late}: serial after the weights, so nothing computes before "
+                          "every layer has landed; with execute_while_load set it to overlap, restore or skip")
     if spec.prefetch != "none" and spec.retention == "none":
         raise ConfigError(f"{where}.overrides.prefetch: {shown(spec.prefetch)} needs a retention policy that keeps "
                           "weights, but retention none frees them when an instance ends")

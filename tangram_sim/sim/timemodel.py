@@ -2,6 +2,13 @@
 
 Both time models honour one contract (`prefill_s`, `decode_step_s`) and are costed per GPU of a
 tensor-parallel group (FLOPs and bytes divide by the TP degree; collective traffic is ignored).
+
+`prefill_layers_s` splits one prefill iteration over the model's layers in compute order
+(`models.layers.layer_blocks`) for execute-while-load, where layer i computes once its weights have
+landed: the shares follow what bounds the iteration (the roofline's FLOPs, with each attention layer's
+t^2 term, or its weight bytes when memory-bound; a linear calibrated model's dense FLOPs), and the
+layers sum to `prefill_s` up to rounding, so a serial and an overlapped cold start cost the same compute.
+Decode is not split: its first step needs the first token, which needs the last layer.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tangram_sim.models.layers import layer_blocks
 from tangram_sim.models.spec import ModelSpec
 from tangram_sim.sim.hardware import GpuSpec
 
@@ -23,6 +31,22 @@ class TimeModel:
 
     def decode_step_s(self, model: ModelSpec, batch: int, kv_tokens: float, tp: int = 1) -> float:
         raise NotImplementedError
+
+    def prefill_layers_s(self, model: ModelSpec, tokens: int, tp: int = 1) -> list[float]:
+        """`prefill_s` split over the model's layers in compute order, by their dense FLOPs per token (a
+        prefill's cost is linear in them when, as in a calibrated model, it is linear in tokens)."""
+        blocks = layer_blocks(model)
+        return _split(self.prefill_s(model, tokens, tp), blocks.flops_per_token, blocks.nbytes)
+
+
+def _split(total: float, weights: tuple[float, ...] | list[float], fallback: tuple[int, ...]) -> list[float]:
+    """`total` in proportion to `weights` (to `fallback` when they are all zero)."""
+    norm = sum(weights)
+    if norm <= 0:
+        weights, norm = fallback, sum(fallback)
+    if norm <= 0:
+        return [total / len(weights)] * len(weights) if weights else []
+    return [total * w / norm for w in weights]
 
 
 @dataclass(slots=True, frozen=True)
@@ -46,6 +70,22 @@ class Roofline(TimeModel):
         compute = flops / tp / (self.gpu.bf16_flops * self.compute_efficiency)
         memory = model.weight_bytes / tp / (self.gpu.hbm_bps * self.memory_efficiency)
         return max(compute, memory) + self.prefill_overhead_s
+
+    def prefill_layers_s(self, model: ModelSpec, tokens: int, tp: int = 1) -> list[float]:
+        """Split by what bounds the iteration: each layer's FLOPs (its matmuls, plus an equal share of the
+        attention term for each transformer layer) when compute-bound, its weight bytes when memory-bound;
+        the per-iteration overhead goes with the same shares."""
+        blocks = layer_blocks(model)
+        flops = model.flops_per_token * tokens + 2.0 * self._attn_dim(model) * tokens * tokens
+        compute = flops / tp / (self.gpu.bf16_flops * self.compute_efficiency)
+        memory = model.weight_bytes / tp / (self.gpu.hbm_bps * self.memory_efficiency)
+        total = max(compute, memory) + self.prefill_overhead_s
+        if compute < memory:
+            return _split(total, blocks.nbytes, blocks.nbytes)
+        layers = sum(blocks.attention)
+        attn = 2.0 * self._attn_dim(model) * tokens * tokens / layers if layers else 0.0
+        weights = [f * tokens + (attn if a else 0.0) for f, a in zip(blocks.flops_per_token, blocks.attention)]
+        return _split(total, weights, blocks.nbytes)
 
     def decode_step_s(self, model: ModelSpec, batch: int, kv_tokens: float, tp: int = 1) -> float:
         # One step produces one token per sequence: read all weights + every live KV byte once;
@@ -113,6 +153,11 @@ class Calibrated(TimeModel):
         if c is None:
             return self.fallback.prefill_s(model, tokens, tp)
         return c.prefill_base_s + c.prefill_per_token_s * tokens
+
+    def prefill_layers_s(self, model: ModelSpec, tokens: int, tp: int = 1) -> list[float]:
+        if model.name not in (self.calibration.models or {}):
+            return self.fallback.prefill_layers_s(model, tokens, tp)
+        return TimeModel.prefill_layers_s(self, model, tokens, tp)
 
     def decode_step_s(self, model: ModelSpec, batch: int, kv_tokens: float, tp: int = 1) -> float:
         c = (self.calibration.models or {}).get(model.name)
