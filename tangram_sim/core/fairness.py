@@ -88,7 +88,7 @@ def switch_s(worker: GpuWorker, req: Request) -> float:
     entry = c.entries[req.model]
     bps = c.pcie_bps
     if not node.holds(entry, req.model):
-        bps = min(bps, node.ssd.bps if node.tiers.ssd_holds_all else node.network.bps)
+        bps = min(bps, c.topology.storage_bps(node.node_id))
     if c.pipeline_layers is not None:
         prefill = c.time_model.prefill_s(entry.spec, req.input_tokens, entry.tp)
         return c.engine_overhead_s + pipelined_load_s(missing / bps, prefill, c.pipeline_layers[req.model])

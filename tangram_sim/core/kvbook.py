@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from tangram_sim.core.memory import Ask, acquire, commit
 from tangram_sim.core.records import EPS_TOKENS, Request
 from tangram_sim.policies.kv import KvPool
-from tangram_sim.sim.systems import SystemSpec
+from tangram_sim.specs.system import SystemSpec
 
 if TYPE_CHECKING:
     from tangram_sim.core.worker import GpuWorker

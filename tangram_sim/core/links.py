@@ -20,15 +20,9 @@ from collections.abc import Callable, Sequence
 
 import simpy
 
+from tangram_sim.topology.links import Link
 
-class Link:
-    __slots__ = ("name", "bps", "active", "bytes_moved")
-
-    def __init__(self, name: str, bps: float) -> None:
-        self.name = name  # for logs
-        self.bps = bps  # bandwidth, bytes/s
-        self.active = 0  # transfers currently crossing it
-        self.bytes_moved = 0.0  # total carried, for utilisation metrics
+__all__ = ["Fabric", "Link"]
 
 
 class _Flow:

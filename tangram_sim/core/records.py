@@ -20,7 +20,7 @@ from tangram_sim.models.units import ReuseUnit, build_units
 
 if TYPE_CHECKING:
     from tangram_sim.core.worker import GpuWorker
-    from tangram_sim.sim.systems import SystemSpec
+    from tangram_sim.specs.system import SystemSpec
 
 EPS_TOKENS = 1e-6  # fluid decode: a request within this many tokens of a boundary has reached it
 

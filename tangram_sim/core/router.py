@@ -32,9 +32,10 @@ from tangram_sim.policies.prefetch import PrefetchPolicy
 from tangram_sim.policies.retention import RetentionPolicy
 from tangram_sim.policies.scheduler import PlacementOption, Scheduler, pipelined_load_s
 from tangram_sim.policies.warm_routing import WarmInstance, WarmRoutingPolicy
-from tangram_sim.sim.hardware import TierSpec
-from tangram_sim.sim.systems import SystemSpec
-from tangram_sim.sim.timemodel import TimeModel
+from tangram_sim.specs.hardware import TierSpec
+from tangram_sim.specs.system import SystemSpec
+from tangram_sim.specs.timemodel import TimeModel
+from tangram_sim.topology import Topology
 
 _gpu_id = operator.attrgetter("gpu_id")
 
@@ -105,6 +106,7 @@ class Cluster:
         preemption: PreemptionPolicy,
         warm_routing: WarmRoutingPolicy,
         make_prefetch: Callable[[], PrefetchPolicy] | None = None,
+        topology: Topology | None = None,
     ) -> None:
         self.env = env
         self.system = system
@@ -150,7 +152,9 @@ class Cluster:
             key: interned.setdefault(owners, frozenset(owners)) for key, owners in self.key_owners.items()
         }
         n_nodes = len(devices) // gpus_per_node
-        self.nodes = [Node(n, tiers, self.key_owners) for n in range(n_nodes)]
+        # the cluster's links (None: the default topology of `tiers`: peers over PCIe, no RDMA)
+        self.topology = topology or Topology(n_nodes, gpus_per_node, pcie_bps, tiers)
+        self.nodes = [Node(n, tiers, self.key_owners, self.topology) for n in range(n_nodes)]
         self.workers = [GpuWorker(self, d, self.nodes[i // gpus_per_node]) for i, d in enumerate(devices)]
         self.gpu_model_bytes = {name: sum(e.rank_bytes[0]) for name, e in entries.items()}  # one rank's
         self.warm_workers: dict[str, set[GpuWorker]] = {}
@@ -269,7 +273,7 @@ class Cluster:
                     in_host_cache=in_cache[node.node_id],
                     # ranks load their shards in parallel, each over its own link
                     host_to_gpu_bps=self.pcie_bps * tp,
-                    storage_bps=node.ssd.bps if node.tiers.ssd_holds_all else node.network.bps,
+                    storage_bps=self.topology.storage_bps(node.node_id),
                     prefill_s=prefill,
                     load_overhead_s=self.engine_overhead_s,
                     capacity_bytes=min(w.arena.capacity for w in group),

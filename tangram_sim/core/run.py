@@ -36,9 +36,10 @@ from tangram_sim.policies.prefetch import NoPrefetch, PrefetchPolicy
 from tangram_sim.policies.retention import RetentionPolicy
 from tangram_sim.policies.scheduler import Scheduler
 from tangram_sim.policies.warm_routing import WarmRoutingPolicy
-from tangram_sim.sim.hardware import TierSpec
-from tangram_sim.sim.systems import SystemSpec, system_field_names
-from tangram_sim.sim.timemodel import TimeModel
+from tangram_sim.specs.hardware import TierSpec
+from tangram_sim.specs.system import SystemSpec, system_field_names
+from tangram_sim.specs.timemodel import TimeModel
+from tangram_sim.topology import Topology
 
 
 class RunInvariantError(AssertionError):
@@ -181,13 +182,15 @@ def run_lifecycle(
     progress: Callable[[int], Any] | None = None,
     stream: RequestStream | None = None,
     n_requests: int | None = None,
+    topology: Topology | None = None,
 ) -> LifecycleRun:
     """Route `requests` (in arrival order) through a cluster of `devices` until every one has an outcome,
     then check the accounting; raises RunInvariantError on any failure. `time_model`,
     `engine_overhead_s` and `pcie_bps` are the scheduler's estimates (from the configuration).
 
     With `stream`, finished requests go to it and are not kept (`requests` may then be an iterator of
-    `n_requests` records, e.g. `iter_requests`); the returned run's `requests` is empty."""
+    `n_requests` records, e.g. `iter_requests`); the returned run's `requests` is empty. `topology`: the
+    cluster's links, shared with the devices (None: the default topology of `tiers`)."""
     n = len(requests) if n_requests is None else n_requests  # type: ignore[arg-type]
     if system.execute_while_load and not all(d.overlaps_load for d in devices):
         raise ConfigError(f"systems ({system.name}): execute_while_load needs devices that compute while the "
@@ -198,7 +201,7 @@ def run_lifecycle(
         kv=policies.kv, scheduler=policies.scheduler, rng=random.Random(seed), recorder=recorder,
         engine_overhead_s=engine_overhead_s, pcie_bps=pcie_bps, make_prefetch=policies.make_prefetch,
         keep_alive=policies.keep_alive, fairness=policies.fairness, preemption=policies.preemption,
-        warm_routing=policies.warm_routing,
+        warm_routing=policies.warm_routing, topology=topology,
     )
     cluster.total_requests = n  # a pre-warm after the last outcome would load for nobody
     cluster.on_finished = stream

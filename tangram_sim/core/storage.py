@@ -2,7 +2,7 @@
 
 The cache's contents are lifecycle state (the scheduler asks whether a node holds a model, loads fill
 it), so they live here for both drivers; how long a transfer through the tiers takes is the modelled
-device's business (`tangram_sim.sim.device`). A real replay reads every unit from its files, so its
+device's business (the simulator's modelled device); the links are the cluster's `topology`. A real replay reads every unit from its files, so its
 experiment runs with no host cache.
 """
 
@@ -13,9 +13,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from tangram_sim.arena import Key
-from tangram_sim.core.links import Link
 from tangram_sim.core.records import ModelEntry
-from tangram_sim.sim.hardware import TierSpec
+from tangram_sim.specs.hardware import TierSpec
+from tangram_sim.topology import Topology
 
 _key = operator.itemgetter(0)  # of a (key, nbytes) unit
 
@@ -23,12 +23,13 @@ _key = operator.itemgetter(0)  # of a (key, nbytes) unit
 class Node:
     """Host side of a machine: a pinned DRAM checkpoint cache (LRU over units), SSD and network."""
 
-    def __init__(self, node_id: int, tiers: TierSpec, key_owners: dict[Key, tuple[str, ...]]) -> None:
+    def __init__(self, node_id: int, tiers: TierSpec, key_owners: dict[Key, tuple[str, ...]],
+                 topology: Topology) -> None:
         self.node_id = node_id
         self.tiers = tiers
         self.key_owners = key_owners  # unit key -> models whose weights include it
-        self.ssd = Link(f"node{node_id}.ssd", tiers.ssd_bps)
-        self.network = Link(f"node{node_id}.net", tiers.network_bps)
+        self.ssd = topology.ssd[node_id]  # local NVMe reads
+        self.network = topology.nic_in[node_id]  # the NIC, into the node
         self.cache: OrderedDict[Key, int] = OrderedDict()  # unit key -> bytes, LRU first
         self.cache_bytes = 0
         self.on_ssd: set[Key] = set()  # units fetched from remote (when the SSD is not pre-filled)

@@ -34,6 +34,10 @@ Schema (defaults in brackets):
         decode_per_seq_s: number [0]       #   per extra sequence in the batch
         decode_per_kv_token_s: number [0]  #   per live KV token a step reads
                                            # (a calibration file's coefficients win for its models)
+      topology:                            # optional: links beyond each node's tiers (docs/topology.md)
+        nvlink_gbps: number [none]         #   NVLink per GPU each way; none: peers copy over PCIe
+        rdma: bool [false]                 #   NICs reach GPU memory: another node's GPU can be a source
+        remote_store_gbps: number [none]   #   the shared remote store's limit; none: the NICs' alone
     models:                                # at least one
       - name: catalog name, or a config.json / .safetensors / checkpoint folder path
         sensitivity: number [1]
@@ -107,12 +111,13 @@ from tangram_sim.errors import ConfigError, TangramError, shown
 from tangram_sim.experiments.yamlio import DuplicateKeyError, YamlLoader, load_yaml, yaml_load  # noqa: F401
 from tangram_sim.sim.hardware import GPUS, TierSpec, gpu_spec
 from tangram_sim.sim.systems import PRESETS, SystemSpec, make_system
+from tangram_sim.topology import topology_from_config
 
 GiB = 2**30
 TOP_KEYS = ("name", "seed", "description", "cluster", "models", "trace", "systems", "sweep", "calibration",
             "outputs", "real", "plugins", "slo")
 CLUSTER_KEYS = ("nodes", "gpus_per_node", "gpu", "gpu_memory_gib", "gpu_overrides", "tiers",
-                "compute_efficiency", "memory_efficiency", "time_model", "decode_admission")
+                "compute_efficiency", "memory_efficiency", "time_model", "decode_admission", "topology")
 TIME_MODEL_KEYS = ("prefill_base_s", "prefill_per_token_s", "decode_base_s", "decode_per_seq_s",
                    "decode_per_kv_token_s")
 DECODE_ADMISSION = ("fluid", "step")
@@ -371,6 +376,9 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
         "unit_overhead_s": _num(tiers, "unit_overhead_s", "cluster.tiers", 0.0, NON_NEGATIVE),
     }
     gpu_spec(cluster["gpu"], cluster["gpu_overrides"], cluster["gpu_memory_gib"])  # field checks
+    if cl.get("topology") is not None:  # only when given: configs without it keep their hash
+        topology_from_config(cl["topology"])  # checks every key
+        cluster["topology"] = dict(cl["topology"])
     if cl.get("time_model") is not None:  # only when given: configs without it keep their hash
         cluster["time_model"] = _time_model(cl["time_model"])
     out["cluster"] = cluster
@@ -617,6 +625,7 @@ def build_cluster(config: dict[str, Any]) -> Any:
         compute_efficiency=c["compute_efficiency"],
         memory_efficiency=c["memory_efficiency"],
         decode_admission=c.get("decode_admission", "fluid"),
+        topology=topology_from_config(c.get("topology")),
     )
 
 

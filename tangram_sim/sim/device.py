@@ -38,6 +38,7 @@ from tangram_sim.models.layers import layer_blocks, unit_parts
 from tangram_sim.models.spec import ModelSpec
 from tangram_sim.models.units import ReuseUnit
 from tangram_sim.sim.timemodel import TimeModel
+from tangram_sim.topology import Topology
 
 
 class ModelledDevice:
@@ -50,11 +51,14 @@ class ModelledDevice:
                  pcie_bps: float, fabric: Fabric, time_model: TimeModel, engine_overhead_s: float,
                  unit_overhead_s: float, d2d_bps: float, whole_steps: bool = False,
                  load_overhead_s: float = 0.0, startup: StartupPlan | None = None,
-                 execute_while_load: bool = False) -> None:
+                 execute_while_load: bool = False, topology: Topology | None = None) -> None:
         self.env = env
         self.gpu_id = gpu_id  # position in the cluster
         self.arena = Arena(memory_bytes, alignment=alignment)  # the books are the whole device
-        self.pcie = Link(f"gpu{gpu_id}.pcie", pcie_bps)  # host->GPU, shared by this GPU's transfers
+        # host->GPU, shared by this GPU's transfers: the topology's link of this GPU when the simulator
+        # shares one topology with the cluster (`topology`), else one of its own
+        self.pcie = topology.pcie[gpu_id] if topology is not None else Link(f"gpu{gpu_id}.pcie", pcie_bps)
+        self._paths: dict[tuple[str, int], tuple[Link, ...]] = {}  # (source, holder GPU) -> links crossed
         self.pcie_bps = pcie_bps
         self.fabric = fabric  # every link of the cluster
         self.time_model = time_model
@@ -170,8 +174,21 @@ class ModelledDevice:
                 ssd.append(unit)
             else:
                 remote.append(unit)
-        tiers = (((self.pcie,), dram), ((node.ssd, self.pcie), ssd), ((node.network, self.pcie), remote))
+        path = self._path
+        tiers = ((path(load, "dram"), dram), (path(load, "ssd"), ssd), (path(load, "remote"), remote))
         return [(links, units) for links, units in tiers if units]
+
+    def _path(self, load: RankLoad, source: str, src_gpu: int = -1) -> tuple[Link, ...]:
+        """The links from `source` (held by `src_gpu` for a GPU source) to this GPU, in the cluster's
+        topology, ending on this GPU's own PCIe link."""
+        links = self._paths.get((source, src_gpu))
+        if links is None:
+            topology = load.worker.cluster.topology
+            links = topology.path(source, self.gpu_id, src_gpu)
+            if links[-1] is topology.pcie[self.gpu_id] and links[-1] is not self.pcie:
+                links = (*links[:-1], self.pcie)
+            self._paths[(source, src_gpu)] = links
+        return links
 
     def _transfers(self, load: RankLoad) -> list[simpy.Event]:
         """Missing units stream host->GPU; those not in the DRAM cache come from SSD or remote first."""
@@ -187,13 +204,14 @@ class ModelledDevice:
             else:
                 from_remote += nbytes
         fabric = self.fabric
+        path = self._path
         events = []
         if from_dram:
-            events.append(fabric.transfer(from_dram, (self.pcie,)))
+            events.append(fabric.transfer(from_dram, path(load, "dram")))
         if from_ssd:
-            events.append(fabric.transfer(from_ssd, (node.ssd, self.pcie)))
+            events.append(fabric.transfer(from_ssd, path(load, "ssd")))
         if from_remote:
-            events.append(fabric.transfer(from_remote, (node.network, self.pcie)))
+            events.append(fabric.transfer(from_remote, path(load, "remote")))
         return events
 
     def prefetch_source(self, node: Node, key: Key) -> bool:

@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from typing import Any
 
 from tangram_sim.errors import ConfigError
+from tangram_sim.specs.hardware import GiB, GpuSpec, TierSpec
 
-GiB = 2**30
+__all__ = ["GPUS", "GiB", "GpuSpec", "TierSpec", "gpu_spec"]
 
-
-@dataclass(slots=True, frozen=True)
-class GpuSpec:
-    name: str  # catalog name
-    memory_bytes: int  # device memory the arena may use
-    bf16_flops: float  # dense bf16 peak, FLOP/s
-    hbm_bps: float  # device memory bandwidth, bytes/s
-    pcie_bps: float  # achievable pinned host->device bandwidth, bytes/s
-    d2d_bps: float  # device-to-device copy bandwidth inside the GPU (compaction), bytes/s
 
 
 # Public datasheet peaks; pcie is what pinned copies reach in practice (Gen4 ~25, Gen5 ~50 GB/s);
@@ -35,15 +27,6 @@ GPUS: dict[str, GpuSpec] = {
         GpuSpec("a10-24gb", 24 * GiB, 125e12, 0.6e12, 25e9, 0.28e12),
     ]
 }
-
-
-@dataclass(slots=True, frozen=True)
-class TierSpec:
-    host_cache_bytes: int = 256 * GiB  # pinned host-DRAM checkpoint cache per node (LRU over units)
-    ssd_bps: float = 6e9  # local NVMe read bandwidth per node, shared by its GPUs
-    network_bps: float = 1.25e9  # remote store link per node (10 Gb/s), shared by its GPUs
-    ssd_holds_all: bool = True  # every checkpoint starts on every node's SSD (else: remote only)
-    unit_overhead_s: float = 0.0  # fixed cost per loaded unit (allocation, descriptor setup)
 
 
 def gpu_spec(name: str, overrides: dict[str, Any] | None = None, memory_gib: float | None = None) -> GpuSpec:

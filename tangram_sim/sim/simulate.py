@@ -32,6 +32,7 @@ from tangram_sim.sim.device import ModelledDevice
 from tangram_sim.sim.hardware import GiB, GpuSpec, TierSpec
 from tangram_sim.sim.systems import SystemSpec
 from tangram_sim.sim.timemodel import Calibrated, Calibration, Roofline
+from tangram_sim.topology import Topology, TopologySpec
 
 SimulationInvariantError = RunInvariantError  # the name tests and callers know
 
@@ -53,6 +54,7 @@ class ClusterSpec:
     memory_efficiency: float = 0.7  # roofline: share of HBM bandwidth reached
     alignment: int = ARENA_ALIGNMENT  # arena alignment in bytes
     decode_admission: str = "fluid"  # "step": arrivals join a decoding batch when its step ends
+    topology: TopologySpec = field(default_factory=TopologySpec)  # NVLink, RDMA, remote store (`topology`)
 
 
 @dataclass(slots=True)
@@ -146,11 +148,12 @@ def simulate(
     )
     env = simpy.Environment()
     fabric = Fabric(env)
+    topology = Topology(cluster.nodes, cluster.gpus_per_node, gpu.pcie_bps, tiers, cluster.topology)
     devices = [
         ModelledDevice(env, i, gpu.memory_bytes, cluster.alignment, gpu.pcie_bps, fabric, time_model,
                        engine_overhead, unit_overhead, d2d, whole_steps=cluster.decode_admission == "step",
                        load_overhead_s=(calibration.load_overhead_s or 0.0) if calibration else 0.0,
-                       startup=startup, execute_while_load=system.execute_while_load)
+                       startup=startup, execute_while_load=system.execute_while_load, topology=topology)
         for i in range(cluster.nodes * cluster.gpus_per_node)
     ]
     recorder = Recorder(record_events, sample_interval_s, check_invariants)
@@ -168,7 +171,7 @@ def simulate(
             env, devices, requests, gpus_per_node=cluster.gpus_per_node, tiers=tiers, system=system,
             entries=entries, time_model=roofline, policies=policies, seed=seed, recorder=recorder,
             engine_overhead_s=system.engine_overhead_s, pcie_bps=configured_pcie, progress=tick,
-            stream=stream, n_requests=len(trace),
+            stream=stream, n_requests=len(trace), topology=topology,
         )
     finally:
         bar.close()

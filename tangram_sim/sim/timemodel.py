@@ -21,32 +21,10 @@ from typing import Any
 from tangram_sim.models.layers import layer_blocks
 from tangram_sim.models.spec import ModelSpec
 from tangram_sim.sim.hardware import GpuSpec
+from tangram_sim.specs.timemodel import TimeModel
+from tangram_sim.specs.timemodel import split as _split
 
-
-class TimeModel:
-    """Contract of a time model; `prefill_s` covers one batched prefill iteration."""
-
-    def prefill_s(self, model: ModelSpec, tokens: int, tp: int = 1) -> float:
-        raise NotImplementedError
-
-    def decode_step_s(self, model: ModelSpec, batch: int, kv_tokens: float, tp: int = 1) -> float:
-        raise NotImplementedError
-
-    def prefill_layers_s(self, model: ModelSpec, tokens: int, tp: int = 1) -> list[float]:
-        """`prefill_s` split over the model's layers in compute order, by their dense FLOPs per token (a
-        prefill's cost is linear in them when, as in a calibrated model, it is linear in tokens)."""
-        blocks = layer_blocks(model)
-        return _split(self.prefill_s(model, tokens, tp), blocks.flops_per_token, blocks.nbytes)
-
-
-def _split(total: float, weights: tuple[float, ...] | list[float], fallback: tuple[int, ...]) -> list[float]:
-    """`total` in proportion to `weights` (to `fallback` when they are all zero)."""
-    norm = sum(weights)
-    if norm <= 0:
-        weights, norm = fallback, sum(fallback)
-    if norm <= 0:
-        return [total / len(weights)] * len(weights) if weights else []
-    return [total * w / norm for w in weights]
+__all__ = ["Calibrated", "Calibration", "ModelCoefficients", "Roofline", "TimeModel", "with_coefficients"]
 
 
 @dataclass(slots=True, frozen=True)
