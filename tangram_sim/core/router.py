@@ -31,6 +31,7 @@ from tangram_sim.policies.packing import PackingPolicy
 from tangram_sim.policies.prefetch import PrefetchPolicy
 from tangram_sim.policies.retention import RetentionPolicy
 from tangram_sim.policies.scheduler import PlacementOption, Scheduler, pipelined_load_s
+from tangram_sim.policies.source import SourcePolicy, TiersSource
 from tangram_sim.policies.warm_routing import WarmInstance, WarmRoutingPolicy
 from tangram_sim.specs.hardware import TierSpec
 from tangram_sim.specs.system import SystemSpec
@@ -107,6 +108,7 @@ class Cluster:
         warm_routing: WarmRoutingPolicy,
         make_prefetch: Callable[[], PrefetchPolicy] | None = None,
         topology: Topology | None = None,
+        source: SourcePolicy | None = None,
     ) -> None:
         self.env = env
         self.system = system
@@ -134,6 +136,7 @@ class Cluster:
         self.fairness = fairness  # when a running instance stops admitting (core.fairness)
         self.preemption = preemption  # which running request gives its KV back
         self.warm_routing = warm_routing  # which active instance an arrival joins
+        self.source = source or TiersSource()  # where each missing unit is read from (core.sources)
         self.total_requests: float = math.inf  # requests of the run, when known (`run_lifecycle`)
         # KV of a tensor-parallel model is split by heads: each rank holds 1/tp of every block.
         self.block_bytes = {

@@ -35,6 +35,7 @@ from tangram_sim.policies.packing import PackingPolicy
 from tangram_sim.policies.prefetch import NoPrefetch, PrefetchPolicy
 from tangram_sim.policies.retention import RetentionPolicy
 from tangram_sim.policies.scheduler import Scheduler
+from tangram_sim.policies.source import SourcePolicy
 from tangram_sim.policies.warm_routing import WarmRoutingPolicy
 from tangram_sim.specs.hardware import TierSpec
 from tangram_sim.specs.system import SystemSpec, system_field_names
@@ -57,6 +58,7 @@ class Policies:
     fairness: FairnessPolicy  # shared
     preemption: PreemptionPolicy  # shared
     warm_routing: WarmRoutingPolicy  # shared
+    source: SourcePolicy  # shared: where each missing unit is read from
 
 
 class RunFacts:
@@ -111,7 +113,8 @@ def build_policies(system: SystemSpec, *, h2d_bps: float, sensitivity: dict[str,
     elif keep_alive.prewarms and retains:
         make_prefetch = NoPrefetch  # pre-warms go through the prefetch path; nothing else is prefetched
     return Policies(make_retention, make["packing"](), kv_policy(system), make["scheduler"](), make_prefetch,
-                    keep_alive, make["fairness"](), make["preemption"](), make["warm_routing"]())
+                    keep_alive, make["fairness"](), make["preemption"](), make["warm_routing"](),
+                    make["source"]())
 
 
 def kv_policy(system: SystemSpec) -> KvPolicy:
@@ -201,7 +204,7 @@ def run_lifecycle(
         kv=policies.kv, scheduler=policies.scheduler, rng=random.Random(seed), recorder=recorder,
         engine_overhead_s=engine_overhead_s, pcie_bps=pcie_bps, make_prefetch=policies.make_prefetch,
         keep_alive=policies.keep_alive, fairness=policies.fairness, preemption=policies.preemption,
-        warm_routing=policies.warm_routing, topology=topology,
+        warm_routing=policies.warm_routing, source=policies.source, topology=topology,
     )
     cluster.total_requests = n  # a pre-warm after the last outcome would load for nobody
     cluster.on_finished = stream

@@ -44,6 +44,7 @@ from tangram_sim.core.records import EPS_TOKENS, LifecycleError, Request
 from tangram_sim.core.storage import Node
 from tangram_sim.policies.lifecycle import ModelQueues
 from tangram_sim.policies.retention import RetentionPolicy
+from tangram_sim.topology import SOURCES
 
 if TYPE_CHECKING:
     from tangram_sim.core.router import Cluster
@@ -71,6 +72,8 @@ class GpuWorker:
         self.busy_s = 0.0  # time spent loading, prefilling or decoding
         self.held_s = 0.0  # time an instance occupied this GPU, busy or idle: the GPU time billed
         self.compaction_bytes = 0
+        # bytes its cold starts loaded, per source (`core.sources`)
+        self.source_bytes: dict[str, int] = dict.fromkeys(SOURCES, 0)
         self.cold_starts = 0
         self.last_sample = -math.inf  # when the timeline last sampled this GPU
         make_prefetch = cluster.make_prefetch  # what an idle GPU loads unasked (core.prefetch); None: nothing

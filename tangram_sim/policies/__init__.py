@@ -9,6 +9,7 @@
 - fairness: when a running instance stops admitting past older requests of other models (`FAIRNESS`)
 - preemption: which running request gives its KV back when the batch cannot grow (`PREEMPTION`)
 - warm routing: which active instance, if any, an arrival joins before the scheduler (`WARM_ROUTING`)
+- source: where each missing unit of a cold start is read from (`SOURCE`)
 
 `POLICY_FIELDS` lists the kinds a system names by a field (all but KV, whose parameters are system
 fields of their own), with the field of their parameters; what a policy may take from the run is
@@ -23,6 +24,7 @@ from tangram_sim.policies.packing import PACKING, Move, PackingPlan, PackingPoli
 from tangram_sim.policies.prefetch import PREFETCH, PrefetchPolicy
 from tangram_sim.policies.retention import RETENTION, RetentionPolicy
 from tangram_sim.policies.scheduler import SCHEDULER, PlacementOption, Scheduler
+from tangram_sim.policies.source import SOURCE, GpuCopy, SourcePolicy
 from tangram_sim.policies.warm_routing import WARM_ROUTING, WarmInstance, WarmRoutingPolicy
 
 # modules that add policies to the registries above
@@ -37,6 +39,7 @@ POLICY_FIELDS: tuple[PolicyField, ...] = (
     PolicyField("fairness", "fairness_params", FAIRNESS),
     PolicyField("preemption", "preemption_params", PREEMPTION),
     PolicyField("warm_routing", "warm_routing_params", WARM_ROUTING),
+    PolicyField("source", "source_params", SOURCE),
 )
 
 __all__ = [
@@ -49,8 +52,10 @@ __all__ = [
     "PREFETCH",
     "RETENTION",
     "SCHEDULER",
+    "SOURCE",
     "WARM_ROUTING",
     "FairnessPolicy",
+    "GpuCopy",
     "KeepAlivePolicy",
     "KvPlan",
     "KvPolicy",
@@ -65,6 +70,7 @@ __all__ = [
     "PrefetchPolicy",
     "RetentionPolicy",
     "Scheduler",
+    "SourcePolicy",
     "WarmInstance",
     "WarmRoutingPolicy",
     "Windows",

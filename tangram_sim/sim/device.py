@@ -2,9 +2,10 @@
 
 A cold start is the system's startup stages before the weights (`core.startup`; by default the engine
 overhead), then the compaction copies (device-to-device bandwidth plus a per-unit overhead; ranks copy in
-parallel, the slowest sets the pace), then the loads: each missing unit streams host->GPU over the GPU's
-PCIe link, from the node's DRAM cache, else its SSD, else the network, as fluid transfers (one per tier
-and rank, the units in plan order) that share links fairly (`core.links`); stages on the lane beside the
+parallel, the slowest sets the pace), then the loads: each missing unit streams to the GPU from its source
+(`core.sources`: the node's DRAM cache, else its SSD, else the network; another GPU's copy when the
+system's source policy picks one) over the links of the cluster's `topology`, as fluid transfers (one per
+source and rank, the units in plan order) that share links fairly (`core.links`); stages on the lane beside the
 load and those after it come last. A serial start lands every unit when its last transfer ends and
 returns when the engine serves. With execute-while-load the transfers carry marks where each unit ends
 and where each layer's bytes inside a unit end, so units land, and layers become ready, at the moment
@@ -30,6 +31,7 @@ from tangram_sim.arena import Arena, Key
 from tangram_sim.core.device import Landed, LayerProgress, RankLoad, Started, Work, pipeline
 from tangram_sim.core.links import Fabric, Link
 from tangram_sim.core.records import Request
+from tangram_sim.core.sources import split_sources
 from tangram_sim.core.startup import StartupPlan
 from tangram_sim.core.storage import Node
 from tangram_sim.core.worker import Instance
@@ -159,24 +161,9 @@ class ModelledDevice:
         progress.finish(env.now)
 
     def _tiers(self, load: RankLoad) -> list[tuple[tuple[Link, ...], list[tuple[Key, int]]]]:
-        """`_transfers`' split of the missing units by tier, as (links, units in plan order)."""
-        node = load.worker.node
-        cache, on_ssd, ssd_holds_all = node.cache, node.on_ssd, node.tiers.ssd_holds_all
-        dram: list[tuple[Key, int]] = []
-        ssd: list[tuple[Key, int]] = []
-        remote: list[tuple[Key, int]] = []
-        for unit in load.missing:
-            key = unit[0]
-            if key in cache:
-                dram.append(unit)
-                cache.move_to_end(key)
-            elif ssd_holds_all or key in on_ssd:
-                ssd.append(unit)
-            else:
-                remote.append(unit)
+        """The missing units by source (`core.sources`), as (links crossed, units in plan order)."""
         path = self._path
-        tiers = ((path(load, "dram"), dram), (path(load, "ssd"), ssd), (path(load, "remote"), remote))
-        return [(links, units) for links, units in tiers if units]
+        return [(path(load, source, src), units) for source, src, units in split_sources(load)]
 
     def _path(self, load: RankLoad, source: str, src_gpu: int = -1) -> tuple[Link, ...]:
         """The links from `source` (held by `src_gpu` for a GPU source) to this GPU, in the cluster's
@@ -191,28 +178,9 @@ class ModelledDevice:
         return links
 
     def _transfers(self, load: RankLoad) -> list[simpy.Event]:
-        """Missing units stream host->GPU; those not in the DRAM cache come from SSD or remote first."""
-        node = load.worker.node
-        cache, on_ssd, ssd_holds_all = node.cache, node.on_ssd, node.tiers.ssd_holds_all
-        from_dram = from_ssd = from_remote = 0
-        for key, nbytes in load.missing:
-            if key in cache:
-                from_dram += nbytes
-                cache.move_to_end(key)
-            elif ssd_holds_all or key in on_ssd:
-                from_ssd += nbytes
-            else:
-                from_remote += nbytes
-        fabric = self.fabric
-        path = self._path
-        events = []
-        if from_dram:
-            events.append(fabric.transfer(from_dram, path(load, "dram")))
-        if from_ssd:
-            events.append(fabric.transfer(from_ssd, path(load, "ssd")))
-        if from_remote:
-            events.append(fabric.transfer(from_remote, path(load, "remote")))
-        return events
+        """Missing units stream to the GPU from their sources, one transfer per source."""
+        transfer = self.fabric.transfer
+        return [transfer(sum(nbytes for _key, nbytes in units), links) for links, units in self._tiers(load)]
 
     def prefetch_source(self, node: Node, key: Key) -> bool:
         """Only units in the node's DRAM cache: their transfer crosses this GPU's PCIe link alone."""

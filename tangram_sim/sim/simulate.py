@@ -25,6 +25,7 @@ from tangram_sim.core.run import (
     trace_requests,
 )
 from tangram_sim.core.slo import Slo
+from tangram_sim.core.sources import source_totals
 from tangram_sim.core.stream import RequestStream
 from tangram_sim.errors import CapacityError, ConfigError
 from tangram_sim.models.spec import ModelSpec
@@ -186,4 +187,5 @@ def simulate(
                                  gpu_held_s=sum(w.held_s for w in workers))
     summary.update(numbers)
     summary["sim_end_s"] = float(env.now)
+    summary.update(source_totals(run.cluster.workers))  # cold starts' bytes per source (core.sources)
     return SimResult(system.name, frame, timeline, summary, recorder.events)

@@ -20,6 +20,7 @@ registry of `tangram_sim.policies` (docs/policies.md) and, for most kinds, a map
                                      # fixed: fairness_window_s [5]; adaptive: fairness_bound_s [60]
     preemption [newest | longest-context], preemption_params {}
     warm_routing [least-loaded], warm_routing_params {}   # least-loaded: under max_batch [32]
+    source [tiers], source_params {}  # tiers | fastest | gpu-first (docs/topology.md)
 
 Parameters in `*_params` win over what the policy takes from the run (`tangram_sim.policies.needs`).
 The other fields (granularity, units, batching, engine overhead) are commented on `SystemSpec`.
@@ -112,6 +113,8 @@ _FIELD_TYPES = {
     "prefetch_params": dict,
     "startup": dict,
     "execute_while_load": bool,
+    "source": str,
+    "source_params": dict,
 }
 
 

@@ -52,6 +52,8 @@ class SystemSpec:
     # A cold start's stages (core.startup): {preset: NAME, runtime|context|kv_init|graph_capture: MODE or
     # {mode: serial|overlap|skip|restore, s, restore_s}}; empty: runtime serial for engine_overhead_s
     startup: dict[str, Any] = field(default_factory=dict)
+    source: str = "tiers"  # where each missing unit is read from (policies.source): tiers | fastest | gpu-first
+    source_params: dict[str, Any] = field(default_factory=dict)  # extra source policy parameters
     execute_while_load: bool = False  # the first prefill computes layer i once layer i has landed (and
     # layer i-1 is done) instead of after the whole load; the modelled device only, for now
 
