@@ -11,6 +11,13 @@ A transfer may carry marks: byte offsets at which a callback learns, at that sim
 stream has moved that far (a unit, or a layer inside a unit, has landed: `sim.device` with
 execute-while-load). A mark is one more timer, like a completion; a transfer without marks schedules
 exactly what it did before marks existed (its next event is `remaining - 0.0` bytes away).
+
+A transfer may follow another (`follow`, `lag`): a multicast receiver that forwards blocks as they
+arrive (`core.multicast`). The follower may have moved at most what its upstream has moved less `lag`
+bytes (one or more blocks) until the upstream ends: ahead of that bound it runs at its own fair share,
+at the bound at no more than the upstream's rate (0 while the upstream has not moved `lag` bytes yet).
+Catching up with the bound is one more timer. Rates are computed in the order transfers started, so an
+upstream's rate is known before its followers'.
 """
 
 from __future__ import annotations
@@ -26,10 +33,12 @@ __all__ = ["Fabric", "Link"]
 
 
 class _Flow:
-    __slots__ = ("nbytes", "remaining", "links", "rate", "done", "marks", "on_mark", "next_mark", "left_after")
+    __slots__ = ("nbytes", "remaining", "links", "rate", "done", "marks", "on_mark", "next_mark", "left_after",
+                 "upstream", "lag", "ended")
 
     def __init__(self, nbytes: float, links: Sequence[Link], done: simpy.Event,
-                 marks: Sequence[float] | None = None, on_mark: Callable[[int], None] | None = None) -> None:
+                 marks: Sequence[float] | None = None, on_mark: Callable[[int], None] | None = None,
+                 upstream: _Flow | None = None, lag: float = 0.0) -> None:
         self.nbytes = float(nbytes)  # bytes to move in all
         self.remaining = float(nbytes)  # bytes still to move
         self.links = links  # links crossed (pipelined)
@@ -40,6 +49,9 @@ class _Flow:
         self.next_mark = 0  # the first mark not yet reported
         # bytes still to move when the next mark is reached (0.0: no mark before the end)
         self.left_after = self.nbytes - float(marks[0]) if marks else 0.0
+        self.upstream = upstream  # the transfer whose bytes this one forwards (None: free)
+        self.lag = float(lag)  # bytes it stays behind its upstream (blocks not yet complete there)
+        self.ended = False  # it has finished or been cancelled (followers are free then)
 
     def pass_marks(self, tolerance: float, fired: list[tuple[Callable[[int], None], int]]) -> None:
         """Report (into `fired`) every mark the stream has reached within `tolerance` bytes."""
@@ -59,12 +71,16 @@ class Fabric:
         self._flows: list[_Flow] = []
         self._last = 0.0
         self._generation = 0
+        self._bound_at = math.inf  # seconds from the last reschedule until a follower's bound changes state
+        self._bound_due = False  # the pending timer is such a change, not a flow's event
 
     def transfer(self, nbytes: float, links: Sequence[Link], marks: Sequence[float] | None = None,
-                 on_mark: Callable[[int], None] | None = None) -> simpy.Event:
+                 on_mark: Callable[[int], None] | None = None, follow: simpy.Event | None = None,
+                 lag: float = 0.0) -> simpy.Event:
         """Move `nbytes` across `links`; the event fires when the last byte arrives. `on_mark(i)` is called
         when the stream passes `marks[i]` (ascending offsets; any at or past the end pass with it, before
-        the event fires)."""
+        the event fires). `follow`: the completion event of a transfer this one forwards, staying `lag`
+        bytes behind it (see the module docstring; a finished one constrains nothing)."""
         done = self.env.event()
         if nbytes <= 0:
             if marks:
@@ -73,7 +89,10 @@ class Fabric:
             done.succeed()
             return done
         self._advance()
-        flow = _Flow(nbytes, links, done, marks or None, on_mark)
+        upstream = None
+        if follow is not None:
+            upstream = next((f for f in self._flows if f.done is follow), None)
+        flow = _Flow(nbytes, links, done, marks or None, on_mark, upstream, lag)
         for link in links:
             link.active += 1
         self._flows.append(flow)
@@ -89,6 +108,7 @@ class Fabric:
             return None
         self._advance()
         self._flows.remove(flow)
+        flow.ended = True
         for link in flow.links:
             link.active -= 1
         self._generation += 1  # the pending timer may be this flow's completion: make it stale
@@ -108,14 +128,40 @@ class Fabric:
 
     def _reschedule(self) -> None:
         soonest = float("inf")
+        self._bound_at = math.inf
         for flow in self._flows:
             flow.rate = min(link.bps / link.active for link in flow.links)
+            if flow.upstream is not None and self._follow(flow):
+                continue
             soonest = min(soonest, (flow.remaining - flow.left_after) / flow.rate)
+        self._bound_due = self._bound_at < soonest
+        soonest = min(soonest, self._bound_at)
         if self._flows:
             self._generation += 1
             generation = self._generation
             timer = self.env.timeout(max(0.0, soonest))
             timer.callbacks.append(lambda _ev: self._on_timer(generation))
+
+    def _follow(self, flow: _Flow) -> bool:
+        """Bound a follower's rate by its upstream (module docstring); note when its state next changes
+        in `_bound_at`. True when the follower does not move now (its own next event is not due)."""
+        up = flow.upstream
+        assert up is not None
+        if up.ended:
+            flow.upstream = None
+            return False
+        gap = (up.nbytes - up.remaining) - flow.lag - (flow.nbytes - flow.remaining)  # room ahead of it
+        tolerance = max(1.0, flow.rate * 1e-9)
+        if gap > tolerance:  # free, at its own share; it reaches the bound if faster than the upstream
+            if flow.rate > up.rate:
+                self._bound_at = min(self._bound_at, gap / (flow.rate - up.rate))
+        elif gap >= -tolerance:  # at the bound: no faster than the upstream
+            flow.rate = min(flow.rate, up.rate)
+        else:  # behind a bound not yet reached by the upstream (its first `lag` bytes)
+            flow.rate = 0.0
+            if up.rate > 0:
+                self._bound_at = min(self._bound_at, -gap / up.rate)
+        return flow.rate <= 0
 
     def _on_timer(self, generation: int) -> None:
         if generation != self._generation:
@@ -129,8 +175,11 @@ class Fabric:
                 f.pass_marks(tolerance, fired)
             if f.remaining <= tolerance:
                 finished.append(f)
+        if not finished and not fired and self._bound_due:
+            self._reschedule()  # a follower reached its bound (or it moved): new rates, no flow event
+            return
         if not finished and not fired:  # float drift: the closest event happens now
-            closest = min(self._flows, key=lambda f: (f.remaining - f.left_after) / f.rate)
+            closest = min((f for f in self._flows if f.rate > 0), key=lambda f: (f.remaining - f.left_after) / f.rate)
             if closest.left_after:
                 closest.pass_marks(closest.remaining - closest.left_after, fired)
             else:
@@ -139,6 +188,7 @@ class Fabric:
             if flow.marks is not None:
                 flow.pass_marks(math.inf, fired)  # marks at the very end pass with it
             self._flows.remove(flow)
+            flow.ended = True
             for link in flow.links:
                 link.active -= 1
                 link.bytes_moved += max(0.0, flow.remaining)

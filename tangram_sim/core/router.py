@@ -20,6 +20,7 @@ import simpy
 from tangram_sim.arena import Key, State
 from tangram_sim.core.device import Device
 from tangram_sim.core.keepalive import KeepAlive
+from tangram_sim.core.multicast import Multicasts
 from tangram_sim.core.records import Gang, LifecycleError, ModelEntry, Request
 from tangram_sim.core.storage import Node
 from tangram_sim.core.worker import GpuWorker
@@ -158,6 +159,9 @@ class Cluster:
         # the cluster's links (None: the default topology of `tiers`: peers over PCIe, no RDMA)
         self.topology = topology or Topology(n_nodes, gpus_per_node, pcie_bps, tiers)
         self.nodes = [Node(n, tiers, self.key_owners, self.topology) for n in range(n_nodes)]
+        # cold starts of one model that overlap join one stream (core.multicast); None: each loads alone
+        self.multicast = (Multicasts(system.multicast, system.multicast_block_bytes, self.topology)
+                          if system.multicast != "none" else None)
         self.workers = [GpuWorker(self, d, self.nodes[i // gpus_per_node]) for i, d in enumerate(devices)]
         self.gpu_model_bytes = {name: sum(e.rank_bytes[0]) for name, e in entries.items()}  # one rank's
         self.warm_workers: dict[str, set[GpuWorker]] = {}

@@ -30,6 +30,7 @@ import simpy
 from tangram_sim.arena import Arena, Key
 from tangram_sim.core.device import Landed, LayerProgress, RankLoad, Started, Work, pipeline
 from tangram_sim.core.links import Fabric, Link
+from tangram_sim.core.multicast import Joined
 from tangram_sim.core.records import Request
 from tangram_sim.core.sources import split_sources
 from tangram_sim.core.startup import StartupPlan
@@ -136,7 +137,10 @@ class ModelledDevice:
                 landed(load, ())
                 continue
             position = {key: i for i, key in enumerate(rank_keys[rank])}
-            for links, tier_units in load.worker.device._tiers(load):
+            device = load.worker.device
+            sources = device._tiers(load)
+            started = []
+            for links, tier_units, joined in sources:
                 marks: list[float] = []
                 what: list[tuple[int, tuple[Key, int] | None]] = []  # (layer, None) or (-1, unit landed)
                 offset = 0
@@ -155,15 +159,42 @@ class ModelledDevice:
                     elif env.now > ready[layer]:
                         ready[layer] = env.now
 
-                transfers.append(self.fabric.transfer(offset, links, marks, on_mark))
+                started.append(device._transfer(offset, links, joined, marks, on_mark))
+            device._streaming(load, sources, started)
+            transfers.extend(started)
         if transfers:
             yield env.all_of(transfers)
         progress.finish(env.now)
 
-    def _tiers(self, load: RankLoad) -> list[tuple[tuple[Link, ...], list[tuple[Key, int]]]]:
-        """The missing units by source (`core.sources`), as (links crossed, units in plan order)."""
+    def _tiers(self, load: RankLoad) -> list[tuple[tuple[Link, ...], list[tuple[Key, int]], Joined | None]]:
+        """The missing units by source, as (links crossed, units in plan order, the place in a multicast
+        stream or None): one part following the previous receiver when the rank joins a stream
+        (`core.multicast`), else one part per source (`core.sources`)."""
         path = self._path
-        return [(path(load, source, src), units) for source, src, units in split_sources(load)]
+        multicast = load.worker.cluster.multicast
+        if multicast is not None:
+            joined = multicast.join(load)
+            if joined is not None:
+                return [(path(load, joined.source, joined.src_gpu), list(load.missing), joined)]
+        return [(path(load, source, src), units, None) for source, src, units in split_sources(load)]
+
+    def _transfer(self, nbytes: float, links: tuple[Link, ...], joined: Joined | None,
+                  marks: list[float] | None = None, on_mark: Callable[[int], None] | None = None) -> simpy.Event:
+        if joined is None:
+            return self.fabric.transfer(nbytes, links, marks, on_mark)
+        return self.fabric.transfer(nbytes, links, marks, on_mark, joined.follow, joined.lag_bytes)
+
+    def _streaming(self, load: RankLoad, parts: list[tuple[tuple[Link, ...], list[tuple[Key, int]], Joined | None]],
+                   events: list[simpy.Event]) -> None:
+        """Tell the cluster's multicasts of a rank's transfers: a receiver's, or a stream newcomers may join
+        (its units from one source)."""
+        multicast = load.worker.cluster.multicast
+        if multicast is None or len(events) != 1:
+            return
+        if parts[0][2] is not None:
+            multicast.joined(load, events[0])
+        else:
+            multicast.opened(load, events[0])
 
     def _path(self, load: RankLoad, source: str, src_gpu: int = -1) -> tuple[Link, ...]:
         """The links from `source` (held by `src_gpu` for a GPU source) to this GPU, in the cluster's
@@ -179,8 +210,11 @@ class ModelledDevice:
 
     def _transfers(self, load: RankLoad) -> list[simpy.Event]:
         """Missing units stream to the GPU from their sources, one transfer per source."""
-        transfer = self.fabric.transfer
-        return [transfer(sum(nbytes for _key, nbytes in units), links) for links, units in self._tiers(load)]
+        parts = self._tiers(load)
+        transfer = self._transfer
+        events = [transfer(sum(nbytes for _key, nbytes in units), links, joined) for links, units, joined in parts]
+        self._streaming(load, parts, events)
+        return events
 
     def prefetch_source(self, node: Node, key: Key) -> bool:
         """Only units in the node's DRAM cache: their transfer crosses this GPU's PCIe link alone."""

@@ -21,6 +21,7 @@ registry of `tangram_sim.policies` (docs/policies.md) and, for most kinds, a map
     preemption [newest | longest-context], preemption_params {}
     warm_routing [least-loaded], warm_routing_params {}   # least-loaded: under max_batch [32]
     source [tiers], source_params {}  # tiers | fastest | gpu-first (docs/topology.md)
+    multicast [none], multicast_block_bytes [64 MiB]  # none | chain | binomial (docs/topology.md)
 
 Parameters in `*_params` win over what the policy takes from the run (`tangram_sim.policies.needs`).
 The other fields (granularity, units, batching, engine overhead) are commented on `SystemSpec`.
@@ -35,6 +36,7 @@ from typing import Any
 from tangram_sim.core.startup import resolve_startup, runtime_from_engine_overhead
 from tangram_sim.errors import ConfigError, shown
 from tangram_sim.specs.system import MiB, SystemSpec, system_field_names
+from tangram_sim.topology.multicast import MULTICAST
 
 __all__ = ["PRESETS", "SystemSpec", "make_system", "system_field_names"]
 
@@ -115,6 +117,8 @@ _FIELD_TYPES = {
     "execute_while_load": bool,
     "source": str,
     "source_params": dict,
+    "multicast": str,
+    "multicast_block_bytes": int,
 }
 
 
@@ -124,6 +128,7 @@ _FIELD_RANGES: dict[str, tuple[str, int]] = {
     "unit_divisor": ("min", 0),  # 0: block groups of min_unit_bytes
     "kv_block_tokens": ("min", 1),
     "kv_chunk_blocks": ("min", 1),
+    "multicast_block_bytes": ("min", 1),
     "max_batch": ("min", 1),
     "prefill_batch": ("min", 0),  # 0: every admitted request at once
     "keep_alive_s": ("time", 0),
@@ -188,6 +193,8 @@ def _validate(spec: SystemSpec, where: str) -> None:
             raise ConfigError(f"{where}.{kind.field}: {kind.registry.unknown(getattr(spec, kind.field))}")
     if spec.kv not in KV:
         raise ConfigError(f"{where}.kv: {KV.unknown(spec.kv)}")
+    if spec.multicast not in MULTICAST:
+        raise ConfigError(f"{where}.multicast: expected one of {', '.join(MULTICAST)}, got {shown(spec.multicast)}")
     if spec.granularity not in ("model", "tensor", "group"):
         raise ConfigError(f"{where}.granularity: expected model, tensor or group, got {shown(spec.granularity)}")
     plan = resolve_startup(spec.startup, spec.engine_overhead_s, f"{where}.overrides.startup")

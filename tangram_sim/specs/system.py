@@ -54,6 +54,9 @@ class SystemSpec:
     startup: dict[str, Any] = field(default_factory=dict)
     source: str = "tiers"  # where each missing unit is read from (policies.source): tiers | fastest | gpu-first
     source_params: dict[str, Any] = field(default_factory=dict)  # extra source policy parameters
+    multicast: str = "none"  # cold starts of one model overlapping in time: none | chain | binomial
+    # (topology.multicast); each receiver forwards blocks of this many bytes as they arrive
+    multicast_block_bytes: int = 64 * MiB
     execute_while_load: bool = False  # the first prefill computes layer i once layer i has landed (and
     # layer i-1 is done) instead of after the whole load; the modelled device only, for now
 
