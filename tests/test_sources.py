@@ -84,3 +84,31 @@ def test_the_default_reads_host_tiers_only() -> None:
     # the second instance finds the checkpoint in the node's DRAM cache (the first load filled it)
     assert summary["bytes_from_dram"] == QWEN.weight_bytes and summary["bytes_from_ssd"] == QWEN.weight_bytes
     assert rows.iloc[1].load_s == pytest.approx(QWEN.weight_bytes / 25e9, rel=1e-9)
+
+
+@pytest.mark.parametrize("overrides", [{"source": "fastest"}, {"multicast": "chain"}])
+def test_a_device_that_reads_host_tiers_only_refuses_gpu_sources(overrides: dict) -> None:
+    import simpy
+
+    from tangram_sim.arena import ARENA_ALIGNMENT
+    from tangram_sim.core.links import Fabric
+    from tangram_sim.core.records import build_entries
+    from tangram_sim.core.router import Recorder
+    from tangram_sim.core.run import build_policies, run_lifecycle, trace_requests
+    from tangram_sim.sim.device import ModelledDevice
+    from tangram_sim.sim.timemodel import Roofline
+
+    class HostOnly(ModelledDevice):
+        reads_gpu_copies = False
+
+    gpu = gpu_spec("a100-80gb", memory_gib=40)
+    system = make_system("s", "tangram", overrides)
+    env = simpy.Environment()
+    t = pd.DataFrame([(0.0, "q", 10, 1)], columns=["arrival_s", "model", "input_tokens", "output_tokens"])
+    device = HostOnly(env, 0, gpu.memory_bytes, ARENA_ALIGNMENT, gpu.pcie_bps, Fabric(env), Roofline(gpu), 0.0, 0.0,
+                      gpu.d2d_bps)
+    with pytest.raises(ConfigError, match="reads units from other GPUs; not yet supported by the real executor"):
+        run_lifecycle(env, [device], trace_requests(t), gpus_per_node=1, tiers=TierSpec(), system=system,
+                      entries=build_entries({"q": (QWEN, 1.0, 1)}, system, ARENA_ALIGNMENT), time_model=Roofline(gpu),
+                      policies=build_policies(system, h2d_bps=gpu.pcie_bps, sensitivity={}, trace=t), seed=0,
+                      recorder=Recorder(False, 1.0, True), engine_overhead_s=0.0, pcie_bps=gpu.pcie_bps)

@@ -198,6 +198,11 @@ def run_lifecycle(
     if system.execute_while_load and not all(d.overlaps_load for d in devices):
         raise ConfigError(f"systems ({system.name}): execute_while_load needs devices that compute while the "
                           "weights land; not yet supported by the real executor")
+    if (system.source != "tiers" or system.multicast != "none") and \
+            not all(getattr(d, "reads_gpu_copies", False) for d in devices):
+        field = "source" if system.source != "tiers" else "multicast"
+        raise ConfigError(f"systems ({system.name}): {field} {system.source if field == 'source' else system.multicast} "
+                          "reads units from other GPUs; not yet supported by the real executor")
     cluster = Cluster(
         env, devices=devices, gpus_per_node=gpus_per_node, tiers=tiers, system=system, entries=entries,
         time_model=time_model, make_retention=policies.make_retention, packing=policies.packing,

@@ -49,6 +49,7 @@ class ModelledDevice:
 
     binds_memory = False  # the arena's books are the whole device
     overlaps_load = True  # its first prefill may run while the weights land (execute_while_load)
+    reads_gpu_copies = True  # a unit may come from another GPU's copy or a multicast stream
 
     def __init__(self, env: simpy.Environment, gpu_id: int, memory_bytes: int, alignment: int,
                  pcie_bps: float, fabric: Fabric, time_model: TimeModel, engine_overhead_s: float,
