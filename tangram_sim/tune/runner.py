@@ -32,7 +32,7 @@ from tangram_sim import __version__
 from tangram_sim.api import Experiment
 from tangram_sim.errors import ConfigError
 from tangram_sim.rundir import RunDirError, atomic_write, check_out_dir, config_hash
-from tangram_sim.runlock import LOCK_NAME, RunLock
+from tangram_sim.rundir.lock import LOCK_NAME, RunLock
 
 RECORD = "tune.json"
 TUNE_EXTRA = "tangram-sim tune needs the 'tune' extra (Optuna): pip install -e '.[tune]'"
