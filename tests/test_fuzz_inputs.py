@@ -354,7 +354,7 @@ def test_the_unmutated_calibration_runs(tmp_path: Path) -> None:
 @pytest.mark.parametrize("state", ["none", "complete", "interrupted"])
 def test_a_run_folder_with_a_lock_refuses_or_runs_in_one_line(tmp_path: Path, lock: str, state: str) -> None:
     from tangram_sim.rundir import JobKey, RunWriter, read_record
-    from tangram_sim.runlock import LOCK_NAME
+    from tangram_sim.rundir.lock import LOCK_NAME
 
     trace = tmp_path / "trace.csv"
     trace.write_text("\n".join(",".join(r) for r in azure_rows()) + "\n")

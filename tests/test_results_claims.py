@@ -109,3 +109,24 @@ def test_committed_plus_seeds_checks_follow_from_its_summary() -> None:
         theirs = theirs[~theirs.system.str.startswith("+")]
         pd.testing.assert_frame_equal(mine.reset_index(drop=True)[theirs.columns], theirs.reset_index(drop=True),
                                       check_dtype=False)
+
+
+def test_the_medusa_figures_in_the_readme_follow_from_the_committed_run() -> None:
+    """results/README.md's Medusa table: loading, cold start and p99 TTFT against serverless-vllm."""
+    import importlib.util
+
+    run = RESULTS / "medusa-sharegpt"
+    if not (run / "summary.csv").exists():
+        pytest.skip("medusa-sharegpt: no committed summary")
+    spec = importlib.util.spec_from_file_location("medusa_summary", RESULTS.parent / "experiments/medusa_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.table(run).set_index(["rate", "system"])
+    claimed = {2: (-0.431, -0.361, -0.384), 10: (-0.442, -0.368, -0.353)}  # loading, cold start, p99 TTFT
+    for rate, (loading, cold_start, p99) in claimed.items():
+        row = table.loc[(rate, "medusa")]
+        assert (round(row["loading_change"], 3), round(row["cold_start_change"], 3),
+                round(row["p99_ttft_change"], 3)) == (loading, cold_start, p99)
+    # every model's tail improves at both rates, not only the mean
+    summary = pd.read_csv(run / "summary.csv").set_index(["point", "system"])["p99_ttft_s"].unstack()
+    assert (summary["medusa"] < summary["serverless-vllm"]).all()

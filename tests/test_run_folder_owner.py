@@ -23,7 +23,7 @@ from tangram_sim.cli import main
 from tangram_sim.experiments import runner
 from tangram_sim.experiments.runner import run_experiment
 from tangram_sim.rundir import JobKey, RunDirError, RunWriter, read_record, require_complete
-from tangram_sim.runlock import LOCK_NAME
+from tangram_sim.rundir.lock import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = {"trace.rate": [0.5, 1.0]}  # 2 points x 2 systems = 4 jobs

@@ -162,6 +162,46 @@ def test_resume_with_another_configuration_is_refused(files: tuple[Path, Path], 
     assert "not a tune of 'tune-test'" in one_line_error(capsys)
 
 
+def test_finished_trials_are_never_replaced_without_force(files: tuple[Path, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "o"
+    assert tune(files, out, trials=2) == 0
+    first = read(out, "trials.csv")
+    assert tune(files, out, trials=2) == 0  # the same configuration again, in place: the same trials
+    assert read(out, "trials.csv") == first
+    capsys.readouterr()
+    assert tune(files, out, "--seed", "9", trials=2) == 2  # another configuration: refused, nothing touched
+    err = one_line_error(capsys)
+    assert f"{out} holds a complete tune of tune-test (complete, 2 trial(s), config sha256:" in err
+    assert "--force to replace it" in err and read(out, "trials.csv") == first
+    assert tune(files, out, "--seed", "9", "--resume", "--force", trials=2) == 2
+    assert "--resume and --force together" in one_line_error(capsys)
+    (out / "stray.txt").write_text("left by hand\n")
+    assert tune(files, out, "--seed", "9", "--force", trials=2) == 0
+    assert not (out / "stray.txt").exists()
+    assert json.loads(read(out, "tune.json"))["settings"]["seed"] == 9
+
+    real = TrialRunner.__call__
+    calls = []
+
+    def interrupt_second(self: TrialRunner, sampled: dict) -> dict:
+        calls.append(sampled)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, sampled)
+
+    monkeypatch.setattr(TrialRunner, "__call__", interrupt_second)
+    assert tune(files, tmp_path / "cut", trials=4) == 130
+    monkeypatch.setattr(TrialRunner, "__call__", real)
+    capsys.readouterr()
+    assert tune(files, tmp_path / "cut", trials=4) == 2  # an unfinished tune: --resume or --force
+    err = one_line_error(capsys)
+    assert "holds an unfinished tune of tune-test (interrupted, 1 trial(s)" in err and "--resume to continue" in err
+    assert tune(files, tmp_path / "cut", "--seed", "9", trials=4) == 2
+    assert "--resume cannot continue it" in one_line_error(capsys)
+
+
 def test_failed_trials_are_recorded_and_counted(files: tuple[Path, Path], tmp_path: Path) -> None:
     space = {"base": "tangram", "params": {"cluster.gpu_memory_gib": {"choices": [8, 40]},
                                            "retention": {"choices": ["lru", "gdsf"]}}}

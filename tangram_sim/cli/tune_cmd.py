@@ -33,6 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="override a dotted key of the experiment, e.g. --set trace.max_requests=300")
     p.add_argument("--resume", action="store_true",
                    help="continue the study in --out (same experiment, space, objectives and seed) to --trials")
+    p.add_argument("--force", action="store_true",
+                   help="empty --out first (a tune there is replaced; without it, finished trials are kept)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or table")
     p.set_defaults(func=_tune)
 
@@ -46,7 +48,7 @@ def _tune(args: argparse.Namespace) -> int:
     raw = experiment.raw
     out = Path(args.out) if args.out else Path("results") / f"tune-{raw.get('name', Path(args.experiment).stem)}"
     result = tune_experiment(experiment, args.space, args.objectives, args.trials, out, seed=args.seed,
-                             sampler=args.sampler, backend=args.backend, resume=args.resume,
+                             sampler=args.sampler, backend=args.backend, resume=args.resume, force=args.force,
                              progress=not args.quiet)
     if not args.quiet:
         _print_front(result)

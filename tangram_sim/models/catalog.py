@@ -233,6 +233,19 @@ CATALOG: dict[str, tuple[str, dict[str, Any]]] = {
     "opt-13b": ("facebook/opt-13b", _opt(5120, 20480, 40, 40)),
     "opt-30b": ("facebook/opt-30b", _opt(7168, 28672, 48, 56)),
     "opt-66b": ("facebook/opt-66b", _opt(9216, 36864, 64, 72)),
+    # The small and mid-size Qwen2.5 models, for evaluations spanning 0.5-14B (Medusa's ten models)
+    "qwen2.5-0.5b": (
+        "Qwen/Qwen2.5-0.5B",
+        _qwen2(896, 4864, 24, 14, 2, True, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6),
+    ),
+    "qwen2.5-1.5b": (
+        "Qwen/Qwen2.5-1.5B",
+        _qwen2(1536, 8960, 28, 12, 2, True, vocab_size=151936, max_position_embeddings=131072, rope_theta=1e6),
+    ),
+    "qwen2.5-7b": (
+        "Qwen/Qwen2.5-7B",
+        _qwen2(3584, 18944, 28, 28, 4, False, vocab_size=152064, max_position_embeddings=131072, rope_theta=1e6),
+    ),
 }
 
 # Lower-cased catalog names and HF repo ids -> catalog name.

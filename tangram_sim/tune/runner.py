@@ -32,7 +32,9 @@ from tangram_sim import __version__
 from tangram_sim.api import Experiment
 from tangram_sim.errors import ConfigError
 from tangram_sim.rundir import RunDirError, atomic_write, check_out_dir, config_hash
-from tangram_sim.runlock import LOCK_NAME, RunLock
+from tangram_sim.rundir.checks import _guard_force
+from tangram_sim.rundir.files import _remove
+from tangram_sim.rundir.lock import LOCK_NAME, RunLock
 
 RECORD = "tune.json"
 TUNE_EXTRA = "tangram-sim tune needs the 'tune' extra (Optuna): pip install -e '.[tune]'"
@@ -57,7 +59,7 @@ def require_optuna() -> None:
 
 def tune_experiment(experiment: Experiment, space: Any, objectives: Sequence[str], n_trials: int,
                     out_dir: str | Path, *, seed: int = 0, sampler: str = "tpe", backend: str = "local",
-                    resume: bool = False, progress: bool = True) -> TuneResult:
+                    resume: bool = False, force: bool = False, progress: bool = True) -> TuneResult:
     """Search `space` (a SPACE.yaml path or a `Space`) for `n_trials` trials in total, minimising or
     maximising the summary columns `objectives` ("p50_ttft_s", "max:request_bytes_from_gpu")."""
     require_optuna()
@@ -71,6 +73,8 @@ def tune_experiment(experiment: Experiment, space: Any, objectives: Sequence[str
         raise ConfigError(f"--trials: expected an integer >= 1, got {n_trials!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"--seed: expected an integer >= 0, got {seed!r}")
+    if resume and force:
+        raise ConfigError("--resume and --force together: --force starts over, --resume continues; pick one")
     goals = parse_objectives(objectives)
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
@@ -86,7 +90,7 @@ def tune_experiment(experiment: Experiment, space: Any, objectives: Sequence[str
     lock = RunLock(out_dir, f"tangram-sim tune of {config['name']}")
     if out_dir.is_dir():
         lock.check()  # another live process tunes (or runs) into it: refused before anything is read
-    record = _claim(out_dir, str(config["name"]), digest, resume)
+    record = _claim(out_dir, str(config["name"]), digest, resume, force)
     lock.acquire()
     try:
         return _tune(experiment, space, goals, n_trials, out_dir, config, record, settings, seeded, backend,
@@ -197,27 +201,56 @@ def read_tune_record(out_dir: Path) -> dict[str, Any] | None:
         raise RunDirError(f"{path}: not a tune record ({exc}); pick another --out") from None
 
 
-def _claim(out_dir: Path, experiment: str, digest: str, resume: bool) -> dict[str, Any]:
+def _claim(out_dir: Path, experiment: str, digest: str, resume: bool, force: bool) -> dict[str, Any]:
     """Decide whether DIR may be used; clear a previous tune of it unless resuming. Returns the new
-    record (not written yet)."""
+    record (not written yet).
+
+    Finished trials are never thrown away without a word: a folder holding a tune with trials done is
+    refused unless `--resume` (same configuration) or `--force`, and the message says what is there. A
+    complete tune of the very same configuration may be run again in place (it comes out the same)."""
     record: dict[str, Any] = {"format": 1, "kind": "tune", "experiment": experiment, "status": "running",
                               "complete": False, "config_hash": digest, "version": __version__,
                               "started": _now(), "finished": None, "files": []}
     if not out_dir.is_dir() or not [p for p in out_dir.iterdir() if p.name != LOCK_NAME]:
         out_dir.mkdir(parents=True, exist_ok=True)
         return record
+    if force:
+        _guard_force(out_dir)
+        for child in list(out_dir.iterdir()):
+            if child.name != LOCK_NAME:
+                _remove(child)
+        return record
     previous = read_tune_record(out_dir)
     if previous is None or previous.get("experiment") != experiment:
         what = f"the tune of '{previous.get('experiment')}'" if previous else "something other than a tune"
-        raise RunDirError(f"{out_dir}: holds {what}, not a tune of '{experiment}'; pick another --out")
+        raise RunDirError(f"{out_dir}: holds {what}, not a tune of '{experiment}'; pick another --out, or "
+                          "--force to empty it")
+    same = previous.get("config_hash") == digest
     if resume:
-        if previous.get("config_hash") != digest:
+        if not same:
             raise RunDirError(f"--resume: {out_dir} was tuned with another configuration "
                               f"({previous.get('config_hash')}, now {digest}): experiment, space, objectives, "
                               "seed or sampler; drop --resume to start over, or use another --out")
         record["files"] = [f for f in previous.get("files", []) if f != RECORD]
         record["wall_s_before"] = float(previous.get("wall_s", 0.0) or 0.0)
         return record
+    trials = previous.get("trials") if isinstance(previous.get("trials"), dict) else {}
+    done = int(trials.get("done") or 0)
+    complete = previous.get("status") == "complete"
+    # a tune killed before it wrote its tables has trials in study.db only: count it as work to keep
+    work = done > 0 or (not complete and (out_dir / "study.db").is_file())
+    if work and not (complete and same):
+        status = previous.get("status", "?")
+        status = "killed or still running" if status == "running" else status
+        if complete:
+            how = "--force to replace it, or another --out"
+        elif same:
+            how = "--resume to continue it, --force to start over, or another --out"
+        else:
+            how = ("--force to start over (it was configured otherwise, so --resume cannot continue it), or "
+                   "another --out")
+        raise RunDirError(f"{out_dir} holds {'a complete' if complete else 'an unfinished'} tune of {experiment} "
+                          f"({status}, {done} trial(s), config {previous.get('config_hash')}); {how}")
     root = out_dir.resolve()
     for name in [*previous.get("files", []), "study.db"]:
         path = out_dir / name

@@ -29,6 +29,9 @@ class Param:
     log: bool = False
     step: float | None = None
     digits: int | None = None  # floats: significant digits of the value simulated
+    # FIELD_params.NAME only: the policy of FIELD that takes it; a trial of another policy leaves it out
+    # (the sampler still draws it, so every trial has the same distributions)
+    when: str | None = None
 
     @property
     def on_cluster(self) -> bool:
@@ -72,10 +75,16 @@ class Param:
                 return False, None
         return True, int(value) if self.kind == "int" else float(value)
 
+    @property
+    def policy_field(self) -> str | None:
+        """The policy field a conditional parameter depends on (`keep_alive` for keep_alive_params.*)."""
+        return self.key.split(".", 1)[0].removesuffix("_params") if self.when else None
+
     def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"when": self.when} if self.when else {}
         if self.kind == "categorical":
-            return {"choices": list(self.choices)}
-        out: dict[str, Any] = {"low": self.low, "high": self.high, "type": self.kind}
+            return {"choices": list(self.choices), **out}
+        out.update({"low": self.low, "high": self.high, "type": self.kind})
         if self.log:
             out["log"] = True
         if self.step is not None:
@@ -107,14 +116,30 @@ class Space:
         """The trial system as an experiment's `systems` entry (preset + overrides)."""
         overrides = dict(self.base_overrides)
         for p in self.params:
-            if p.on_cluster:
+            if p.on_cluster or not self.applies(p, values):
                 continue
             if "." in p.key:  # a parameter of a policy: `retention_params.half_life_s`
-                field, name = p.key.split(".", 1)
-                overrides[field] = {**(overrides.get(field) or {}), name: values[p.key]}
+                field, param = p.key.split(".", 1)
+                overrides[field] = {**(overrides.get(field) or {}), param: values[p.key]}
             else:
                 overrides[p.key] = values[p.key]
         return {"name": name or self.system, "preset": self.preset, "overrides": overrides}
+
+    def applies(self, param: Param, values: Mapping[str, Any]) -> bool:
+        """Whether a trial with these values simulates `param` (a conditional one: its policy is chosen)."""
+        if param.when is None:
+            return True
+        field = param.policy_field
+        if field in values:
+            return values[field] == param.when
+        return self._base_policy(field) == param.when
+
+    def _base_policy(self, field: str) -> Any:
+        from tangram_sim.sim.systems import PRESETS, SystemSpec
+
+        if field in self.base_overrides:
+            return self.base_overrides[field]
+        return PRESETS[self.preset].get(field, getattr(SystemSpec(name=self.system), field))
 
     def cluster_values(self, values: Mapping[str, Any]) -> dict[str, Any]:
         return {p.key: values[p.key] for p in self.params if p.on_cluster}
@@ -136,6 +161,8 @@ class Space:
                 value: Any = config
                 for part in p.key.split("."):
                     value = value.get(part) if isinstance(value, Mapping) else None
+            elif p.when is not None and getattr(spec, p.policy_field) != p.when:
+                value = p.choices[0] if p.kind == "categorical" else p.low  # not simulated: any value
             elif rest:
                 value = (getattr(spec, head, None) or {}).get(rest)
             else:

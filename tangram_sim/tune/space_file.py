@@ -12,6 +12,10 @@
       unit_divisor: {choices: [0, 20, 40, 80]}
       max_batch: {low: 8, high: 64, step: 8}           # int fields: integers
       cluster.gpu_memory_gib: {low: 24, high: 80, type: float}
+      keep_alive: {choices: [fixed, histogram]}
+      keep_alive_params.range_s: {low: 60, high: 960, log: true, when: histogram}
+                               # when: a policy parameter searched beside its policy field; trials
+                               # of another policy leave it out (the sampler still draws it)
 
 The system fields and the policy names come from `SystemSpec` and the policy registries at run time (with
 the experiment's `plugins` imported), so fields and policies added later can be searched without a
@@ -29,7 +33,7 @@ from tangram_sim.errors import ConfigError
 from tangram_sim.tune.space import DEFAULT_DIGITS, Param, Space, policy_registries, system_fields
 
 TOP_KEYS = ("base", "system", "overrides", "params")
-PARAM_KEYS = ("choices", "exclude", "low", "high", "log", "step", "type", "digits")
+PARAM_KEYS = ("choices", "exclude", "low", "high", "log", "step", "type", "digits", "when")
 
 
 def load_space(path: str | Path, experiment: Any) -> Space:
@@ -118,6 +122,15 @@ def _parse_param(key: str, spec: Any, fields: dict[str, Any], preset: str, base_
     for k in spec:
         if k not in PARAM_KEYS:
             raise ConfigError(f"{where}.{k}: unknown key; expected one of: {', '.join(PARAM_KEYS)}")
+    when = spec.get("when")
+    if when is not None:
+        field = key.split(".", 1)[0].removesuffix("_params")
+        registry = policy_registries().get(field) if target == "params" else None
+        if registry is None:
+            raise ConfigError(f"{where}.when: only for a policy's parameter (FIELD_params.NAME)")
+        if not isinstance(when, str) or when not in registry:
+            raise ConfigError(f"{where}.when: expected a {field} policy: {', '.join(registry.names())}; "
+                              f"got {when!r}")
 
     def check(value: Any, at: str) -> None:
         if target == "cluster":
@@ -131,6 +144,8 @@ def _parse_param(key: str, spec: Any, fields: dict[str, Any], preset: str, base_
                 field, name = key.split(".", 1)
                 overrides[field] = {**(overrides.get(field) or {}), name: value}
                 policy = field.removesuffix("_params")
+                if when is not None:  # checked with the policy that takes it
+                    overrides[policy] = when
                 try:
                     _check_system(preset, overrides, f"{where}.{at}")
                 except ConfigError as exc:  # a parameter of another policy than the base system's
@@ -146,7 +161,7 @@ def _parse_param(key: str, spec: Any, fields: dict[str, Any], preset: str, base_
         choices = _choices(key, spec, where, target)
         for value in choices:
             check(value, "choices")
-        return Param(key, "categorical", choices=tuple(choices))
+        return Param(key, "categorical", choices=tuple(choices), when=when)
     if "exclude" in spec:
         raise ConfigError(f"{where}.exclude: only with choices: all")
     if "low" not in spec or "high" not in spec:
@@ -183,7 +198,8 @@ def _parse_param(key: str, spec: Any, fields: dict[str, Any], preset: str, base_
         step = float(step) if step is not None else None
     for at, value in (("low", low), ("high", high)):
         check(value, at)
-    return Param(key, kind, low=low, high=high, log=log, step=step, digits=digits if kind == "float" else None)
+    return Param(key, kind, low=low, high=high, log=log, step=step, digits=digits if kind == "float" else None,
+                 when=when)
 
 
 def _is_dict(kind: Any) -> bool:
