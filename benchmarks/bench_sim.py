@@ -7,6 +7,11 @@
 3. The first case at 40 GiB with execute-while-load on (`execute_while_load: true`: marked transfers,
    units landing one by one, the first prefill layer by layer), under tangram and serverlessllm. A
    revision without execute-while-load runs its serial line of the same case for `--against`.
+4. Multicast at scale: `--multicast-requests` (20,000) synthetic requests at 200 req/s of the large
+   case's 32 models on 16 nodes x 8 GPUs whose checkpoints start only in a remote store (25 GB/s shared,
+   12.5 GB/s NICs, RDMA, no host cache), under serverlessllm (every cold start loads its whole model),
+   without and with a binomial multicast (`--skip-multicast` leaves them out). `--against` does not rerun them:
+   a revision without the topology has no such case; the two lines compare with each other.
 
 Each line also prints SimPy's raw rate on this machine, measured just before it (one process yielding
 bare timeouts), and the simulator's requests per 1,000 raw timeouts: a figure that compares across
@@ -33,9 +38,10 @@ import pandas as pd
 import simpy
 
 from tangram_sim.models import derive_model, get_model
-from tangram_sim.sim.hardware import gpu_spec
+from tangram_sim.sim.hardware import TierSpec, gpu_spec
 from tangram_sim.sim.simulate import ClusterSpec, ModelChoice, simulate
 from tangram_sim.sim.systems import make_system
+from tangram_sim.topology import TopologySpec
 from tangram_sim.traces.formats import read_azure_llm
 from tangram_sim.traces.mapping import apply_mapping
 from tangram_sim.traces.synthetic import synthesize
@@ -129,6 +135,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile each run (slower)")
     parser.add_argument("--against", metavar="REV", default=None,
                         help="also run each line on git revision REV and print the same-run ratio")
+    parser.add_argument("--skip-multicast", action="store_true")
+    parser.add_argument("--multicast-requests", type=int, default=20_000)
     parser.add_argument("--only", type=int, default=None, help=argparse.SUPPRESS)  # one line (for --against)
     args = parser.parse_args()
 
@@ -164,6 +172,15 @@ def main() -> None:
                 print(f"  same-run ratio, this tree / {args.against}'s serial line: "
                       f"{rate / against(args.against, serial_line, args):.3f}", flush=True)
         line += 1
+
+    if not args.skip_multicast and args.only is None:
+        mc_models, mc_trace, _ = large_case(args.multicast_requests, rate=200.0)
+        remote = ClusterSpec(16, 8, gpu_spec("a100-80gb"),
+                             TierSpec(host_cache_bytes=0, network_bps=12.5e9, ssd_holds_all=False),
+                             topology=TopologySpec(rdma=True, remote_store_bps=25e9))
+        for multicast in ("none", "binomial"):
+            timed(f"remote store, 128 GPUs, multicast {multicast}", mc_models, mc_trace, remote, "serverlessllm",
+                  args.profile, {"multicast": multicast})
 
 
 if __name__ == "__main__":
