@@ -112,3 +112,17 @@ def test_a_device_that_reads_host_tiers_only_refuses_gpu_sources(overrides: dict
                       entries=build_entries({"q": (QWEN, 1.0, 1)}, system, ARENA_ALIGNMENT), time_model=Roofline(gpu),
                       policies=build_policies(system, h2d_bps=gpu.pcie_bps, sensitivity={}, trace=t), seed=0,
                       recorder=Recorder(False, 1.0, True), engine_overhead_s=0.0, pcie_bps=gpu.pcie_bps)
+
+
+def test_a_gpu_copy_speeds_up_the_load_estimate() -> None:
+    from tangram_sim.policies.scheduler import PlacementOption, TtftAwareScheduler, estimated_load_s
+
+    base = dict(node=0, queue_wait_s=0.0, free_bytes=10, resident_bytes=0, model_bytes=int(6e9),
+                in_host_cache=False, host_to_gpu_bps=25e9, storage_bps=6e9, prefill_s=0.01)
+    plain = PlacementOption(gpus=(0,), **base)
+    near = PlacementOption(gpus=(1,), copy_bps=300e9, **base)
+    slow = PlacementOption(gpus=(2,), copy_bps=1e9, **base)  # slower than the SSD: ignored
+    assert estimated_load_s(plain) == pytest.approx(1.0)
+    assert estimated_load_s(near) == pytest.approx(0.02)
+    assert estimated_load_s(slow) == estimated_load_s(plain)
+    assert TtftAwareScheduler().choose("q", [plain, near, slow], None) == 1  # type: ignore[arg-type]

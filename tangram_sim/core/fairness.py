@@ -89,6 +89,8 @@ def switch_s(worker: GpuWorker, req: Request) -> float:
     bps = c.pcie_bps
     if not node.holds(entry, req.model):
         bps = min(bps, c.topology.storage_bps(node.node_id))
+    if c.source.gpu_copies:  # a GPU copy faster than the host path sets the rate (the scheduler's rule)
+        bps = max(bps, c.copy_bps(req.model, (worker,)))
     if c.pipeline_layers is not None:
         prefill = c.time_model.prefill_s(entry.spec, req.input_tokens, entry.tp)
         return c.engine_overhead_s + pipelined_load_s(missing / bps, prefill, c.pipeline_layers[req.model])

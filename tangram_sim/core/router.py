@@ -258,6 +258,26 @@ class Cluster:
             self._groups[tp] = groups
         return groups
 
+    def copy_bps(self, model: str, group: Sequence[GpuWorker]) -> float:
+        """Rate alone of the fastest whole copy of `model` resident on a GPU outside `group` that `group`'s
+        first GPU can read (a peer of its node, or with RDMA any GPU): the estimates' view of the system's
+        source policy when it reads GPU copies. 0.0: none, or a tensor-parallel model (its ranks' shards
+        differ)."""
+        if self.entries[model].tp > 1:
+            return 0.0
+        need = self.gpu_model_bytes[model]
+        first = group[0]
+        topology = self.topology
+        best = 0.0
+        for w in self.workers:
+            if w in group or w.resident_bytes(model) < need:
+                continue
+            if w.node is first.node:
+                best = max(best, topology.source_bps("peer-gpu", first.gpu_id, w.gpu_id))
+            elif topology.spec.rdma:
+                best = max(best, topology.source_bps("remote-gpu", first.gpu_id, w.gpu_id))
+        return best
+
     def placement_options(self, req: Request) -> list[PlacementOption]:
         entry = self.entries[req.model]
         now = self.env.now
@@ -285,6 +305,7 @@ class Cluster:
                     load_overhead_s=self.engine_overhead_s,
                     capacity_bytes=min(w.arena.capacity for w in group),
                     layers=self.pipeline_layers[req.model] if self.pipeline_layers is not None else 0,
+                    copy_bps=self.copy_bps(req.model, group) if self.source.gpu_copies else 0.0,
                 )
             )
         return options

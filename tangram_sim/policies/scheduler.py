@@ -49,6 +49,9 @@ class PlacementOption:
     capacity_bytes: int = 0  # arena bytes of each of these GPUs (0: not given)
     layers: int = 0  # execute-while-load: the first prefill runs layer by layer as the model's layers
     # land, over this many layers (0: the load, then the prefill)
+    # rate alone of the fastest whole copy of the model on another GPU that the system's source policy may
+    # read (a peer over NVLink or PCIe, another node's GPU over RDMA; docs/topology.md); 0: none
+    copy_bps: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.gpus:
@@ -84,13 +87,16 @@ def estimated_load_s(option: PlacementOption, *, reuse: bool = True) -> float:
     From host DRAM the bytes cross PCIe; otherwise they stream storage -> DRAM -> GPU pipelined, so the
     slower of the two links sets the pace. With `reuse` only the missing bytes move (Tangram); without
     it the whole model does (ServerlessLLM's model-level loading). With execute-while-load (`layers`),
-    only the part of the load the prefill cannot hide counts (`pipelined_load_s`).
+    only the part of the load the prefill cannot hide counts (`pipelined_load_s`). A GPU copy faster than
+    the host path (`copy_bps`) sets the rate instead.
     """
     nbytes = missing_bytes(option) if reuse else option.model_bytes
     if option.in_host_cache:
         bps = option.host_to_gpu_bps
     else:
         bps = min(option.host_to_gpu_bps, option.storage_bps)
+    if option.copy_bps > bps:
+        bps = option.copy_bps
     if option.layers > 1:
         return option.load_overhead_s + pipelined_load_s(nbytes / bps, option.prefill_s, option.layers)
     return option.load_overhead_s + nbytes / bps
