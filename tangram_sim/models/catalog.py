@@ -246,6 +246,29 @@ CATALOG: dict[str, tuple[str, dict[str, Any]]] = {
         "Qwen/Qwen2.5-7B",
         _qwen2(3584, 18944, 28, 28, 4, False, vocab_size=152064, max_position_embeddings=131072, rope_theta=1e6),
     ),
+    # The larger models of BlitzScale's evaluation (OSDI'25): a 24B on 2 GPUs and a 72B on 4
+    "mistral-small-24b": (
+        "mistralai/Mistral-Small-24B-Instruct-2501",
+        {
+            "architectures": ["MistralForCausalLM"],
+            "model_type": "mistral",
+            "hidden_size": 5120,
+            "intermediate_size": 32768,
+            "num_hidden_layers": 40,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "vocab_size": 131072,
+            "max_position_embeddings": 32768,
+            "rope_theta": 100000000.0,
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+        },
+    ),
+    "qwen2.5-72b": (
+        "Qwen/Qwen2.5-72B-Instruct",
+        _qwen2(8192, 29568, 80, 64, 8, False, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6),
+    ),
 }
 
 # Lower-cased catalog names and HF repo ids -> catalog name.

@@ -102,6 +102,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         granularity="model", retention="none", packing="first-fit", kv="static", scheduler="sllm-storage-aware",
         execute_while_load=True,
     ),
+    # lambdaScale (arXiv 2502.09922, MLSys'26 as FaaScale): a model multicast over RDMA in blocks along a
+    # binomial pipeline tree, from a node that holds it (a GPU copy when one is faster than the host tiers),
+    # and each new instance computing layers as they land. Blocks of 1 GiB: its artifact cuts Llama-2
+    # 7B/13B into 16 transfer blocks (0.8-1.6 GB). Its temporary cross-node pipelines are not modelled
+    # (docs/published-systems.md).
+    "lambdascale": dict(
+        granularity="model", retention="none", packing="first-fit", kv="static", scheduler="sllm-storage-aware",
+        source="fastest", multicast="binomial", multicast_block_bytes=1024 * MiB, execute_while_load=True,
+    ),
+    # BlitzScale (OSDI'25): parameters read over the GPU network from GPUs that hold the model (running
+    # instances) before any host tier, cold starts of one model chained (each forwards what it has received),
+    # ServerlessLLM's host caching behind them. Its live layer handoff is not modelled
+    # (docs/published-systems.md).
+    "blitzscale": dict(
+        granularity="model", retention="none", packing="first-fit", kv="static", scheduler="sllm-storage-aware",
+        source="gpu-first", multicast="chain",
+    ),
 }
 
 _FIELD_TYPES = {
