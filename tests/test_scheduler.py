@@ -182,3 +182,22 @@ def test_choice_is_a_valid_deterministic_index(options: list[PlacementOption], n
 def test_ttft_aware_is_optimal(options: list[PlacementOption]) -> None:
     best = min(TtftAwareScheduler.estimated_ttft_s(o) for o in options)
     assert TtftAwareScheduler.estimated_ttft_s(options[choose("ttft-aware", options)]) == best
+
+
+def test_storage_aware_counts_the_nodes_storage_backlog() -> None:
+    # Two empty nodes reading from their SSDs: the first one's SSD still has 8 s of earlier cold starts
+    # to read, so the second is faster (ServerlessLLM's q + n/b), though it comes later.
+    busy = opt(gpus=(0,), node=0, in_host_cache=False, storage_wait_s=8.0)
+    idle = opt(gpus=(8,), node=1, in_host_cache=False)
+    assert choose("sllm-storage-aware", [busy, idle]) == 1
+    # a node whose DRAM holds the checkpoint does not wait for its storage at all
+    assert choose("sllm-storage-aware", [replace(busy, in_host_cache=True), idle]) == 0
+    assert choose("sllm-storage-aware", [replace(busy, in_host_cache=True, storage_wait_s=100.0), idle]) == 0
+
+
+def test_affinity_breaks_ties_by_storage_backlog() -> None:
+    busy = opt(gpus=(1,), node=0, in_host_cache=False, storage_wait_s=3.0)
+    idle = opt(gpus=(8,), node=1, in_host_cache=False)
+    assert choose("tangram-affinity", [busy, idle]) == 1
+    # share still comes first: a GPU holding half the model wins whatever its storage's backlog
+    assert choose("tangram-affinity", [replace(busy, resident_bytes=8 * GB), idle]) == 0

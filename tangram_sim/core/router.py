@@ -31,7 +31,13 @@ from tangram_sim.policies.lifecycle import FairnessPolicy, PreemptionPolicy
 from tangram_sim.policies.packing import PackingPolicy
 from tangram_sim.policies.prefetch import PrefetchPolicy
 from tangram_sim.policies.retention import RetentionPolicy
-from tangram_sim.policies.scheduler import PlacementOption, Scheduler, pipelined_load_s
+from tangram_sim.policies.scheduler import (
+    PlacementOption,
+    Scheduler,
+    missing_bytes,
+    pipelined_load_s,
+    reads_storage,
+)
 from tangram_sim.policies.source import SourcePolicy, TiersSource
 from tangram_sim.policies.warm_routing import WarmInstance, WarmRoutingPolicy
 from tangram_sim.specs.hardware import TierSpec
@@ -168,6 +174,9 @@ class Cluster:
         self.finished = 0  # requests with an outcome
         self.on_finished: Callable[[Request], None] | None = None  # told of each outcome (a stream)
         self._estimates: dict[tuple[str, int, int], float] = {}
+        # per node: when its storage will have read what the cold starts placed on it read from it (an
+        # estimate, as ServerlessLLM's loading queue: placements only, not the fabric)
+        self.storage_until = [0.0] * n_nodes
         for w in self.workers:
             env.process(w.run())
 
@@ -207,8 +216,12 @@ class Cluster:
         else:
             options = self.placement_options(req)
             choice = self.scheduler.choose(req.model, options, self.rng)
-            group = tuple(self.workers[g] for g in options[choice].gpus)
+            chosen = options[choice]
+            group = tuple(self.workers[g] for g in chosen.gpus)
             best = group[0]
+            if reads_storage(chosen) and chosen.resident_bytes < chosen.model_bytes:
+                start = max(self.env.now, self.storage_until[chosen.node])
+                self.storage_until[chosen.node] = start + missing_bytes(chosen) / chosen.storage_bps
             if entry.tp > 1:
                 req.gang = Gang(self.env, group)
         self.recorder.log(self.env.now, best.gpu_id, "rerouted" if replace else "routed", req.rid, req.model)
@@ -306,6 +319,7 @@ class Cluster:
                     capacity_bytes=min(w.arena.capacity for w in group),
                     layers=self.pipeline_layers[req.model] if self.pipeline_layers is not None else 0,
                     copy_bps=self.copy_bps(req.model, group) if self.source.gpu_copies else 0.0,
+                    storage_wait_s=max(0.0, self.storage_until[node.node_id] - now),
                 )
             )
         return options

@@ -28,6 +28,7 @@ __all__ = [
     "estimated_load_s",
     "missing_bytes",
     "pipelined_load_s",
+    "reads_storage",
 ]
 
 
@@ -52,6 +53,10 @@ class PlacementOption:
     # rate alone of the fastest whole copy of the model on another GPU that the system's source policy may
     # read (a peer over NVLink or PCIe, another node's GPU over RDMA; docs/topology.md); 0: none
     copy_bps: float = 0.0
+    # seconds until the node's storage has read what earlier cold starts placed on it still read from it
+    # (ServerlessLLM's loading queue q of its estimate q + n/b); without it every empty node ties and the
+    # first one gets every cold start of a burst, its one SSD shared by all of them
+    storage_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.gpus:
@@ -62,7 +67,7 @@ class PlacementOption:
             )
         if self.model_bytes < 0 or self.resident_bytes < 0 or self.free_bytes < 0 or self.capacity_bytes < 0:
             raise ValueError("byte counts of a placement option must be >= 0")
-        if self.queue_wait_s < 0 or self.prefill_s < 0 or self.load_overhead_s < 0:
+        if self.queue_wait_s < 0 or self.prefill_s < 0 or self.load_overhead_s < 0 or self.storage_wait_s < 0:
             raise ValueError("times of a placement option must be >= 0")
 
 
@@ -100,6 +105,18 @@ def estimated_load_s(option: PlacementOption, *, reuse: bool = True) -> float:
     if option.layers > 1:
         return option.load_overhead_s + pipelined_load_s(nbytes / bps, option.prefill_s, option.layers)
     return option.load_overhead_s + nbytes / bps
+
+
+def reads_storage(option: PlacementOption) -> bool:
+    """The bytes would come from the node's storage (SSD or remote store): not in its DRAM cache, and no
+    GPU copy faster than the storage path."""
+    return not option.in_host_cache and option.copy_bps <= min(option.host_to_gpu_bps, option.storage_bps)
+
+
+def _storage_wait(option: PlacementOption) -> float:
+    """The node's storage backlog when this placement would read from it, else 0: a tie-break that sends
+    equal placements to the node whose storage is free."""
+    return option.storage_wait_s if option.resident_bytes < option.model_bytes and reads_storage(option) else 0.0
 
 
 def _argmin(options: Sequence[PlacementOption], cost: Callable[[PlacementOption], float]) -> int:
@@ -167,7 +184,8 @@ class StorageAwareScheduler(Scheduler):
     """ServerlessLLM: queue wait + whole-model load time from wherever the checkpoint is fastest."""
 
     def _choose(self, model: str, options: Sequence[PlacementOption], rng: random.Random) -> int:
-        return _argmin(options, lambda o: o.queue_wait_s + estimated_load_s(o, reuse=False))
+        return _argmin(options, lambda o: o.queue_wait_s + estimated_load_s(o, reuse=False)
+                       + (o.storage_wait_s if reads_storage(o) else 0.0))
 
 
 @SCHEDULER.register("tangram-affinity")
@@ -192,7 +210,8 @@ class AffinityScheduler(Scheduler):
     def _choose(self, model: str, options: Sequence[PlacementOption], rng: random.Random) -> int:
         available = [i for i, o in enumerate(options) if o.queue_wait_s <= self.idle_s]
         if available:
-            return min(available, key=lambda i: (-self.share(options[i]), -options[i].free_bytes, i))
+            return min(available, key=lambda i: (-self.share(options[i]), _storage_wait(options[i]),
+                                                 -options[i].free_bytes, i))
         return _argmin(options, lambda o: (o.queue_wait_s, -self.share(o)))
 
 
