@@ -39,3 +39,34 @@ def test_a_burst_of_cold_starts_uses_both_nodes(system_index: int) -> None:
     assert nodes.value_counts().to_dict() == {0: 2, 1: 2}
     # two 15-18 GB checkpoints on one 2 GB/s SSD: no load takes as long as three or four of them would
     assert req.load_s.max() < 3 * 15e9 / 2e9
+
+
+def test_a_tensor_parallel_groups_copy_rate_counts_each_rank_from_a_gpu_of_its_rank() -> None:
+    from types import SimpleNamespace
+
+    from tangram_sim.core.router import Cluster
+    from tangram_sim.sim.hardware import TierSpec
+    from tangram_sim.topology import Topology
+    from tangram_sim.topology.spec import TopologySpec
+
+    node0, node1 = SimpleNamespace(node_id=0), SimpleNamespace(node_id=1)
+    resident: dict[int, int] = {}
+
+    def worker(gpu: int) -> SimpleNamespace:
+        return SimpleNamespace(gpu_id=gpu, node=node0 if gpu < 4 else node1,
+                               resident_bytes=lambda model, g=gpu: resident.get(g, 0))
+
+    workers = [worker(g) for g in range(8)]
+    topology = Topology(2, 4, 25e9, TierSpec(network_bps=12.5e9), TopologySpec(nvlink_bps=300e9, rdma=True))
+    router = SimpleNamespace(entries={"m": SimpleNamespace(tp=2)}, gpu_model_bytes={"m": 10}, workers=workers,
+                             gpus_per_node=4, topology=topology)
+    group = (workers[2], workers[3])  # ranks 0 and 1 of node 0's second group
+    assert Cluster.copy_bps(router, "m", group) == 0.0
+    resident.update({0: 10, 1: 10})  # an instance on GPUs 0-1 of the same node: both ranks over NVLink
+    assert Cluster.copy_bps(router, "m", group) == pytest.approx(2 * 300e9)
+    resident.clear()
+    resident.update({4: 10, 5: 10})  # on node 1: both ranks over RDMA, sharing the node's NIC
+    assert Cluster.copy_bps(router, "m", group) == pytest.approx(12.5e9)
+    resident.clear()
+    resident.update({0: 10, 4: 10})  # rank 0's shards only (GPUs 0 and 4 are rank 0): rank 1 has no copy
+    assert Cluster.copy_bps(router, "m", group) == 0.0

@@ -272,24 +272,38 @@ class Cluster:
         return groups
 
     def copy_bps(self, model: str, group: Sequence[GpuWorker]) -> float:
-        """Rate alone of the fastest whole copy of `model` resident on a GPU outside `group` that `group`'s
-        first GPU can read (a peer of its node, or with RDMA any GPU): the estimates' view of the system's
-        source policy when it reads GPU copies. 0.0: none, or a tensor-parallel model (its ranks' shards
-        differ)."""
-        if self.entries[model].tp > 1:
-            return 0.0
+        """Rate alone of the fastest whole copy of `model` on GPUs outside `group` that `group` can read (a
+        peer of its node, or with RDMA any GPU): the estimates' view of the system's source policy when it
+        reads GPU copies. A tensor-parallel model's ranks each read their own shards, from GPUs of the same
+        rank (a GPU always has the same rank in its aligned groups), in parallel: the slowest rank's rate
+        times the degree, as `host_to_gpu_bps` counts the ranks' links, and no more than the node's NIC
+        when a rank reads from another node (the ranks share it). 0.0: no rank has a copy."""
+        tp = self.entries[model].tp
         need = self.gpu_model_bytes[model]
-        first = group[0]
         topology = self.topology
-        best = 0.0
-        for w in self.workers:
-            if w in group or w.resident_bytes(model) < need:
-                continue
-            if w.node is first.node:
-                best = max(best, topology.source_bps("peer-gpu", first.gpu_id, w.gpu_id))
-            elif topology.spec.rdma:
-                best = max(best, topology.source_bps("remote-gpu", first.gpu_id, w.gpu_id))
-        return best
+        slowest = math.inf
+        remote = False
+        for reader in group:
+            best, best_remote = 0.0, False
+            for w in self.workers:
+                if w in group or w.resident_bytes(model) < need:
+                    continue
+                if tp > 1 and (w.gpu_id % self.gpus_per_node) % tp != (reader.gpu_id % self.gpus_per_node) % tp:
+                    continue
+                if w.node is reader.node:
+                    bps, far = topology.source_bps("peer-gpu", reader.gpu_id, w.gpu_id), False
+                elif topology.spec.rdma:
+                    bps, far = topology.source_bps("remote-gpu", reader.gpu_id, w.gpu_id), True
+                else:
+                    continue
+                if bps > best:
+                    best, best_remote = bps, far
+            slowest = min(slowest, best)
+            remote = remote or best_remote
+            if slowest == 0.0:
+                return 0.0
+        total = slowest * tp
+        return min(total, topology.nic_in[group[0].node.node_id].bps) if remote else total
 
     def placement_options(self, req: Request) -> list[PlacementOption]:
         entry = self.entries[req.model]
