@@ -139,6 +139,8 @@ _FIELD_TYPES = {
     "source_params": dict,
     "multicast": str,
     "multicast_block_bytes": int,
+    "pipeline": str,
+    "pipeline_params": dict,
 }
 
 
