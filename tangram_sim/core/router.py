@@ -207,8 +207,10 @@ class Cluster:
         if not replace:
             self.scheduler.observe(req.model, self.gpu_model_bytes[req.model], self.env.now)
         best = self.warm_instance(req.model)
+        rank_keys = entry.rank_keys  # per GPU of the group: the units it holds for the model
         if best is not None:
             group = best.instance.group
+            rank_keys = best.instance.rank_keys  # a pipeline's stages until it consolidates
         else:
             options = self.placement_options(req)
             choice = self.scheduler.choose(req.model, options, self.rng)
@@ -220,12 +222,11 @@ class Cluster:
                 req.gang = propose(self, req, best)  # a pipelined cold start (None: on one GPU)
                 if req.gang is not None:
                     group = req.gang.workers
+                    rank_keys = req.gang.stages.rank_keys
         self.recorder.log(self.env.now, best.gpu_id, "rerouted" if replace else "routed", req.rid, req.model)
         if not replace:
             now = self.env.now
             self.keep_alive.arrived(req.model, now)
-            stages = req.gang.stages if req.gang is not None else None
-            rank_keys = entry.rank_keys if stages is None else stages.rank_keys  # a pipeline's: per stage
             for rank, worker in enumerate(group):
                 worker.retention.record_access(req.model, rank_keys[rank], now)
                 if worker.prefetch is not None:
