@@ -218,3 +218,21 @@ def test_the_real_executor_refuses_pipelines() -> None:
 
     with pytest.raises(ConfigError, match="pipeline slo is not yet supported by the real executor"):
         check_replayable(make_system("s", "tangram", {"pipeline": "slo"}))
+
+
+def test_stages_spread_over_nodes_when_the_network_bounds_the_load() -> None:
+    """Checkpoints in the remote store behind a 1 GB/s NIC per node: two stages on one node share its NIC
+    (no gain), on two nodes each has its own, so the second stage goes to the other node and the load
+    takes half the time; the hop then crosses the NICs."""
+    spec = stack("net", [64] * 8)
+    c = ClusterSpec(2, 2, gpu_spec("a100-80gb", {"pcie_bps": BW}),
+                    TierSpec(host_cache_bytes=0, network_bps=1e9, ssd_holds_all=False, unit_overhead_s=0.0),
+                    topology=TopologySpec())
+    res = run(spec, trace((0.0, spec.name, 100, 1)), {"pipeline": "fixed", "pipeline_params": {"k": 2}}, c=c)
+    assert [e[1] for e in res.events if e[2] == "gang_join"] == [2]
+    row = res.requests.iloc[0]
+    assert row.load_s == pytest.approx(4 * 64 * MiB / 1e9, rel=1e-9)
+    gpu = gpu_spec("a100-80gb", {"pcie_bps": BW})
+    compute = stage_sums(Calibrated(calibration(spec, 0.2), Roofline(gpu)).prefill_layers_s(spec, 100, 1), (0, 4))
+    ready = [0.3 + 4 * 64 * MiB / 1e9] * 2
+    assert row.ttft_s == pytest.approx(pipelined_ttft_s(ready, compute, [100 * HIDDEN * 2 / 1e9]), rel=1e-9)

@@ -108,37 +108,33 @@ def propose(cluster: Cluster, req: Request, leader: GpuWorker) -> Gang | None:
         return None
     topology = cluster.topology
     lead_node = topology.node_of(leader.gpu_id)
-    others = sorted((w for w in cluster.workers if w is not leader and _free(w, req.model)),
-                    key=lambda w: (topology.node_of(w.gpu_id) != lead_node, w.instance is not None, w.gpu_id))
+    free = [w for w in cluster.workers if w is not leader and _free(w, req.model)]
+    # near: the leader's node first (fast hops); spread: one GPU per node in turn, the leader's node last
+    # (each node's storage link and NIC add their bandwidth); each k takes the better prediction
+    near = sorted(free, key=lambda w: (w.node.node_id != lead_node, w.instance is not None, w.gpu_id))
+    seen: dict[int, int] = {lead_node: 1}
+    turn: dict[GpuWorker, int] = {}
+    for w in sorted(free, key=lambda w: (w.instance is not None, w.gpu_id)):
+        turn[w] = seen.get(w.node.node_id, 0)
+        seen[w.node.node_id] = turn[w] + 1
+    spread = sorted(free, key=lambda w: (turn[w], w.instance is not None, w.gpu_id))
     token_bytes = arch.hidden_size * ACTIVATION_BYTES
     compute = cluster.time_model.prefill_layers_s(entry.spec, req.input_tokens, 1)
     options: list[tuple[int, float]] = []
     plans: dict[int, tuple[tuple[GpuWorker, ...], Layout, tuple[float, ...]]] = {}
-    for k in range(1, min(policy.max_k, len(others) + 1) + 1):
+    for k in range(1, min(policy.max_k, len(free) + 1) + 1):
         found = layout(cluster, req.model, k)
         if found is None:
             continue
-        group = (leader, *others[:k - 1])
-        starts, keys, _units, _aligned, _nbytes = found
-        per_node: dict[int, int] = {}
-        for w in group:
-            per_node[w.node.node_id] = per_node.get(w.node.node_id, 0) + 1
-        ready = []
-        for j, w in enumerate(group):
-            found_regions = w.arena.lookup_many(keys[j])
-            missing = sum(n for (_key, n), r in zip(found[2][j], found_regions) if r is None)
-            if w.node.holds(entry, req.model):
-                bps = cluster.pcie_bps
-            else:
-                bps = min(cluster.pcie_bps, topology.storage_bps(w.node.node_id) / per_node[w.node.node_id])
-                if topology.store is not None:
-                    bps = min(bps, topology.store.bps / k)
-            ready.append(cluster.engine_overhead_s + missing / bps)
-        hop_per_token = tuple(token_bytes / _link_bps(cluster, group[j].gpu_id, group[j + 1].gpu_id)
-                              for j in range(k - 1))
-        hops = [h * req.input_tokens for h in hop_per_token]
-        options.append((k, pipelined_ttft_s(ready, stage_sums(compute, starts), hops)))
-        plans[k] = (group, found, hop_per_token)
+        best: tuple[float, tuple[GpuWorker, ...], tuple[float, ...]] | None = None
+        for order in (near, spread) if k > 1 else (near,):
+            group = (leader, *order[:k - 1])
+            ttft, hop_per_token = _predict(cluster, req, group, found, compute, token_bytes)
+            if best is None or ttft < best[0]:
+                best = (ttft, group, hop_per_token)
+        assert best is not None
+        options.append((k, best[0]))
+        plans[k] = (best[1], found, best[2])
     if not options:
         return None
     k = policy.choose(options)
@@ -156,6 +152,32 @@ def propose(cluster: Cluster, req: Request, leader: GpuWorker) -> Gang | None:
     )
     cluster.recorder.log(cluster.env.now, leader.gpu_id, "pipelined", req.rid, f"k={k}")
     return Gang(cluster.env, group, stages)
+
+
+def _predict(cluster: Cluster, req: Request, group: tuple[GpuWorker, ...], found: Layout, compute: list[float],
+             token_bytes: int) -> tuple[float, tuple[float, ...]]:
+    """The chain rule's TTFT of `req` on stages `group` (module docstring), and each hop's time per token."""
+    entry = cluster.entries[req.model]
+    topology = cluster.topology
+    k = len(group)
+    starts, keys, units, _aligned, _nbytes = found
+    per_node: dict[int, int] = {}
+    for w in group:
+        per_node[w.node.node_id] = per_node.get(w.node.node_id, 0) + 1
+    ready = []
+    for j, w in enumerate(group):
+        missing = sum(n for (_key, n), r in zip(units[j], w.arena.lookup_many(keys[j])) if r is None)
+        if w.node.holds(entry, req.model):
+            bps = cluster.pcie_bps
+        else:
+            bps = min(cluster.pcie_bps, topology.storage_bps(w.node.node_id) / per_node[w.node.node_id])
+            if topology.store is not None:
+                bps = min(bps, topology.store.bps / k)
+        ready.append(cluster.engine_overhead_s + missing / bps)
+    hop_per_token = tuple(token_bytes / _link_bps(cluster, group[j].gpu_id, group[j + 1].gpu_id)
+                          for j in range(k - 1))
+    hops = [h * req.input_tokens for h in hop_per_token]
+    return pipelined_ttft_s(ready, stage_sums(compute, starts), hops), hop_per_token
 
 
 def hop_s(stages: Stages, tokens: float) -> float:
