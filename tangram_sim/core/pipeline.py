@@ -4,10 +4,12 @@ the instance consolidates onto its leader (HydraServe; `policies.pipeline` has t
 - Placement (`propose`, from `Cluster.route`): when the system's pipeline policy allows more than one
   stage and the scheduler's choice (the leader) is idle, the GPUs that are free (no queue, not held, no
   running batch; an idle instance of another model is ended by the placeholder, as for a tensor-parallel
-  gang) are offered leader's node first, then by GPU; for each feasible k the chain rule
+  gang) are taken in one of two orders: the leader's node first (fast hops), or one GPU per node in turn
+  (each node's NIC and storage link add their bandwidth). For each feasible k and order the chain rule
   (`policies.pipeline.pipelined_ttft_s`) predicts the TTFT of the request from the stages' missing bytes
   at their host source's rate alone (a node's storage link and the remote store shared by the stages
-  that read through them) and the layers' share of the prefill, and the policy picks k. The instance
+  that read through them), the layers' share of the prefill and the hops; each k keeps its better
+  order, and the policy picks k. The instance
   is then a gang (`core.gang`) whose `Stages` say which units each GPU loads: a model's units go to the
   stage of the last layer they hold (units of no layer, e.g. a vision tower, to the first stage).
 - Serving: the modelled device makes each stage's layers ready when its GPU has loaded them, so the first
