@@ -95,10 +95,10 @@ def _link_bps(cluster: Cluster, src: int, dst: int) -> float:
 
 
 def _free(worker: GpuWorker, model: str) -> bool:
-    """May `worker` take a stage now: nothing queued, not held, no batch running, no gang of its own."""
+    """May `worker` take a stage now: it waits for work (`GpuWorker.idle`) and has no instance, or an idle
+    one of another model on its GPU alone (the placeholder ends it at once)."""
     inst = worker.instance
-    return not worker.queued and worker.held_by is None and (
-        inst is None or (not inst.running and len(inst.group) == 1 and inst.model != model))
+    return worker.idle() and (inst is None or (len(inst.group) == 1 and inst.model != model))
 
 
 def propose(cluster: Cluster, req: Request, leader: GpuWorker) -> Gang | None:

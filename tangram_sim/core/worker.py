@@ -123,6 +123,13 @@ class GpuWorker:
             self.tail_model = self.instance.model if self.instance is not None else None
         return req
 
+    def idle(self) -> bool:
+        """Waiting for work: nothing queued, not held by a gang, and its process parked in the idle wait
+        (not starting, prefilling, decoding or settling an instance, whose batch may be empty meanwhile)."""
+        wake = self._wake
+        return (not self.queues.count and self.held_by is None and wake is not None and self._wake_any
+                and not wake.triggered and (self.instance is None or not self.instance.running))
+
     def followers_waiting(self) -> bool:
         inst = self.instance
         # (a one-GPU group, the common case, has no followers: no generator to build)
