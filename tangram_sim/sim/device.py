@@ -16,6 +16,9 @@ while it loads: the lane's stages end before the gate, compaction copies before 
 Prefill is one time-model iteration per group. Decode is a fluid: between events (an arrival that can
 join, a completion, a KV growth point) every running sequence advances at one token per step, the step time from the time model for
 the current batch and KV size; this keeps events per request O(1) instead of O(output tokens).
+A pipelined start (`core.pipeline`) loads each stage's units on its own GPU; without execute-while-load a
+stage's layers are ready when all of its units have landed, and every prefill and decode step adds the
+stages' activation hops; `load_units` is the leader's background load before it consolidates.
 A prefetch (`core.prefetch`) loads one unit at a time from the node's DRAM cache over the GPU's PCIe
 link (after the per-unit overhead); cancelling it removes its transfer from the link at once.
 """
