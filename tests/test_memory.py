@@ -93,7 +93,7 @@ def test_every_path_that_takes_memory_goes_through_the_one_entry_point() -> None
     # a static pool reserved at each instance start, over retained weights
     static = make_system("s", "tangram", {"retention": "test-memory-spy", "kv": "static", "keep_alive_s": 0.0})
     simulate(models, _workload(60, 5, 2.0, 400, 60), one_gpu, static)
-    assert Spy.observed == {"plan_rank", "kv_take", "reserve_static_kv", "_plan"}  # _plan: a prefetch
+    assert Spy.observed == {"plan_units", "kv_take", "reserve_static_kv", "_plan"}  # _plan: a prefetch
     assert Spy.evicted == {"cold_start", "kv_take", "reserve_static_kv", "_evict"}
 
 

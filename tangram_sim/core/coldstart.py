@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING
 from tangram_sim.arena import Key
 from tangram_sim.core.device import LayerProgress, RankLoad
 from tangram_sim.core.kvbook import reserve_static_kv
-from tangram_sim.core.loadplan import plan_rank
+from tangram_sim.core.loadplan import plan_rank, plan_units
 from tangram_sim.core.memory import commit
-from tangram_sim.core.records import Gang, ModelEntry, Request
+from tangram_sim.core.pipeline import consolidate, merge
+from tangram_sim.core.records import Gang, ModelEntry, Request, Stages
 from tangram_sim.policies.kv import KvPool
 from tangram_sim.policies.packing import Move
 
@@ -42,10 +43,12 @@ _key = operator.itemgetter(0)
 
 
 class Instance:
-    __slots__ = ("model", "entry", "running", "pool", "pool_keys", "started", "group", "gang", "head", "loading")
+    __slots__ = ("model", "entry", "running", "pool", "pool_keys", "started", "group", "gang", "head", "loading",
+                 "tp", "kv_group", "rank_keys", "stages")
 
     def __init__(self, model: str, entry: ModelEntry, started: float, group: tuple[GpuWorker, ...],
                  gang: Gang | None, head: Request) -> None:
+        stages = gang.stages if gang is not None else None
         self.model = model  # model it serves
         self.entry = entry  # its units
         self.running: list[Request] = []  # the continuous batch, in admission order
@@ -56,6 +59,14 @@ class Instance:
         self.gang = gang  # barrier the followers wait on (None for one GPU)
         self.head = head  # request that started it: admitted first, whatever the fairness rule says
         self.loading: LayerProgress | None = None  # execute-while-load: its weights still landing
+        # pipelined (`core.pipeline`): its stages until it consolidates onto the leader; None otherwise
+        self.stages: Stages | None = stages
+        self.tp = entry.tp  # tensor-parallel degree the time model computes with (1 for a pipeline)
+        # GPUs holding its KV: every rank of a tensor-parallel group; a pipeline's leader alone (the whole
+        # model's KV is booked there from the start, the room it needs once consolidated)
+        self.kv_group = group if stages is None else group[:1]
+        # per rank (position in `group`): the keys of the units it holds pinned while the instance runs
+        self.rank_keys: tuple[tuple[Key, ...], ...] = entry.rank_keys if stages is None else stages.rank_keys
 
 
 def cold_start(worker: GpuWorker, head: Request, gang: Gang | None):
@@ -75,15 +86,20 @@ def cold_start(worker: GpuWorker, head: Request, gang: Gang | None):
 
     loads: list[RankLoad] = []
     reused = loaded = moved = evicted = extra = 0
+    stages = inst.stages
     for rank, member in enumerate(group):
-        missing, rank_loaded, reused_keys, plan = plan_rank(member, entry, rank, head.model, t0)
+        if stages is None:
+            missing, rank_loaded, reused_keys, plan = plan_rank(member, entry, rank, head.model, t0)
+        else:
+            missing, rank_loaded, reused_keys, plan = plan_units(
+                member, stages.rank_keys[rank], stages.rank_units[rank], stages.rank_aligned[rank], head.model, t0)
         if member.prefetch is not None:
             member.prefetch.on_cold_start(missing, reused_keys)
         moves: list[Move] = []
         commit(member, plan, t0, on_move=moves.append if plan.moved_bytes else None)
         member.arena.pin_many(reused_keys)
         loaded += rank_loaded
-        reused += sum(entry.rank_bytes[rank]) - rank_loaded
+        reused += (sum(entry.rank_bytes[rank]) if stages is None else stages.rank_bytes[rank]) - rank_loaded
         moved += plan.moved_bytes
         evicted += plan.evicted_bytes
         extra += plan.extra_evicted_bytes
@@ -130,6 +146,8 @@ def cold_start(worker: GpuWorker, head: Request, gang: Gang | None):
         else:
             progress.on_loaded = on_loaded
     worker.busy_s += env.now - t0
+    if stages is not None:
+        env.process(merge(worker, inst))  # the leader loads the other stages' units in the background
     if not c.kv.on_demand:
         reserve_static_kv(worker)
     for member in group:
@@ -142,3 +160,5 @@ def settle(inst: Instance):
     loading = inst.loading
     if loading is not None and not loading.finished:
         yield loading.done
+    if inst.stages is not None:
+        yield from consolidate(inst.group[0], inst)

@@ -61,7 +61,7 @@ def drain_s(worker: GpuWorker, inst: Instance, admitted: Sequence[Request], cand
     c = worker.cluster
     tm = c.time_model
     spec = inst.entry.spec
-    tp = len(inst.group)
+    tp = inst.tp
     pending = [*admitted, candidate]
     tokens = sum(r.input_tokens for r in pending)
     groups = -(-len(pending) // c.system.prefill_batch) if c.system.prefill_batch else 1

@@ -27,7 +27,7 @@ def reserve_static_kv(leader: GpuWorker) -> None:
     block = c.block_bytes[inst.model]
     now = c.env.now
     plans = []
-    for rank, worker in enumerate(inst.group):
+    for rank, worker in enumerate(inst.kv_group):
         arena = worker.arena
         weights = sum(inst.entry.rank_aligned[rank])
         want = c.kv.reservation_bytes(arena.capacity, weights)
@@ -64,13 +64,13 @@ def kv_take(leader: GpuWorker, req: Request, tokens: int, joining: bool = False)
         if not inst.pool.can_take(nbytes):
             return False
         inst.pool.take(nbytes)
-        for worker in inst.group:
+        for worker in inst.kv_group:
             worker.device.kv_grown(inst, req, (), nbytes)
     else:
         now = c.env.now
         ask = Ask("kv", nbytes=nbytes, block=block, spare_queued=joining and c.kv.spares_queued)
         plans = []
-        for worker in inst.group:  # plan every rank first: all or nothing
+        for worker in inst.kv_group:  # plan every rank first: all or nothing
             plan = acquire(worker, ask, now)
             if plan is None:
                 return False
@@ -87,7 +87,7 @@ def kv_take(leader: GpuWorker, req: Request, tokens: int, joining: bool = False)
 
 def kv_free(leader: GpuWorker, req: Request) -> None:
     inst = leader.instance
-    for worker in inst.group:
+    for worker in inst.kv_group:
         if worker.device.binds_memory:
             worker.device.kv_freed(inst, req)
     if inst.pool is not None:

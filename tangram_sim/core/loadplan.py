@@ -26,17 +26,24 @@ def plan_rank(worker: GpuWorker, entry: ModelEntry, rank: int, model: str, now: 
               ) -> tuple[Sequence[tuple[Key, int]], int, list[Key], PackingPlan]:
     """This GPU's part of a cold start: the missing shards, their bytes, the reused shards' keys, and
     the packing plan (to be applied with `core.memory.commit`)."""
+    return plan_units(worker, entry.rank_keys[rank], entry.rank_units[rank], entry.rank_aligned[rank], model, now)
+
+
+def plan_units(worker: GpuWorker, keys: Sequence[Key], units: Sequence[tuple[Key, int]], aligned_sizes: Sequence[int],
+               model: str, now: float) -> tuple[Sequence[tuple[Key, int]], int, list[Key], PackingPlan]:
+    """`plan_rank` over any of the model's units (`keys`, their (key, bytes) and aligned sizes): a pipeline
+    stage's share (`core.pipeline`)."""
     arena = worker.arena
-    found = arena.lookup_many(entry.rank_keys[rank])
+    found = arena.lookup_many(keys)
     missing: Sequence[tuple[Key, int]]
     reused_keys: list[Key] = []
     if found.count(None) == len(found):  # nothing retained: the model's units as they are
-        missing = entry.rank_units[rank]
-        missing_aligned = sum(entry.rank_aligned[rank])
+        missing = units
+        missing_aligned = sum(aligned_sizes)
     else:
         missing = []
         missing_aligned = 0
-        for region, unit, aligned in zip(found, entry.rank_units[rank], entry.rank_aligned[rank]):
+        for region, unit, aligned in zip(found, units, aligned_sizes):
             if region is None:
                 missing.append(unit)
                 missing_aligned += aligned

@@ -86,10 +86,11 @@ class LifecycleError(AssertionError):
 class Gang:
     """Barrier of a tensor-parallel instance start: every member GPU must be free first (`core.gang`)."""
 
-    __slots__ = ("workers", "arrived", "ready", "released")
+    __slots__ = ("workers", "arrived", "ready", "released", "stages")
 
-    def __init__(self, env: simpy.Environment, workers: tuple[GpuWorker, ...]) -> None:
+    def __init__(self, env: simpy.Environment, workers: tuple[GpuWorker, ...], stages: Stages | None = None) -> None:
         self.workers = workers  # leader first; rank = position
+        self.stages = stages  # a pipelined cold start's stages, one per worker (None: tensor parallel)
         self.arrived: list[GpuWorker] = []  # members waiting at the barrier
         self.ready = env.event()  # all members are free: the cold start may begin
         self.released = env.event()  # the instance ended or the gang was cancelled: followers are free
@@ -106,6 +107,25 @@ class Gang:
         if worker not in self.arrived or self.ready.triggered:
             raise LifecycleError(f"gpu {worker.gpu_id} cannot withdraw from this gang's barrier")
         self.arrived.remove(worker)
+
+
+@dataclass(slots=True, eq=False)
+class Stages:
+    """A pipelined instance's stages (`core.pipeline`), one per GPU of its group, leader first; a model of
+    tensor-parallel degree 1 only, so a unit's key is the same on every GPU."""
+
+    starts: tuple[int, ...]  # first layer of each stage (`policies.pipeline.split_layers`)
+    rank_keys: tuple[tuple[Key, ...], ...]  # per stage: the keys of its units (what its GPU loads and pins)
+    rank_units: tuple[tuple[tuple[Key, int], ...], ...]  # per stage: (key, bytes) of those units
+    rank_aligned: tuple[tuple[int, ...], ...]  # per stage: their sizes in the arena (aligned)
+    rank_bytes: tuple[int, ...]  # per stage: its units' bytes
+    hop_s_per_token: tuple[float, ...]  # per hop (stage j -> j+1): one token's activations over its link
+    kv_share: tuple[float, ...]  # per stage: its share of the layers (of a request's KV, moved at the end)
+    leader_bps: tuple[float, ...]  # per stage: rate alone of its link to the leader (0.0 for the leader)
+    # the leader's background load of the other stages' units: fires when they are resident there, with
+    # True, or with False when the leader has no room for them (the instance then stays a pipeline)
+    merged: simpy.Event
+    consolidated: bool = False  # the followers were freed; the instance runs on the leader alone
 
 
 @dataclass(slots=True)

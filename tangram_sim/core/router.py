@@ -21,6 +21,7 @@ from tangram_sim.arena import Key, State
 from tangram_sim.core.device import Device
 from tangram_sim.core.keepalive import KeepAlive
 from tangram_sim.core.multicast import Multicasts
+from tangram_sim.core.pipeline import Layout, propose
 from tangram_sim.core.records import Gang, LifecycleError, ModelEntry, Request
 from tangram_sim.core.storage import Node
 from tangram_sim.core.worker import GpuWorker
@@ -29,6 +30,7 @@ from tangram_sim.policies.keep_alive import KeepAlivePolicy
 from tangram_sim.policies.kv import KvPolicy, kv_block_bytes
 from tangram_sim.policies.lifecycle import FairnessPolicy, PreemptionPolicy
 from tangram_sim.policies.packing import PackingPolicy
+from tangram_sim.policies.pipeline import NoPipeline, PipelinePolicy
 from tangram_sim.policies.prefetch import PrefetchPolicy
 from tangram_sim.policies.retention import RetentionPolicy
 from tangram_sim.policies.scheduler import (
@@ -116,6 +118,7 @@ class Cluster:
         make_prefetch: Callable[[], PrefetchPolicy] | None = None,
         topology: Topology | None = None,
         source: SourcePolicy | None = None,
+        pipeline: PipelinePolicy | None = None,
     ) -> None:
         self.env = env
         self.system = system
@@ -144,6 +147,8 @@ class Cluster:
         self.preemption = preemption  # which running request gives its KV back
         self.warm_routing = warm_routing  # which active instance an arrival joins
         self.source = source or TiersSource()  # where each missing unit is read from (core.sources)
+        self.pipeline = pipeline or NoPipeline()  # how many stages a cold start runs as (core.pipeline)
+        self.pipeline_layouts: dict[tuple[str, int], Layout | None] = {}  # (model, k) -> its stages' units
         self.total_requests: float = math.inf  # requests of the run, when known (`run_lifecycle`)
         # KV of a tensor-parallel model is split by heads: each rank holds 1/tp of every block.
         self.block_bytes = {
@@ -211,8 +216,10 @@ class Cluster:
         if not replace:
             self.scheduler.observe(req.model, self.gpu_model_bytes[req.model], self.env.now)
         best = self.warm_instance(req.model)
+        rank_keys = entry.rank_keys  # per GPU of the group: the units it holds for the model
         if best is not None:
             group = best.instance.group
+            rank_keys = best.instance.rank_keys  # a pipeline's stages until it consolidates
         else:
             options = self.placement_options(req)
             choice = self.scheduler.choose(req.model, options, self.rng)
@@ -224,12 +231,17 @@ class Cluster:
                 self.storage_until[chosen.node] = start + missing_bytes(chosen) / chosen.storage_bps
             if entry.tp > 1:
                 req.gang = Gang(self.env, group)
+            elif self.pipeline.max_k > 1:
+                req.gang = propose(self, req, best)  # a pipelined cold start (None: on one GPU)
+                if req.gang is not None:
+                    group = req.gang.workers
+                    rank_keys = req.gang.stages.rank_keys
         self.recorder.log(self.env.now, best.gpu_id, "rerouted" if replace else "routed", req.rid, req.model)
         if not replace:
             now = self.env.now
             self.keep_alive.arrived(req.model, now)
             for rank, worker in enumerate(group):
-                worker.retention.record_access(req.model, entry.rank_keys[rank], now)
+                worker.retention.record_access(req.model, rank_keys[rank], now)
                 if worker.prefetch is not None:
                     worker.prefetch.observe(req.model, now)
         best.submit(req)

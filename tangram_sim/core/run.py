@@ -32,6 +32,7 @@ from tangram_sim.policies.kv import KvPolicy
 from tangram_sim.policies.lifecycle import FairnessPolicy, PreemptionPolicy
 from tangram_sim.policies.needs import PolicyField, check_needs, policy_kwargs
 from tangram_sim.policies.packing import PackingPolicy
+from tangram_sim.policies.pipeline import PipelinePolicy
 from tangram_sim.policies.prefetch import NoPrefetch, PrefetchPolicy
 from tangram_sim.policies.retention import RetentionPolicy
 from tangram_sim.policies.scheduler import Scheduler
@@ -59,6 +60,7 @@ class Policies:
     preemption: PreemptionPolicy  # shared
     warm_routing: WarmRoutingPolicy  # shared
     source: SourcePolicy  # shared: where each missing unit is read from
+    pipeline: PipelinePolicy  # shared: how many pipeline stages a cold start runs as
 
 
 class RunFacts:
@@ -114,7 +116,7 @@ def build_policies(system: SystemSpec, *, h2d_bps: float, sensitivity: dict[str,
         make_prefetch = NoPrefetch  # pre-warms go through the prefetch path; nothing else is prefetched
     return Policies(make_retention, make["packing"](), kv_policy(system), make["scheduler"](), make_prefetch,
                     keep_alive, make["fairness"](), make["preemption"](), make["warm_routing"](),
-                    make["source"]())
+                    make["source"](), make["pipeline"]())
 
 
 def kv_policy(system: SystemSpec) -> KvPolicy:
@@ -203,6 +205,9 @@ def run_lifecycle(
         field = "source" if system.source != "tiers" else "multicast"
         raise ConfigError(f"systems ({system.name}): {field} {system.source if field == 'source' else system.multicast} "
                           "reads units from other GPUs; not yet supported by the real executor")
+    if system.pipeline != "none" and not all(getattr(d, "runs_pipelines", False) for d in devices):
+        raise ConfigError(f"systems ({system.name}): pipeline {system.pipeline} runs a cold start as stages on "
+                          "several GPUs; not yet supported by the real executor")
     cluster = Cluster(
         env, devices=devices, gpus_per_node=gpus_per_node, tiers=tiers, system=system, entries=entries,
         time_model=time_model, make_retention=policies.make_retention, packing=policies.packing,
@@ -210,6 +215,7 @@ def run_lifecycle(
         engine_overhead_s=engine_overhead_s, pcie_bps=pcie_bps, make_prefetch=policies.make_prefetch,
         keep_alive=policies.keep_alive, fairness=policies.fairness, preemption=policies.preemption,
         warm_routing=policies.warm_routing, source=policies.source, topology=topology,
+        pipeline=policies.pipeline,
     )
     cluster.total_requests = n  # a pre-warm after the last outcome would load for nobody
     cluster.on_finished = stream

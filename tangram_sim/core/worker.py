@@ -39,6 +39,7 @@ from tangram_sim.core.device import Device
 from tangram_sim.core.fairness import stop_admitting
 from tangram_sim.core.gang import cancel, follow, join, place_again
 from tangram_sim.core.kvbook import kv_free, kv_take, want_tokens
+from tangram_sim.core.pipeline import consolidate
 from tangram_sim.core.prefetch import Prefetcher
 from tangram_sim.core.records import EPS_TOKENS, LifecycleError, Request
 from tangram_sim.core.storage import Node
@@ -122,6 +123,13 @@ class GpuWorker:
             self.tail_model = self.instance.model if self.instance is not None else None
         return req
 
+    def idle(self) -> bool:
+        """Waiting for work: nothing queued, not held by a gang, and its process parked in the idle wait
+        (not starting, prefilling, decoding or settling an instance, whose batch may be empty meanwhile)."""
+        wake = self._wake
+        return (not self.queues.count and self.held_by is None and wake is not None and self._wake_any
+                and not wake.triggered and (self.instance is None or not self.instance.running))
+
     def followers_waiting(self) -> bool:
         inst = self.instance
         # (a one-GPU group, the common case, has no followers: no generator to build)
@@ -182,7 +190,7 @@ class GpuWorker:
         held = c.env.now - inst.started  # from the start of its cold start (loading included)
         for rank, worker in enumerate(inst.group):
             worker.held_s += held
-            unpinned = worker.arena.unpin_many(inst.entry.rank_keys[rank])
+            unpinned = worker.arena.unpin_many(inst.rank_keys[rank])
             if not worker.retention.retains:
                 worker.arena.evict_many(unpinned)
             if worker.device.binds_memory:
@@ -208,6 +216,9 @@ class GpuWorker:
         device = self.device
         running = inst.running
         while True:
+            stages = inst.stages
+            if stages is not None and stages.merged.triggered:  # pipelined: the leader holds every layer now
+                yield from consolidate(self, inst)
             # Admit our queued requests in order while the batch, KV memory and fairness allow.
             admitted: list[Request] = []
             queues = self.queues

@@ -10,6 +10,7 @@
 - preemption: which running request gives its KV back when the batch cannot grow (`PREEMPTION`)
 - warm routing: which active instance, if any, an arrival joins before the scheduler (`WARM_ROUTING`)
 - source: where each missing unit of a cold start is read from (`SOURCE`)
+- pipeline: how many pipeline stages a cold start runs as (`PIPELINE`)
 
 `POLICY_FIELDS` lists the kinds a system names by a field (all but KV, whose parameters are system
 fields of their own), with the field of their parameters; what a policy may take from the run is
@@ -21,6 +22,7 @@ from tangram_sim.policies.kv import KV, KvPlan, KvPolicy, KvPool, execute_kv_pla
 from tangram_sim.policies.lifecycle import FAIRNESS, PREEMPTION, FairnessPolicy, PreemptionPolicy
 from tangram_sim.policies.needs import PolicyField
 from tangram_sim.policies.packing import PACKING, Move, PackingPlan, PackingPolicy, Placement, execute_plan
+from tangram_sim.policies.pipeline import PIPELINE, PipelinePolicy
 from tangram_sim.policies.prefetch import PREFETCH, PrefetchPolicy
 from tangram_sim.policies.retention import RETENTION, RetentionPolicy
 from tangram_sim.policies.scheduler import SCHEDULER, PlacementOption, Scheduler
@@ -40,6 +42,7 @@ POLICY_FIELDS: tuple[PolicyField, ...] = (
     PolicyField("preemption", "preemption_params", PREEMPTION),
     PolicyField("warm_routing", "warm_routing_params", WARM_ROUTING),
     PolicyField("source", "source_params", SOURCE),
+    PolicyField("pipeline", "pipeline_params", PIPELINE),
 )
 
 __all__ = [
@@ -47,6 +50,7 @@ __all__ = [
     "KEEP_ALIVE",
     "KV",
     "PACKING",
+    "PIPELINE",
     "POLICY_FIELDS",
     "PREEMPTION",
     "PREFETCH",
@@ -65,6 +69,7 @@ __all__ = [
     "PackingPolicy",
     "Placement",
     "PlacementOption",
+    "PipelinePolicy",
     "PolicyField",
     "PreemptionPolicy",
     "PrefetchPolicy",

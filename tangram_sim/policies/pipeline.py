@@ -18,8 +18,13 @@ sum(step_j) + sum(hop_j).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
-__all__ = ["choose_stages", "pipelined_step_s", "pipelined_ttft_s", "split_layers", "stage_sums"]
+from tangram_sim.policies.params import count, positive
+from tangram_sim.registry import Registry
+
+__all__ = ["PIPELINE", "FixedPipeline", "NoPipeline", "PipelinePolicy", "SloPipeline", "choose_stages",
+           "pipelined_step_s", "pipelined_ttft_s", "split_layers", "stage_sums"]
 
 
 def split_layers(layer_bytes: Sequence[int], k: int) -> tuple[int, ...]:
@@ -93,3 +98,54 @@ def choose_stages(ttft_by_k: Sequence[tuple[int, float]], target_s: float) -> in
     if meeting:
         return min(meeting)
     return min(ttft_by_k, key=lambda kt: (kt[1], kt[0]))[0]
+
+
+class PipelinePolicy:
+    """How many pipeline stages a cold start runs as (the `pipeline` system field). The lifecycle
+    (`core.pipeline`) offers the numbers of stages it can place (1 always; k > 1 only with k-1 free GPUs
+    besides the scheduler's choice) with the chain rule's TTFT predicted for each, and the policy picks."""
+
+    needs: ClassVar[frozenset[str]] = frozenset()  # what the run passes it (`policies.needs`)
+    max_k: int = 1  # the most stages it may ask for: the lifecycle predicts no larger k
+
+    def choose(self, ttft_by_k: Sequence[tuple[int, float]]) -> int:
+        """The number of stages, one of the k in `ttft_by_k` ((k, predicted TTFT), k = 1 first)."""
+        raise NotImplementedError
+
+
+PIPELINE = Registry[PipelinePolicy]("pipeline policy")
+
+
+@PIPELINE.register("none")
+class NoPipeline(PipelinePolicy):
+    """Every cold start on one GPU (the cluster as it was before pipelined cold starts)."""
+
+    def choose(self, ttft_by_k: Sequence[tuple[int, float]]) -> int:
+        return 1
+
+
+@PIPELINE.register("fixed")
+class FixedPipeline(PipelinePolicy):
+    """`k` stages whenever k GPUs can be had, else the most that can (a fixed degree, for experiments
+    that isolate the mechanism from the choice)."""
+
+    def __init__(self, k: int = 2) -> None:
+        self.max_k = count("pipeline policy", "k", k)
+
+    def choose(self, ttft_by_k: Sequence[tuple[int, float]]) -> int:
+        return max(k for k, _t in ttft_by_k)
+
+
+@PIPELINE.register("slo")
+class SloPipeline(PipelinePolicy):
+    """HydraServe's rule: the smallest k whose predicted TTFT meets `ttft_s` (fewest GPUs held), else the
+    k with the lowest prediction (`choose_stages`), up to `max_k` stages. `ttft_s` defaults to the
+    experiments' default TTFT SLO (`core.slo.DEFAULT_TTFT_S`, 2 s); an experiment with another `slo`
+    states it here too."""
+
+    def __init__(self, ttft_s: float = 2.0, max_k: int = 4) -> None:
+        self.ttft_s = positive("pipeline policy", "ttft_s", ttft_s)  # the target the prediction must meet
+        self.max_k = count("pipeline policy", "max_k", max_k)
+
+    def choose(self, ttft_by_k: Sequence[tuple[int, float]]) -> int:
+        return choose_stages(ttft_by_k, self.ttft_s)

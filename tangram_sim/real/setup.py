@@ -311,10 +311,15 @@ def prepare_replay(
 
 def check_replayable(system: SystemSpec) -> None:
     """A ConfigError for what the real executor does not run yet: execute-while-load needs a loader that
-    reports each layer as it lands and an engine that runs a forward pass layer by layer."""
+    reports each layer as it lands and an engine that runs a forward pass layer by layer; a pipelined cold
+    start, an engine that passes activations between devices."""
     if system.execute_while_load:
         raise ConfigError(f"systems ({system.name}): execute_while_load is not yet supported by the real "
                           "executor (its device lands a model's weights as a whole); simulate it, or set it false")
+    if system.pipeline != "none":
+        raise ConfigError(f"systems ({system.name}): pipeline {system.pipeline} is not yet supported by the real "
+                          "executor (an instance runs on one device or a tensor-parallel group); simulate it, or "
+                          "set pipeline none")
 
 
 def check_fits(ckpts: dict[str, Checkpoint], capacity: int, block_tokens: int, hint: str) -> None:

@@ -16,6 +16,9 @@ while it loads: the lane's stages end before the gate, compaction copies before 
 Prefill is one time-model iteration per group. Decode is a fluid: between events (an arrival that can
 join, a completion, a KV growth point) every running sequence advances at one token per step, the step time from the time model for
 the current batch and KV size; this keeps events per request O(1) instead of O(output tokens).
+A pipelined start (`core.pipeline`) loads each stage's units on its own GPU; without execute-while-load a
+stage's layers are ready when all of its units have landed, and every prefill and decode step adds the
+stages' activation hops; `load_units` is the leader's background load before it consolidates.
 A prefetch (`core.prefetch`) loads one unit at a time from the node's DRAM cache over the GPU's PCIe
 link (after the per-unit overhead); cancelling it removes its transfer from the link at once.
 """
@@ -31,6 +34,7 @@ from tangram_sim.arena import Arena, Key
 from tangram_sim.core.device import Landed, LayerProgress, RankLoad, Started, Work, pipeline
 from tangram_sim.core.links import Fabric, Link
 from tangram_sim.core.multicast import Joined
+from tangram_sim.core.pipeline import hop_s
 from tangram_sim.core.records import Request
 from tangram_sim.core.sources import split_sources
 from tangram_sim.core.startup import StartupPlan
@@ -50,6 +54,7 @@ class ModelledDevice:
     binds_memory = False  # the arena's books are the whole device
     overlaps_load = True  # its first prefill may run while the weights land (execute_while_load)
     reads_gpu_copies = True  # a unit may come from another GPU's copy or a multicast stream
+    runs_pipelines = True  # a cold start may run as pipeline stages on several GPUs (core.pipeline)
 
     def __init__(self, env: simpy.Environment, gpu_id: int, memory_bytes: int, alignment: int,
                  pcie_bps: float, fabric: Fabric, time_model: TimeModel, engine_overhead_s: float,
@@ -91,6 +96,8 @@ class ModelledDevice:
         if before:
             yield env.timeout(before)
         t_load = env.now
+        if inst.stages is not None and not self.execute_while_load:
+            return Started(env.now - t0, math.nan, self._land_stages(inst, loads, landed, t_load, copy_s))
         if self.execute_while_load:
             progress = self._land_layers(inst, loads, landed, t_load, copy_s)
             if plan is not None and plan.lane_s:  # stages that gate compute (post_s is 0: SystemSpec)
@@ -119,8 +126,66 @@ class ModelledDevice:
         entry = inst.entry
         n_layers = len(layer_blocks(entry.spec))
         progress = LayerProgress(self.env, [t_load] * n_layers, t_load)
-        self.env.process(self._stream(progress, entry.spec, entry.units, entry.rank_keys, loads, landed, copy_s))
+        self.env.process(self._stream(progress, entry.spec, entry.units, inst.rank_keys, loads, landed, copy_s))
         return progress
+
+    def _land_stages(self, inst: Instance, loads: Sequence[RankLoad], landed: Landed, t_load: float,
+                     copy_s: float) -> LayerProgress:
+        """A pipelined start (`core.pipeline`) without execute-while-load: each stage's GPU loads its units
+        (in parallel, each over its own links); its layers are ready once all of them have landed and its
+        startup stages beside and after the load are done."""
+        env = self.env
+        stages = inst.stages
+        assert stages is not None
+        n_layers = len(layer_blocks(inst.entry.spec))
+        progress = LayerProgress(env, [t_load] * n_layers, t_load)
+        plan = self.startup
+        lane_s, post_s = (plan.lane_s, plan.post_s) if plan is not None else (0.0, 0.0)
+        bounds = [*stages.starts, n_layers]
+
+        def stage_landed(rank: int) -> None:
+            at = max(env.now, t_load + lane_s) + post_s
+            for layer in range(bounds[rank], bounds[rank + 1]):
+                progress.ready[layer] = at
+
+        def run() -> Work:
+            if copy_s:
+                yield env.timeout(copy_s)
+            events = []
+            for rank, load in enumerate(loads):
+                if not load.missing:
+                    landed(load, ())
+                    stage_landed(rank)
+                    continue
+                ev = env.all_of(load.worker.device._transfers(load))
+                ev.callbacks.append(lambda _e, rank=rank, load=load: (landed(load, load.missing), stage_landed(rank)))
+                events.append(ev)
+            if events:
+                yield env.all_of(events)
+            end = max(progress.ready) if progress.ready else env.now
+            if end > env.now:  # the stages after the load
+                yield env.timeout(end - env.now)
+            progress.finish(env.now)
+
+        env.process(run())
+        return progress
+
+    def load_units(self, load: RankLoad) -> simpy.Event:
+        """Load units booked as loading outside a cold start (a pipelined instance's consolidation,
+        `core.pipeline`): compaction copies and per-unit overheads, then the transfers from their
+        sources; the event fires when they are in place (the caller books them resident)."""
+        copy_s = load.moved_bytes / self.d2d_bps + self.unit_overhead_s * len(load.missing)
+        if load.missing and self.load_overhead_s:
+            copy_s += self.load_overhead_s
+
+        def run() -> Work:
+            if copy_s:
+                yield self.env.timeout(copy_s)
+            transfers = self._transfers(load) if load.missing else []
+            if transfers:
+                yield self.env.all_of(transfers)
+
+        return self.env.process(run())
 
     def _stream(self, progress: LayerProgress, spec: ModelSpec, units: tuple[ReuseUnit, ...],
                 rank_keys: tuple[tuple[Key, ...], ...], loads: Sequence[RankLoad], landed: Landed,
@@ -229,7 +294,9 @@ class ModelledDevice:
         loading = inst.loading
         if loading is not None and not loading.consumed:
             return self._prefill_while_loading(inst, batch, loading)
-        dt = self.time_model.prefill_s(inst.entry.spec, sum(r.input_tokens for r in batch), len(inst.group))
+        dt = self.time_model.prefill_s(inst.entry.spec, sum(r.input_tokens for r in batch), inst.tp)
+        if inst.stages is not None:
+            dt += hop_s(inst.stages, sum(r.input_tokens for r in batch))
         return self.env.timeout(dt), lambda: dt
 
     def _prefill_while_loading(self, inst: Instance, batch: Sequence[Request], loading: LayerProgress
@@ -239,8 +306,12 @@ class ModelledDevice:
         env = self.env
         loading.consumed = True
         start = env.now
-        compute = self.time_model.prefill_layers_s(inst.entry.spec, sum(r.input_tokens for r in batch),
-                                                   len(inst.group))
+        tokens = sum(r.input_tokens for r in batch)
+        compute = self.time_model.prefill_layers_s(inst.entry.spec, tokens, inst.tp)
+        stages = inst.stages
+        if stages is not None:  # stage j's last layer ends when its activations reach stage j+1
+            for j, per_token in enumerate(stages.hop_s_per_token):
+                compute[stages.starts[j + 1] - 1] += per_token * tokens
         done = env.event()
         took = [0.0]
 
@@ -262,7 +333,9 @@ class ModelledDevice:
     def decode(self, inst: Instance, running: Sequence[Request], horizon: float, kv_tokens: float,
                wake: simpy.Event | None) -> tuple[simpy.Event, Callable[[], tuple[float, float]]]:
         env = self.env
-        step = self.time_model.decode_step_s(inst.entry.spec, len(running), kv_tokens, len(inst.group))
+        step = self.time_model.decode_step_s(inst.entry.spec, len(running), kv_tokens, inst.tp)
+        if inst.stages is not None:
+            step += hop_s(inst.stages, len(running))
         start = env.now
         dt = horizon * step
         if dt > 0 and start + dt == start:  # e.g. a bandwidth of 1e-300 pushed time to 1e300 s

@@ -22,6 +22,8 @@ registry of `tangram_sim.policies` (docs/policies.md) and, for most kinds, a map
     warm_routing [least-loaded], warm_routing_params {}   # least-loaded: under max_batch [32]
     source [tiers], source_params {}  # tiers | fastest | gpu-first (docs/topology.md)
     multicast [none], multicast_block_bytes [64 MiB]  # none | chain | binomial (docs/topology.md)
+    pipeline [none], pipeline_params {}  # none | fixed (k [2]) | slo (ttft_s [2], max_k [4])
+                                     # (docs/published-systems.md, HydraServe)
 
 Parameters in `*_params` win over what the policy takes from the run (`tangram_sim.policies.needs`).
 The other fields (granularity, units, batching, engine overhead) are commented on `SystemSpec`.
@@ -119,6 +121,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         granularity="model", retention="none", packing="first-fit", kv="static", scheduler="sllm-storage-aware",
         source="gpu-first", multicast="chain",
     ),
+    # HydraServe (NSDI'26; first as ParaServe; docs/published-systems.md): ServerlessLLM's platform whose
+    # cold start runs as the fewest pipeline stages (up to 4 GPUs) predicted to meet a 2 s TTFT, each
+    # stage's GPU fetching only its layers with its runtime starting beside the fetch, then consolidating
+    # onto one GPU; block groups of >= 8 MiB so that stages split at layer boundaries.
+    "hydraserve": dict(
+        granularity="group", min_unit_bytes=8 * MiB, unit_divisor=0, retention="none", packing="first-fit",
+        kv="static", scheduler="sllm-storage-aware", startup={"runtime": "overlap"},
+        pipeline="slo", pipeline_params={"ttft_s": 2.0, "max_k": 4},
+    ),
 }
 
 _FIELD_TYPES = {
@@ -156,6 +167,8 @@ _FIELD_TYPES = {
     "source_params": dict,
     "multicast": str,
     "multicast_block_bytes": int,
+    "pipeline": str,
+    "pipeline_params": dict,
 }
 
 

@@ -57,6 +57,10 @@ class SystemSpec:
     multicast: str = "none"  # cold starts of one model overlapping in time: none | chain | binomial
     # (topology.multicast); each receiver forwards blocks of this many bytes as they arrive
     multicast_block_bytes: int = 64 * MiB
+    # a cold start as pipeline stages on several GPUs, consolidated onto one later (policies.pipeline,
+    # core.pipeline): none | fixed | slo
+    pipeline: str = "none"
+    pipeline_params: dict[str, Any] = field(default_factory=dict)  # extra pipeline policy parameters (k, ttft_s)
     execute_while_load: bool = False  # the first prefill computes layer i once layer i has landed (and
     # layer i-1 is done) instead of after the whole load; the modelled device only, for now
 
