@@ -351,10 +351,12 @@ def test_a_device_that_cannot_overlap_refuses_execute_while_load() -> None:
                       seed=0, recorder=Recorder(False, 1.0, True), engine_overhead_s=0.0, pcie_bps=BW)
 
 
-def test_the_real_executor_refuses_execute_while_load() -> None:
+def test_the_real_executor_takes_execute_while_load_but_not_a_runtime_it_does_not_build() -> None:
     pytest.importorskip("torch")
     from tangram_sim.real.setup import check_replayable
 
     check_replayable(make_system("s", "tangram"))
-    with pytest.raises(ConfigError, match="execute_while_load is not yet supported by the real executor"):
-        check_replayable(make_system("s", "tangram", {"execute_while_load": True}))
+    check_replayable(make_system("s", "tangram", {"execute_while_load": True}))
+    check_replayable(make_system("s", "tangram", {"startup": {"preset": "vllm-l40s-llama8b-cached"}}))
+    with pytest.raises(ConfigError, match=r"startup.runtime: the real executor builds its engine .* got 'skip'"):
+        check_replayable(make_system("s", "tangram", {"startup": {"runtime": "skip"}}))

@@ -163,7 +163,9 @@ def replay_trace(
 
     def make_devices(env: WallClockEnvironment) -> list[RealDevice]:
         for i, spec in enumerate(specs):
-            gpus.append(RealDevice(env, i, spec, ckpts, prompts, process=separate, verify=verify))
+            gpus.append(RealDevice(env, i, spec, ckpts, prompts, process=separate, verify=verify,
+                                  execute_while_load=system.execute_while_load,
+                                  startup=system.startup_plan() if system.startup else None))
         if warmup:  # every arena at once (each on its own thread, or its own process)
             for f in [g.thread.submit(g.link.call, "warm_up", ARENA_ALIGNMENT) for g in gpus]:
                 f.result()
