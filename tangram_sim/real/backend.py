@@ -230,8 +230,9 @@ class DeviceBackend:
         """One packed forward pass over the prompts of `batch` ((rid, prompt token ids)); the first
         token of each becomes its sequence's next input. Value: the prompt lengths; with `layered` (the
         first prefill of a layered start) each layer block waits for its bytes, and the value is
-        (lengths, per block: perf_counter when it began computing, when it was done), the pass ending
-        once every unit has landed (a serial engine serves a whole model)."""
+        (lengths, per block: perf_counter when it began computing, when it was done, when its bytes were
+        in; when the last read completed), the pass ending once every unit has landed (a serial engine
+        serves a whole model)."""
         self.apply(ops)
         m = self.models[model]
         engine = self.engines[model]
@@ -277,7 +278,7 @@ class DeviceBackend:
             self.tokens[rid] = [token]
         if landing is not None:
             self._settle()  # the checksums of the verify mode, after the measured span
-            return Measured((lengths, starts, finishes), t0, seconds)
+            return Measured((lengths, starts, finishes, list(landing.stamps), landing.end), t0, seconds)
         return Measured(lengths, t0, seconds)
 
     def decode(self, ops: Sequence[tuple], model: str, rids: Sequence[int]) -> Measured:

@@ -53,7 +53,7 @@ import torch
 
 from tangram_sim.arena import Arena, Key
 from tangram_sim.core.clock import Measured, WallClockEnvironment
-from tangram_sim.core.device import Landed, LayerProgress, RankLoad, Started, Work
+from tangram_sim.core.device import Landed, LayerProgress, RankLoad, Started, Work, pipeline
 from tangram_sim.core.records import Request
 from tangram_sim.core.startup import StartupPlan, resolve_startup
 from tangram_sim.core.storage import Node
@@ -69,6 +69,9 @@ LOAD_COLUMNS = [
 ]
 STEP_COLUMNS = [  # one row per piece of device work: what the time model predicts, as measured
     "gpu", "kind", "model", "requests", "tokens", "kv_tokens", "time_s", "wall_s", "seconds",
+]
+LAYER_COLUMNS = [  # one row per layer block of each execute-while-load first prefill, times on the clock
+    "gpu", "model", "rid", "tokens", "block", "ready_s", "start_s", "finish_s", "load_start_s", "load_end_s",
 ]
 MEMORY_COLUMNS = [
     "time_s", "gpu", "device", "source", "total_bytes", "used_bytes", "free_bytes", "torch_allocated",
@@ -122,7 +125,8 @@ class RealDevice:
         self.loads: list[tuple] = []  # LOAD_COLUMNS rows
         self.memory: list[tuple] = []  # MEMORY_COLUMNS rows
         self.steps: list[tuple] = []  # STEP_COLUMNS rows
-        self.layers: list[tuple] = []  # per layered first prefill: (block starts, finishes, ready), clock times
+        self.layers: list[tuple] = []  # LAYER_COLUMNS rows
+        self._frames: dict[int, tuple[float, float]] = {}  # id(LayerProgress) -> its start's (submitted, t0)
         self.prefetches_submitted = 0  # prefetch reads handed to the thread (counted on the clock's thread)
         self.prefetches_finished = 0  # of those, done or skipped (counted on the device's thread)
         self._left: dict | None = None  # what the backend held at the end (`close`)
@@ -196,6 +200,7 @@ class RealDevice:
 
         moved = clock(t0 + engine_s + move_s)  # reused blocks are in place once the copies are done
         progress = LayerProgress(env, [moved] * n_blocks, clock(t0 + engine_s))
+        self._frames[id(progress)] = (submitted, t0)  # for its first prefill (`_layered_prefill`)
         ready = progress.ready
         missing = load.missing
 
@@ -314,32 +319,59 @@ class RealDevice:
             loading.consumed = True  # later prefills find every layer resident
         args = (self._take_ops(), inst.model, [(r.rid, self.prompts[r.rid]) for r in batch], layered)
         submitted = self.env.now
-        done = self.env.run_on(self.thread, lambda: self.link.call("prefill", *args))
+        if layered:
+            start_submitted, start_t0 = self._frames.pop(id(loading))
+            since = start_t0 + (submitted - start_submitted) * self.env.factor
+            done = self.env.run_on(self.thread, lambda: self._layered_prefill(args, since))
+        else:
+            done = self.env.run_on(self.thread, lambda: self.link.call("prefill", *args))
 
         def finish() -> float:
             m: Measured = done.value
             lengths = m.value
             if layered:
                 lengths, starts, finishes = lengths
-                self._computed(loading, submitted, m.t0, starts, finishes)
+                self._computed(inst, sum(lengths), loading, start_submitted, start_t0, starts, finishes)
             self.steps.append((self.gpu_id, "prefill", inst.model, len(batch), sum(lengths), max(lengths),
                                submitted, self.env.wall_at(m.t0), m.seconds))
             return m.seconds
 
         return done, finish
 
-    def _computed(self, loading: LayerProgress, submitted: float, t0: float, starts: list[float],
-                  finishes: list[float]) -> None:
-        """The first prefill's measured layer spans, as times on the clock, to the progress (once its
-        load has finished: the note of the last landing may be delivered after the prefill's end)."""
+    def _layered_prefill(self, args: tuple, since: float) -> Measured:
+        """The first prefill of a layered start, on the device's thread: the backend's pass, each block's
+        measured compute placed by `pipeline` after its measured landing and the block before it, from
+        `since` (the perf_counter that the clock's submission time stands for in the landings' frame). The
+        lifecycle's bookkeeping between the start and this command is charged to nobody on the clock, as
+        everywhere in a replay, while the reads went on in real time: placing the measured computes
+        from the submission keeps the landings and the computes on one timeline. Value: (lengths, block
+        starts, finishes) as perf_counter readings; seconds to the last block's end (or the last
+        landing, if later)."""
+        m: Measured = self.link.call("prefill", *args)
+        lengths, starts, finishes, ready, end = m.value
+        s, f = pipeline(ready, [b - a for a, b in zip(starts, finishes)], since)
+        stop = max(f[-1], end) if f else end
+        return Measured((lengths, s, f), since, stop - since)
+
+    def _computed(self, inst: Instance, tokens: int, loading: LayerProgress, submitted: float, t0: float,
+                  starts: list[float], finishes: list[float]) -> None:
+        """The first prefill's measured layer spans, as times on the clock, to the progress and the layers
+        table (once its load has finished: the note of the last landing may come after the prefill)."""
         factor = self.env.factor
         s = [submitted + (p - t0) / factor for p in starts]
         f = [submitted + (p - t0) / factor for p in finishes]
-        self.layers.append((s, f, loading.ready))  # ready: final once the load has finished
-        if loading.finished:
+
+        def record(_event: object = None) -> None:
             loading.computed(s, f)
+            rid = loading.head.rid if loading.head is not None else -1
+            for b, (start, finish, ready) in enumerate(zip(s, f, loading.ready)):
+                self.layers.append((self.gpu_id, inst.model, rid, tokens, b, ready, start, finish,
+                                    loading.load_start, loading.load_end))
+
+        if loading.finished:
+            record()
         else:
-            loading.done.callbacks.append(lambda _e: loading.computed(s, f))
+            loading.done.callbacks.append(record)
 
     def decode(self, inst: Instance, running: Sequence[Request], horizon: float, kv_tokens: float,
                wake: object) -> tuple[simpy.Event, Callable[[], tuple[float, float]]]:

@@ -34,6 +34,7 @@ read has completed; `("error", exception)`.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -109,6 +110,8 @@ class Landing:
         for b in set(range(n_blocks)) - {b for s in steps for b in s.blocks}:
             self.ready[b].set()  # reused (or moved) blocks: in place before the reads begin
         self.all = threading.Event()  # every read has completed (or failed)
+        self.stamps = [time.perf_counter()] * n_blocks  # per block: perf_counter when its bytes were in
+        self.end = math.nan  # perf_counter when the last read completed
         self.error: BaseException | None = None  # what failed, raised by the next waiter
         self.notify = notify
         self.after = after  # untimed work once everything has landed (the verify mode's checksums)
@@ -130,10 +133,11 @@ class Landing:
                     nbytes += sum(s.nbytes for s in step.segments)
                 stamp = time.perf_counter()
                 for b in step.blocks:
+                    self.stamps[b] = stamp
                     self.ready[b].set()
                 self.notify(("mark", step.blocks, step.units, stamp))
             read_s = time.perf_counter() - t0
-            end = t0 + read_s
+            end = self.end = t0 + read_s
             self.notify(("done", end, read_s, nbytes, nbytes / read_s / 1e9 if read_s > 0 else 0.0))
         except BaseException as exc:  # noqa: BLE001 - raised by the next waiter and sent to the lifecycle
             self._fail(exc)

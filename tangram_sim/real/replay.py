@@ -15,7 +15,7 @@ import contextlib
 import gc
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from tangram_sim.core.slo import Slo
 from tangram_sim.errors import ConfigError
 from tangram_sim.experiments.config import load_yaml
 from tangram_sim.real.backend import BackendSpec, core_sets
-from tangram_sim.real.device import LOAD_COLUMNS, MEMORY_COLUMNS, STEP_COLUMNS, RealDevice
+from tangram_sim.real.device import LAYER_COLUMNS, LOAD_COLUMNS, MEMORY_COLUMNS, STEP_COLUMNS, RealDevice
 from tangram_sim.real.loader import DEFAULT_CHUNK_BYTES, Checkpoint
 from tangram_sim.real.setup import (
     ReplaySetup,
@@ -69,6 +69,8 @@ class ReplayResult:
     summary: dict[str, Any]  # `summarize` of the requests, plus the replay's figures (lag, wall time)
     wall_s: float  # seconds the replay took
     tokens: dict[int, list[int]]  # rid -> the tokens it generated (greedy), first token first
+    layers: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=LAYER_COLUMNS))  # LAYER_COLUMNS:
+    # the measured layer spans of execute-while-load first prefills (empty for serial starts)
 
 
 @contextlib.contextmanager
@@ -199,7 +201,9 @@ def replay_trace(
         summary["prefetch_waits"] = int(len(waits))
         summary["prefetch_wait_max_s"] = float(waits.max()) if len(waits) else 0.0
     tokens = {rid: t for g in gpus for rid, t in g.tokens.items()}
-    return ReplayResult(system.name, run.requests, run.timeline, memory, loads, steps, summary, run.wall_s, tokens)
+    layers = pd.DataFrame([row for g in gpus for row in g.layers], columns=LAYER_COLUMNS)
+    return ReplayResult(system.name, run.requests, run.timeline, memory, loads, steps, summary, run.wall_s, tokens,
+                        layers)
 
 
 def replay_system(setup: ReplaySetup, system: SystemSpec, progress: bool = False) -> ReplayResult:
