@@ -329,10 +329,12 @@ class RealDevice:
         def finish() -> float:
             m: Measured = done.value
             lengths = m.value
-            if layered:
+            kind = "prefill"
+            if layered:  # its time includes waits for landings: not a prefill step the time model fits
+                kind = "prefill-layered"
                 lengths, starts, finishes = lengths
                 self._computed(inst, sum(lengths), loading, start_submitted, start_t0, starts, finishes)
-            self.steps.append((self.gpu_id, "prefill", inst.model, len(batch), sum(lengths), max(lengths),
+            self.steps.append((self.gpu_id, kind, inst.model, len(batch), sum(lengths), max(lengths),
                                submitted, self.env.wall_at(m.t0), m.seconds))
             return m.seconds
 
