@@ -342,7 +342,7 @@ def test_a_device_that_cannot_overlap_refuses_execute_while_load() -> None:
     env = simpy.Environment()
     c = cluster()
     t = trace((0.0, spec.name, 10, 1))
-    with pytest.raises(ConfigError, match="not yet supported by the real executor"):
+    with pytest.raises(ConfigError, match="needs devices that compute while the weights land"):
         run_lifecycle(env, [Serial(env, 0, c.gpu.memory_bytes, ARENA_ALIGNMENT, BW, Fabric(env), Roofline(c.gpu),
                                    0.0, 0.0, c.gpu.d2d_bps)], trace_requests(t), gpus_per_node=1, tiers=c.tiers,
                       system=system, entries=build_entries({spec.name: (spec, 1.0, 1)}, system, ARENA_ALIGNMENT),

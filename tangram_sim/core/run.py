@@ -191,7 +191,7 @@ def run_lifecycle(
     n = len(requests) if n_requests is None else n_requests  # type: ignore[arg-type]
     if system.execute_while_load and not all(d.overlaps_load for d in devices):
         raise ConfigError(f"systems ({system.name}): execute_while_load needs devices that compute while the "
-                          "weights land; not yet supported by the real executor")
+                          "weights land (overlaps_load), expected such devices or execute_while_load false")
     cluster = Cluster(
         env, devices=devices, gpus_per_node=gpus_per_node, tiers=tiers, system=system, entries=entries,
         time_model=time_model, make_retention=policies.make_retention, packing=policies.packing,

@@ -79,7 +79,7 @@ class SystemSpec:
     # {mode: serial|overlap|skip|restore, s, restore_s}}; empty: runtime serial for engine_overhead_s
     startup: dict[str, Any] = field(default_factory=dict)
     execute_while_load: bool = False  # the first prefill computes layer i once layer i has landed (and
-    # layer i-1 is done) instead of after the whole load; the modelled device only, for now
+    # layer i-1 is done) instead of after the whole load (the modelled and the real device alike)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
