@@ -21,7 +21,11 @@ when there are several), under each of the experiment's systems, and fits on the
 - per model, with a system that executes while loading, each layer block's share of a prefill
   (`prefill_layer_shares`) from the first prefills it ran layer by layer, and the check of the load
   formula against when each layer's bytes were in (`real.layerfit`; residuals under
-  `measurements.layers`);
+  `measurements.layers`). The layers' landings are not used to set the load rate: they measure
+  reads that ran beside compute, which on a CPU share its cores and memory bandwidth (the landing
+  rate varied from 3.0 to 4.6 GB/s between runs on the 2-core development VM, against 5.5-5.7 GB/s
+  for whole serial loads, overheads included), and pinning the link's rate to them made the serial
+  loads' prediction worse;
 - `d2d_bps`, at which the simulator charges compaction moves: the replays' bytes moved over their
   seconds moving (the copy benchmark's rate when fewer than three starts moved anything);
 - host->device copies by chunk size (on the CPU a memcpy: the cap of `h2d_bps`) and copies inside the
@@ -199,8 +203,8 @@ def _overlapped(loads: pd.DataFrame, share: float = 0.2) -> np.ndarray:
     return out
 
 
-def fit_loads(loads: pd.DataFrame, d2d_bps: float, h2d_bps: float, arenas: int = 1,
-              rate_bps: float | None = None) -> tuple[float, float, float, float, float, dict[str, Any]]:
+def fit_loads(loads: pd.DataFrame, d2d_bps: float, h2d_bps: float,
+              arenas: int = 1) -> tuple[float, float, float, float, float, dict[str, Any]]:
     """(load_overhead_s, unit_overhead_s, device_bps, read_bps, move_bps, details) of the simulator's load
     formula over the measured starts: a start that reads anything pays `load_overhead_s` (the loader's
     setup) and `unit_overhead_s` per unit, and streams its bytes through its GPU's link (`device_bps`:
@@ -216,8 +220,7 @@ def fit_loads(loads: pd.DataFrame, d2d_bps: float, h2d_bps: float, arenas: int =
     that ran alone (no other arena loading for more than a fifth of it); a fitted rate above h2d is
     capped there and the overheads refitted. The aggregate is the arenas' number times the median rate
     of the starts that overlapped another one (when there are at least five; else no contention is
-    assumed), never below one arena's rate. `rate_bps`: the device rate measured otherwise (the layers'
-    landings, `real.layerfit`), kept (at most h2d) with only the overheads fitted."""
+    assumed), never below one arena's rate."""
     moved = loads["moved_bytes"].to_numpy(float)
     move_s = loads["move_s"].to_numpy(float)
     movers = moved > 0
@@ -229,8 +232,8 @@ def fit_loads(loads: pd.DataFrame, d2d_bps: float, h2d_bps: float, arenas: int =
     both = _overlapped(loads) if arenas > 1 and "wall_s" in loads else np.zeros(len(loads), dtype=bool)
     alone = ~both
     (fixed, unit, per_byte), rel = fit_linear(x[alone], y[alone])
-    if rate_bps is not None or per_byte <= 0 or 1.0 / per_byte > h2d_bps:
-        per_byte = 1.0 / min(h2d_bps, rate_bps or h2d_bps)
+    if per_byte <= 0 or 1.0 / per_byte > h2d_bps:
+        per_byte = 1.0 / h2d_bps
         (fixed, unit), rel = fit_linear(x[alone][:, :2], y[alone] - x[alone][:, 2] * per_byte)
     device_bps = 1.0 / per_byte
     streamed = both & (x[:, 2] > 0)
@@ -420,17 +423,6 @@ def calibrate(
     layer_fits: dict[str, Any] = {}
     if replays.layers:
         layers = pd.concat(replays.layers, ignore_index=True)
-        _, first = fit_layers(layers, loads, ckpts, float(min(h2d_bps, device_bps)), load_overhead, unit_overhead)
-        # Within a start the layers land at increasing byte counts, which pins the rate bytes stream at;
-        # across starts of whole-model units (one unit per start, sizes alike) it is not identified, and
-        # the split between overheads and rate decides when the first layers are in. So the landings'
-        # rate is the link's, and the overheads are refitted under it.
-        fits = [f["load"] for f in first.values() if f.get("load") and f["load"]["rate_bps"]]
-        if fits:
-            rate = sum(f["rate_bps"] * f["starts"] for f in fits) / sum(f["starts"] for f in fits)
-            load_overhead, unit_overhead, device_bps, read_bps, move_bps, load_fit = fit_loads(
-                loads, d2d_bps, h2d_bps, arenas, rate_bps=rate)
-            load_fit["rate_from_layers_bps"] = rate
         shares, layer_fits = fit_layers(layers, loads, ckpts, float(min(h2d_bps, device_bps)), load_overhead,
                                         unit_overhead)
         for name, share in shares.items():

@@ -59,7 +59,8 @@ from tangram_sim.core.startup import StartupPlan, resolve_startup
 from tangram_sim.core.storage import Node
 from tangram_sim.core.worker import Instance
 from tangram_sim.policies.kv import kv_block_bytes
-from tangram_sim.real.backend import BackendSpec, DeviceLink, model_layouts
+from tangram_sim.real.backend import BackendSpec, model_layouts
+from tangram_sim.real.link import DeviceLink
 from tangram_sim.real.loader import Checkpoint
 from tangram_sim.real.memory import read_memory
 

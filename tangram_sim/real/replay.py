@@ -29,8 +29,9 @@ from tangram_sim.core.run import run_on_wall_clock
 from tangram_sim.core.slo import Slo
 from tangram_sim.errors import ConfigError
 from tangram_sim.experiments.config import load_yaml
-from tangram_sim.real.backend import BackendSpec, core_sets
+from tangram_sim.real.backend import BackendSpec
 from tangram_sim.real.device import LAYER_COLUMNS, LOAD_COLUMNS, MEMORY_COLUMNS, STEP_COLUMNS, RealDevice
+from tangram_sim.real.link import core_sets
 from tangram_sim.real.loader import DEFAULT_CHUNK_BYTES, Checkpoint
 from tangram_sim.real.setup import (
     ReplaySetup,
