@@ -45,9 +45,9 @@ def slow_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every read call takes 3 ms more (loads slow enough that a layer's compute can hide behind them)."""
     load = Loader.load
 
-    def slow(self, buffer, segments):
+    def slow(self, buffer, segments, after_compute=True):
         time.sleep(0.003)
-        return load(self, buffer, segments)
+        return load(self, buffer, segments, after_compute)
 
     monkeypatch.setattr(Loader, "load", slow)
 

@@ -93,11 +93,6 @@ def landing_steps(blocks: LayerBlocks, units: Sequence[UnitLayout], offsets: Seq
     return steps
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Landing:
     """The reads of one execute-while-load cold start on a thread of their own (module docstring)."""
 
@@ -121,15 +116,14 @@ class Landing:
         self.thread.start()
 
     def _run(self) -> None:
-        device = self.buffer.device
         nbytes = 0
         read_s = 0.0
         try:
             t0 = time.perf_counter()
             for step in self.steps:
-                if step.segments:
-                    self.loader.load(self.buffer, step.segments)
-                    _sync(device)
+                if step.segments:  # returns once its copies have completed (on CUDA: its side stream synced;
+                    # not the whole device, which would wait for the compute in flight too)
+                    self.loader.load(self.buffer, step.segments, after_compute=False)
                     nbytes += sum(s.nbytes for s in step.segments)
                 stamp = time.perf_counter()
                 for b in step.blocks:
