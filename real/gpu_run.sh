@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Every hardware check in one go: the executor check (gpu_check.py), then the simulator's validation
-# against a real replay (validate.py). Run from the repository root on a GPU machine:
+# against a real replay (validate.py), then the same validation of execute-while-load (validate.py
+# --ewl: ServerlessLLM without and with it, the cold-start TTFT reduction predicted vs measured).
+# Run from the repository root on a GPU machine:
 #
-#     real/gpu_run.sh --device cuda:0 --out OUT [--check-gb 4] [--skip-check]
+#     real/gpu_run.sh --device cuda:0 --out OUT [--check-gb 4] [--skip-check] [--skip-ewl]
 #                     [--validate-set KEY=VALUE ...] [--validate-arg ARG ...]
 #
+# (--validate-set and --validate-arg apply to both validations; the execute-while-load one's report is
+# appended to validate.md, its log to validate.log, its files are in results.tar.gz under validate-ewl/.)
 # (--validate-arg passes ARG on to validate.py, e.g. `--validate-arg --calibration=real/h200/calibration.yaml`.)
 #
 # Work happens in a scratch folder (checkpoints are tens of GB); OUT receives at most eight files:
@@ -20,6 +24,8 @@ OUT=
 CHECK_GB=4
 CHECK_TIMEOUT=240
 VALIDATE_TIMEOUT=420
+EWL_TIMEOUT=360
+SKIP_EWL=0
 VALIDATE_SETS=()
 SKIP_CHECK=0
 while [ $# -gt 0 ]; do
@@ -29,6 +35,8 @@ while [ $# -gt 0 ]; do
         --check-gb) CHECK_GB=$2; shift 2 ;;
         --check-timeout) CHECK_TIMEOUT=$2; shift 2 ;;
         --validate-timeout) VALIDATE_TIMEOUT=$2; shift 2 ;;
+        --ewl-timeout) EWL_TIMEOUT=$2; shift 2 ;;
+        --skip-ewl) SKIP_EWL=1; shift ;;
         --validate-set) VALIDATE_SETS+=(--set "$2"); shift 2 ;;
         --validate-arg) VALIDATE_SETS+=("$2"); shift 2 ;;
         --skip-check) SKIP_CHECK=1; shift ;;
@@ -61,13 +69,24 @@ timeout "$VALIDATE_TIMEOUT" "$PY" real/validate.py --device "$DEVICE" --out "$WO
     "${VALIDATE_SETS[@]}" 2>&1 | tee "$OUT/validate.log"
 validate_rc=${PIPESTATUS[0]}
 
+ewl_rc=0
+if [ "$SKIP_EWL" -eq 0 ]; then
+    timeout "$EWL_TIMEOUT" "$PY" real/validate.py --device "$DEVICE" --out "$WORK/validate-ewl" --ewl \
+        "${VALIDATE_SETS[@]}" 2>&1 | tee -a "$OUT/validate.log"
+    ewl_rc=${PIPESTATUS[0]}
+fi
+
 cp "$WORK/check/gpu_check.md" "$OUT/check.md" 2>/dev/null
 cp "$WORK/check/gpu_check.json" "$OUT/check.json" 2>/dev/null
 cp "$WORK/validate/validate.md" "$OUT/validate.md" 2>/dev/null
 cp "$WORK/validate/validate.json" "$OUT/validate.json" 2>/dev/null
+if [ -f "$WORK/validate-ewl/validate.md" ]; then
+    { echo; echo "---"; echo; echo "Execute-while-load validation (validate.py --ewl):"; echo;
+      cat "$WORK/validate-ewl/validate.md"; } >>"$OUT/validate.md"
+fi
 # Everything small (no checkpoints): a single archive, so OUT stays within a handful of files.
 tar -czf "$OUT/results.tar.gz" -C "$WORK" --exclude='checkpoints' --exclude='bench-checkpoint' \
     --exclude='*.safetensors' . 2>/dev/null
-echo "gpu_check exit $check_rc, validate exit $validate_rc" | tee -a "$OUT/machine.txt"
+echo "gpu_check exit $check_rc, validate exit $validate_rc, validate --ewl exit $ewl_rc" | tee -a "$OUT/machine.txt"
 rm -rf "$WORK"
-[ "$check_rc" -eq 0 ] && [ "$validate_rc" -eq 0 ]
+[ "$check_rc" -eq 0 ] && [ "$validate_rc" -eq 0 ] && [ "$ewl_rc" -eq 0 ]

@@ -98,3 +98,49 @@ def test_calibration_yaml_keeps_every_raw_figure(ckpts: dict, tmp_path: Path) ->
     for key in ("h2d_bps_by_chunk", "d2d_bps_by_chunk", "loads", "models", "replays", "design"):
         assert key in raw, key
     assert raw["loads"]["rel_rms_residual_alone"] >= 0
+
+
+def test_calibration_fits_each_layers_share_of_a_prefill_from_layered_replays(ckpts: dict, tmp_path: Path) -> None:
+    from tangram_sim.models.layers import layer_blocks
+    from tangram_sim.sim.hardware import GPUS
+    from tangram_sim.sim.timemodel import Calibrated, Calibration, Roofline
+
+    cap = int(2.2 * max(c.spec.weight_bytes for c in ckpts.values()))
+    cap -= cap % 256
+    system = make_system("s", "serverlessllm", {"keep_alive_s": 0.05, "execute_while_load": True})
+    report = calibrate(ckpts, "cpu", systems=[system], capacity=cap, trace=_experiment_trace(60), quick=True,
+                       threads=1, seed=5)
+    layers = report.measurements["layers"]
+    for name, ck in ckpts.items():
+        shares = report.calibration.models[name].prefill_layer_shares
+        n = len(layer_blocks(ck.spec))
+        assert shares is not None and len(shares) == n and sum(shares) == pytest.approx(1.0)
+        assert min(shares[1:-1]) > 0  # every decoder layer computes
+        fit = layers[name]
+        assert fit["prefills"] >= 3 and fit["shares_rel_rms_residual"] >= 0
+        assert fit["load"]["starts"] >= 3 and fit["load"]["rate_bps"] > 0
+        assert fit["load"]["simulator_rel_rms_residual"] >= 0
+    # the file keeps them, and the calibrated time model splits a prefill by them
+    back = Calibration.load(report.write(tmp_path / "cal.yaml"))
+    name = "qwen2.5-3b"
+    assert back.models[name].prefill_layer_shares == pytest.approx(report.calibration.models[name].prefill_layer_shares)
+    tm = Calibrated(back, Roofline(GPUS["a100-80gb"]))
+    spec = ckpts[name].spec
+    split = tm.prefill_layers_s(spec, 40)
+    assert sum(split) == pytest.approx(tm.prefill_s(spec, 40))
+    np.testing.assert_allclose(np.asarray(split) / sum(split), back.models[name].prefill_layer_shares, rtol=1e-9)
+
+
+def test_a_calibration_file_with_bad_layer_shares_is_one_line(tmp_path: Path) -> None:
+    from tangram_sim.errors import ConfigError
+    from tangram_sim.sim.timemodel import Calibration
+
+    path = tmp_path / "cal.yaml"
+    path.write_text("device: cpu\nmodels:\n  m: {prefill_base_s: 0.001, prefill_per_token_s: 0.0, decode_base_s: 0.001,"
+                    " prefill_layer_shares: [0.5, -1]}\n")
+    with pytest.raises(ConfigError, match=r"models.m.prefill_layer_shares\[1\]"):
+        Calibration.load(path)
+    path.write_text("device: cpu\nmodels:\n  m: {prefill_base_s: 0.001, prefill_per_token_s: 0.0, decode_base_s: 0.001,"
+                    " prefill_layer_shares: 3}\n")
+    with pytest.raises(ConfigError, match="prefill_layer_shares: expected a list of shares"):
+        Calibration.load(path)

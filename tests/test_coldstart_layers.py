@@ -342,7 +342,7 @@ def test_a_device_that_cannot_overlap_refuses_execute_while_load() -> None:
     env = simpy.Environment()
     c = cluster()
     t = trace((0.0, spec.name, 10, 1))
-    with pytest.raises(ConfigError, match="not yet supported by the real executor"):
+    with pytest.raises(ConfigError, match="needs devices that compute while the weights land"):
         run_lifecycle(env, [Serial(env, 0, c.gpu.memory_bytes, ARENA_ALIGNMENT, BW, Fabric(env), Roofline(c.gpu),
                                    0.0, 0.0, c.gpu.d2d_bps)], trace_requests(t), gpus_per_node=1, tiers=c.tiers,
                       system=system, entries=build_entries({spec.name: (spec, 1.0, 1)}, system, ARENA_ALIGNMENT),
@@ -351,10 +351,12 @@ def test_a_device_that_cannot_overlap_refuses_execute_while_load() -> None:
                       seed=0, recorder=Recorder(False, 1.0, True), engine_overhead_s=0.0, pcie_bps=BW)
 
 
-def test_the_real_executor_refuses_execute_while_load() -> None:
+def test_the_real_executor_takes_execute_while_load_but_not_a_runtime_it_does_not_build() -> None:
     pytest.importorskip("torch")
     from tangram_sim.real.setup import check_replayable
 
     check_replayable(make_system("s", "tangram"))
-    with pytest.raises(ConfigError, match="execute_while_load is not yet supported by the real executor"):
-        check_replayable(make_system("s", "tangram", {"execute_while_load": True}))
+    check_replayable(make_system("s", "tangram", {"execute_while_load": True}))
+    check_replayable(make_system("s", "tangram", {"startup": {"preset": "vllm-l40s-llama8b-cached"}}))
+    with pytest.raises(ConfigError, match=r"startup.runtime: the real executor builds its engine .* got 'skip'"):
+        check_replayable(make_system("s", "tangram", {"startup": {"runtime": "skip"}}))

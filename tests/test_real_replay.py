@@ -297,7 +297,7 @@ def test_checkpoints_are_reused_by_a_second_replay(replayed: Path, tmp_path: Pat
 # ------------------------------------------------------------------ the GPU-machine kit, dry run
 def test_gpu_run_reuses_a_calibration_and_keeps_out_small(tmp_path: Path) -> None:
     """`real/gpu_run.sh --skip-check` with a calibration measured earlier: no calibrate or bench
-    step, the calibration copied beside the results, and OUT holds a handful of files (no checkpoints).
+    step (in both validations, with and without `--ewl`), the calibration copied beside the results, and OUT holds a handful of files (no checkpoints).
     That calibration is another card's for other models: simulating with it says so (`--calibration-partial`)."""
     cal = ROOT / "real" / "h200-2026-11-27" / "calibration.yaml"
     out = tmp_path / "out"
@@ -321,3 +321,6 @@ def test_gpu_run_reuses_a_calibration_and_keeps_out_small(tmp_path: Path) -> Non
         names = tar.getnames()
     assert "./validate/calibration.yaml" in names and "./validate/fidelity.csv" in names
     assert not any(n.endswith(".safetensors") for n in names)
+    # the execute-while-load validation ran too: its report appended, its files in the archive
+    assert "./validate-ewl/validate.json" in names and "./validate-ewl/replay/layers.parquet" in names
+    assert "## Execute-while-load" in (out / "validate.md").read_text()

@@ -9,6 +9,7 @@ import pytest
 
 from tangram_sim.arena import ARENA_ALIGNMENT
 from tangram_sim.core.clock import WallClockEnvironment
+from tangram_sim.core.device import pipeline
 from tangram_sim.core.links import Fabric
 from tangram_sim.core.records import build_entries
 from tangram_sim.core.run import run_on_wall_clock
@@ -96,3 +97,56 @@ def test_replay_driver_equals_the_simulator_under_other_lifecycle_policies(trace
     pd.testing.assert_frame_equal(rep[EXACT], sim[EXACT])
     for col in TIMES:
         np.testing.assert_allclose(rep[col].to_numpy(), sim[col].to_numpy(), rtol=1e-9, atol=0, err_msg=col)
+
+
+REAL_STAGED = {"startup": {"context": {"mode": "serial", "s": 0.01}, "kv_init": {"mode": "overlap", "s": 0.02},
+                           "graph_capture": {"mode": "restore", "restore_s": 0.005}}}
+
+
+@pytest.mark.parametrize("overrides", [{"execute_while_load": True}, REAL_STAGED,
+                                       {"execute_while_load": True, **REAL_STAGED}])
+def test_the_real_device_decides_and_accounts_as_the_modelled_one(tmp_path_factory: pytest.TempPathFactory,
+                                                                  overrides: dict) -> None:
+    """Execute-while-load and the startup stages over the real device (torch on the CPU, two arenas):
+    arrivals far enough apart that timing cannot change a decision, so the replay routes, starts, reuses,
+    evicts and loads exactly as the simulator; what the real device measures per layer obeys the
+    modelled recurrence (`pipeline`), and the stages it does not perform take their stated times."""
+    pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    from tangram_sim.real.checkpoints import make_checkpoints
+    from tangram_sim.real.loader import open_checkpoint
+    from tangram_sim.real.replay import replay_trace
+
+    written = make_checkpoints(["llama-3-8b", "qwen2.5-3b"], tmp_path_factory.mktemp("parity"), "tiny",
+                               dtype="float32")
+    ckpts = {w.name: open_checkpoint(w.path) for w in written}
+    rng = np.random.default_rng(5)
+    names = list(ckpts)
+    t = pd.DataFrame([(0.2 * i, names[int(m)], int(n), 3)
+                      for i, (m, n) in enumerate(zip(rng.integers(0, 2, 16), rng.integers(8, 40, 16)))],
+                     columns=["arrival_s", "model", "input_tokens", "output_tokens"])
+    cap = int(1.3 * max(c.spec.weight_bytes for c in ckpts.values()))
+    gpu = gpu_spec("a100-80gb", memory_gib=cap / 2**30)
+    cluster = ClusterSpec(nodes=1, gpus_per_node=2, gpu=gpu, tiers=TierSpec(host_cache_bytes=0))
+    for preset in ("serverlessllm", "tangram"):
+        system = make_system(preset, preset, {"keep_alive_s": 0.1, "engine_overhead_s": 0.0, **overrides})
+        real = replay_trace(ckpts, t, system, devices=["cpu", "cpu"], capacity=gpu.memory_bytes, threads=1,
+                            h2d_bps=gpu.pcie_bps)
+        sim = simulate({m: ModelChoice(c.spec) for m, c in ckpts.items()}, t, cluster, system).requests
+        pd.testing.assert_frame_equal(real.requests[EXACT], sim[EXACT], obj=preset)
+        r = real.requests
+        cold = r[r["cold"]]
+        if system.execute_while_load:
+            assert set(real.layers["rid"]) == set(cold["rid"])
+            for _, g in real.layers.groupby(["gpu", "rid"]):
+                g = g.sort_values("block")
+                s, f = pipeline(list(g["ready_s"]), list(g["finish_s"] - g["start_s"]), g["start_s"].iloc[0])
+                np.testing.assert_allclose(s, g["start_s"], rtol=0, atol=1e-9)
+                np.testing.assert_allclose(f, g["finish_s"], rtol=0, atol=1e-9)
+            assert (cold["overlap_s"] >= 0).all() and (cold["first_layer_s"] > 0).all()
+        else:
+            assert real.layers.empty and (r["overlap_s"] == 0).all()
+        if "startup" in overrides:  # the context's 10 ms, then (the lane) 20 ms from the load's start at least
+            assert (cold["startup_s"] >= 0.01 - 1e-9).all()
+            assert (cold["startup_s"] + cold["load_s"].fillna(0) >= 0.03 - 1e-9).all()
+            assert (real.steps["kind"] == "stage").any()

@@ -8,8 +8,9 @@ evicting in retention order only when free bytes are short), books the plan in t
 then has the device run it (`Device.start_instance`). The device calls back as units land and each unit
 is booked resident (and pinned for the instance) at that moment, with its node's DRAM cache told:
 the modelled device lands a serial start's units when its last transfer ends (the loader hands the
-weights over as a whole), an execute-while-load start's one by one as their bytes arrive, and the real
-device all of them when its start returns.
+weights over as a whole), an execute-while-load start's one by one as their bytes arrive; the real
+device a serial start's all of them when its start returns, an execute-while-load start's as its
+backend notes each layer's reads done (`real.landing`).
 
 A serial start returns when the engine serves. An execute-while-load start returns as soon as the engine
 may compute (its stages that gate compute are done: `core.startup`), the weights still landing: the

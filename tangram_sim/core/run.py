@@ -199,7 +199,7 @@ def run_lifecycle(
     n = len(requests) if n_requests is None else n_requests  # type: ignore[arg-type]
     if system.execute_while_load and not all(d.overlaps_load for d in devices):
         raise ConfigError(f"systems ({system.name}): execute_while_load needs devices that compute while the "
-                          "weights land; not yet supported by the real executor")
+                          "weights land (overlaps_load), expected such devices or execute_while_load false")
     if (system.source != "tiers" or system.multicast != "none") and \
             not all(getattr(d, "reads_gpu_copies", False) for d in devices):
         field = "source" if system.source != "tiers" else "multicast"

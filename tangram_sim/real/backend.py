@@ -4,8 +4,13 @@
 and hands this backend the work those books describe, one command at a time and in order:
 
 - `start`: the compaction copies, the reads of the missing units, then the engine build on the arena's
-  views (and, when asked, a checksum of every tensor against its file, not timed);
-- `prefill`: one packed ragged forward pass over a group of prompts; `decode`: one batched step;
+  views (and, when asked, a checksum of every tensor against its file, not timed); with
+  execute-while-load (`layered`), the engine build, the copies, and then the reads handed to a
+  `real.landing.Landing` that reads them layer by layer on a thread of its own and notes each landing
+  on the backend's notification channel (`notify`) while the next commands run;
+- `prefill`: one packed ragged forward pass over a group of prompts (the first one of a layered start
+  waits for each layer's bytes before computing it, and measures each layer's span); `decode`: one
+  batched step;
 - `prefetch`: the read of one unit into its region;
 - `apply`: KV blocks bound to or taken from a request, an ended instance's engine dropped. These come
   with the next timed command rather than as calls of their own (a command of the lifecycle that needs
@@ -13,19 +18,14 @@ and hands this backend the work those books describe, one command at a time and 
 
 Each command measures its own device time (synchronised with the device) and returns it as a
 `core.clock.Measured`; the clock stamps completions with it, not with the time the command spent in
-transit. `DeviceLink` runs the backend either in this process (its calls on the device's thread:
-tests, single arenas) or in a child process (`process=True`): one process per arena, pinned to its
-own cores with its own torch threads, as serving stacks run one process per GPU, so that two arenas
-of one host do not share an interpreter lock and the lifecycle's bookkeeping does not run between a
-device's kernels.
+transit. `real.link.DeviceLink` runs the backend either in this process (its calls on the device's thread:
+tests, single arenas) or in a child process of its own.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,11 +34,13 @@ import torch
 from tangram_sim.arena import Key
 from tangram_sim.core.clock import Measured
 from tangram_sim.errors import ModelError
+from tangram_sim.models.layers import layer_blocks
 from tangram_sim.policies.kv import kv_block_bytes
 from tangram_sim.policies.packing import Move
 from tangram_sim.real.checkpoints import torch_dtype
 from tangram_sim.real.device_arena import DeviceArena
 from tangram_sim.real.engine import CausalLM, EngineConfig, PagedKv, build_engine, greedy
+from tangram_sim.real.landing import Landing, landing_steps
 from tangram_sim.real.loader import (
     Checkpoint,
     Loader,
@@ -49,7 +51,7 @@ from tangram_sim.real.loader import (
     open_checkpoint,
 )
 
-__all__ = ["BackendSpec", "DeviceBackend", "DeviceLink", "core_sets", "sync"]
+__all__ = ["BackendSpec", "DeviceBackend", "model_layouts", "sync"]
 
 
 @dataclass(slots=True)
@@ -99,8 +101,12 @@ def model_layouts(spec: BackendSpec, ckpt: Checkpoint) -> list[UnitLayout]:
 class DeviceBackend:
     """One arena's buffer and everything computed on it (see module docstring)."""
 
-    def __init__(self, spec: BackendSpec) -> None:
+    def __init__(self, spec: BackendSpec, notify: Callable[[tuple], None] | None = None) -> None:
         self.device = torch.device(spec.device)
+        self.notify = notify  # where a layered start's landings are noted (`real.landing`)
+        self.landing: Landing | None = None  # the layered start whose reads may still run
+        self._land_loader: Loader | None = None  # its loader, made at the first layered start
+        self._loader_options = dict(spec.loader)  # the options of both loaders
         self.dev = DeviceArena(spec.capacity, self.device, spec.alignment)
         if self.device.type == "cpu":  # fault every page in now: a GPU's memory is mapped when allocated,
             self.dev.buffer.fill_(0)  # a host buffer's pages only at their first write (0.4 GB/s, not 5)
@@ -149,11 +155,15 @@ class DeviceBackend:
 
     # ------------------------------------------------------------ device work
     def start(self, ops: Sequence[tuple], model: str, offsets: dict[Key, int], missing: Sequence[Key],
-              moves: Sequence[tuple[int, int, int]], verify: bool) -> Measured:
+              moves: Sequence[tuple[int, int, int]], verify: bool, layered: bool = False) -> Measured:
         """A cold start's device part: compaction copies, reads of `missing`, engine build (then the
-        checksums when `verify`). Value: (move_s, read_s, engine_s, read bytes, read GB/s)."""
+        checksums when `verify`). Value: (move_s, read_s, engine_s, read bytes, read GB/s). `layered`:
+        see `_start_layered`."""
         self.apply(ops)
+        self._settle()
         m = self.models[model]
+        if layered:
+            return self._start_layered(m, model, offsets, missing, moves, verify)
         segments = [seg for key in missing for seg in self._segments(m, key, offsets[key])]
         t0 = time.perf_counter()
         for src, dst, n in moves:
@@ -171,6 +181,36 @@ class DeviceBackend:
         value = (t1 - t0, t2 - t1, t3 - t2, sum(s.nbytes for s in segments), read.gbps if read else 0.0)
         return Measured(value, t0, t3 - t0)
 
+    def _start_layered(self, m: _Model, model: str, offsets: dict[Key, int], missing: Sequence[Key],
+                       moves: Sequence[tuple[int, int, int]], verify: bool) -> Measured:
+        """Execute-while-load: the engine build on the views (no byte needs to be there), the compaction
+        copies, then the reads started on a `Landing` thread; returns once the engine may compute. Value:
+        (engine_s, move_s, layer blocks). The landings arrive as notes (`real.landing`)."""
+        if self.notify is None:
+            raise AssertionError("a layered start needs the backend's notification channel")
+        t0 = time.perf_counter()
+        self.engines[model] = build_engine(m.config, self._views(m, offsets), self.device)
+        sync(self.device)
+        t1 = time.perf_counter()
+        for src, dst, n in moves:
+            self.dev.copy_move(Move(None, src, dst, n))
+        sync(self.device)
+        t2 = time.perf_counter()
+        blocks = layer_blocks(m.ckpt.spec)
+        steps = landing_steps(blocks, [m.by_key[k] for k in missing], [offsets[k] for k in missing])
+        if self._land_loader is None:
+            self._land_loader = Loader(self.device, **self._loader_options)
+        after = (lambda: self._verify(m, offsets)) if verify else None
+        self.landing = Landing(self._land_loader, self.dev.buffer, steps, len(blocks), self.notify, after)
+        self.landing.start()
+        return Measured((t1 - t0, t2 - t1, len(blocks)), t0, t2 - t0)
+
+    def _settle(self) -> None:
+        """Wait for a layered start's reads (and its checksums) to end; raise what failed them."""
+        if self.landing is not None:
+            landing, self.landing = self.landing, None
+            landing.join()
+
     def prefetch(self, model: str, key: Key, offset: int) -> Measured:
         """Read one unit of `model`'s files into its region."""
         segments = self._segments(self.models[model], key, offset)
@@ -179,9 +219,14 @@ class DeviceBackend:
         sync(self.device)
         return Measured(None, t0, time.perf_counter() - t0)
 
-    def prefill(self, ops: Sequence[tuple], model: str, batch: Sequence[tuple[int, list[int]]]) -> Measured:
+    def prefill(self, ops: Sequence[tuple], model: str, batch: Sequence[tuple[int, list[int]]],
+                layered: bool = False) -> Measured:
         """One packed forward pass over the prompts of `batch` ((rid, prompt token ids)); the first
-        token of each becomes its sequence's next input. Value: the prompt lengths."""
+        token of each becomes its sequence's next input. Value: the prompt lengths; with `layered` (the
+        first prefill of a layered start) each layer block waits for its bytes, and the value is
+        (lengths, per block: perf_counter when it began computing, when it was done, when its bytes were
+        in; when the last read completed), the pass ending once every unit has landed (a serial engine
+        serves a whole model)."""
         self.apply(ops)
         m = self.models[model]
         engine = self.engines[model]
@@ -198,15 +243,39 @@ class DeviceBackend:
         tokens = torch.tensor([s.tokens + [0] * (width - len(s.tokens)) for s in seqs], dtype=torch.long,
                               device=device)
         positions = torch.arange(width, device=device).expand(len(seqs), width)
+        landing = self.landing if layered else None
+        starts: list[float] = []
+        finishes: list[float] = []
+        gate = None
+        if landing is not None:
+            stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+            def gate(block: int) -> None:
+                if stream is not None:  # the compute so far (not the landing's copies on their own stream)
+                    stream.synchronize()
+                t = time.perf_counter()
+                if block:
+                    finishes.append(t)
+                if block < len(landing.ready):
+                    landing.wait(block)
+                    starts.append(time.perf_counter())
+
         with torch.inference_mode():
-            logits = engine(tokens, positions, [s.cache for s in seqs], lengths=lengths)
+            logits = engine(tokens, positions, [s.cache for s in seqs], lengths=lengths, gate=gate)
         first = greedy(logits)
         sync(device)
+        if landing is not None:
+            landing.all.wait()  # units that gate no layer (none in a text checkpoint) have landed too
+            if landing.error is not None:
+                raise landing.error
         seconds = time.perf_counter() - t0
         for (rid, _), seq, n, token in zip(batch, seqs, lengths, first):
             seq.length = n
             seq.tokens.append(token)
             self.tokens[rid] = [token]
+        if landing is not None:
+            self._settle()  # the checksums of the verify mode, after the measured span
+            return Measured((lengths, starts, finishes, list(landing.stamps), landing.end), t0, seconds)
         return Measured(lengths, t0, seconds)
 
     def decode(self, ops: Sequence[tuple], model: str, rids: Sequence[int]) -> Measured:
@@ -290,108 +359,16 @@ class DeviceBackend:
     def finish(self, ops: Sequence[tuple]) -> dict[str, Any]:
         """Apply the last bindings; what is left bound and every request's tokens."""
         self.apply(ops)
+        self._settle()
         sync(self.device)
         return {"kv": len(self.kv), "seqs": len(self.seqs), "engines": len(self.engines),
                 "tokens": self.tokens, "buffer_ok": self.dev.buffer.numel() == self.dev.capacity}
 
     def close(self) -> None:
+        if self.landing is not None:
+            self.landing.thread.join()
         self.loader.close()
+        if self._land_loader is not None:
+            self._land_loader.close()
         self.engines.clear()
         self.seqs.clear()
-
-
-def core_sets(n: int, threads: int | None) -> list[tuple[int, ...]]:
-    """CPUs for `n` device processes: each its own `threads` (default: an equal share), wrapping
-    around when there are fewer CPUs than asked for."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    each = threads or max(1, len(cpus) // max(1, n))
-    return [tuple(cpus[(i * each + j) % len(cpus)] for j in range(each)) for i in range(n)]
-
-
-def _serve(conn: Any, spec: BackendSpec) -> None:
-    """A device process: build the backend, then answer commands until the pipe closes (the parent
-    ended it, or died: a child never outlives its lifecycle)."""
-    if spec.cores and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, spec.cores)
-    if spec.threads or spec.cores:
-        torch.set_num_threads(spec.threads or len(spec.cores))
-    import gc
-
-    gc.disable()  # no collection pause inside a timed step; freed with the process
-    try:
-        backend = DeviceBackend(spec)
-    except BaseException as exc:  # noqa: BLE001 - delivered to the parent, which raises it
-        conn.send((False, exc))
-        return
-    conn.send((True, None))
-    while True:
-        try:
-            name, args = conn.recv()
-        except (EOFError, OSError, KeyboardInterrupt):
-            break
-        if name == "close":
-            backend.close()
-            conn.send((True, None))
-            break
-        try:
-            conn.send((True, getattr(backend, name)(*args)))
-        except BaseException as exc:  # noqa: BLE001
-            try:
-                conn.send((False, exc))
-            except Exception:  # an exception that does not pickle: its text
-                conn.send((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
-
-
-class DeviceLink:
-    """Calls into one backend: in this process, or in a child process of its own (`process=True`).
-
-    Calls are made from one thread at a time (the device's thread), so they are answered in order."""
-
-    def __init__(self, spec: BackendSpec, process: bool) -> None:
-        self.process = process
-        self._proc = None
-        if not process:
-            self._backend: DeviceBackend | None = DeviceBackend(spec)
-            return
-        self._backend = None
-        ctx = mp.get_context("spawn")  # never fork a process that holds torch's threads
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, spec), daemon=True, name=f"tangram-{spec.device}")
-        self._proc.start()
-        child.close()
-        self._answer()
-
-    def _answer(self) -> Any:
-        try:
-            ok, value = self._conn.recv()
-        except EOFError:
-            code = self._proc.exitcode if self._proc is not None else None
-            raise RuntimeError(f"the device process ended (exit code {code})") from None
-        if not ok:
-            raise value
-        return value
-
-    def call(self, name: str, *args: Any) -> Any:
-        if self._backend is not None:
-            return getattr(self._backend, name)(*args)
-        self._conn.send((name, args))
-        return self._answer()
-
-    def close(self) -> None:
-        if self._backend is not None:
-            self._backend.close()
-            self._backend = None
-            return
-        if self._proc is None:
-            return
-        try:
-            if self._proc.is_alive():
-                self._conn.send(("close", ()))
-                self._answer()
-        except (OSError, EOFError, RuntimeError):
-            pass
-        self._conn.close()
-        self._proc.join(timeout=10)
-        if self._proc.is_alive():
-            self._proc.kill()
-        self._proc = None

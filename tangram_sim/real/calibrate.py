@@ -18,6 +18,14 @@ when there are several), under each of the experiment's systems, and fits on the
   group: the tokens of all its prompts) and `decode_base_s + decode_per_seq_s x (batch - 1) +
   decode_per_kv_token_s x KV tokens` over its decode steps: least squares with an intercept, which
   keeps the steps' mean;
+- per model, with a system that executes while loading, each layer block's share of a prefill
+  (`prefill_layer_shares`) from the first prefills it ran layer by layer, and the check of the load
+  formula against when each layer's bytes were in (`real.layerfit`; residuals under
+  `measurements.layers`). The layers' landings are not used to set the load rate: they measure
+  reads that ran beside compute, which on a CPU share its cores and memory bandwidth (the landing
+  rate varied from 3.0 to 4.6 GB/s between runs on the 2-core development VM, against 5.5-5.7 GB/s
+  for whole serial loads, overheads included), and pinning the link's rate to them made the serial
+  loads' prediction worse;
 - `d2d_bps`, at which the simulator charges compaction moves: the replays' bytes moved over their
   seconds moving (the copy benchmark's rate when fewer than three starts moved anything);
 - host->device copies by chunk size (on the CPU a memcpy: the cap of `h2d_bps`) and copies inside the
@@ -43,7 +51,7 @@ import datetime as dt
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +63,7 @@ import yaml
 from tangram_sim.arena import ARENA_ALIGNMENT as ALIGNMENT
 from tangram_sim.errors import ConfigError
 from tangram_sim.real.backend import sync
+from tangram_sim.real.layerfit import fit_layers
 from tangram_sim.real.loader import DEFAULT_CHUNK_BYTES, Checkpoint
 from tangram_sim.real.memory import driver_info
 from tangram_sim.real.replay import torch_threads
@@ -327,6 +336,7 @@ def design_trace(trace: pd.DataFrame | None, models: Sequence[str], *, n: int, b
 class _Replays:
     loads: list[pd.DataFrame] = field(default_factory=list)
     steps: list[pd.DataFrame] = field(default_factory=list)
+    layers: list[pd.DataFrame] = field(default_factory=list)  # execute-while-load first prefills
     per_system: dict[str, Any] = field(default_factory=dict)
 
 
@@ -389,6 +399,8 @@ def calibrate(
         loads = r.loads.assign(system=system.name, load_s=r.loads["move_s"] + r.loads["read_s"])
         replays.loads.append(loads)
         replays.steps.append(r.steps.assign(system=system.name))
+        if len(r.layers):
+            replays.layers.append(r.layers.assign(system=system.name))
         replays.per_system[system.name] = {
             "requests": int(r.summary["requests"]), "cold_starts": int(r.summary["cold_starts"]),
             "mean_load_s": float(r.summary["mean_load_s"]), "p50_ttft_s": float(r.summary["p50_ttft_s"]),
@@ -408,6 +420,13 @@ def calibrate(
         mine = loads[loads["model"] == name]
         per_model[name] = {**details, "engine_s": float(mine["engine_s"].mean()) if len(mine) else None,
                            "cold_starts": len(mine)}
+    layer_fits: dict[str, Any] = {}
+    if replays.layers:
+        layers = pd.concat(replays.layers, ignore_index=True)
+        shares, layer_fits = fit_layers(layers, loads, ckpts, float(min(h2d_bps, device_bps)), load_overhead,
+                                        unit_overhead)
+        for name, share in shares.items():
+            models[name] = replace(models[name], prefill_layer_shares=share)
     info = driver_info(dev)
     label = f"{dev} ({info.get('card') or platform.machine()})"
     # the simulator's GPU link runs at the rate one arena's loads reach (at most the copy rate h2d_bps,
@@ -437,6 +456,8 @@ def calibrate(
                   "mean_loaded_bytes": float(loads["loaded_bytes"].mean())},
         "models": per_model,
     }
+    if layer_fits:
+        measurements["layers"] = layer_fits
     return CalibrationReport(cal, measurements)
 
 

@@ -10,7 +10,22 @@ clock's `run_on`:
   and every unit's offset; the backend copies, reads the units from the checkpoint files into their
   regions (`Loader`: reader threads, staging buffers), then builds the engine on the arena's views;
   `load_s` is the copies and reads, `startup_s` the engine build; the units land, all of them, when the
-  start returns (a serial start: execute-while-load is not implemented here yet, `overlaps_load`);
+  start returns;
+- with execute-while-load (`execute_while_load`) the backend builds the engine first (on views: no byte
+  needs to be there), runs the copies, and returns, its reads going on layer by layer on a thread of
+  their own (`real.landing`). The start returns a `LayerProgress`; each landing the backend notes
+  (units landed, layer blocks whole, at a `perf_counter` stamp) is read here on a thread of the
+  device's own and delivered through the clock's `run_on` at its stamp's time, where `landed` books
+  the units resident and the blocks' ready times are set; the last one finishes the progress with
+  the load's measured end. The instance's first prefill runs layer by layer in the backend, each
+  block waiting for its bytes, and its measured spans go to `LayerProgress.computed`, so the head's
+  `overlap_s` and `first_layer_s` are measured, not modelled;
+- startup stages (`core.startup`): the runtime stage is the engine build, performed and measured (a
+  stated runtime time is the simulator's, not used here); the device context, KV initialisation and
+  graph capture are not performed by this executor (its KV is arena blocks bound per request, it
+  captures no graphs), so a system that states them is charged their stated times on the clock where
+  the model places them - before the weights, on the lane beside the load, after it - and the steps
+  table records them as kind `stage`: modelled, not measured;
 - KV bytes the worker grants become block offsets: the regions of on-demand KV, or blocks of the
   instance's static pool (the pool's regions are cut into blocks when it is reserved); they reach the
   backend with its next command, as do freed KV and ended instances;
@@ -38,12 +53,14 @@ import torch
 
 from tangram_sim.arena import Arena, Key
 from tangram_sim.core.clock import Measured, WallClockEnvironment
-from tangram_sim.core.device import Landed, RankLoad, Started, Work
+from tangram_sim.core.device import Landed, LayerProgress, RankLoad, Started, Work, pipeline
 from tangram_sim.core.records import Request
+from tangram_sim.core.startup import StartupPlan, resolve_startup
 from tangram_sim.core.storage import Node
 from tangram_sim.core.worker import Instance
 from tangram_sim.policies.kv import kv_block_bytes
-from tangram_sim.real.backend import BackendSpec, DeviceLink, model_layouts
+from tangram_sim.real.backend import BackendSpec, model_layouts
+from tangram_sim.real.link import DeviceLink
 from tangram_sim.real.loader import Checkpoint
 from tangram_sim.real.memory import read_memory
 
@@ -53,6 +70,9 @@ LOAD_COLUMNS = [
 ]
 STEP_COLUMNS = [  # one row per piece of device work: what the time model predicts, as measured
     "gpu", "kind", "model", "requests", "tokens", "kv_tokens", "time_s", "wall_s", "seconds",
+]
+LAYER_COLUMNS = [  # one row per layer block of each execute-while-load first prefill, times on the clock
+    "gpu", "model", "rid", "tokens", "block", "ready_s", "start_s", "finish_s", "load_start_s", "load_end_s",
 ]
 MEMORY_COLUMNS = [
     "time_s", "gpu", "device", "source", "total_bytes", "used_bytes", "free_bytes", "torch_allocated",
@@ -65,14 +85,23 @@ class RealDevice:
 
     `process`: the backend runs in a child process of its own (pinned to `spec.cores`), else in this
     process on the device's thread. `verify`: after each cold start every tensor of the model is
-    compared with its file (not timed; a mismatch fails the run with a one-line ModelError)."""
+    compared with its file (not timed, after every unit has landed; a mismatch fails the run with a
+    one-line ModelError). `execute_while_load`: cold starts load layer by layer while the engine
+    computes (see the module docstring)."""
 
     binds_memory = True  # KV bytes become block views, samples read the device's memory counters
-    overlaps_load = False  # its loader hands a model over whole: no prefill before the start returns
+    overlaps_load = True  # its backend can load layer by layer under a first prefill (execute_while_load)
 
     def __init__(self, env: WallClockEnvironment, gpu_id: int, spec: BackendSpec, ckpts: dict[str, Checkpoint],
-                 prompts: dict[int, list[int]], *, process: bool = False, verify: bool = False) -> None:
+                 prompts: dict[int, list[int]], *, process: bool = False, verify: bool = False,
+                 execute_while_load: bool = False, startup: StartupPlan | None = None) -> None:
         self.env = env
+        # the stages this device does not perform, charged their stated times (module docstring); its
+        # runtime stage is the engine build it performs and measures
+        self.stages = (startup or resolve_startup({}, 0.0)).without("runtime")
+        self.execute_while_load = execute_while_load  # cold starts land layer by layer under the first prefill
+        # reads the backend's landing notes, one at a time (a thread apart from the device's commands)
+        self.notes = ThreadPoolExecutor(1, thread_name_prefix=f"gpu{gpu_id}-notes") if execute_while_load else None
         self.gpu_id = gpu_id  # position in the cluster
         self.device = torch.device(spec.device)  # torch device
         self.arena = Arena(spec.capacity, spec.alignment)  # the worker's books: the buffer's layout
@@ -97,6 +126,8 @@ class RealDevice:
         self.loads: list[tuple] = []  # LOAD_COLUMNS rows
         self.memory: list[tuple] = []  # MEMORY_COLUMNS rows
         self.steps: list[tuple] = []  # STEP_COLUMNS rows
+        self.layers: list[tuple] = []  # LAYER_COLUMNS rows
+        self._frames: dict[int, tuple[float, float]] = {}  # id(LayerProgress) -> its start's (submitted, t0)
         self.prefetches_submitted = 0  # prefetch reads handed to the thread (counted on the clock's thread)
         self.prefetches_finished = 0  # of those, done or skipped (counted on the device's thread)
         self._left: dict | None = None  # what the backend held at the end (`close`)
@@ -115,18 +146,34 @@ class RealDevice:
         offsets = {key: arena.lookup(key).offset for key in self.units[inst.model]}
         missing = [key for key, _ in load.missing]
         moves = [(m.src, m.dst, m.nbytes) for m in load.moves]
+        env = self.env
+        begun = env.now
+        stages = self.stages
+        if stages.pre_s:  # modelled stages before the weights (the device context)
+            self.steps.append((self.gpu_id, "stage", inst.model, 1, 0, 0, begun, env.wall(), stages.pre_s))
+            yield env.timeout(stages.pre_s)
         ops = self._take_ops()
         behind_prefetch = self.prefetches_submitted != self.prefetches_finished
         queued_at = time.perf_counter()
-        args = (ops, inst.model, offsets, missing, moves, self.verify)
-        submitted = self.env.now
-        done: Measured = yield self.env.run_on(self.thread, lambda: self.link.call("start", *args))
+        layered = self.execute_while_load
+        args = (ops, inst.model, offsets, missing, moves, self.verify, layered)
+        submitted = env.now
+        done: Measured = yield env.run_on(self.thread, lambda: self.link.call("start", *args))
+        if behind_prefetch:  # it waited for a prefetch read that had begun (at most one unit)
+            self.steps.append((self.gpu_id, "prefetch-wait", inst.model, 1, 0, 0, submitted,
+                               env.wall_at(queued_at), max(0.0, done.t0 - queued_at)))
+        if layered:
+            started = self._layered(inst, head, load, landed, done, submitted, len(offsets))
+            engine_s, move_s, _ = done.value
+            # modelled stages on the lane run beside the load from its start (after the engine build)
+            gate = submitted + engine_s / env.factor + stages.lane_s
+            if gate > env.now:
+                yield env.timeout(gate - env.now)
+            started.startup_s = env.now - begun - move_s / env.factor
+            return started
         move_s, read_s, engine_s, nbytes, gbps = done.value
         t0 = done.t0
         load_s = move_s + read_s
-        if behind_prefetch:  # it waited for a prefetch read that had begun (at most one unit)
-            self.steps.append((self.gpu_id, "prefetch-wait", inst.model, 1, 0, 0, submitted,
-                               self.env.wall_at(queued_at), max(0.0, t0 - queued_at)))
         self.steps.append((self.gpu_id, "load", inst.model, 1, len(missing), 0, submitted, self.env.wall_at(t0),
                            load_s))
         self.steps.append((self.gpu_id, "engine", inst.model, 1, 0, 0, submitted + load_s,
@@ -134,7 +181,67 @@ class RealDevice:
         self.loads.append((head.rid, self.gpu_id, inst.model, len(offsets), len(missing), nbytes,
                            load.moved_bytes, move_s, read_s, engine_s, done.seconds, gbps, self.env.wall_at(t0)))
         landed(load, load.missing)  # every layer is ready when the start returns
-        return Started(engine_s, load_s)
+        after = max(0.0, stages.lane_s - load_s) + stages.post_s  # modelled stages beside and after the load
+        if after:
+            self.steps.append((self.gpu_id, "stage", inst.model, 1, 0, 0, env.now, env.wall(), after))
+            yield env.timeout(after)
+        return Started(stages.pre_s + engine_s + after, load_s)
+
+    def _layered(self, inst: Instance, head: Request, load: RankLoad, landed: Landed, done: Measured,
+                 submitted: float, units: int) -> Started:
+        """The engine may compute: a `LayerProgress` whose blocks' ready times, unit landings and end
+        arrive as the backend's notes, each delivered at its stamp's time on the clock."""
+        env = self.env
+        engine_s, move_s, n_blocks = done.value
+        t0 = done.t0
+        factor = env.factor
+
+        def clock(stamp: float) -> float:  # a backend perf_counter as time on this replay's clock
+            return submitted + (stamp - t0) / factor
+
+        moved = clock(t0 + engine_s + move_s)  # reused blocks are in place once the copies are done
+        progress = LayerProgress(env, [moved] * n_blocks, clock(t0 + engine_s))
+        self._frames[id(progress)] = (submitted, t0)  # for its first prefill (`_layered_prefill`)
+        ready = progress.ready
+        missing = load.missing
+
+        def wait_note(since: float) -> Measured:
+            note = self.link.note()
+            if note[0] == "error":
+                raise note[1]
+            stamp = note[3] if note[0] == "mark" else note[1]
+            return Measured(note, since, max(0.0, stamp - since))
+
+        def watch() -> None:
+            since = t0 + (env.now - submitted) * factor  # the perf_counter of the clock's present
+            env.run_on(self.notes, lambda: wait_note(since)).callbacks.append(arrived)
+
+        def arrived(event) -> None:
+            if not event.ok:
+                return  # the failed event raises from the clock's step (the run fails with it)
+            note = event.value.value
+            if note[0] == "mark":
+                _, blocks, landed_units, stamp = note
+                at = clock(stamp)
+                for b in blocks:
+                    if at > ready[b]:
+                        ready[b] = at
+                if landed_units:
+                    landed(load, [missing[i] for i in landed_units])
+                watch()
+                return
+            _, stamp, read_s, nbytes, gbps = note
+            progress.finish(clock(stamp))
+            self.steps.append((self.gpu_id, "load", inst.model, 1, len(missing), 0, submitted + engine_s / factor,
+                               env.wall_at(t0 + engine_s), move_s + read_s))
+            self.loads.append((head.rid, self.gpu_id, inst.model, units, len(missing), nbytes, load.moved_bytes,
+                               move_s, read_s, engine_s, engine_s + move_s + read_s, gbps, env.wall_at(t0)))
+
+        self.steps.append((self.gpu_id, "engine", inst.model, 1, 0, 0, submitted, env.wall_at(t0), engine_s))
+        if not missing:
+            landed(load, ())  # nothing to read; the backend still notes the end of its (empty) reads
+        watch()
+        return Started(engine_s, float("nan"), progress)
 
     # ------------------------------------------------------------ prefetch
     def prefetch_source(self, node: Node, key: Key) -> bool:
@@ -207,18 +314,67 @@ class RealDevice:
 
     # ------------------------------------------------------------ forward passes
     def prefill(self, inst: Instance, batch: Sequence[Request]) -> tuple[simpy.Event, Callable[[], float]]:
-        args = (self._take_ops(), inst.model, [(r.rid, self.prompts[r.rid]) for r in batch])
+        loading = inst.loading
+        layered = loading is not None and not loading.consumed
+        if layered:
+            loading.consumed = True  # later prefills find every layer resident
+        args = (self._take_ops(), inst.model, [(r.rid, self.prompts[r.rid]) for r in batch], layered)
         submitted = self.env.now
-        done = self.env.run_on(self.thread, lambda: self.link.call("prefill", *args))
+        if layered:
+            start_submitted, start_t0 = self._frames.pop(id(loading))
+            since = start_t0 + (submitted - start_submitted) * self.env.factor
+            done = self.env.run_on(self.thread, lambda: self._layered_prefill(args, since))
+        else:
+            done = self.env.run_on(self.thread, lambda: self.link.call("prefill", *args))
 
         def finish() -> float:
             m: Measured = done.value
             lengths = m.value
-            self.steps.append((self.gpu_id, "prefill", inst.model, len(batch), sum(lengths), max(lengths),
+            kind = "prefill"
+            if layered:  # its time includes waits for landings: not a prefill step the time model fits
+                kind = "prefill-layered"
+                lengths, starts, finishes = lengths
+                self._computed(inst, sum(lengths), loading, start_submitted, start_t0, starts, finishes)
+            self.steps.append((self.gpu_id, kind, inst.model, len(batch), sum(lengths), max(lengths),
                                submitted, self.env.wall_at(m.t0), m.seconds))
             return m.seconds
 
         return done, finish
+
+    def _layered_prefill(self, args: tuple, since: float) -> Measured:
+        """The first prefill of a layered start, on the device's thread: the backend's pass, each block's
+        measured compute placed by `pipeline` after its measured landing and the block before it, from
+        `since` (the perf_counter that the clock's submission time stands for in the landings' frame). The
+        lifecycle's bookkeeping between the start and this command is charged to nobody on the clock, as
+        everywhere in a replay, while the reads went on in real time: placing the measured computes
+        from the submission keeps the landings and the computes on one timeline. Value: (lengths, block
+        starts, finishes) as perf_counter readings; seconds to the last block's end (or the last
+        landing, if later)."""
+        m: Measured = self.link.call("prefill", *args)
+        lengths, starts, finishes, ready, end = m.value
+        s, f = pipeline(ready, [b - a for a, b in zip(starts, finishes)], since)
+        stop = max(f[-1], end) if f else end
+        return Measured((lengths, s, f), since, stop - since)
+
+    def _computed(self, inst: Instance, tokens: int, loading: LayerProgress, submitted: float, t0: float,
+                  starts: list[float], finishes: list[float]) -> None:
+        """The first prefill's measured layer spans, as times on the clock, to the progress and the layers
+        table (once its load has finished: the note of the last landing may come after the prefill)."""
+        factor = self.env.factor
+        s = [submitted + (p - t0) / factor for p in starts]
+        f = [submitted + (p - t0) / factor for p in finishes]
+
+        def record(_event: object = None) -> None:
+            loading.computed(s, f)
+            rid = loading.head.rid if loading.head is not None else -1
+            for b, (start, finish, ready) in enumerate(zip(s, f, loading.ready)):
+                self.layers.append((self.gpu_id, inst.model, rid, tokens, b, ready, start, finish,
+                                    loading.load_start, loading.load_end))
+
+        if loading.finished:
+            record()
+        else:
+            loading.done.callbacks.append(record)
 
     def decode(self, inst: Instance, running: Sequence[Request], horizon: float, kv_tokens: float,
                wake: object) -> tuple[simpy.Event, Callable[[], tuple[float, float]]]:
@@ -270,4 +426,6 @@ class RealDevice:
             self.tokens = self._left["tokens"]
         finally:
             self.thread.shutdown(wait=True)
+            if self.notes is not None:
+                self.notes.shutdown(wait=False, cancel_futures=True)
             self.link.close()

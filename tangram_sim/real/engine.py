@@ -19,7 +19,7 @@ number of sequences. Blocks of different storages (tests) take a per-row fallbac
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -376,6 +376,7 @@ class CausalLM(nn.Module):
         caches: Sequence[PagedKv],
         last_only: bool = True,
         lengths: Sequence[int] | None = None,
+        gate: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """tokens, positions: [B, S] (int64); caches: one PagedKv per row, already large enough.
 
@@ -387,6 +388,11 @@ class CausalLM(nn.Module):
         any token ids and positions; only the real ones get KV written and are attended to, and
         `last_only` takes each row's position lengths[b] - 1. With `last_only=False` the logits at
         padded positions are meaningless.
+
+        `gate` (execute-while-load): called with block j before the pass computes block j of
+        `models.layers.layer_blocks` - 0 the embeddings, 1 + i decoder layer i, L + 1 the final norm and
+        head - and with L + 2 once the logits are computed; it may block until block j's weights have
+        landed (`real.landing`), and it is where the layers' spans are measured.
         """
         assert self.inv_freq is not None, "bind the weights with build_engine first"
         c = self.config
@@ -402,11 +408,15 @@ class CausalLM(nn.Module):
         packed = kv.valid is not None  # ragged: every layer but attention runs on the real tokens only
         if packed:
             tokens, positions = (t.reshape(-1).index_select(0, kv.valid) for t in (tokens, positions))
+        if gate is not None:
+            gate(0)
         x = self.model.embed_tokens(tokens)  # x: [B, S, D], or [N, D] packed
         freqs = positions.float()[..., None] * self.inv_freq  # [.., hd/2]
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(-2)  # [.., 1, hd]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.model.layers):
+            if gate is not None:
+                gate(1 + i)
             x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, i, kv)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         if packed:
@@ -421,9 +431,14 @@ class CausalLM(nn.Module):
             else:
                 last = torch.tensor([n - 1 for n in rows], device=x.device)
                 x = x[torch.arange(B, device=x.device), last][:, None]
+        if gate is not None:
+            gate(1 + c.layers)
         x = self.model.norm(x)
         head = self.model.embed_tokens.weight if c.tied else self.lm_head.weight
-        return F.linear(x, head).float()  # [B, S', V]
+        logits = F.linear(x, head).float()  # [B, S', V]
+        if gate is not None:
+            gate(2 + c.layers)
+        return logits
 
 
 def build_engine(

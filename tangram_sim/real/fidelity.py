@@ -14,7 +14,9 @@ same requests on both sides, matched by `rid`) and reports, per system present i
 - per request: the Pearson correlation of load times and of TTFTs, and the share of requests that are
   cold on both sides or warm on both sides;
 - per GPU: requests served, cold starts and bytes loaded on each side (the router's decisions);
-- the replay's lag (p50/p99/max, from its summary.csv): how far behind the wall clock it ran.
+- the replay's lag (p50/p99/max, from its summary.csv): how far behind the wall clock it ran;
+- `ewl_reduction`: for a pair of systems that differ by execute-while-load, the reduction of the mean
+  cold-start TTFT that turning it on brings, predicted by the simulation and measured by the replay.
 
 Pure pandas/numpy (no torch): it runs wherever the two folders are.
 """
@@ -33,7 +35,7 @@ from tangram_sim.core.metrics import per_request_metrics
 from tangram_sim.errors import TangramError
 from tangram_sim.rundir import require_complete
 
-__all__ = ["METRICS", "Fidelity", "compare_runs", "fidelity_table", "plot_fidelity"]
+__all__ = ["METRICS", "Fidelity", "compare_runs", "ewl_reduction", "fidelity_table", "plot_fidelity"]
 
 # (column, label, unit, how the error is expressed: "rel" = (sim - real) / real, "diff" = sim - real)
 METRICS: tuple[tuple[str, str, str, str], ...] = (
@@ -186,6 +188,32 @@ def compare_runs(sim_dir: str | Path, real_dir: str | Path) -> Fidelity:
     for col in LAG:
         table[col] = [lag.get((str(r.system), int(r.point)), {}).get(col, math.nan) for r in table.itertuples()]
     return Fidelity(table, sim_dir, real_dir, gpu_table(sim, real, table))
+
+
+def ewl_reduction(sim_dir: str | Path, real_dir: str | Path, off: str, on: str) -> dict[str, float]:
+    """Mean TTFT of completed cold starts under system `off` and `on` (the same but executing while
+    loading), in the simulation and the replay; each side's reduction 1 - on / off, and the prediction's
+    error relative to the measured reduction. The same for the cold starts' own part of it (`service`:
+    TTFT less the queueing before the start, which execute-while-load changes only through the
+    service times of the requests ahead)."""
+    out: dict[str, float] = {}
+    for side, path in (("sim", Path(sim_dir)), ("real", Path(real_dir))):
+        req = _requests(path)
+        for label, system in (("off", off), ("on", on)):
+            mine = req[(req["system"] == system) & req["cold"].astype(bool) & (req["outcome"] == "completed")]
+            if mine.empty:
+                raise TangramError(f"{path}: no completed cold start of system {system!r}")
+            out[f"{side}_{label}_cold_ttft_s"] = float(mine["ttft_s"].mean())
+            out[f"{side}_{label}_cold_service_s"] = float((mine["ttft_s"] - mine["queue_s"]).mean())
+            out[f"{side}_{label}_cold_starts"] = float(len(mine))
+            if label == "on" and "overlap_s" in mine:
+                out[f"{side}_mean_overlap_s"] = float(mine["overlap_s"].mean())
+        out[f"{side}_reduction"] = 1.0 - out[f"{side}_on_cold_ttft_s"] / out[f"{side}_off_cold_ttft_s"]
+        out[f"{side}_service_reduction"] = 1.0 - out[f"{side}_on_cold_service_s"] / out[f"{side}_off_cold_service_s"]
+    for key in ("reduction", "service_reduction"):
+        real = out[f"real_{key}"]
+        out[f"{key}_error"] = (out[f"sim_{key}"] - real) / abs(real) if real else math.nan
+    return out
 
 
 def _lag(run_dir: Path) -> dict[tuple[str, int], dict[str, float]]:

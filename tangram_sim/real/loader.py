@@ -300,8 +300,12 @@ class Loader:
         """Drop the staging buffers (pinned memory is a scarce host resource)."""
         self._pool.clear()
 
-    def load(self, buffer: torch.Tensor, segments: Sequence[Segment]) -> LoadResult:
+    def load(self, buffer: torch.Tensor, segments: Sequence[Segment], after_compute: bool = True) -> LoadResult:
         """Copy every segment's file bytes to `buffer[dst:dst+n]`; returns bytes and seconds.
+
+        `after_compute` (CUDA): the copies wait for the work queued on the current stream first
+        (compaction moves queued there read the bytes about to be overwritten); False for reads that
+        must not wait for a forward pass in flight (execute-while-load, whose moves are done already).
 
         Raises ModelError for unreadable or short files; on error, copies already issued have
         completed before it returns, so the caller may free the destination ranges at once.
@@ -319,7 +323,8 @@ class Loader:
         t0 = time.perf_counter()
         try:
             if self.staged or buffer.device.type != "cpu":
-                reads, copies, readers = self._load_staged(buffer, _batches(pieces, self.chunk_bytes), fds)
+                reads, copies, readers = self._load_staged(buffer, _batches(pieces, self.chunk_bytes), fds,
+                                                           after_compute)
                 staged = True
             else:
                 reads, readers = self._load_direct(buffer, pieces, fds)
@@ -355,7 +360,7 @@ class Loader:
         return len(pieces), readers
 
     def _load_staged(
-        self, buffer: torch.Tensor, batches: list[_Batch], fds: dict[str, int]
+        self, buffer: torch.Tensor, batches: list[_Batch], fds: dict[str, int], after_compute: bool = True
     ) -> tuple[int, int, int]:
         """Readers fill staging buffers; this thread copies them out, overlapping the two."""
         readers = min(self.readers, len(batches))
@@ -400,8 +405,8 @@ class Loader:
             if self._stream is None:
                 self._stream = torch.cuda.Stream(device=buffer.device)
             stream = self._stream
-            # Compaction copies queued on the compute stream must finish reading their sources first.
-            stream.wait_stream(torch.cuda.current_stream(buffer.device))
+            if after_compute:  # compaction copies queued on the compute stream must finish reading first
+                stream.wait_stream(torch.cuda.current_stream(buffer.device))
         inflight: deque[tuple[Any, torch.Tensor]] = deque()  # (event or None, staging buffer)
         done = copies = 0
         for t in threads:

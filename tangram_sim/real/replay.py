@@ -15,7 +15,7 @@ import contextlib
 import gc
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,8 +29,9 @@ from tangram_sim.core.run import run_on_wall_clock
 from tangram_sim.core.slo import Slo
 from tangram_sim.errors import ConfigError
 from tangram_sim.experiments.config import load_yaml
-from tangram_sim.real.backend import BackendSpec, core_sets
-from tangram_sim.real.device import LOAD_COLUMNS, MEMORY_COLUMNS, STEP_COLUMNS, RealDevice
+from tangram_sim.real.backend import BackendSpec
+from tangram_sim.real.device import LAYER_COLUMNS, LOAD_COLUMNS, MEMORY_COLUMNS, STEP_COLUMNS, RealDevice
+from tangram_sim.real.link import core_sets
 from tangram_sim.real.loader import DEFAULT_CHUNK_BYTES, Checkpoint
 from tangram_sim.real.setup import (
     ReplaySetup,
@@ -69,6 +70,8 @@ class ReplayResult:
     summary: dict[str, Any]  # `summarize` of the requests, plus the replay's figures (lag, wall time)
     wall_s: float  # seconds the replay took
     tokens: dict[int, list[int]]  # rid -> the tokens it generated (greedy), first token first
+    layers: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=LAYER_COLUMNS))  # LAYER_COLUMNS:
+    # the measured layer spans of execute-while-load first prefills (empty for serial starts)
 
 
 @contextlib.contextmanager
@@ -163,7 +166,9 @@ def replay_trace(
 
     def make_devices(env: WallClockEnvironment) -> list[RealDevice]:
         for i, spec in enumerate(specs):
-            gpus.append(RealDevice(env, i, spec, ckpts, prompts, process=separate, verify=verify))
+            gpus.append(RealDevice(env, i, spec, ckpts, prompts, process=separate, verify=verify,
+                                  execute_while_load=system.execute_while_load,
+                                  startup=system.startup_plan() if system.startup else None))
         if warmup:  # every arena at once (each on its own thread, or its own process)
             for f in [g.thread.submit(g.link.call, "warm_up", ARENA_ALIGNMENT) for g in gpus]:
                 f.result()
@@ -197,7 +202,9 @@ def replay_trace(
         summary["prefetch_waits"] = int(len(waits))
         summary["prefetch_wait_max_s"] = float(waits.max()) if len(waits) else 0.0
     tokens = {rid: t for g in gpus for rid, t in g.tokens.items()}
-    return ReplayResult(system.name, run.requests, run.timeline, memory, loads, steps, summary, run.wall_s, tokens)
+    layers = pd.DataFrame([row for g in gpus for row in g.layers], columns=LAYER_COLUMNS)
+    return ReplayResult(system.name, run.requests, run.timeline, memory, loads, steps, summary, run.wall_s, tokens,
+                        layers)
 
 
 def replay_system(setup: ReplaySetup, system: SystemSpec, progress: bool = False) -> ReplayResult:

@@ -31,7 +31,10 @@ def write_system(writer: RunWriter, index: int, result: ReplayResult) -> None:
     """One system's replay, stored as soon as it is done (kept if a later system fails)."""
     row = {"system": result.system, "point": 0}
     row.update({k: v for k, v in result.summary.items() if k != "system"})
-    writer.write_job(JobKey(0, index), row, {name: getattr(result, name) for name in FRAMES},
+    frames = {name: getattr(result, name) for name in FRAMES}
+    if len(result.layers):  # execute-while-load: each first prefill's measured layer spans
+        frames["layers"] = result.layers
+    writer.write_job(JobKey(0, index), row, frames,
                      timing={"system": result.system, "point": 0, "wall_s": round(result.wall_s, 3)})
 
 

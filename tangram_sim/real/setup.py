@@ -310,12 +310,13 @@ def prepare_replay(
 
 
 def check_replayable(system: SystemSpec) -> None:
-    """A ConfigError for what the real executor does not run yet: execute-while-load needs a loader that
-    reports each layer as it lands and an engine that runs a forward pass layer by layer; a pipelined cold
-    start, an engine that passes activations between devices."""
-    if system.execute_while_load:
-        raise ConfigError(f"systems ({system.name}): execute_while_load is not yet supported by the real "
-                          "executor (its device lands a model's weights as a whole); simulate it, or set it false")
+    """A ConfigError for what the real executor does not run: its runtime stage is its engine build, done
+    on the critical path before the first compute, so it cannot be skipped, overlapped or restored; a
+    pipelined cold start needs an engine that passes activations between devices."""
+    runtime = dict(system.startup_plan().stages)["runtime"]
+    if runtime.mode != "serial":
+        raise ConfigError(f"systems ({system.name}).startup.runtime: the real executor builds its engine (the "
+                          f"runtime stage) serially and measures it; expected mode serial, got {runtime.mode!r}")
     if system.pipeline != "none":
         raise ConfigError(f"systems ({system.name}): pipeline {system.pipeline} is not yet supported by the real "
                           "executor (an instance runs on one device or a tensor-parallel group); simulate it, or "

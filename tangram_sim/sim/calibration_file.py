@@ -64,6 +64,18 @@ def read_calibration(path: str | Path) -> Any:
     return Calibration(**values)
 
 
+def _shares(value: Any, where: str) -> tuple[float, ...]:
+    """A list of numbers >= 0, not all zero (a prefill's share per layer block)."""
+    from tangram_sim.errors import shown
+
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: expected a list of shares >= 0 (one per layer block), got {shown(value)}")
+    shares = tuple(_number(v, f"{where}[{i}]", "share") for i, v in enumerate(value))
+    if sum(shares) <= 0:
+        raise ConfigError(f"{where}: expected shares that are not all zero")
+    return shares
+
+
 def _key(key: Any) -> str:
     text = str(key)
     return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
@@ -100,8 +112,9 @@ def _models(section: Any, path: Path, coefficients: type) -> dict[str, Any]:
         if missing:
             raise ConfigError(f"{where}.{missing[0]}: required, expected a number "
                               f"{'> 0' if _bound(missing[0]) == 'positive' else '>= 0'}")
-        out[str(name)] = coefficients(**{k: _number(v, f"{where}.{k}", k) for k, v in coeffs.items()
-                                         if v is not None})
+        out[str(name)] = coefficients(**{k: _shares(v, f"{where}.{k}") if k == "prefill_layer_shares"
+                                         else _number(v, f"{where}.{k}", k)
+                                         for k, v in coeffs.items() if v is not None})
     return out
 
 

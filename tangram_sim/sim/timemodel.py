@@ -82,6 +82,9 @@ class ModelCoefficients:
     decode_base_s: float  # one decode step at batch 1 with an empty KV cache
     decode_per_seq_s: float = 0.0  # added per extra sequence in the batch
     decode_per_kv_token_s: float = 0.0  # added per live KV token read by a step
+    # share of a prefill's time each layer block takes (models.layers.layer_blocks order), as measured
+    # layer by layer by an execute-while-load replay; None: split by the blocks' FLOPs
+    prefill_layer_shares: tuple[float, ...] | None = None
 
 
 @dataclass(slots=True)
@@ -114,7 +117,9 @@ class Calibration:
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         out["models"] = {
-            name: {f: getattr(c, f) for f in c.__slots__} for name, c in (self.models or {}).items()
+            name: {f: list(v) if isinstance(v, tuple) else v for f in c.__slots__
+                   if (v := getattr(c, f)) is not None}
+            for name, c in (self.models or {}).items()
         }
         return out
 
@@ -133,8 +138,12 @@ class Calibrated(TimeModel):
         return c.prefill_base_s + c.prefill_per_token_s * tokens
 
     def prefill_layers_s(self, model: ModelSpec, tokens: int, tp: int = 1) -> list[float]:
-        if model.name not in (self.calibration.models or {}):
+        c = (self.calibration.models or {}).get(model.name)
+        if c is None:
             return self.fallback.prefill_layers_s(model, tokens, tp)
+        shares = c.prefill_layer_shares
+        if shares is not None and len(shares) == len(layer_blocks(model)) and sum(shares) > 0:
+            return _split(self.prefill_s(model, tokens, tp), shares, shares)
         return TimeModel.prefill_layers_s(self, model, tokens, tp)
 
     def decode_step_s(self, model: ModelSpec, batch: int, kv_tokens: float, tp: int = 1) -> float:

@@ -62,7 +62,7 @@ class SystemSpec:
     pipeline: str = "none"
     pipeline_params: dict[str, Any] = field(default_factory=dict)  # extra pipeline policy parameters (k, ttft_s)
     execute_while_load: bool = False  # the first prefill computes layer i once layer i has landed (and
-    # layer i-1 is done) instead of after the whole load; the modelled device only, for now
+    # layer i-1 is done) instead of after the whole load (the modelled and the real device alike)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
