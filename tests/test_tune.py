@@ -230,6 +230,11 @@ def test_failed_trials_are_recorded_and_counted(files: tuple[Path, Path], tmp_pa
         ({"cluster.gpu_memroy_gib": {"choices": [24]}}, "params.cluster.gpu_memroy_gib.choices: 24: "
                                                         "cluster.gpu_memroy_gib: unknown key"),
         ({"keep_alive_s": {"choices": "all"}}, "params.keep_alive_s.choices: 'all' needs a policy field"),
+        ({"multicast": {"choices": ["tree"]}}, "params.multicast.choices: expected one of none, chain, binomial, "
+                                               "got 'tree'"),
+        ({"source": {"choices": ["nearest"]}}, "params.source.choices: unknown source policy 'nearest'"),
+        ({"pipeline_params.k": {"low": 2, "high": 4, "when": "pipelined"}},
+         "params.pipeline_params.k.when: expected a pipeline policy: fixed, none, slo; got 'pipelined'"),
         ({}, "params: expected a mapping of at least one"),
     ],
 )
@@ -279,6 +284,66 @@ def test_choices_all_reads_the_registries_with_the_experiments_plugins(tmp_path:
                          "params": {"retention_params.half_life_s": {"low": 60, "high": 3600, "log": True}}}, exp)
     entry = space.system_entry({"retention_params.half_life_s": 120.0})
     assert entry["overrides"] == {"retention": "decayed-frequency", "retention_params": {"half_life_s": 120.0}}
+
+
+SCALEOUT = {  # 2 nodes x 2 GPUs, one model, a burst that needs several instances at once: ~0.5 s a trial
+    "name": "tune-scaleout-test",
+    "seed": 5,
+    "cluster": {"nodes": 2, "gpus_per_node": 2, "gpu": "a100-80gb", "topology": {"nvlink_gbps": 300, "rdma": True},
+                "tiers": {"host_cache_gib": 64, "ssd_gbps": 6, "network_gbps": 12.5}},
+    "models": [{"name": "llama-3-8b"}],
+    "trace": {"kind": "synthetic", "n_requests": 60, "rate": 4.0},
+    "systems": [{"name": "tangram-plus", "preset": "tangram-plus"}],
+}
+
+
+def test_the_scaleout_space_searches_sources_multicast_and_pipelines(tmp_path: Path) -> None:
+    from tangram_sim.policies.pipeline import PIPELINE
+    from tangram_sim.policies.source import SOURCE
+    from tangram_sim.sim.systems import make_system
+    from tangram_sim.tune.space_file import load_space
+
+    exp = load_experiment(_write(tmp_path / "exp.yaml", SCALEOUT))
+    space = load_space(ROOT / "experiments/tune-space-scaleout.yaml", exp)
+    params = {p.key: p for p in space.params}
+    # choices: all reads the registries (and multicast's fixed names, which are no registry)
+    assert set(params["source"].choices) == set(SOURCE.names()) >= {"tiers", "fastest", "gpu-first"}
+    assert set(params["pipeline"].choices) == set(PIPELINE.names()) >= {"none", "fixed", "slo"}
+    assert params["multicast"].choices == ("none", "chain", "binomial")
+    assert (params["pipeline_params.k"].when, params["pipeline_params.ttft_s"].when) == ("fixed", "slo")
+    assert space.preset == "tangram-plus"
+    # the base system lies inside the space: tangram-plus is tiers, no multicast, no pipeline
+    base = space.base_values(exp.config())
+    assert base is not None and (base["source"], base["multicast"], base["pipeline"]) == ("tiers", "none", "none")
+    # each pipeline policy gets its own parameters only, and makes a valid system
+    values = {**base, "source": "fastest", "multicast": "binomial", "pipeline_params.k": 3,
+              "pipeline_params.ttft_s": 1.5, "pipeline_params.max_k": 6}
+    for pipeline, expected in (("fixed", {"k": 3}), ("slo", {"ttft_s": 1.5, "max_k": 6}), ("none", None)):
+        entry = space.system_entry({**values, "pipeline": pipeline})
+        assert entry["overrides"].get("pipeline_params") == expected
+        spec = make_system(entry["name"], entry["preset"], entry["overrides"])
+        assert (spec.source, spec.multicast, spec.pipeline) == ("fastest", "binomial", pipeline)
+    space = parse_space({"base": "serverlessllm", "params": {"multicast": {"choices": "all", "exclude": ["none"]}}},
+                        exp)
+    assert space.params[0].choices == ("chain", "binomial")
+
+
+def test_a_tune_over_sources_and_multicast_simulates_what_it_samples(tmp_path: Path) -> None:
+    """Trials whose source reads peer GPUs take bytes from them; tiers-only trials take none (the bytes per
+    source are objectives too)."""
+    exp = _write(tmp_path / "exp.yaml", SCALEOUT)
+    space = _write(tmp_path / "space.yaml", {"base": "tangram-plus", "params": {
+        "source": {"choices": ["tiers", "gpu-first"]}, "multicast": {"choices": "all"}}})
+    out = tmp_path / "o"
+    assert main(["tune", str(exp), "--space", str(space), "--objective", "p99_ttft_s", "--objective",
+                 "bytes_from_peer_gpu", "--objective", "bytes_from_ssd", "--trials", "6", "--seed", "3", "--out",
+                 str(out), "--quiet"]) == 0
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 6 and set(trials["source"]) == {"tiers", "gpu-first"}
+    assert set(trials["multicast"]) <= {"none", "chain", "binomial"}
+    for _, row in trials.iterrows():
+        peers = row["bytes_from_peer_gpu"]
+        assert (peers > 0) if row["source"] == "gpu-first" else (peers == 0), (row["trial"], row["source"], peers)
 
 
 def _write(path: Path, raw: dict) -> Path:

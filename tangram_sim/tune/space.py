@@ -204,3 +204,13 @@ def policy_registries() -> dict[str, Any]:
             if isinstance(value, Registry) and attr.isupper():
                 found.setdefault(attr.lower(), value)
     return found
+
+
+def named_fields() -> dict[str, tuple[str, ...]]:
+    """The names each field with a fixed set of names can take, for `choices: all`: the policy registries'
+    names, and fields whose names are not a registry (`multicast`: none, chain, binomial)."""
+    from tangram_sim.topology.multicast import MULTICAST
+
+    names = {field: tuple(registry.names()) for field, registry in policy_registries().items()}
+    names.setdefault("multicast", tuple(MULTICAST))
+    return names

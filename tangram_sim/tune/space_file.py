@@ -7,7 +7,8 @@
                                # (retention_params.half_life_s), or cluster.KEY
       retention: {choices: [tangram, lru, lfu, gdsf]}
       scheduler: {choices: all, exclude: [random]}     # all: every registered name, now (names
-                                                       # excluded but not registered are ignored)
+                                                       # excluded but not registered are ignored);
+                                                       # multicast: all is none, chain, binomial
       keep_alive_s: {low: 5, high: 120, log: true}     # float fields: rounded to `digits` [3] significant digits
       unit_divisor: {choices: [0, 20, 40, 80]}
       max_batch: {low: 8, high: 64, step: 8}           # int fields: integers
@@ -30,7 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from tangram_sim.errors import ConfigError
-from tangram_sim.tune.space import DEFAULT_DIGITS, Param, Space, policy_registries, system_fields
+from tangram_sim.tune.space import (
+    DEFAULT_DIGITS,
+    Param,
+    Space,
+    named_fields,
+    policy_registries,
+    system_fields,
+)
 
 TOP_KEYS = ("base", "system", "overrides", "params")
 PARAM_KEYS = ("choices", "exclude", "low", "high", "log", "step", "type", "digits", "when")
@@ -210,14 +218,14 @@ def _choices(key: str, spec: dict[str, Any], where: str, target: str) -> list[An
     choices = spec["choices"]
     exclude = spec.get("exclude", [])
     if choices == "all":
-        registry = policy_registries().get(key) if target == "system" else None
+        named = named_fields()
+        registry = named.get(key) if target == "system" else None
         if registry is None:
-            raise ConfigError(f"{where}.choices: 'all' needs a policy field ("
-                              f"{', '.join(policy_registries())})")
+            raise ConfigError(f"{where}.choices: 'all' needs a policy field ({', '.join(named)})")
         if not isinstance(exclude, list) or not all(isinstance(n, str) for n in exclude):
             raise ConfigError(f"{where}.exclude: expected a list of names, got {exclude!r}")
         # names not registered are left out silently: a space outlives a policy renamed or removed
-        choices = [n for n in registry.names() if n not in exclude]
+        choices = [n for n in registry if n not in exclude]
     elif "exclude" in spec:
         raise ConfigError(f"{where}.exclude: only with choices: all")
     if not isinstance(choices, list) or not choices:

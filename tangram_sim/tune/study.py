@@ -39,12 +39,14 @@ class Objective:
 
 
 def summary_columns() -> list[str]:
-    """The numeric columns of summary.csv, as this version computes them."""
+    """The numeric columns of summary.csv, as this version computes them (the bytes cold starts took from
+    each source among them: `bytes_from_remote`, `bytes_from_peer_gpu`, ...)."""
     import pandas as pd
 
     from tangram_sim.core.metrics import REQUEST_COLUMNS, summarize
+    from tangram_sim.core.sources import SOURCE_COLUMNS
 
-    return [*summarize(pd.DataFrame(columns=REQUEST_COLUMNS), 0.0, 0), "sim_end_s"]
+    return [*summarize(pd.DataFrame(columns=REQUEST_COLUMNS), 0.0, 0), "sim_end_s", *SOURCE_COLUMNS]
 
 
 def parse_objectives(texts: Sequence[str]) -> tuple[Objective, ...]:
