@@ -286,7 +286,8 @@ def test_execute_while_load_on_a_mixed_run_keeps_the_books() -> None:
                   for _ in range(150))
     c = ClusterSpec(1, 2, gpu_spec("a100-40gb"), TierSpec(host_cache_bytes=0))
     for preset in ("tangram", "serverlessllm", "tangram-plus"):
-        serial = simulate(models, trace(*rows), c, make_system("s", preset)).requests
+        # serial explicitly: tangram-plus computes while it loads by default
+        serial = simulate(models, trace(*rows), c, make_system("s", preset, {"execute_while_load": False})).requests
         over = simulate(models, trace(*rows), c, make_system("s", preset, {"execute_while_load": True})).requests
         assert (over.outcome == "completed").all() and (serial.outcome == "completed").all()
         cold = over[over.cold]

@@ -11,6 +11,7 @@ import pytest
 from tangram_sim import load_experiment
 from tangram_sim.core.startup import STARTUP_PRESETS
 from tangram_sim.errors import ConfigError
+from tangram_sim.experiments.config import build_systems
 from tangram_sim.models import get_model
 from tangram_sim.sim.hardware import TierSpec, gpu_spec
 from tangram_sim.sim.simulate import ClusterSpec, ModelChoice, simulate
@@ -65,6 +66,21 @@ def test_serverlessllm_ewl_is_serverlessllm_executing_while_loading() -> None:
     a, b = one_request("serverlessllm", "llama-3-8b"), one_request("serverlessllm-ewl", "llama-3-8b")
     assert b["overlap_s"] > 0 and a["overlap_s"] == 0
     assert b["ttft_s"] < a["ttft_s"] and b["load_s"] == pytest.approx(a["load_s"], rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["plus-azure-code", "plus-azure-conv", "plus-servegen", "plus-synthetic-skew"])
+def test_tangram_plus_is_its_breakdowns_last_stage_executing_while_loading(name: str) -> None:
+    """The plus-* breakdown ends in +prefetch; the preset adds execute-while-load to it and nothing else, and
+    its single engine stage leaves nothing serial after the weights for the overlap to wait on."""
+    config = load_experiment(ROOT / "experiments" / f"{name}.yaml").config()
+    systems = {s.name: s for s in build_systems(config)}
+    plus, stage = systems["tangram-plus"], systems["+prefetch"]
+    assert plus.execute_while_load and not stage.execute_while_load
+    assert {k: v for k, v in plus.to_dict().items() if k not in ("name", "execute_while_load")} == \
+        {k: v for k, v in stage.to_dict().items() if k not in ("name", "execute_while_load")}
+    assert plus.startup_plan().post_s == 0.0
+    a, b = one_request("tangram-plus", "llama-3-8b"), one_request("serverlessllm", "llama-3-8b")
+    assert a["overlap_s"] > 0 and a["ttft_s"] < b["ttft_s"]
 
 
 def test_the_medusa_startup_preset_is_the_artifacts_stage_means() -> None:

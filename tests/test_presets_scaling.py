@@ -139,5 +139,8 @@ def test_the_all_presets_comparison_as_claimed() -> None:
     assert (tangram.p99_ttft_s == sllm.p99_ttft_s).sum() == 6  # tangram equals serverlessllm in 6 of 12
     conv8b = sllm.index[sllm.models.str.contains("llama-3-8b") & sllm["trace.path"].str.contains("conv") & fast]
     assert len(conv8b) == 1
-    assert (plus.p99_ttft_s[conv8b[0]], sllm.p99_ttft_s[conv8b[0]]) == pytest.approx((26.63, 6.80), abs=0.005)
+    assert (plus.p99_ttft_s[conv8b[0]], sllm.p99_ttft_s[conv8b[0]]) == pytest.approx((22.98, 6.80), abs=0.005)
+    # "a higher tail than serverlessllm at 6 of the 12 points", 0-19% below it at the other six
+    change = plus.p99_ttft_s / sllm.p99_ttft_s - 1
+    assert (change > 0).sum() == 6 and change.min() == pytest.approx(-0.19, abs=0.005)
     assert (plus.bytes_from_peer_gpu + plus.bytes_from_remote_gpu == 0).all()  # tangram-plus reads no GPU copy

@@ -24,6 +24,12 @@ POINTS = {
 }
 
 
+# the one point where results/README.md reports that tangram-plus does not load least per cold start: on
+# ServeGen at 1 req/s LFU Tangram loads 4.3% less (execute-while-load leaves fewer, longer runs there),
+# while tangram-plus's load per request is still the lowest
+NOT_LOWEST_PER_COLD_START = {("plus-servegen", 1.0)}
+
+
 def _points(name: str) -> list[tuple[object, pd.DataFrame]]:
     path = RESULTS / name / "summary.csv"
     if not path.exists():
@@ -41,8 +47,11 @@ def test_tangram_plus_has_the_lowest_load_per_cold_start_and_per_request(name: s
         plus = g[g.system == SUBJECT].iloc[0]
         base = g[(g.system != SUBJECT) & ~g.system.str.startswith("+")]
         assert {"serverlessllm", "tangram", "ttft-aware", "next-use"} <= set(base.system)
-        assert plus.mean_load_s < base.mean_load_s.min(), (name, point)
         assert plus.mean_load_per_request_s < base.mean_load_per_request_s.min(), (name, point)
+        if (name, point) in NOT_LOWEST_PER_COLD_START:  # loses, as reported, by less than 5%
+            assert base.mean_load_s.min() < plus.mean_load_s < 1.05 * base.mean_load_s.min(), (name, point)
+        else:
+            assert plus.mean_load_s < base.mean_load_s.min(), (name, point)
 
 
 @pytest.mark.parametrize("name", sorted(POINTS))
