@@ -32,11 +32,8 @@ clock's `run_on`:
   backend with its next command, as do freed KV and ended instances;
 - prefill runs the group's prompts in one packed ragged forward pass, decode one batched step;
 - a prefetched unit (`core.prefetch`) is read from its files into its region by one command on the
-  same thread. A cancellation cannot stop a read that has begun: the unit's region is freed in the
-  books at once (any later use of those bytes is work queued behind the read on the same thread, so
-  it sees its own bytes) and its bytes count as wasted; a read not yet begun is skipped. So a cold
-  start that follows a prefetch waits for at most one unit's read: the wait is recorded as a step of
-  kind `prefetch-wait` (and the reads as steps of kind `prefetch`).
+  same thread (`real.prefetching`); a cold start that follows one waits for at most one unit's read,
+  recorded as a step of kind `prefetch-wait`.
 
 Durations are measured by the backend around the work, synchronised with the device, and reach the
 clock as `core.clock.Measured`: the hand-over between processes is charged to nobody.
@@ -44,7 +41,6 @@ clock as `core.clock.Measured`: the hand-over between processes is charged to no
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +61,7 @@ from tangram_sim.real.link import DeviceLink
 from tangram_sim.real.loader import Checkpoint
 from tangram_sim.real.memory import read_memory
 from tangram_sim.real.peers import split
+from tangram_sim.real.prefetching import prefetch_unit
 
 LOAD_COLUMNS = [  # loaded_bytes / read_s: from the files; copied_bytes / copy_s: from other arenas
     "rid", "gpu", "model", "units", "units_loaded", "loaded_bytes", "moved_bytes", "move_s", "read_s",
@@ -261,40 +258,7 @@ class RealDevice:
         return key in self.unit_model
 
     def prefetch_unit(self, key: Key, nbytes: int) -> tuple[simpy.Event, Callable[[], float | None]]:
-        model = self.unit_model[key]
-        offset = self.arena.lookup(key).offset
-        lock = threading.Lock()
-        state = {"begun": False, "cancelled": False}
-
-        def work():
-            try:
-                with lock:
-                    if state["cancelled"]:
-                        return None
-                    state["begun"] = True
-                return self.link.call("prefetch", model, key, offset)
-            finally:
-                self.prefetches_finished += 1
-
-        def cancel() -> float | None:
-            with lock:
-                if not state["begun"]:
-                    state["cancelled"] = True
-                    return 0.0
-            return float(nbytes)  # the read runs to its end, into a region already freed
-
-        submitted = self.env.now
-        self.prefetches_submitted += 1
-        done = self.env.run_on(self.thread, work)
-
-        def record(event: simpy.Event) -> None:
-            if event.ok and event.value is not None:
-                m: Measured = event.value
-                self.steps.append((self.gpu_id, "prefetch", model, 0, 0, 0, submitted, self.env.wall_at(m.t0),
-                                   m.seconds))
-
-        done.callbacks.append(record)
-        return done, cancel
+        return prefetch_unit(self, key, nbytes)
 
     # ------------------------------------------------------------ KV
     def pool_reserved(self, inst: Instance, keys: Sequence[Key]) -> None:
