@@ -156,12 +156,15 @@ def _trace(ckpts: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["arrival_s", "model", "input_tokens", "output_tokens"])
 
 
-def test_a_replay_copies_units_from_the_other_arena_as_the_simulation_does(ckpts: dict) -> None:
+@pytest.mark.parametrize("layered", [False, True])
+def test_a_replay_copies_units_from_the_other_arena_as_the_simulation_does(ckpts: dict, layered: bool) -> None:
+    """Serial starts, and execute-while-load ones (the copies land before the first layer's reads)."""
     t = _trace(ckpts)
     cap = int(2.3 * max(c.spec.weight_bytes for c in ckpts.values()))
     gpu = gpu_spec("a100-80gb", memory_gib=cap / GiB)
     cluster = ClusterSpec(nodes=1, gpus_per_node=2, gpu=gpu, tiers=TierSpec(host_cache_bytes=0))
-    system = make_system("blitz", "tangram", {"keep_alive_s": 0.05, "engine_overhead_s": 0.0, "source": "gpu-first"})
+    system = make_system("blitz", "tangram", {"keep_alive_s": 0.05, "engine_overhead_s": 0.0, "source": "gpu-first",
+                                                  "execute_while_load": layered})
     real = replay_trace(ckpts, t, system, devices=["cpu", "cpu"], capacity=gpu.memory_bytes, threads=1,
                         h2d_bps=gpu.pcie_bps, verify=True)
     sim = simulate({m: ModelChoice(c.spec) for m, c in ckpts.items()}, t, cluster, system)
@@ -172,3 +175,5 @@ def test_a_replay_copies_units_from_the_other_arena_as_the_simulation_does(ckpts
     for col in ("bytes_from_ssd", "bytes_from_peer_gpu"):
         assert real.summary[col] == pytest.approx(sim.summary[col], rel=0.05), col
     assert real.summary["cold_starts"] == pytest.approx(sim.summary["cold_starts"], rel=0.05)
+    if layered:  # every copied unit landed (the lifecycle's end checks passed) and the layers were timed
+        assert len(real.layers) > 0
