@@ -300,7 +300,8 @@ def format_table(fid: Fidelity) -> str:
                              f"{r.cold_starts_sim} / {r.cold_starts_real}, bytes loaded "
                              f"{r.bytes_loaded_sim / 1e6:.2f} / {r.bytes_loaded_real / 1e6:.2f} MB "
                              "(simulated / replayed)")
-        shown = [(c, c.removeprefix("bytes_from_")) for c in SOURCE_COLUMNS if f"{c}_err" in row]
+        shown = [(c, c.removeprefix("bytes_from_")) for c in SOURCE_COLUMNS
+                 if f"{c}_err" in row and (row[f"{c}_sim"] > 0 or row[f"{c}_real"] > 0)]
         if shown:
             lines.append("  bytes by source (simulated / replayed): " + ", ".join(
                 f"{name} {row[f'{c}_sim'] / 1e6:.2f} / {row[f'{c}_real'] / 1e6:.2f} MB "
