@@ -18,7 +18,8 @@ and nothing decided after it has begun (no eviction, move, load or KV write over
 waits there until the reader's copies are done. The reader's start waits until each of its holders has
 reached its hold. Holds and starts are queued in the clock's decision order, so the earliest pair still
 pending can always proceed (each of its halves has only earlier work ahead of it): no deadlock. The
-wait is charged to nobody: the backends time their own work, and the held device does none meanwhile.
+wait is charged to no request (the backends time their own work, and the held device does none
+meanwhile); where it delays the holder's next work past its trace time, the replay's lag reports it.
 
 Sharing the buffers (`share`, `export`, `attach`): backends in one process use each other's tensor as it
 is. In processes of their own, a CPU arena's buffer is made shared memory when it is created (torch
