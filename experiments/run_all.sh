@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Re-run every shipped experiment into results/<name>/ (reference outputs committed to the repo), then
 # experiments/plus_seeds.py into results/plus-seeds/.
-# replay-cpu.yaml is for `tangram-sim real replay`; tune-space.yaml and tune-space-scaleout.yaml are search spaces,
+# replay-cpu*.yaml are for `tangram-sim real replay`; tune-space.yaml and tune-space-scaleout.yaml are search spaces,
 # not experiments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for exp in experiments/*.yaml; do
   name=$(basename "$exp" .yaml)
-  case "$name" in replay-cpu|replay-cpu-plus|tune-space|tune-space-scaleout) continue ;; esac
+  case "$name" in replay-cpu|replay-cpu-plus|replay-cpu-peers|tune-space|tune-space-scaleout) continue ;; esac
   echo "== $name"
   tangram-sim run "$exp" --out "results/$name" --jobs "${JOBS:-2}" --quiet "$@"
 done

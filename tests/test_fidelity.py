@@ -163,3 +163,39 @@ def test_fit_linear_recovers_coefficients_and_keeps_them_non_negative() -> None:
     coef, _ = fit_linear(x, 10 - x[:, 1] * 0.01)
     assert coef[1] == 0.0 and coef[0] == pytest.approx(float(np.mean(10 - x[:, 1] * 0.01)))
     assert not math.isnan(coef[0])
+
+
+def test_compare_reports_bytes_per_source_from_both_summaries(tmp_path: Path) -> None:
+    from tangram_sim.core.sources import SOURCE_COLUMNS
+
+    dirs = {}
+    for side, (ssd, peer) in (("sim", (40, 60)), ("real", (50, 50))):
+        d = dirs[side] = tmp_path / side
+        d.mkdir()
+        requests("tangram-peers", [1.0, 2.0], [2.0, 3.0], [ssd, peer]).to_parquet(d / "requests.parquet")
+        row = {"system": "tangram-peers", **dict.fromkeys(SOURCE_COLUMNS, 0)}
+        row.update(bytes_from_ssd=ssd, bytes_from_peer_gpu=peer)
+        pd.DataFrame([row]).to_csv(d / "summary.csv", index=False)
+        adopt_legacy(d, kind="run" if side == "sim" else "replay")
+    fid = compare_runs(dirs["sim"], dirs["real"])
+    t = fid.table.iloc[0]
+    assert t["bytes_from_ssd_err"] == pytest.approx(-0.2) and t["bytes_from_peer_gpu_err"] == pytest.approx(0.2)
+    assert "bytes_from_dram_sim" not in fid.table  # no side read from it
+    assert "ssd 0.00 / 0.00 MB (-20.0%), peer_gpu 0.00 / 0.00 MB (+20.0%)" in format_table(fid)
+
+
+def test_a_calibrated_peer_rate_times_copies_from_another_gpu() -> None:
+    from tangram_sim.topology import TopologySpec
+
+    qwen = get_model("qwen2.5-3b")
+    cluster = ClusterSpec(1, 2, gpu_spec("a100-80gb", {"pcie_bps": 25e9}, 40), TierSpec(ssd_bps=6e9),
+                          topology=TopologySpec())
+    t = pd.DataFrame([(0.0, "q", 100, 3000), (5.0, "q", 100, 4)],
+                     columns=["arrival_s", "model", "input_tokens", "output_tokens"])
+    system = make_system("s", "tangram", {"max_batch": 1, "source": "gpu-first"})
+    for cal, bps in ((None, 25e9), (Calibration(device="test", peer_bps=3e9), 3e9)):
+        res = simulate({"q": ModelChoice(qwen)}, t, cluster, system, calibration=cal)
+        second = res.requests.iloc[1]
+        assert second.gpu == 1 and res.summary["bytes_from_peer_gpu"] == qwen.weight_bytes
+        assert second.load_s == pytest.approx(qwen.weight_bytes / bps, rel=1e-9)  # PCIe both ways, or measured
+    assert Calibration(device="x", peer_bps=3e9).to_dict()["peer_bps"] == 3e9

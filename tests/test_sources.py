@@ -100,6 +100,7 @@ def test_a_device_that_reads_host_tiers_only_refuses_gpu_sources(overrides: dict
 
     class HostOnly(ModelledDevice):
         reads_gpu_copies = False
+        joins_multicast = False
 
     gpu = gpu_spec("a100-80gb", memory_gib=40)
     system = make_system("s", "tangram", overrides)
@@ -107,7 +108,9 @@ def test_a_device_that_reads_host_tiers_only_refuses_gpu_sources(overrides: dict
     t = pd.DataFrame([(0.0, "q", 10, 1)], columns=["arrival_s", "model", "input_tokens", "output_tokens"])
     device = HostOnly(env, 0, gpu.memory_bytes, ARENA_ALIGNMENT, gpu.pcie_bps, Fabric(env), Roofline(gpu), 0.0, 0.0,
                       gpu.d2d_bps)
-    with pytest.raises(ConfigError, match="reads units from other GPUs; not yet supported by the real executor"):
+    expected = "reads units from other GPUs; these devices read their node's tiers only" if "source" in overrides \
+        else "multicast chain streams a model from GPU to GPU; not yet supported by the real executor"
+    with pytest.raises(ConfigError, match=expected):
         run_lifecycle(env, [device], trace_requests(t), gpus_per_node=1, tiers=TierSpec(), system=system,
                       entries=build_entries({"q": (QWEN, 1.0, 1)}, system, ARENA_ALIGNMENT), time_model=Roofline(gpu),
                       policies=build_policies(system, h2d_bps=gpu.pcie_bps, sensitivity={}, trace=t), seed=0,

@@ -127,9 +127,10 @@ class Device(Protocol):
     gpu_id: int  # position in the cluster
     arena: Arena  # the memory books the worker plans on
     overlaps_load: bool  # it can run an instance's first prefill while its weights land (execute_while_load)
-    # it reads units from other GPUs' copies and multicast streams (`core.sources`, `core.multicast`); a
-    # device without the attribute reads every unit from its own node's tiers
+    # it reads units from other GPUs' copies (`core.sources`) and joins multicast streams
+    # (`core.multicast`); a device without these attributes reads every unit from its own node's tiers
     reads_gpu_copies: bool
+    joins_multicast: bool
     binds_memory: bool  # False: the books are all there is (the modelled device); the worker then skips
     # the calls below that only bind or read memory (kv_grown, kv_freed, pool_reserved, end_instance,
     # sampled), which are the simulator's most frequent calls

@@ -24,6 +24,7 @@ from tangram_sim.core.prefetch import prefetch_totals
 from tangram_sim.core.records import ModelEntry, Request
 from tangram_sim.core.router import Cluster, Recorder
 from tangram_sim.core.slo import Slo
+from tangram_sim.core.sources import source_totals
 from tangram_sim.core.stream import RequestStream
 from tangram_sim.errors import ConfigError
 from tangram_sim.policies import KV, POLICY_FIELDS
@@ -200,11 +201,12 @@ def run_lifecycle(
     if system.execute_while_load and not all(d.overlaps_load for d in devices):
         raise ConfigError(f"systems ({system.name}): execute_while_load needs devices that compute while the "
                           "weights land (overlaps_load), expected such devices or execute_while_load false")
-    if (system.source != "tiers" or system.multicast != "none") and \
-            not all(getattr(d, "reads_gpu_copies", False) for d in devices):
-        field = "source" if system.source != "tiers" else "multicast"
-        raise ConfigError(f"systems ({system.name}): {field} {system.source if field == 'source' else system.multicast} "
-                          "reads units from other GPUs; not yet supported by the real executor")
+    if system.source != "tiers" and not all(getattr(d, "reads_gpu_copies", False) for d in devices):
+        raise ConfigError(f"systems ({system.name}): source {system.source} reads units from other GPUs; these "
+                          "devices read their node's tiers only, expected source tiers")
+    if system.multicast != "none" and not all(getattr(d, "joins_multicast", False) for d in devices):
+        raise ConfigError(f"systems ({system.name}): multicast {system.multicast} streams a model from GPU to GPU; "
+                          "not yet supported by the real executor, expected multicast none")
     if system.pipeline != "none" and not all(getattr(d, "runs_pipelines", False) for d in devices):
         raise ConfigError(f"systems ({system.name}): pipeline {system.pipeline} runs a cold start as stages on "
                           "several GPUs; not yet supported by the real executor")
@@ -320,6 +322,7 @@ def run_on_wall_clock(
     summary: dict[str, Any] = {"system": system.name}
     summary.update(numbers)
     summary.update(env.lag_stats())
+    summary.update(source_totals(run.cluster.workers))  # cold starts' bytes per source, as `simulate` reports
     summary["replay_end_s"] = float(env.now)
     summary["device_s"] = env.device_s
     return WallClockRun(frame, timeline, summary, wall, devices)

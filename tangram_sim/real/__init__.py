@@ -8,7 +8,9 @@ one-line TangramError rather than an ImportError deep in a traceback.
 - `device_arena`: `Arena` offsets mapped onto one `torch.empty(capacity, uint8)` buffer
 - `loader`: reader threads + staging buffers + side-stream copies; checkpoints and unit layouts
 - `engine`: a minimal Llama-style decoder bound to arena views, paged KV in arena blocks
-- `backend`, `device`: the torch side of one replay GPU and the lifecycle's device over it
+- `backend`, `device`: the torch side of one replay GPU and the lifecycle's device over it;
+  `peers`: units copied from another arena's buffer (the source policies); `prefetching`: a
+  prefetched unit's read
 - `replay`: traces replayed by the simulator's lifecycle (`core`) on real devices; `session`: a few
   requests on one device through it (`real load`, `real generate`, the loader benchmark)
 - `setup`: devices, arenas and checkpoints of a replay (`resolve_device`, `checkpoint_dirs`)

@@ -12,6 +12,9 @@ and hands this backend the work those books describe, one command at a time and 
   waits for each layer's bytes before computing it, and measures each layer's span); `decode`: one
   batched step;
 - `prefetch`: the read of one unit into its region;
+- `export_buffer` / `attach_peer`: this buffer handed to, and another arena's attached by, the backends
+  of a replay whose source policy reads GPU copies; a start then copies the units it takes from them
+  (`real.peers`) after the compaction copies and before the reads;
 - `apply`: KV blocks bound to or taken from a request, an ended instance's engine dropped. These come
   with the next timed command rather than as calls of their own (a command of the lifecycle that needs
   them is always a later one), so binding memory costs no round trip.
@@ -37,6 +40,7 @@ from tangram_sim.errors import ModelError
 from tangram_sim.models.layers import layer_blocks
 from tangram_sim.policies.kv import kv_block_bytes
 from tangram_sim.policies.packing import Move
+from tangram_sim.real import peers
 from tangram_sim.real.checkpoints import torch_dtype
 from tangram_sim.real.device_arena import DeviceArena
 from tangram_sim.real.engine import CausalLM, EngineConfig, PagedKv, build_engine, greedy
@@ -69,6 +73,7 @@ class BackendSpec:
     loader: dict[str, Any] = field(default_factory=dict)  # Loader options (readers, chunk_bytes, staging)
     threads: int | None = None  # torch intra-op threads (None: unchanged; a child: its cores)
     cores: tuple[int, ...] = ()  # CPUs a child process is pinned to (empty: not pinned)
+    shared: bool = False  # other arenas' backends copy units from this buffer (`real.peers`)
 
 
 @dataclass(slots=True)
@@ -108,6 +113,9 @@ class DeviceBackend:
         self._land_loader: Loader | None = None  # its loader, made at the first layered start
         self._loader_options = dict(spec.loader)  # the options of both loaders
         self.dev = DeviceArena(spec.capacity, self.device, spec.alignment)
+        if spec.shared:
+            peers.share(self.dev.buffer)  # before any view of it exists
+        self.peers: dict[int, torch.Tensor] = {}  # GPU -> another arena's buffer (`real.peers`)
         if self.device.type == "cpu":  # fault every page in now: a GPU's memory is mapped when allocated,
             self.dev.buffer.fill_(0)  # a host buffer's pages only at their first write (0.4 GB/s, not 5)
         self.loader = Loader(self.device, **spec.loader)
@@ -155,20 +163,24 @@ class DeviceBackend:
 
     # ------------------------------------------------------------ device work
     def start(self, ops: Sequence[tuple], model: str, offsets: dict[Key, int], missing: Sequence[Key],
-              moves: Sequence[tuple[int, int, int]], verify: bool, layered: bool = False) -> Measured:
-        """A cold start's device part: compaction copies, reads of `missing`, engine build (then the
-        checksums when `verify`). Value: (move_s, read_s, engine_s, read bytes, read GB/s). `layered`:
-        see `_start_layered`."""
+              moves: Sequence[tuple[int, int, int]], verify: bool, layered: bool = False,
+              copies: Sequence[tuple[int, Key, int]] = ()) -> Measured:
+        """A cold start's device part: compaction copies, copies of units from other arenas (`copies`:
+        (GPU, key, offset there)), reads of `missing`, engine build (then the checksums when `verify`).
+        Value: (move_s, read_s, engine_s, read bytes, read GB/s, copy_s, copied bytes). `layered`: see
+        `_start_layered`."""
         self.apply(ops)
         self._settle()
         m = self.models[model]
+        ranges = [(gpu, src, offsets[key], m.by_key[key].nbytes) for gpu, key, src in copies]
         if layered:
-            return self._start_layered(m, model, offsets, missing, moves, verify)
+            return self._start_layered(m, model, offsets, missing, moves, verify, ranges)
         segments = [seg for key in missing for seg in self._segments(m, key, offsets[key])]
         t0 = time.perf_counter()
         for src, dst, n in moves:
             self.dev.copy_move(Move(None, src, dst, n))
         sync(self.device)
+        copy_s, copied = peers.copy_units(self.dev.buffer, self.peers, ranges, sync) if ranges else (0.0, 0)
         t1 = time.perf_counter()
         read = self.loader.load(self.dev.buffer, segments) if segments else None
         sync(self.device)
@@ -178,14 +190,17 @@ class DeviceBackend:
         t3 = time.perf_counter()
         if verify:
             self._verify(m, offsets)
-        value = (t1 - t0, t2 - t1, t3 - t2, sum(s.nbytes for s in segments), read.gbps if read else 0.0)
+        value = (t1 - t0 - copy_s, t2 - t1, t3 - t2, sum(s.nbytes for s in segments), read.gbps if read else 0.0,
+                 copy_s, copied)
         return Measured(value, t0, t3 - t0)
 
     def _start_layered(self, m: _Model, model: str, offsets: dict[Key, int], missing: Sequence[Key],
-                       moves: Sequence[tuple[int, int, int]], verify: bool) -> Measured:
+                       moves: Sequence[tuple[int, int, int]], verify: bool,
+                       ranges: Sequence[tuple[int, int, int, int]]) -> Measured:
         """Execute-while-load: the engine build on the views (no byte needs to be there), the compaction
-        copies, then the reads started on a `Landing` thread; returns once the engine may compute. Value:
-        (engine_s, move_s, layer blocks). The landings arrive as notes (`real.landing`)."""
+        copies and the copies from other arenas, then the reads started on a `Landing` thread; returns once
+        the engine may compute. Value: (engine_s, move_s, layer blocks, copy_s, copied bytes). The
+        landings arrive as notes (`real.landing`)."""
         if self.notify is None:
             raise AssertionError("a layered start needs the backend's notification channel")
         t0 = time.perf_counter()
@@ -195,6 +210,7 @@ class DeviceBackend:
         for src, dst, n in moves:
             self.dev.copy_move(Move(None, src, dst, n))
         sync(self.device)
+        copy_s, copied = peers.copy_units(self.dev.buffer, self.peers, ranges, sync) if ranges else (0.0, 0)
         t2 = time.perf_counter()
         blocks = layer_blocks(m.ckpt.spec)
         steps = landing_steps(blocks, [m.by_key[k] for k in missing], [offsets[k] for k in missing])
@@ -203,7 +219,7 @@ class DeviceBackend:
         after = (lambda: self._verify(m, offsets)) if verify else None
         self.landing = Landing(self._land_loader, self.dev.buffer, steps, len(blocks), self.notify, after)
         self.landing.start()
-        return Measured((t1 - t0, t2 - t1, len(blocks)), t0, t2 - t0)
+        return Measured((t1 - t0, t2 - t1 - copy_s, len(blocks), copy_s, copied), t0, t2 - t0)
 
     def _settle(self) -> None:
         """Wait for a layered start's reads (and its checksums) to end; raise what failed them."""
@@ -350,6 +366,14 @@ class DeviceBackend:
                     raise ModelError(f"{s.path}: tensor {s.name!r} on {self.device} differs from the file "
                                      f"(blake2b {on_device} != {in_file}), expected bit-identical bytes")
 
+    def export_buffer(self, pickled: bool) -> Any:
+        """This arena's buffer for another backend's `attach_peer` (`real.peers.export`)."""
+        return peers.export(self.dev.buffer, pickled)
+
+    def attach_peer(self, gpu: int, handle: Any) -> None:
+        """GPU `gpu`'s buffer, from its backend's `export_buffer`."""
+        self.peers[gpu] = peers.attach(handle)
+
     def memory(self) -> tuple[int, int]:
         """(torch allocated, torch reserved) bytes of this process on its device (0 on the CPU)."""
         if self.device.type != "cuda":
@@ -361,6 +385,7 @@ class DeviceBackend:
         self.apply(ops)
         self._settle()
         sync(self.device)
+        self.peers.clear()  # a CUDA IPC mapping is closed before its owner's process ends
         return {"kv": len(self.kv), "seqs": len(self.seqs), "engines": len(self.engines),
                 "tokens": self.tokens, "buffer_ok": self.dev.buffer.numel() == self.dev.capacity}
 

@@ -28,6 +28,9 @@ when there are several), under each of the experiment's systems, and fits on the
   loads' prediction worse;
 - `d2d_bps`, at which the simulator charges compaction moves: the replays' bytes moved over their
   seconds moving (the copy benchmark's rate when fewer than three starts moved anything);
+- `peer_bps`, at which it copies a unit from another GPU (a system whose source policy reads GPU
+  copies, `real.peers`): the replays' bytes copied from other arenas over their seconds copying (unset
+  when fewer than three starts copied anything);
 - host->device copies by chunk size (on the CPU a memcpy: the cap of `h2d_bps`) and copies inside the
   device are copy benchmarks, kept under `measurements`.
 
@@ -227,7 +230,7 @@ def fit_loads(loads: pd.DataFrame, d2d_bps: float, h2d_bps: float,
     move_bps = float(moved[movers].sum() / move_s[movers].sum()) \
         if movers.sum() >= 3 and move_s[movers].sum() > 0 else float(d2d_bps)
     y = loads["read_s"].to_numpy(float)
-    units = loads["units_loaded"].to_numpy(float)
+    units = (loads["units_loaded"] - loads["units_copied"]).to_numpy(float)  # the units read from the files
     x = np.c_[(units > 0).astype(float), units, loads["loaded_bytes"].to_numpy(float)]
     both = _overlapped(loads) if arenas > 1 and "wall_s" in loads else np.zeros(len(loads), dtype=bool)
     alone = ~both
@@ -241,7 +244,8 @@ def fit_loads(loads: pd.DataFrame, d2d_bps: float, h2d_bps: float,
     read_bps = arenas * device_bps
     if len(rates) >= 5:
         read_bps = float(np.clip(arenas * np.median(rates), device_bps, arenas * device_bps))
-    pred = x @ np.array([fixed, unit, per_byte]) + moved / move_bps
+    # copies from other arenas as measured (their rate is fitted apart: `peer_bps`)
+    pred = x @ np.array([fixed, unit, per_byte]) + moved / move_bps + loads["copy_s"].to_numpy(float)
     per_system = {}
     for name, idx in loads.groupby("system").groups.items():
         real = float(loads.loc[idx, "load_s"].mean())
@@ -396,7 +400,7 @@ def calibrate(
                          threads=threads, processes=processes, **loader)
         if keep is not None:
             keep[system.name] = (design, r)
-        loads = r.loads.assign(system=system.name, load_s=r.loads["move_s"] + r.loads["read_s"])
+        loads = r.loads.assign(system=system.name, load_s=r.loads["move_s"] + r.loads["copy_s"] + r.loads["read_s"])
         replays.loads.append(loads)
         replays.steps.append(r.steps.assign(system=system.name))
         if len(r.layers):
@@ -412,6 +416,9 @@ def calibrate(
     load_overhead, unit_overhead, device_bps, read_bps, move_bps, load_fit = fit_loads(loads, d2d_bps, h2d_bps,
                                                                                       arenas)
     engine_overhead = float(loads["engine_s"].mean())
+    copiers = loads["copied_bytes"] > 0
+    peer_bps = float(loads.loc[copiers, "copied_bytes"].sum() / loads.loc[copiers, "copy_s"].sum()) \
+        if copiers.sum() >= 3 and loads.loc[copiers, "copy_s"].sum() > 0 else None
     models: dict[str, ModelCoefficients] = {}
     per_model: dict[str, Any] = {}
     for name in ckpts:
@@ -433,7 +440,7 @@ def calibrate(
     # measured by chunk under `measurements`), the node's storage at the arenas' aggregate
     cal = Calibration(device=label, h2d_bps=float(min(h2d_bps, device_bps)), d2d_bps=move_bps,
                       unit_overhead_s=unit_overhead, engine_overhead_s=engine_overhead, models=models,
-                      read_bps=read_bps, load_overhead_s=load_overhead)
+                      read_bps=read_bps, load_overhead_s=load_overhead, peer_bps=peer_bps)
     measurements = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
@@ -453,7 +460,9 @@ def calibrate(
         "loads": {**load_fit, "capacity_bytes": capacity,
                   "mean_load_s": float(loads["load_s"].mean()),
                   "mean_units_loaded": float(loads["units_loaded"].mean()),
-                  "mean_loaded_bytes": float(loads["loaded_bytes"].mean())},
+                  "mean_loaded_bytes": float(loads["loaded_bytes"].mean()),
+                  "copies": int(copiers.sum()), "copied_bytes": float(loads["copied_bytes"].sum()),
+                  "copy_s": float(loads["copy_s"].sum())},
         "models": per_model,
     }
     if layer_fits:

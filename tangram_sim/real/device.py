@@ -7,10 +7,11 @@ on the device's own thread (one per GPU, like a stream: its work runs in order) 
 clock's `run_on`:
 
 - a cold start sends the plan's compaction moves in the order the plan applied them, the missing units
-  and every unit's offset; the backend copies, reads the units from the checkpoint files into their
-  regions (`Loader`: reader threads, staging buffers), then builds the engine on the arena's views;
-  `load_s` is the copies and reads, `startup_s` the engine build; the units land, all of them, when the
-  start returns;
+  and every unit's offset; the backend copies, copies the units the source policy takes from other
+  arenas (`real.peers`: split by source when the start is handed over), reads the others from the
+  checkpoint files into their regions (`Loader`: reader threads, staging buffers), then builds the
+  engine on the arena's views; `load_s` is the copies and reads, `startup_s` the engine build; the units
+  land, all of them, when the start returns;
 - with execute-while-load (`execute_while_load`) the backend builds the engine first (on views: no byte
   needs to be there), runs the copies, and returns, its reads going on layer by layer on a thread of
   their own (`real.landing`). The start returns a `LayerProgress`; each landing the backend notes
@@ -31,11 +32,8 @@ clock's `run_on`:
   backend with its next command, as do freed KV and ended instances;
 - prefill runs the group's prompts in one packed ragged forward pass, decode one batched step;
 - a prefetched unit (`core.prefetch`) is read from its files into its region by one command on the
-  same thread. A cancellation cannot stop a read that has begun: the unit's region is freed in the
-  books at once (any later use of those bytes is work queued behind the read on the same thread, so
-  it sees its own bytes) and its bytes count as wasted; a read not yet begun is skipped. So a cold
-  start that follows a prefetch waits for at most one unit's read: the wait is recorded as a step of
-  kind `prefetch-wait` (and the reads as steps of kind `prefetch`).
+  same thread (`real.prefetching`); a cold start that follows one waits for at most one unit's read,
+  recorded as a step of kind `prefetch-wait`.
 
 Durations are measured by the backend around the work, synchronised with the device, and reach the
 clock as `core.clock.Measured`: the hand-over between processes is charged to nobody.
@@ -43,7 +41,6 @@ clock as `core.clock.Measured`: the hand-over between processes is charged to no
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -63,10 +60,12 @@ from tangram_sim.real.backend import BackendSpec, model_layouts
 from tangram_sim.real.link import DeviceLink
 from tangram_sim.real.loader import Checkpoint
 from tangram_sim.real.memory import read_memory
+from tangram_sim.real.peers import split
+from tangram_sim.real.prefetching import prefetch_unit
 
-LOAD_COLUMNS = [
+LOAD_COLUMNS = [  # loaded_bytes / read_s: from the files; copied_bytes / copy_s: from other arenas
     "rid", "gpu", "model", "units", "units_loaded", "loaded_bytes", "moved_bytes", "move_s", "read_s",
-    "engine_s", "total_s", "read_gbps", "wall_s",
+    "engine_s", "total_s", "read_gbps", "wall_s", "units_copied", "copied_bytes", "copy_s",
 ]
 STEP_COLUMNS = [  # one row per piece of device work: what the time model predicts, as measured
     "gpu", "kind", "model", "requests", "tokens", "kv_tokens", "time_s", "wall_s", "seconds",
@@ -91,6 +90,7 @@ class RealDevice:
 
     binds_memory = True  # KV bytes become block views, samples read the device's memory counters
     overlaps_load = True  # its backend can load layer by layer under a first prefill (execute_while_load)
+    reads_gpu_copies = True  # a unit may be copied from another arena's buffer (`real.peers`)
 
     def __init__(self, env: WallClockEnvironment, gpu_id: int, spec: BackendSpec, ckpts: dict[str, Checkpoint],
                  prompts: dict[int, list[int]], *, process: bool = False, verify: bool = False,
@@ -144,7 +144,6 @@ class RealDevice:
         load = loads[0]
         arena = self.arena
         offsets = {key: arena.lookup(key).offset for key in self.units[inst.model]}
-        missing = [key for key, _ in load.missing]
         moves = [(m.src, m.dst, m.nbytes) for m in load.moves]
         env = self.env
         begun = env.now
@@ -156,30 +155,35 @@ class RealDevice:
         behind_prefetch = self.prefetches_submitted != self.prefetches_finished
         queued_at = time.perf_counter()
         layered = self.execute_while_load
-        args = (ops, inst.model, offsets, missing, moves, self.verify, layered)
+        sourced = split(self, load)  # the holders' books as they stand at the hand-over
+        missing = [key for key, _ in sourced.reads]
+        args = (ops, inst.model, offsets, missing, moves, self.verify, layered, sourced.copies)
         submitted = env.now
-        done: Measured = yield env.run_on(self.thread, lambda: self.link.call("start", *args))
+        done: Measured = yield env.run_on(self.thread, lambda: sourced.run(lambda: self.link.call("start", *args)))
         if behind_prefetch:  # it waited for a prefetch read that had begun (at most one unit)
             self.steps.append((self.gpu_id, "prefetch-wait", inst.model, 1, 0, 0, submitted,
                                env.wall_at(queued_at), max(0.0, done.t0 - queued_at)))
         if layered:
-            started = self._layered(inst, head, load, landed, done, submitted, len(offsets))
-            engine_s, move_s, _ = done.value
+            started = self._layered(inst, head, load, landed, done, submitted, len(offsets), sourced.reads,
+                                    sourced.copied)
+            engine_s, move_s, _, copy_s, _ = done.value
+            move_s += copy_s
             # modelled stages on the lane run beside the load from its start (after the engine build)
             gate = submitted + engine_s / env.factor + stages.lane_s
             if gate > env.now:
                 yield env.timeout(gate - env.now)
             started.startup_s = env.now - begun - move_s / env.factor
             return started
-        move_s, read_s, engine_s, nbytes, gbps = done.value
+        move_s, read_s, engine_s, nbytes, gbps, copy_s, copied = done.value
         t0 = done.t0
-        load_s = move_s + read_s
-        self.steps.append((self.gpu_id, "load", inst.model, 1, len(missing), 0, submitted, self.env.wall_at(t0),
+        load_s = move_s + copy_s + read_s
+        self.steps.append((self.gpu_id, "load", inst.model, 1, len(load.missing), 0, submitted, self.env.wall_at(t0),
                            load_s))
         self.steps.append((self.gpu_id, "engine", inst.model, 1, 0, 0, submitted + load_s,
                            self.env.wall_at(t0 + load_s), engine_s))
-        self.loads.append((head.rid, self.gpu_id, inst.model, len(offsets), len(missing), nbytes,
-                           load.moved_bytes, move_s, read_s, engine_s, done.seconds, gbps, self.env.wall_at(t0)))
+        self.loads.append((head.rid, self.gpu_id, inst.model, len(offsets), len(load.missing), nbytes,
+                           load.moved_bytes, move_s, read_s, engine_s, done.seconds, gbps, self.env.wall_at(t0),
+                           len(sourced.copied), copied, copy_s))
         landed(load, load.missing)  # every layer is ready when the start returns
         after = max(0.0, stages.lane_s - load_s) + stages.post_s  # modelled stages beside and after the load
         if after:
@@ -188,22 +192,25 @@ class RealDevice:
         return Started(stages.pre_s + engine_s + after, load_s)
 
     def _layered(self, inst: Instance, head: Request, load: RankLoad, landed: Landed, done: Measured,
-                 submitted: float, units: int) -> Started:
+                 submitted: float, units: int, missing: list[tuple[Key, int]],
+                 copied: list[tuple[Key, int]]) -> Started:
         """The engine may compute: a `LayerProgress` whose blocks' ready times, unit landings and end
-        arrive as the backend's notes, each delivered at its stamp's time on the clock."""
+        arrive as the backend's notes, each delivered at its stamp's time on the clock. `missing`: the
+        units read from the files (the notes' indices); `copied`: those copied from other arenas, in
+        place when the start returns."""
         env = self.env
-        engine_s, move_s, n_blocks = done.value
+        engine_s, move_s, n_blocks, copy_s, copied_bytes = done.value
         t0 = done.t0
         factor = env.factor
 
         def clock(stamp: float) -> float:  # a backend perf_counter as time on this replay's clock
             return submitted + (stamp - t0) / factor
 
-        moved = clock(t0 + engine_s + move_s)  # reused blocks are in place once the copies are done
+        # reused and copied units are in place once the copies are done
+        moved = clock(t0 + engine_s + move_s + copy_s)
         progress = LayerProgress(env, [moved] * n_blocks, clock(t0 + engine_s))
         self._frames[id(progress)] = (submitted, t0)  # for its first prefill (`_layered_prefill`)
         ready = progress.ready
-        missing = load.missing
 
         def wait_note(since: float) -> Measured:
             note = self.link.note()
@@ -232,14 +239,16 @@ class RealDevice:
                 return
             _, stamp, read_s, nbytes, gbps = note
             progress.finish(clock(stamp))
-            self.steps.append((self.gpu_id, "load", inst.model, 1, len(missing), 0, submitted + engine_s / factor,
-                               env.wall_at(t0 + engine_s), move_s + read_s))
-            self.loads.append((head.rid, self.gpu_id, inst.model, units, len(missing), nbytes, load.moved_bytes,
-                               move_s, read_s, engine_s, engine_s + move_s + read_s, gbps, env.wall_at(t0)))
+            load_s = move_s + copy_s + read_s
+            self.steps.append((self.gpu_id, "load", inst.model, 1, len(load.missing), 0,
+                               submitted + engine_s / factor, env.wall_at(t0 + engine_s), load_s))
+            self.loads.append((head.rid, self.gpu_id, inst.model, units, len(load.missing), nbytes,
+                               load.moved_bytes, move_s, read_s, engine_s, engine_s + load_s, gbps, env.wall_at(t0),
+                               len(copied), copied_bytes, copy_s))
 
         self.steps.append((self.gpu_id, "engine", inst.model, 1, 0, 0, submitted, env.wall_at(t0), engine_s))
-        if not missing:
-            landed(load, ())  # nothing to read; the backend still notes the end of its (empty) reads
+        if copied or not missing:
+            landed(load, copied)  # nothing to read, or copied: the backend still notes the end of its reads
         watch()
         return Started(engine_s, float("nan"), progress)
 
@@ -249,40 +258,7 @@ class RealDevice:
         return key in self.unit_model
 
     def prefetch_unit(self, key: Key, nbytes: int) -> tuple[simpy.Event, Callable[[], float | None]]:
-        model = self.unit_model[key]
-        offset = self.arena.lookup(key).offset
-        lock = threading.Lock()
-        state = {"begun": False, "cancelled": False}
-
-        def work():
-            try:
-                with lock:
-                    if state["cancelled"]:
-                        return None
-                    state["begun"] = True
-                return self.link.call("prefetch", model, key, offset)
-            finally:
-                self.prefetches_finished += 1
-
-        def cancel() -> float | None:
-            with lock:
-                if not state["begun"]:
-                    state["cancelled"] = True
-                    return 0.0
-            return float(nbytes)  # the read runs to its end, into a region already freed
-
-        submitted = self.env.now
-        self.prefetches_submitted += 1
-        done = self.env.run_on(self.thread, work)
-
-        def record(event: simpy.Event) -> None:
-            if event.ok and event.value is not None:
-                m: Measured = event.value
-                self.steps.append((self.gpu_id, "prefetch", model, 0, 0, 0, submitted, self.env.wall_at(m.t0),
-                                   m.seconds))
-
-        done.callbacks.append(record)
-        return done, cancel
+        return prefetch_unit(self, key, nbytes)
 
     # ------------------------------------------------------------ KV
     def pool_reserved(self, inst: Instance, keys: Sequence[Key]) -> None:

@@ -15,6 +15,8 @@ same requests on both sides, matched by `rid`) and reports, per system present i
   cold on both sides or warm on both sides;
 - per GPU: requests served, cold starts and bytes loaded on each side (the router's decisions);
 - the replay's lag (p50/p99/max, from its summary.csv): how far behind the wall clock it ran;
+- bytes loaded per source (`bytes_from_<source>` of both summary.csv files, `core.sources`), for the
+  sources either side read from: simulated, real and the relative error;
 - `ewl_reduction`: for a pair of systems that differ by execute-while-load, the reduction of the mean
   cold-start TTFT that turning it on brings, predicted by the simulation and measured by the replay.
 
@@ -32,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from tangram_sim.core.metrics import per_request_metrics
+from tangram_sim.core.sources import SOURCE_COLUMNS
 from tangram_sim.errors import TangramError
 from tangram_sim.rundir import require_complete
 
@@ -184,9 +187,16 @@ def compare_runs(sim_dir: str | Path, real_dir: str | Path) -> Fidelity:
         require_complete(d)
     sim, real = _requests(sim_dir), _requests(real_dir)
     table = fidelity_table(sim, real)
-    lag = _lag(real_dir)
+    lag = _summary(real_dir, LAG)
     for col in LAG:
         table[col] = [lag.get((str(r.system), int(r.point)), {}).get(col, math.nan) for r in table.itertuples()]
+    sources = (_summary(sim_dir, SOURCE_COLUMNS), _summary(real_dir, SOURCE_COLUMNS))
+    keys = [(str(r.system), int(r.point)) for r in table.itertuples()]
+    for col in SOURCE_COLUMNS:
+        sim_b, real_b = ([side.get(k, {}).get(col, math.nan) for k in keys] for side in sources)
+        if any(v > 0 for v in [*sim_b, *real_b]):  # NaN > 0 is False: a summary without the column
+            table[f"{col}_sim"], table[f"{col}_real"] = sim_b, real_b
+            table[f"{col}_err"] = [_error(a, b, "rel") for a, b in zip(sim_b, real_b)]
     return Fidelity(table, sim_dir, real_dir, gpu_table(sim, real, table))
 
 
@@ -216,18 +226,19 @@ def ewl_reduction(sim_dir: str | Path, real_dir: str | Path, off: str, on: str) 
     return out
 
 
-def _lag(run_dir: Path) -> dict[tuple[str, int], dict[str, float]]:
-    """(system, point) -> the lag figures of a replay's summary.csv (none for a simulation)."""
+def _summary(run_dir: Path, columns: tuple[str, ...]) -> dict[tuple[str, int], dict[str, float]]:
+    """(system, point) -> `columns` of a run's summary.csv (none when it lacks one of them: the lag of
+    a simulation, the bytes per source of a run made before they were counted)."""
     path = run_dir / "summary.csv"
     try:
         summary = pd.read_csv(path)
     except (OSError, ValueError):
         return {}
-    if not set(LAG) <= set(summary.columns):
+    if not set(columns) <= set(summary.columns):
         return {}
     if "point" not in summary.columns:
         summary["point"] = 0
-    return {(str(r["system"]), int(r["point"])): {c: float(r[c]) for c in LAG} for _, r in summary.iterrows()}
+    return {(str(r["system"]), int(r["point"])): {c: float(r[c]) for c in columns} for _, r in summary.iterrows()}
 
 
 def gpu_table(sim: pd.DataFrame, real: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
@@ -289,6 +300,12 @@ def format_table(fid: Fidelity) -> str:
                              f"{r.cold_starts_sim} / {r.cold_starts_real}, bytes loaded "
                              f"{r.bytes_loaded_sim / 1e6:.2f} / {r.bytes_loaded_real / 1e6:.2f} MB "
                              "(simulated / replayed)")
+        shown = [(c, c.removeprefix("bytes_from_")) for c in SOURCE_COLUMNS
+                 if f"{c}_err" in row and (row[f"{c}_sim"] > 0 or row[f"{c}_real"] > 0)]
+        if shown:
+            lines.append("  bytes by source (simulated / replayed): " + ", ".join(
+                f"{name} {row[f'{c}_sim'] / 1e6:.2f} / {row[f'{c}_real'] / 1e6:.2f} MB "
+                f"({_fmt_err(row[f'{c}_err'], 'rel')})" for c, name in shown))
         if "lag_p99_s" in row and not math.isnan(row["lag_p99_s"]):
             late = row["lag_p99_s"] > row["lag_bound_s"]
             lines.append(f"  replay lag: p50 {row['lag_p50_s'] * 1e3:.2f} ms, p99 {row['lag_p99_s'] * 1e3:.2f} ms, "

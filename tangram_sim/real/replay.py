@@ -33,6 +33,7 @@ from tangram_sim.real.backend import BackendSpec
 from tangram_sim.real.device import LAYER_COLUMNS, LOAD_COLUMNS, MEMORY_COLUMNS, STEP_COLUMNS, RealDevice
 from tangram_sim.real.link import core_sets
 from tangram_sim.real.loader import DEFAULT_CHUNK_BYTES, Checkpoint
+from tangram_sim.real.peers import connect
 from tangram_sim.real.setup import (
     ReplaySetup,
     check_replayable,
@@ -158,9 +159,10 @@ def replay_trace(
     # loader's reader threads need the host's cores and its kernels run on the card
     pin = separate and all(d.type == "cpu" for d in devs)
     cores = core_sets(len(devs), threads) if pin else [()] * len(devs)
+    copies = system.source != "tiers" and len(devs) > 1  # units may be copied between arenas (`real.peers`)
     specs = [BackendSpec(str(dev), capacity, ARENA_ALIGNMENT, {m: str(c.path) for m, c in ckpts.items()},
                          system.granularity, system.min_unit_bytes, system.unit_divisor, system.kv_block_tokens,
-                         loader, threads if separate else None, cores[i])
+                         loader, threads if separate else None, cores[i], shared=copies and separate)
              for i, dev in enumerate(devs)]
     gpus: list[RealDevice] = []
 
@@ -172,6 +174,8 @@ def replay_trace(
         if warmup:  # every arena at once (each on its own thread, or its own process)
             for f in [g.thread.submit(g.link.call, "warm_up", ARENA_ALIGNMENT) for g in gpus]:
                 f.result()
+        if copies:
+            connect(gpus)
         gc.collect()
         return gpus
 

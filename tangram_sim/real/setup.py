@@ -312,11 +312,17 @@ def prepare_replay(
 def check_replayable(system: SystemSpec) -> None:
     """A ConfigError for what the real executor does not run: its runtime stage is its engine build, done
     on the critical path before the first compute, so it cannot be skipped, overlapped or restored; a
-    pipelined cold start needs an engine that passes activations between devices."""
+    multicast stream needs receivers that forward blocks as they arrive; a pipelined cold start needs an
+    engine that passes activations between devices. (Units copied from other GPUs' arenas, the source
+    policies, it runs: `real.peers`.)"""
     runtime = dict(system.startup_plan().stages)["runtime"]
     if runtime.mode != "serial":
         raise ConfigError(f"systems ({system.name}).startup.runtime: the real executor builds its engine (the "
                           f"runtime stage) serially and measures it; expected mode serial, got {runtime.mode!r}")
+    if system.multicast != "none":
+        raise ConfigError(f"systems ({system.name}): multicast {system.multicast} is not yet supported by the real "
+                          "executor (a unit is read from the files or copied from one other arena); simulate it, "
+                          "or set multicast none")
     if system.pipeline != "none":
         raise ConfigError(f"systems ({system.name}): pipeline {system.pipeline} is not yet supported by the real "
                           "executor (an instance runs on one device or a tensor-parallel group); simulate it, or "

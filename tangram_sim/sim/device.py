@@ -53,7 +53,8 @@ class ModelledDevice:
 
     binds_memory = False  # the arena's books are the whole device
     overlaps_load = True  # its first prefill may run while the weights land (execute_while_load)
-    reads_gpu_copies = True  # a unit may come from another GPU's copy or a multicast stream
+    reads_gpu_copies = True  # a unit may come from another GPU's copy
+    joins_multicast = True  # or from a multicast stream
     runs_pipelines = True  # a cold start may run as pipeline stages on several GPUs (core.pipeline)
 
     def __init__(self, env: simpy.Environment, gpu_id: int, memory_bytes: int, alignment: int,

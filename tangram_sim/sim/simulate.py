@@ -149,7 +149,10 @@ def simulate(
     )
     env = simpy.Environment()
     fabric = Fabric(env)
-    topology = Topology(cluster.nodes, cluster.gpus_per_node, gpu.pcie_bps, tiers, cluster.topology)
+    links = cluster.topology
+    if calibration and calibration.peer_bps:  # the measured copy between two GPUs of a node replaces the path
+        links = dataclasses.replace(links, nvlink_bps=calibration.peer_bps)
+    topology = Topology(cluster.nodes, cluster.gpus_per_node, gpu.pcie_bps, tiers, links)
     devices = [
         ModelledDevice(env, i, gpu.memory_bytes, cluster.alignment, gpu.pcie_bps, fabric, time_model,
                        engine_overhead, unit_overhead, d2d, whole_steps=cluster.decode_admission == "step",

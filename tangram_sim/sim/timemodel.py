@@ -103,6 +103,9 @@ class Calibration:
     # Per cold start that loads anything (the loader's setup: opening files, handing out the reads,
     # the final synchronisation), on top of unit_overhead_s per unit.
     load_overhead_s: float | None = None
+    # A unit copied from another GPU of the node (a GPU source, `core.sources`), as the replays copied
+    # them; when set, a peer copy runs at this rate instead of over the topology's NVLink or PCIe path.
+    peer_bps: float | None = None
 
     @staticmethod
     def load(path: str | Path) -> Calibration:
@@ -113,7 +116,8 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"device": self.device}
-        for key in ("h2d_bps", "d2d_bps", "read_bps", "unit_overhead_s", "load_overhead_s", "engine_overhead_s"):
+        for key in ("h2d_bps", "d2d_bps", "read_bps", "peer_bps", "unit_overhead_s", "load_overhead_s",
+                    "engine_overhead_s"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         out["models"] = {
