@@ -103,6 +103,11 @@ class Calibration:
     # Per cold start that loads anything (the loader's setup: opening files, handing out the reads,
     # the final synchronisation), on top of unit_overhead_s per unit.
     load_overhead_s: float | None = None
+    # The rate a cold start's reads reach while its device computes the first prefill beside them
+    # (execute-while-load): on a CPU device the reads and the compute share cores and memory bandwidth,
+    # on a GPU the copy engines run beside the SMs. When set, a layered start's transfers also cross a
+    # link of this rate of their GPU's own; None: they run at the rate of a serial start's.
+    layered_load_bps: float | None = None
 
     @staticmethod
     def load(path: str | Path) -> Calibration:
@@ -113,7 +118,8 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"device": self.device}
-        for key in ("h2d_bps", "d2d_bps", "read_bps", "unit_overhead_s", "load_overhead_s", "engine_overhead_s"):
+        for key in ("h2d_bps", "d2d_bps", "read_bps", "layered_load_bps", "unit_overhead_s", "load_overhead_s",
+                    "engine_overhead_s"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         out["models"] = {
