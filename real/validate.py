@@ -137,7 +137,9 @@ def _markdown(r: dict[str, Any]) -> str:
             "",
             f"h2d {cal['h2d_bps'] / 1e9:.2f} GB/s, d2d {cal['d2d_bps'] / 1e9:.2f} GB/s, checkpoint read "
             f"{cal['read_bps'] / 1e9:.2f} GB/s, {cal['unit_overhead_s'] * 1e6:.1f} us per loaded unit, "
-            f"engine start {cal['engine_overhead_s'] * 1e3:.2f} ms (`calibration.yaml`).",
+            f"engine start {cal['engine_overhead_s'] * 1e3:.2f} ms"
+            + (f", reads beside compute (layered starts) {cal['layered_load_bps'] / 1e9:.2f} GB/s"
+               if cal.get("layered_load_bps") else "") + " (`calibration.yaml`).",
         ]
     if r.get("bench"):
         lines += ["", "## Loader benchmark", "", "```", r["bench_text"], "```"]

@@ -131,6 +131,38 @@ def test_calibration_fits_each_layers_share_of_a_prefill_from_layered_replays(ck
     np.testing.assert_allclose(np.asarray(split) / sum(split), back.models[name].prefill_layer_shares, rtol=1e-9)
 
 
+def test_layered_starts_get_a_rate_of_their_own_and_serial_ones_keep_the_formula() -> None:
+    """`fit_loads` fits the serial formula on serial starts; `fit_layered_rate` the rate of the layered
+    starts' bytes after the same overheads (None when they read no slower, or are too few)."""
+    from tangram_sim.real.calibrate import fit_loads
+    from tangram_sim.real.layerfit import fit_layered_rate
+
+    rng = np.random.default_rng(0)
+    fixed, unit, serial_bps, layered_bps = 2e-3, 1e-4, 5e9, 3.5e9
+    rows = []
+    for i in range(40):
+        units = int(rng.integers(1, 20))
+        nbytes = float(rng.uniform(5e6, 9e7))
+        layered = i % 2 == 1
+        read_s = fixed + unit * units + nbytes / (layered_bps if layered else serial_bps)
+        rows.append({"rid": i, "gpu": 0, "model": "m", "units": units, "units_loaded": units,
+                     "loaded_bytes": nbytes, "moved_bytes": 0.0, "move_s": 0.0, "read_s": read_s,
+                     "engine_s": 1e-3, "load_s": read_s, "wall_s": float(i), "system": "s", "layered": layered})
+    loads = pd.DataFrame(rows)
+    got_fixed, got_unit, device_bps, _read, _move, _ = fit_loads(loads, 1e10, 1e11)
+    assert (got_fixed, got_unit, device_bps) == pytest.approx((fixed, unit, serial_bps), rel=1e-6)
+    rate, details = fit_layered_rate(loads, got_fixed, got_unit, device_bps)
+    assert rate == pytest.approx(layered_bps, rel=1e-6)
+    assert details["fitted_mean_read_s"] == pytest.approx(loads[loads.layered].read_s.mean(), rel=1e-6)
+    # a formula fitted over both kinds of start would be off for both (what the calibration did before)
+    mixed = fit_loads(loads.drop(columns="layered"), 1e10, 1e11)
+    assert not mixed[2] == pytest.approx(serial_bps, rel=0.05)
+    assert fit_layered_rate(loads.assign(layered=False), got_fixed, got_unit, device_bps)[0] is None
+    assert fit_layered_rate(loads[loads.rid < 4], got_fixed, got_unit, device_bps)[0] is None  # 2 layered
+    faster = loads.assign(read_s=np.where(loads.layered, loads.read_s * 0.5, loads.read_s))
+    assert fit_layered_rate(faster, got_fixed, got_unit, device_bps)[0] is None
+
+
 def test_a_calibration_file_with_bad_layer_shares_is_one_line(tmp_path: Path) -> None:
     from tangram_sim.errors import ConfigError
     from tangram_sim.sim.timemodel import Calibration

@@ -54,9 +54,11 @@ def cluster() -> ClusterSpec:
     return ClusterSpec(1, 1, gpu, TierSpec(ssd_bps=BW, unit_overhead_s=0.0))
 
 
-def one_request(spec: ModelSpec, preset: str, ewl: bool, startup_s: float, prefill_s: float) -> pd.Series:
+def one_request(spec: ModelSpec, preset: str, ewl: bool, startup_s: float, prefill_s: float,
+                layered_load_bps: float | None = None) -> pd.Series:
     """One request on an empty GPU; prefill takes `prefill_s` (split equally over equal layers)."""
-    cal = Calibration(device="test", models={spec.name: ModelCoefficients(prefill_s, 0.0, 1e-3)})
+    cal = Calibration(device="test", models={spec.name: ModelCoefficients(prefill_s, 0.0, 1e-3)},
+                      layered_load_bps=layered_load_bps)
     system = make_system("s", preset, {"engine_overhead_s": startup_s, "execute_while_load": ewl})
     res = simulate({spec.name: ModelChoice(spec)}, trace((0.0, spec.name, 100, 1)), cluster(), system,
                    calibration=cal, record_events=True)
@@ -86,6 +88,23 @@ def test_closed_forms_of_serial_and_overlapped_ttft(preset: str, layer_mib: int,
     assert over.first_layer_s == pytest.approx(startup + l_, rel=1e-6)
     assert over.overlap_s == pytest.approx((n - 1) * min(l_, c), rel=1e-6)  # what overlapping saved
     assert serial.ttft_s - over.ttft_s == pytest.approx(over.overlap_s, rel=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["serverlessllm", "tangram-8mib"])
+@pytest.mark.parametrize("slowdown", [1.0, 1.25, 2.0])
+def test_a_layered_load_rate_slows_layered_starts_only(preset: str, slowdown: float) -> None:
+    """`Calibration.layered_load_bps` (reads beside compute, e.g. on a CPU device): the overlapped closed
+    form with each layer landing at the layered rate; a serial start keeps the link's rate."""
+    n, layer_mib, prefill_s, startup = 8, 64, 0.16, 0.3
+    spec = stack("slow", [layer_mib] * n)
+    rate = BW / slowdown
+    l_ = layer_mib * MiB / rate
+    c = prefill_s / n
+    over = one_request(spec, preset, True, startup, prefill_s, layered_load_bps=rate)
+    assert over.ttft_s == pytest.approx(startup + max(l_ + n * c, n * l_ + c), rel=1e-6)
+    assert over.load_s == pytest.approx(n * l_, rel=1e-6)
+    serial = one_request(spec, preset, False, startup, prefill_s, layered_load_bps=rate)
+    assert serial.load_s == pytest.approx(n * layer_mib * MiB / BW, rel=1e-9)
 
 
 def reference_ttft(startup: float, loads: list[float], compute: list[float]) -> float:

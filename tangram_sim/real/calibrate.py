@@ -21,11 +21,15 @@ when there are several), under each of the experiment's systems, and fits on the
 - per model, with a system that executes while loading, each layer block's share of a prefill
   (`prefill_layer_shares`) from the first prefills it ran layer by layer, and the check of the load
   formula against when each layer's bytes were in (`real.layerfit`; residuals under
-  `measurements.layers`). The layers' landings are not used to set the load rate: they measure
-  reads that ran beside compute, which on a CPU share its cores and memory bandwidth (the landing
-  rate varied from 3.0 to 4.6 GB/s between runs on the 2-core development VM, against 5.5-5.7 GB/s
-  for whole serial loads, overheads included), and pinning the link's rate to them made the serial
-  loads' prediction worse;
+  `measurements.layers`);
+- `layered_load_bps`, with a system that executes while loading: its starts' reads run beside the
+  first prefill's compute, which on a CPU shares their cores and memory bandwidth (on the 2-core
+  development VM such a start read at 3.0-4.6 GB/s against 5.5-5.7 GB/s for a serial one), so they
+  get a rate of their own (`real.layerfit.fit_layered_rate`: their bytes over their read time less
+  the serial formula's overheads) and the serial formula above is fitted on serial starts alone (a
+  formula fitted over both over-predicted serial loads by 10% and under-predicted layered ones by
+  as much, and the difference went straight into the reduction of TTFT that execute-while-load was
+  predicted to bring);
 - `d2d_bps`, at which the simulator charges compaction moves: the replays' bytes moved over their
   seconds moving (the copy benchmark's rate when fewer than three starts moved anything);
 - `peer_bps`, at which it copies a unit from another GPU (a system whose source policy reads GPU
@@ -66,7 +70,7 @@ import yaml
 from tangram_sim.arena import ARENA_ALIGNMENT as ALIGNMENT
 from tangram_sim.errors import ConfigError
 from tangram_sim.real.backend import sync
-from tangram_sim.real.layerfit import fit_layers
+from tangram_sim.real.layerfit import fit_layered_rate, fit_layers
 from tangram_sim.real.loader import DEFAULT_CHUNK_BYTES, Checkpoint
 from tangram_sim.real.memory import driver_info
 from tangram_sim.real.replay import torch_threads
@@ -234,6 +238,12 @@ def fit_loads(loads: pd.DataFrame, d2d_bps: float, h2d_bps: float,
     x = np.c_[(units > 0).astype(float), units, loads["loaded_bytes"].to_numpy(float)]
     both = _overlapped(loads) if arenas > 1 and "wall_s" in loads else np.zeros(len(loads), dtype=bool)
     alone = ~both
+    # layered starts read beside their compute (`layerfit.fit_layered_rate` fits their rate): the formula
+    # is fitted on the serial ones when there are enough of them
+    layered = loads["layered"].to_numpy(bool) if "layered" in loads else np.zeros(len(loads), dtype=bool)
+    if (alone & ~layered).sum() >= 5:
+        alone &= ~layered
+        both &= ~layered
     (fixed, unit, per_byte), rel = fit_linear(x[alone], y[alone])
     if per_byte <= 0 or 1.0 / per_byte > h2d_bps:
         per_byte = 1.0 / h2d_bps
@@ -400,7 +410,8 @@ def calibrate(
                          threads=threads, processes=processes, **loader)
         if keep is not None:
             keep[system.name] = (design, r)
-        loads = r.loads.assign(system=system.name, load_s=r.loads["move_s"] + r.loads["copy_s"] + r.loads["read_s"])
+        loads = r.loads.assign(system=system.name, load_s=r.loads["move_s"] + r.loads["copy_s"] + r.loads["read_s"],
+                               layered=bool(system.execute_while_load))
         replays.loads.append(loads)
         replays.steps.append(r.steps.assign(system=system.name))
         if len(r.layers):
@@ -438,9 +449,12 @@ def calibrate(
     label = f"{dev} ({info.get('card') or platform.machine()})"
     # the simulator's GPU link runs at the rate one arena's loads reach (at most the copy rate h2d_bps,
     # measured by chunk under `measurements`), the node's storage at the arenas' aggregate
-    cal = Calibration(device=label, h2d_bps=float(min(h2d_bps, device_bps)), d2d_bps=move_bps,
+    link_bps = float(min(h2d_bps, device_bps))
+    layered_bps, layered_fit = fit_layered_rate(loads, load_overhead, unit_overhead, link_bps)
+    cal = Calibration(device=label, h2d_bps=link_bps, d2d_bps=move_bps,
                       unit_overhead_s=unit_overhead, engine_overhead_s=engine_overhead, models=models,
-                      read_bps=read_bps, load_overhead_s=load_overhead, peer_bps=peer_bps)
+                      read_bps=read_bps, load_overhead_s=load_overhead, peer_bps=peer_bps,
+                      layered_load_bps=layered_bps)
     measurements = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
@@ -467,6 +481,8 @@ def calibrate(
     }
     if layer_fits:
         measurements["layers"] = layer_fits
+    if layered_fit["starts"]:
+        measurements["layered_loads"] = layered_fit
     return CalibrationReport(cal, measurements)
 
 

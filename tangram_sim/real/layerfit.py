@@ -97,3 +97,33 @@ def fit_layers(layers: pd.DataFrame, loads: pd.DataFrame, ckpts: dict[str, Check
             }
         details[name] = d
     return shares, details
+
+
+def fit_layered_rate(loads: pd.DataFrame, load_overhead_s: float, unit_overhead_s: float,
+                     device_bps: float) -> tuple[float | None, dict[str, Any]]:
+    """The rate the reads of layered starts reach beside their device's compute
+    (`Calibration.layered_load_bps`), and details. `loads` carries a `layered` column (the start ran
+    under execute-while-load). Each layered start that read anything pays the serial formula's
+    overheads; the rest of its read time carries its bytes: the rate is the starts' bytes over those
+    seconds (an aggregate, so that short starts do not weigh like long ones). None when fewer than
+    three layered starts read anything, or when they read no slower than serial starts (the simulator
+    then needs no second rate: a GPU's copy engines run beside its SMs)."""
+    mine = loads[loads["layered"].astype(bool) & (loads["loaded_bytes"] > 0)] if "layered" in loads else loads[:0]
+    details: dict[str, Any] = {"starts": len(mine), "serial_bps": float(device_bps)}
+    if len(mine) < 3:
+        return None, details
+    nbytes = mine["loaded_bytes"].to_numpy(float)  # read from the files (copies from other arenas apart)
+    units = (mine["units_loaded"] - mine["units_copied"] if "units_copied" in mine else mine["units_loaded"]).to_numpy(float)
+    streaming = mine["read_s"].to_numpy(float) - load_overhead_s - unit_overhead_s * units
+    rate = float(nbytes.sum() / max(streaming.sum(), 1e-12))
+    serial = load_overhead_s + unit_overhead_s * units + nbytes / device_bps
+    details.update({"rate_bps": rate, "mean_read_s": float(mine["read_s"].mean()),
+                    "serial_formula_mean_read_s": float(serial.mean()),
+                    "per_start_rate_bps_p10_p50_p90": [float(v) for v in np.percentile(
+                        nbytes / np.maximum(streaming, 1e-12), [10, 50, 90])]})
+    if rate >= device_bps:
+        return None, details
+    fitted = serial - nbytes / device_bps + nbytes / rate
+    details["fitted_mean_read_s"] = float(fitted.mean())
+    details["rel_rms_residual"] = _rel_rms(mine["read_s"].to_numpy(float), fitted)
+    return rate, details

@@ -61,7 +61,8 @@ class ModelledDevice:
                  pcie_bps: float, fabric: Fabric, time_model: TimeModel, engine_overhead_s: float,
                  unit_overhead_s: float, d2d_bps: float, whole_steps: bool = False,
                  load_overhead_s: float = 0.0, startup: StartupPlan | None = None,
-                 execute_while_load: bool = False, topology: Topology | None = None) -> None:
+                 execute_while_load: bool = False, topology: Topology | None = None,
+                 layered_load_bps: float | None = None) -> None:
         self.env = env
         self.gpu_id = gpu_id  # position in the cluster
         self.arena = Arena(memory_bytes, alignment=alignment)  # the books are the whole device
@@ -81,6 +82,9 @@ class ModelledDevice:
         # the system's startup stages (None: the single stage `engine_overhead_s` before the weights)
         self.startup = startup
         self.execute_while_load = execute_while_load  # compute each layer as soon as it has landed
+        # a layered start's reads share their device with its compute (`Calibration.layered_load_bps`):
+        # they also cross this link (None: at a serial start's rate)
+        self.landing = Link(f"gpu{gpu_id}.landing", layered_load_bps) if layered_load_bps else None
 
     def start_instance(self, inst: Instance, head: Request, loads: Sequence[RankLoad], landed: Landed) -> Work:
         env = self.env
@@ -226,6 +230,8 @@ class ModelledDevice:
                     elif env.now > ready[layer]:
                         ready[layer] = env.now
 
+                if device.landing is not None:
+                    links = (*links, device.landing)
                 started.append(device._transfer(offset, links, joined, marks, on_mark))
             device._streaming(load, sources, started)
             transfers.extend(started)

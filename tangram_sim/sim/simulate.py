@@ -157,7 +157,8 @@ def simulate(
         ModelledDevice(env, i, gpu.memory_bytes, cluster.alignment, gpu.pcie_bps, fabric, time_model,
                        engine_overhead, unit_overhead, d2d, whole_steps=cluster.decode_admission == "step",
                        load_overhead_s=(calibration.load_overhead_s or 0.0) if calibration else 0.0,
-                       startup=startup, execute_while_load=system.execute_while_load, topology=topology)
+                       startup=startup, execute_while_load=system.execute_while_load, topology=topology,
+                       layered_load_bps=calibration.layered_load_bps if calibration else None)
         for i in range(cluster.nodes * cluster.gpus_per_node)
     ]
     recorder = Recorder(record_events, sample_interval_s, check_invariants)

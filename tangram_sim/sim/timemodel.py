@@ -106,6 +106,11 @@ class Calibration:
     # A unit copied from another GPU of the node (a GPU source, `core.sources`), as the replays copied
     # them; when set, a peer copy runs at this rate instead of over the topology's NVLink or PCIe path.
     peer_bps: float | None = None
+    # The rate a cold start's reads reach while its device computes the first prefill beside them
+    # (execute-while-load): on a CPU device the reads and the compute share cores and memory bandwidth,
+    # on a GPU the copy engines run beside the SMs. When set, a layered start's transfers also cross a
+    # link of this rate of their GPU's own; None: they run at the rate of a serial start's.
+    layered_load_bps: float | None = None
 
     @staticmethod
     def load(path: str | Path) -> Calibration:
@@ -116,7 +121,8 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"device": self.device}
-        for key in ("h2d_bps", "d2d_bps", "read_bps", "peer_bps", "unit_overhead_s", "load_overhead_s",
+        for key in ("h2d_bps", "d2d_bps", "read_bps", "peer_bps", "layered_load_bps", "unit_overhead_s",
+                    "load_overhead_s",
                     "engine_overhead_s"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
