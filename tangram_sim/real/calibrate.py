@@ -422,6 +422,43 @@ def calibrate(
             "lag_p99_s": float(r.summary["lag_p99_s"]), "wall_s": float(r.wall_s)}
     loads = pd.concat(replays.loads, ignore_index=True)
     steps = pd.concat(replays.steps, ignore_index=True)
+    layers = pd.concat(replays.layers, ignore_index=True) if replays.layers else None
+    info = driver_info(dev)
+    cal, fits = fit_calibration(loads, steps, layers, ckpts, h2d_bps=h2d_bps, d2d_bps=d2d_bps, arenas=arenas,
+                                label=f"{dev} ({info.get('card') or platform.machine()})")
+    measurements = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "device_info": info,
+        "seconds": time.perf_counter() - t_start,
+        "quick": quick,
+        "loader": dict(loader),
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "arenas": arenas,
+        "design": {"requests": len(design), "batch_sizes": batch_sizes, "seed": seed + 1,
+                   "prompt_tokens": sorted(int(v) for v in design["input_tokens"].unique())},
+        "replays": replays.per_system,
+        "h2d_bps_by_chunk": h2d,
+        "h2d_copy_bps": float(h2d_bps),
+        "device_load_bps": fits["device_load_bps"],
+        "d2d_bps_by_chunk": d2d,
+        "loads": {**fits["loads"], "capacity_bytes": capacity},
+        "models": fits["models"],
+    }
+    for key in ("layers", "layered_loads"):
+        if key in fits:
+            measurements[key] = fits[key]
+    return CalibrationReport(cal, measurements)
+
+
+def fit_calibration(loads: pd.DataFrame, steps: pd.DataFrame, layers: pd.DataFrame | None,
+                    ckpts: dict[str, Checkpoint], *, h2d_bps: float, d2d_bps: float, arenas: int,
+                    label: str) -> tuple[Calibration, dict[str, Any]]:
+    """The calibration that replays' `loads` and `steps` (and, with execute-while-load, `layers`) tables
+    give, and the fits' details (for `measurements`). `loads` carries `system`, `load_s` and `layered`
+    columns beside the replay's own; `h2d_bps` and `d2d_bps` are the copy benchmarks' rates (caps and
+    fallbacks). `calibrate` fits on its designed replays; `real.refit` on a validation replay's own
+    tables, to tell the time model's error from the calibration's."""
     if loads.empty:
         raise ConfigError("the calibration replays made no cold start, expected models to load")
     load_overhead, unit_overhead, device_bps, read_bps, move_bps, load_fit = fit_loads(loads, d2d_bps, h2d_bps,
@@ -438,52 +475,28 @@ def calibrate(
         mine = loads[loads["model"] == name]
         per_model[name] = {**details, "engine_s": float(mine["engine_s"].mean()) if len(mine) else None,
                            "cold_starts": len(mine)}
-    layer_fits: dict[str, Any] = {}
-    if replays.layers:
-        layers = pd.concat(replays.layers, ignore_index=True)
-        shares, layer_fits = fit_layers(layers, loads, ckpts, float(min(h2d_bps, device_bps)), load_overhead,
-                                        unit_overhead)
+    fits: dict[str, Any] = {"device_load_bps": float(device_bps), "models": per_model}
+    if layers is not None and len(layers):
+        shares, fits["layers"] = fit_layers(layers, loads, ckpts, float(min(h2d_bps, device_bps)), load_overhead,
+                                            unit_overhead)
         for name, share in shares.items():
             models[name] = replace(models[name], prefill_layer_shares=share)
-    info = driver_info(dev)
-    label = f"{dev} ({info.get('card') or platform.machine()})"
     # the simulator's GPU link runs at the rate one arena's loads reach (at most the copy rate h2d_bps,
     # measured by chunk under `measurements`), the node's storage at the arenas' aggregate
     link_bps = float(min(h2d_bps, device_bps))
     layered_bps, layered_fit = fit_layered_rate(loads, load_overhead, unit_overhead, link_bps)
+    if layered_fit["starts"]:
+        fits["layered_loads"] = layered_fit
+    fits["loads"] = {**load_fit, "mean_load_s": float(loads["load_s"].mean()),
+                     "mean_units_loaded": float(loads["units_loaded"].mean()),
+                     "mean_loaded_bytes": float(loads["loaded_bytes"].mean()),
+                     "copies": int(copiers.sum()), "copied_bytes": float(loads["copied_bytes"].sum()),
+                     "copy_s": float(loads["copy_s"].sum())}
     cal = Calibration(device=label, h2d_bps=link_bps, d2d_bps=move_bps,
                       unit_overhead_s=unit_overhead, engine_overhead_s=engine_overhead, models=models,
                       read_bps=read_bps, load_overhead_s=load_overhead, peer_bps=peer_bps,
                       layered_load_bps=layered_bps)
-    measurements = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "device_info": info,
-        "seconds": time.perf_counter() - t_start,
-        "quick": quick,
-        "loader": dict(loader),
-        "threads": threads if threads is not None else torch.get_num_threads(),
-        "arenas": arenas,
-        "design": {"requests": len(design), "batch_sizes": batch_sizes, "seed": seed + 1,
-                   "prompt_tokens": sorted(int(v) for v in design["input_tokens"].unique())},
-        "replays": replays.per_system,
-        "h2d_bps_by_chunk": h2d,
-        "h2d_copy_bps": float(h2d_bps),
-        "device_load_bps": float(device_bps),
-        "d2d_bps_by_chunk": d2d,
-        "loads": {**load_fit, "capacity_bytes": capacity,
-                  "mean_load_s": float(loads["load_s"].mean()),
-                  "mean_units_loaded": float(loads["units_loaded"].mean()),
-                  "mean_loaded_bytes": float(loads["loaded_bytes"].mean()),
-                  "copies": int(copiers.sum()), "copied_bytes": float(loads["copied_bytes"].sum()),
-                  "copy_s": float(loads["copy_s"].sum())},
-        "models": per_model,
-    }
-    if layer_fits:
-        measurements["layers"] = layer_fits
-    if layered_fit["starts"]:
-        measurements["layered_loads"] = layered_fit
-    return CalibrationReport(cal, measurements)
+    return cal, fits
 
 
 def calibrate_experiment(
