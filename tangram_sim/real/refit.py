@@ -4,7 +4,7 @@
 designed replays). When the prediction misses, two things can be at fault: the calibration (the host
 ran at another speed, or the designed trace's steps were not the replay's) or the time model itself (a
 linear prefill, a mean step time where the replay's steps vary, a load formula). Refitting with the
-same fits (`calibrate.fit_calibration`) on the validated replay's own `loads`, `steps` and `layers`
+same fits (`fits.fit_calibration`) on the validated replay's own `loads`, `steps` and `layers`
 and simulating again takes the first away: what that simulation still misses is the model's. The
 refit is a diagnosis, never a prediction (it has seen the answer), and `validate.md` says so.
 """
@@ -18,7 +18,8 @@ import pandas as pd
 import yaml
 
 from tangram_sim.errors import ConfigError
-from tangram_sim.real.calibrate import CalibrationReport, fit_calibration
+from tangram_sim.real.calibrate import CalibrationReport
+from tangram_sim.real.fits import fit_calibration
 from tangram_sim.real.loader import Checkpoint
 
 __all__ = ["refit_on_replay"]
