@@ -146,6 +146,7 @@ def test_layered_starts_get_a_rate_of_their_own_and_serial_ones_keep_the_formula
         layered = i % 2 == 1
         read_s = fixed + unit * units + nbytes / (layered_bps if layered else serial_bps)
         rows.append({"rid": i, "gpu": 0, "model": "m", "units": units, "units_loaded": units,
+                     "units_copied": 0, "copied_bytes": 0.0, "copy_s": 0.0,
                      "loaded_bytes": nbytes, "moved_bytes": 0.0, "move_s": 0.0, "read_s": read_s,
                      "engine_s": 1e-3, "load_s": read_s, "wall_s": float(i), "system": "s", "layered": layered})
     loads = pd.DataFrame(rows)
