@@ -177,3 +177,69 @@ def test_a_calibration_file_with_bad_layer_shares_is_one_line(tmp_path: Path) ->
                     " prefill_layer_shares: 3}\n")
     with pytest.raises(ConfigError, match="prefill_layer_shares: expected a list of shares"):
         Calibration.load(path)
+
+
+def test_refit_on_a_replay_recovers_its_steps_and_loads(tmp_path: Path) -> None:
+    """`real.refit` fits the calibration's fits on a replay folder's own tables: on tables made from
+    known coefficients it gives them back (serial loads by the formula, layered ones at their own rate,
+    prefill and decode per model), fills the copy columns of an older replay, and a folder without its
+    tables is one line naming the file."""
+    import yaml
+
+    from tangram_sim.errors import ConfigError
+    from tangram_sim.real.refit import refit_on_replay
+
+    tiny = make_checkpoints(["llama-3-8b", "qwen2.5-3b"], tmp_path / "ckpts", "tiny", dtype="float32")
+    ckpts = {w.name: open_checkpoint(w.path) for w in tiny}
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    (replay / "experiment.sim.yaml").write_text(yaml.safe_dump({
+        "name": "refit", "seed": 1,
+        "cluster": {"nodes": 1, "gpus_per_node": 2, "gpu": "a100-80gb", "gpu_memory_gib": 0.2},
+        "models": [{"name": "llama-3-8b"}, {"name": "qwen2.5-3b"}],
+        "trace": {"kind": "synthetic", "n_requests": 10, "rate": 1.0},
+        "systems": [{"name": "off", "preset": "serverlessllm"},
+                    {"name": "on", "preset": "serverlessllm", "overrides": {"execute_while_load": True}}]}))
+    with pytest.raises(ConfigError, match=r"loads\.parquet: not found"):
+        refit_on_replay(replay, tmp_path / "cal.yaml", ckpts)
+    rng = np.random.default_rng(5)
+    fixed, unit, serial_bps, layered_bps = 1.5e-3, 2e-4, 6e9, 4e9
+    loads, steps = [], []
+    for i in range(60):
+        system = "on" if i % 2 else "off"
+        model = ["llama-3-8b", "qwen2.5-3b"][i % 3 % 2]
+        units = int(rng.integers(1, 12))
+        nbytes = float(rng.uniform(1e7, 9e7))
+        read_s = fixed + unit * units + nbytes / (layered_bps if system == "on" else serial_bps)
+        loads.append({"system": system, "point": 0, "rid": i, "gpu": 0, "model": model, "units": units,
+                      "units_loaded": units, "loaded_bytes": nbytes, "moved_bytes": 0.0, "move_s": 0.0,
+                      "read_s": read_s, "engine_s": 4e-3, "total_s": read_s + 4e-3, "read_gbps": 1.0,
+                      "wall_s": 10.0 * i})  # far apart: every start ran alone
+    truth = {"llama-3-8b": (0.012, 3e-4, 0.008, 1.2e-3), "qwen2.5-3b": (0.015, 4e-4, 0.010, 1.5e-3)}
+    for i in range(200):
+        model = ["llama-3-8b", "qwen2.5-3b"][i % 2]
+        p_base, p_tok, d_base, d_seq = truth[model]
+        tokens, batch = int(rng.integers(4, 200)), int(rng.integers(1, 9))
+        steps.append({"system": "off", "point": 0, "gpu": 0, "kind": "prefill", "model": model, "requests": 1,
+                      "tokens": tokens, "kv_tokens": tokens, "time_s": 0.0, "wall_s": 0.0,
+                      "seconds": p_base + p_tok * tokens})
+        steps.append({"system": "off", "point": 0, "gpu": 0, "kind": "decode", "model": model, "requests": batch,
+                      "tokens": batch, "kv_tokens": int(rng.integers(10, 900)), "time_s": 0.0, "wall_s": 0.0,
+                      "seconds": d_base + d_seq * (batch - 1)})
+    pd.DataFrame(loads).to_parquet(replay / "loads.parquet")  # no copy columns: a replay made before them
+    pd.DataFrame(steps).to_parquet(replay / "steps.parquet")
+    (tmp_path / "cal.yaml").write_text(yaml.safe_dump({
+        "device": "cpu (test)", "h2d_bps": 5e9, "d2d_bps": 3e9,
+        "measurements": {"h2d_copy_bps": 2e10, "loads": {"d2d_copy_bps": 1e10}}}))
+    report = refit_on_replay(replay, tmp_path / "cal.yaml", ckpts)
+    cal = report.calibration
+    assert (cal.load_overhead_s, cal.unit_overhead_s, cal.h2d_bps) == pytest.approx((fixed, unit, serial_bps),
+                                                                                     rel=1e-6)
+    assert cal.layered_load_bps == pytest.approx(layered_bps, rel=1e-6)
+    assert cal.engine_overhead_s == pytest.approx(4e-3)
+    for model, (p_base, p_tok, d_base, d_seq) in truth.items():
+        c = cal.models[model]
+        assert (c.prefill_base_s, c.prefill_per_token_s) == pytest.approx((p_base, p_tok), rel=1e-6)
+        assert (c.decode_base_s, c.decode_per_seq_s) == pytest.approx((d_base, d_seq), rel=1e-6)
+    assert report.measurements["refitted_on"] == str(replay)
+    assert "refitted on" in cal.device
