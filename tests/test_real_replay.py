@@ -313,13 +313,15 @@ def test_gpu_run_reuses_a_calibration_and_keeps_out_small(tmp_path: Path) -> Non
     assert sorted(p.name for p in out.iterdir()) == [
         "machine.txt", "results.tar.gz", "validate.json", "validate.log", "validate.md"]  # fmt: skip
     result = json.loads((out / "validate.json").read_text())
-    assert list(result["steps"]) == ["checkpoints", "calibration (reused)", "replay", "simulate", "compare"]
+    assert list(result["steps"]) == ["checkpoints", "calibration (reused)", "replay", "simulate", "compare",
+                                     "refit"]
     assert all(s["ok"] for s in result["steps"].values())
     assert result["experiment"] == "experiments/replay-cpu.yaml"
     assert result["calibration"] == Calibration.load(cal).to_dict()
     with tarfile.open(out / "results.tar.gz") as tar:
         names = tar.getnames()
     assert "./validate/calibration.yaml" in names and "./validate/fidelity.csv" in names
+    assert "./validate/refit/fidelity.csv" in names and "## The time model's own error" in (out / "validate.md").read_text()
     assert not any(n.endswith(".safetensors") for n in names)
     # the execute-while-load validation ran too: its report appended, its files in the archive
     assert "./validate-ewl/validate.json" in names and "./validate-ewl/replay/layers.parquet" in names
