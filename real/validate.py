@@ -23,6 +23,10 @@ Steps, each timed, everything under `--out`:
    and compared again (`OUT/refit/sim`, `OUT/refit/fidelity.csv`): the time model's error without the
    calibration's;
 
+`--repeat N` replays the trace N-1 more times with the same calibration (`OUT/replay-2`, ...) and
+reports how far the replays fall from each other and from the one simulation (`OUT/spread.csv`): the
+replay's own noise floor, against which a prediction's error is judged;
+
 then `OUT/validate.md` (the short report) and `OUT/validate.json` (every figure).
 
 `--ewl`: the systems become ServerlessLLM without and with execute-while-load (`EWL_SETS`), so the
@@ -167,6 +171,12 @@ def _markdown(r: dict[str, Any]) -> str:
                   "designed steps unlike the replay's). A diagnosis, not a prediction: it has seen the replay.",
                   "", "```", r["refit_fidelity_text"], "```", "",
                   f"Headline (mean load time, p50 TTFT): worst error {r['refit_worst_headline_error']:.1%}."]
+    if r.get("spread"):
+        n = r["spread"][0]["replays"]
+        lines += ["", f"## The replay's own spread ({n} replays, one calibration)", "",
+                  "The same trace replayed again with the same calibration (`replay-2`, ...: `spread.csv`). "
+                  "`spread` is the largest distance of one replay from the replays' median: a simulation "
+                  "cannot be expected closer than that to any single replay.", "", "```", r["spread_text"], "```"]
     e = r.get("ewl")
     if e:
         lines += ["", "## Execute-while-load (cold starts, means)", "",
@@ -206,13 +216,25 @@ def main(argv: list[str] | None = None) -> int:
                              "report the cold-start TTFT reduction predicted vs measured")
     parser.add_argument("--split", type=int, default=None,
                         help="arenas (GPUs of the replay) carved out of the device (default 2)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="replay the trace N times with the same calibration and report the replays' "
+                             "spread beside the simulation's error (default 1)")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat {args.repeat}: expected 1 or more")
 
     sys.path.insert(0, str(ROOT))
     from tangram_sim.experiments import run_experiment
     from tangram_sim.experiments.config import load_yaml
     from tangram_sim.real.calibrate import calibrate_experiment
-    from tangram_sim.real.fidelity import compare_runs, ewl_reduction, format_table, plot_fidelity
+    from tangram_sim.real.fidelity import (
+        compare_runs,
+        ewl_reduction,
+        format_spread,
+        format_table,
+        plot_fidelity,
+        replay_spread,
+    )
     from tangram_sim.real.memory import driver_info
     from tangram_sim.real.refit import refit_on_replay
     from tangram_sim.real.replay import prepare_replay, run_replay
@@ -320,6 +342,25 @@ def main(argv: list[str] | None = None) -> int:
                         result["refit_fidelity"] = again.table.to_dict(orient="records")
                         result["refit_fidelity_text"] = format_table(again)
                         result["refit_worst_headline_error"] = again.worst_headline_error()
+                if fid is not None and args.repeat > 1:
+                    again_dirs = [replay_dir]
+                    for i in range(2, args.repeat + 1):
+                        d = out / f"replay-{i}"
+                        if _step(f"replay {i}", steps, lambda d=d: run_replay(
+                                raw, base, d, devices=[str(device)], split=split, sets=sets, progress=True,
+                                force=True, checkpoints=prep_dir / "checkpoints")) is not None:
+                            again_dirs.append(d)
+
+                    def spread() -> Any:
+                        table = replay_spread(sim_dir, again_dirs)
+                        table.to_csv(out / "spread.csv", index=False, float_format="%.6g")
+                        return table
+
+                    table = _step("spread", steps, spread)
+                    if table is not None:
+                        result["spread"] = table.to_dict(orient="records")
+                        result["spread_text"] = format_spread(table)
+                        print(result["spread_text"])
                 if fid is not None and args.ewl:
                     ewl = _step("ewl", steps, lambda: ewl_reduction(sim_dir, replay_dir, "serverlessllm",
                                                                      "serverlessllm-ewl"))
@@ -330,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "validate.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (out / "validate.md").write_text(_markdown(result))
     print(f"wrote {out / 'validate.md'} and {out / 'validate.json'} ({result['seconds']:.1f} s)")
-    ok = all(s["ok"] for s in steps.values()) and len(steps) == 7 - args.skip_bench + args.ewl
+    ok = all(s["ok"] for s in steps.values()) and len(steps) == 7 - args.skip_bench + args.ewl + (args.repeat > 1) * args.repeat
     worst = result.get("worst_headline_error", math.nan)
     if args.tolerance is not None and not (worst <= args.tolerance):
         print(f"fidelity: worst headline error {worst:.1%} exceeds {args.tolerance:.0%}")

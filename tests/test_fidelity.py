@@ -199,3 +199,34 @@ def test_a_calibrated_peer_rate_times_copies_from_another_gpu() -> None:
         assert second.gpu == 1 and res.summary["bytes_from_peer_gpu"] == qwen.weight_bytes
         assert second.load_s == pytest.approx(qwen.weight_bytes / bps, rel=1e-9)  # PCIe both ways, or measured
     assert Calibration(device="x", peer_bps=3e9).to_dict()["peer_bps"] == 3e9
+
+
+def test_replay_spread_measures_replays_against_each_other_and_the_simulation(tmp_path: Path) -> None:
+    """Three replays of one trace and one simulation: the spread is the farthest replay from the
+    replays' median, the simulation's error is against that median, and `within_10` counts the
+    replays the simulation is within 10% of."""
+    from tangram_sim.real.fidelity import format_spread, replay_spread
+
+    sim_dir = tmp_path / "sim"
+    sim_dir.mkdir()
+    requests("tangram", [1.0, 2.0, 3.0], [2.0, 2.0, 2.0], [5, 5, 5]).to_parquet(sim_dir / "requests.parquet")
+    adopt_legacy(sim_dir)
+    dirs = []
+    for i, scale in enumerate((1.0, 1.05, 1.3)):
+        d = tmp_path / f"replay-{i}"
+        d.mkdir()
+        requests("tangram", [scale * x for x in (1.0, 2.0, 3.0)], [2.0 * scale] * 3, [5, 5, 5]).to_parquet(
+            d / "requests.parquet")
+        adopt_legacy(d, kind="replay")
+        dirs.append(d)
+    table = replay_spread(sim_dir, dirs).set_index("metric")
+    load = table.loc["mean_load_s"]
+    assert [load[f"replay_{i}"] for i in (1, 2, 3)] == pytest.approx([2.0, 2.1, 2.6])
+    assert load["median"] == pytest.approx(2.1) and load["spread"] == pytest.approx(0.5 / 2.1)
+    assert load["sim_err_median"] == pytest.approx(2.0 / 2.1 - 1)
+    assert load["within_10"] == 2 and load["replays"] == 3  # 0% and -4.8% in, -23% out
+    assert table.loc["p99_ttft_s", "sim_err_median"] == pytest.approx(2.0 / 2.1 - 1)
+    text = format_spread(replay_spread(sim_dir, dirs))
+    assert "mean load time (per cold start)" in text and "2 of 3" in text and "23.8%" in text
+    with pytest.raises(TangramError, match="expected two or more"):
+        replay_spread(sim_dir, dirs[:1])

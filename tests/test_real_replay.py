@@ -326,3 +326,27 @@ def test_gpu_run_reuses_a_calibration_and_keeps_out_small(tmp_path: Path) -> Non
     # the execute-while-load validation ran too: its report appended, its files in the archive
     assert "./validate-ewl/validate.json" in names and "./validate-ewl/replay/layers.parquet" in names
     assert "## Execute-while-load" in (out / "validate.md").read_text()
+
+
+def test_validate_repeat_reports_the_replays_spread(tmp_path: Path) -> None:
+    """`real/validate.sh --repeat 2`: the trace replayed twice with one calibration, each replay beside
+    the one simulation in `spread.csv` (two systems x four figures) and in validate.md."""
+    cal = ROOT / "real" / "h200-2026-11-27" / "calibration.yaml"
+    out = tmp_path / "v"
+    proc = subprocess.run(
+        ["bash", "real/validate.sh", "--device", "cpu", "--out", str(out), "--set", "trace.n_requests=20",
+         "--set", "real.scale=tiny", "--set", "cluster.gpu_memory_gib=0.00125", "--set", "real.time_scale=16",
+         f"--calibration={cal}", "--skip-bench", "--calibration-partial", "--repeat", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "validate.json").read_text())
+    assert list(result["steps"])[-2:] == ["replay 2", "spread"]
+    spread = pd.read_csv(out / "spread.csv")
+    assert len(spread) == 8 and set(spread["replays"]) == {2}
+    assert (spread[["replay_1", "replay_2"]] > 0).all().all() and (spread["spread"] >= 0).all()
+    assert (out / "replay-2" / "run.json").is_file()
+    assert "## The replay's own spread (2 replays, one calibration)" in (out / "validate.md").read_text()
+    bad = subprocess.run(["bash", "real/validate.sh", "--device", "cpu", "--out", str(out), "--repeat", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--repeat 0: expected 1 or more" in bad.stderr

@@ -17,6 +17,9 @@ same requests on both sides, matched by `rid`) and reports, per system present i
 - the replay's lag (p50/p99/max, from its summary.csv): how far behind the wall clock it ran;
 - bytes loaded per source (`bytes_from_<source>` of both summary.csv files, `core.sources`), for the
   sources either side read from: simulated, real and the relative error;
+- `replay_spread`: one simulation against several replays of the same trace with the same calibration:
+  how far the replays are from each other (the noise floor a prediction is judged against) and from
+  the simulation;
 - `ewl_reduction`: for a pair of systems that differ by execute-while-load, the reduction of the mean
   cold-start TTFT that turning it on brings, predicted by the simulation and measured by the replay.
 
@@ -38,7 +41,8 @@ from tangram_sim.core.sources import SOURCE_COLUMNS
 from tangram_sim.errors import TangramError
 from tangram_sim.rundir import require_complete
 
-__all__ = ["METRICS", "Fidelity", "compare_runs", "ewl_reduction", "fidelity_table", "plot_fidelity"]
+__all__ = ["METRICS", "Fidelity", "compare_runs", "ewl_reduction", "fidelity_table", "plot_fidelity",
+           "format_spread", "replay_spread"]
 
 # (column, label, unit, how the error is expressed: "rel" = (sim - real) / real, "diff" = sim - real)
 METRICS: tuple[tuple[str, str, str, str], ...] = (
@@ -198,6 +202,48 @@ def compare_runs(sim_dir: str | Path, real_dir: str | Path) -> Fidelity:
             table[f"{col}_sim"], table[f"{col}_real"] = sim_b, real_b
             table[f"{col}_err"] = [_error(a, b, "rel") for a, b in zip(sim_b, real_b)]
     return Fidelity(table, sim_dir, real_dir, gpu_table(sim, real, table))
+
+
+SPREAD = ("mean_load_s", "p50_ttft_s", "p99_ttft_s", "mean_ttft_s")  # the figures `replay_spread` reports
+
+
+def replay_spread(sim_dir: str | Path, real_dirs: list[str | Path]) -> pd.DataFrame:
+    """Per (system, point, metric of `SPREAD`): the simulated value, each replay's, their median, the
+    replays' spread (the largest |replay - median| / median: how far one replay may fall from the
+    centre of its own repeats), the simulation's error against that median, and in how many replays the
+    simulation is within 10%. Needs two or more complete replays of the simulation's trace."""
+    if len(real_dirs) < 2:
+        raise TangramError(f"replay_spread: {len(real_dirs)} replay(s); expected two or more")
+    tables = [compare_runs(sim_dir, d).table.set_index(["system", "point"]) for d in real_dirs]
+    keys = [k for k in tables[0].index if all(k in t.index for t in tables[1:])]
+    rows = []
+    for system, point in keys:
+        for col in SPREAD:
+            sim = float(tables[0].loc[(system, point), f"{col}_sim"])
+            reals = np.array([float(t.loc[(system, point), f"{col}_real"]) for t in tables])
+            med = float(np.median(reals))
+            errs = [_error(sim, r, "rel") for r in reals]
+            row: dict[str, Any] = {"system": system, "point": int(point), "metric": col, "sim": sim}
+            row.update({f"replay_{i + 1}": float(r) for i, r in enumerate(reals)})
+            row.update(median=med, spread=float(np.max(np.abs(reals - med))) / med if med else math.nan,
+                       sim_err_median=_error(sim, med, "rel"),
+                       within_10=int(sum(abs(e) <= 0.10 for e in errs)), replays=len(reals))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_spread(spread: pd.DataFrame) -> str:
+    """`replay_spread`'s table as text: one line per system and metric."""
+    n = int(spread["replays"].iloc[0]) if len(spread) else 0
+    labels = {c: label for c, label, _u, _k in METRICS}
+    lines = [f"{'system':<16}{'metric':<34}{'simulated':>12}{'replays (min-max)':>26}{'spread':>9}"
+             f"{'sim vs median':>15}{'within 10%':>12}"]
+    for r in spread.itertuples():
+        reals = [getattr(r, f"replay_{i + 1}") for i in range(n)]
+        lines.append(f"{r.system:<16}{labels[r.metric]:<34}{r.sim * 1e3:>9.3f} ms"
+                     f"{f'{min(reals) * 1e3:.3f}-{max(reals) * 1e3:.3f} ms':>26}{'-' if math.isnan(r.spread) else f'{r.spread:.1%}':>9}"
+                     f"{_fmt_err(r.sim_err_median, 'rel'):>15}{f'{r.within_10} of {n}':>12}")
+    return "\n".join(lines)
 
 
 def ewl_reduction(sim_dir: str | Path, real_dir: str | Path, off: str, on: str) -> dict[str, float]:
