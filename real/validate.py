@@ -190,6 +190,15 @@ def _markdown(r: dict[str, Any]) -> str:
                          f"{e.get(f'{side}_mean_overlap_s', math.nan) * 1e3:.2f} ms |")
         lines += ["", f"Predicted reduction vs measured: TTFT {e['reduction_error']:+.1%}, TTFT less queueing "
                   f"{e['service_reduction_error']:+.1%} of the measured one; goal: within 10%."]
+    if e and r.get("ewl_spread"):
+        for key, label in (("reduction", "TTFT"), ("service_reduction", "TTFT less queueing")):
+            got = sorted(x[f"real_{key}"] for x in r["ewl_spread"])
+            mid = got[len(got) // 2] if len(got) % 2 else (got[len(got) // 2 - 1] + got[len(got) // 2]) / 2
+            far = (f"{max(abs(g - mid) for g in got) / abs(mid):.0%} of it from the median" if mid
+                   else "median 0")
+            near = sum(abs(e[f"sim_{key}"] - g) <= 0.1 * abs(g) for g in got)
+            lines.append(f"- {label}: the {len(got)} replays measured a reduction of {got[0]:.1%} to {got[-1]:.1%} "
+                         f"(median {mid:.1%}; the farthest {far}); predicted {e[f'sim_{key}']:.1%}, within 10% of {near} of them.")
     return "\n".join(lines) + "\n"
 
 
@@ -361,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
                         result["spread"] = table.to_dict(orient="records")
                         result["spread_text"] = format_spread(table)
                         print(result["spread_text"])
+                        if args.ewl:  # the measured reduction of each replay against the one prediction
+                            result["ewl_spread"] = [ewl_reduction(sim_dir, d, "serverlessllm", "serverlessllm-ewl")
+                                                    for d in again_dirs]
                 if fid is not None and args.ewl:
                     ewl = _step("ewl", steps, lambda: ewl_reduction(sim_dir, replay_dir, "serverlessllm",
                                                                      "serverlessllm-ewl"))

@@ -329,24 +329,28 @@ def test_gpu_run_reuses_a_calibration_and_keeps_out_small(tmp_path: Path) -> Non
 
 
 def test_validate_repeat_reports_the_replays_spread(tmp_path: Path) -> None:
-    """`real/validate.sh --repeat 2`: the trace replayed twice with one calibration, each replay beside
-    the one simulation in `spread.csv` (two systems x four figures) and in validate.md."""
+    """`real/validate.sh --repeat 2 --ewl`: the trace replayed twice with one calibration, each replay
+    beside the one simulation in `spread.csv` (two systems x four figures) and in validate.md, with the
+    reduction execute-while-load measured in each replay against the predicted one."""
     cal = ROOT / "real" / "h200-2026-11-27" / "calibration.yaml"
     out = tmp_path / "v"
     proc = subprocess.run(
         ["bash", "real/validate.sh", "--device", "cpu", "--out", str(out), "--set", "trace.n_requests=20",
          "--set", "real.scale=tiny", "--set", "cluster.gpu_memory_gib=0.00125", "--set", "real.time_scale=16",
-         f"--calibration={cal}", "--skip-bench", "--calibration-partial", "--repeat", "2"],
+         f"--calibration={cal}", "--skip-bench", "--calibration-partial", "--repeat", "2", "--ewl"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "validate.json").read_text())
-    assert list(result["steps"])[-2:] == ["replay 2", "spread"]
+    assert list(result["steps"])[-3:] == ["replay 2", "spread", "ewl"]
+    assert len(result["ewl_spread"]) == 2 and result["ewl_spread"][0] == result["ewl"]
     spread = pd.read_csv(out / "spread.csv")
     assert len(spread) == 8 and set(spread["replays"]) == {2}
     assert (spread[["replay_1", "replay_2"]] > 0).all().all() and (spread["spread"] >= 0).all()
     assert (out / "replay-2" / "run.json").is_file()
-    assert "## The replay's own spread (2 replays, one calibration)" in (out / "validate.md").read_text()
+    report = (out / "validate.md").read_text()
+    assert "## The replay's own spread (2 replays, one calibration)" in report
+    assert "- TTFT: the 2 replays measured a reduction of" in report
     bad = subprocess.run(["bash", "real/validate.sh", "--device", "cpu", "--out", str(out), "--repeat", "0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--repeat 0: expected 1 or more" in bad.stderr
