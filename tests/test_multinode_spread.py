@@ -70,3 +70,9 @@ def test_a_tensor_parallel_groups_copy_rate_counts_each_rank_from_a_gpu_of_its_r
     resident.clear()
     resident.update({0: 10, 4: 10})  # rank 0's shards only (GPUs 0 and 4 are rank 0): rank 1 has no copy
     assert Cluster.copy_bps(router, "m", group) == 0.0
+    # one NIC per GPU: the two ranks read from node 1 through their own NICs, the rates add up
+    router.topology = Topology(2, 4, 25e9, TierSpec(network_bps=12.5e9),
+                               TopologySpec(nvlink_bps=300e9, rdma=True, nics_per_node=4))
+    resident.clear()
+    resident.update({4: 10, 5: 10})
+    assert Cluster.copy_bps(router, "m", group) == pytest.approx(2 * 12.5e9)

@@ -27,6 +27,9 @@ def trace(rows: list[tuple[float, str, int, int]]) -> pd.DataFrame:
     ({"remote_store_gbps": float("nan")}, "cluster.topology.remote_store_gbps: expected a number > 0"),
     ({"remote_store_gbps": "10"}, "cluster.topology.remote_store_gbps: expected a number > 0"),
     ({"rdma": "yes"}, "cluster.topology.rdma: expected true or false"),
+    ({"nics_per_node": 0}, "cluster.topology.nics_per_node: expected an integer >= 1"),
+    ({"nics_per_node": 2.0}, "cluster.topology.nics_per_node: expected an integer >= 1"),
+    ({"nics_per_node": True}, "cluster.topology.nics_per_node: expected an integer >= 1"),
 ])
 def test_bad_topology_is_one_line_naming_the_key(section: object, message: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -115,3 +118,29 @@ def test_an_explicit_default_topology_changes_nothing() -> None:
     for requests, summary in runs[1:]:  # NVLink and RDMA are unused by today's sources
         pd.testing.assert_frame_equal(requests, runs[0][0])
         assert summary == runs[0][1]
+
+
+def test_paths_through_a_nic_per_gpu() -> None:
+    """With n NICs per node, local GPU i reads and receives through NIC i mod n, and sends a copy out of
+    the NIC of the GPU that holds it; the link names of one NIC per node stay as they were."""
+    tiers = TierSpec(ssd_bps=6e9, network_bps=12.5e9)
+    one = Topology(2, 4, 25e9, tiers, TopologySpec(rdma=True))
+    assert [link.name for link in one.nic_in] == ["node0.net", "node1.net"] and one.nic_of(7) == 1
+    two = Topology(2, 4, 25e9, tiers, TopologySpec(rdma=True, nics_per_node=2))
+    assert [two.nic_of(g) for g in range(8)] == [0, 1, 0, 1, 2, 3, 2, 3]
+    assert [link.name for link in two.nic_in] == ["node0.net0", "node0.net1", "node1.net0", "node1.net1"]
+    assert two.path("remote", 5) == (two.nic_in[3], two.pcie[5])
+    assert two.path("remote", 6) == (two.nic_in[2], two.pcie[6])
+    assert two.path("remote-gpu", 5, 2) == (two.pcie_up[2], two.nic_out[0], two.nic_in[3], two.pcie[5])
+    assert two.storage_bps(1) == 6e9 and two.source_bps("remote-gpu", 5, 2) == 12.5e9
+
+
+@pytest.mark.parametrize("nics, share", [(1, 4), (2, 2), (4, 1)])
+def test_cold_starts_share_the_nics_their_gpus_use(nics: int, share: int) -> None:
+    """4 GPUs of one node start 4 models at once from the remote store over `nics` NICs: each NIC carries
+    4 / nics of the loads, so each load takes that many model times over one NIC's rate."""
+    nic = 1e9
+    tiers = TierSpec(host_cache_bytes=0, network_bps=nic, ssd_holds_all=False)
+    rows = _cold_loads(1, 4, tiers, TopologySpec(nics_per_node=nics), 4)
+    assert sorted(rows.gpu) == [0, 1, 2, 3]
+    assert list(rows.load_s) == pytest.approx([share * QWEN.weight_bytes / nic] * 4, rel=1e-9)

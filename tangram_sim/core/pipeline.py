@@ -91,7 +91,7 @@ def _link_bps(cluster: Cluster, src: int, dst: int) -> float:
         return topology.source_bps("peer-gpu", dst, src)
     if topology.spec.rdma:
         return topology.source_bps("remote-gpu", dst, src)
-    return min(topology.nic_out[topology.node_of(src)].bps, topology.nic_in[topology.node_of(dst)].bps)
+    return min(topology.nic_out[topology.nic_of(src)].bps, topology.nic_in[topology.nic_of(dst)].bps)
 
 
 def _free(worker: GpuWorker, model: str) -> bool:

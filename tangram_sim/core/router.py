@@ -288,8 +288,9 @@ class Cluster:
         peer of its node, or with RDMA any GPU): the estimates' view of the system's source policy when it
         reads GPU copies. A tensor-parallel model's ranks each read their own shards, from GPUs of the same
         rank (a GPU always has the same rank in its aligned groups), in parallel: the slowest rank's rate
-        times the degree, as `host_to_gpu_bps` counts the ranks' links, and no more than the node's NIC
-        when a rank reads from another node (the ranks share it). 0.0: no rank has a copy."""
+        times the degree, as `host_to_gpu_bps` counts the ranks' links, and no more than the NICs the
+        group's GPUs receive through when a rank reads from another node (one NIC per node: all ranks
+        share it). 0.0: no rank has a copy."""
         tp = self.entries[model].tp
         need = self.gpu_model_bytes[model]
         topology = self.topology
@@ -315,7 +316,10 @@ class Cluster:
             if slowest == 0.0:
                 return 0.0
         total = slowest * tp
-        return min(total, topology.nic_in[group[0].node.node_id].bps) if remote else total
+        if not remote:
+            return total
+        # the group's ranks receive through their NICs: one shared NIC caps them all, one per GPU adds up
+        return min(total, sum(topology.nic_in[n].bps for n in {topology.nic_of(w.gpu_id) for w in group}))
 
     def placement_options(self, req: Request) -> list[PlacementOption]:
         entry = self.entries[req.model]

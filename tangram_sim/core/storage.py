@@ -29,7 +29,6 @@ class Node:
         self.tiers = tiers
         self.key_owners = key_owners  # unit key -> models whose weights include it
         self.ssd = topology.ssd[node_id]  # local NVMe reads
-        self.network = topology.nic_in[node_id]  # the NIC, into the node
         self.cache: OrderedDict[Key, int] = OrderedDict()  # unit key -> bytes, LRU first
         self.cache_bytes = 0
         self.on_ssd: set[Key] = set()  # units fetched from remote (when the SSD is not pre-filled)

@@ -38,6 +38,7 @@ Schema (defaults in brackets):
         nvlink_gbps: number [none]         #   NVLink per GPU each way; none: peers copy over PCIe
         rdma: bool [false]                 #   NICs reach GPU memory: another node's GPU can be a source
         remote_store_gbps: number [none]   #   the shared remote store's limit; none: the NICs' alone
+        nics_per_node: int [1]             #   NICs per node at network_gbps each; local GPU i uses NIC i mod n
     models:                                # at least one
       - name: catalog name, or a config.json / .safetensors / checkpoint folder path
         sensitivity: number [1]
@@ -94,11 +95,8 @@ column definitions are in `tangram_sim.core.slo`):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +104,20 @@ from typing import Any
 import yaml
 
 from tangram_sim.errors import ConfigError, TangramError, shown
+
+# the checks and the dotted keys live in their own modules; re-exported, callers import them from here
+from tangram_sim.experiments.checks import (  # noqa: F401
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT_INTERVAL,
+    check_keys,
+    check_number,
+    get_typed,
+    key_text,
+    num,
+)
+from tangram_sim.experiments.dotted import apply_point, parse_set, set_dotted  # noqa: F401
 
 # YamlLoader and load_yaml are re-exported: callers read experiments through this module
 from tangram_sim.experiments.yamlio import DuplicateKeyError, YamlLoader, load_yaml, yaml_load  # noqa: F401
@@ -131,58 +143,7 @@ REAL_KEYS = ("scale", "dtype", "checkpoints", "time_scale", "readers", "chunk_mb
              "lag_bound_s", "processes")
 
 
-# ------------------------------------------------------------------ dotted keys
-def _parse_key(dotted: str) -> list[str | int]:
-    parts: list[str | int] = []
-    for part in dotted.split("."):
-        if not part:
-            raise ConfigError(f"bad dotted key {shown(dotted)}")
-        parts.append(int(part) if part.isdigit() else part)
-    return parts
-
-
-def set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `a.b.0.c` in a nested dict/list config, creating mappings on the way."""
-    parts = _parse_key(dotted)
-    node: Any = config
-    for i, part in enumerate(parts[:-1]):
-        nxt = parts[i + 1]
-        where = ".".join(map(str, parts[: i + 1]))
-        if isinstance(part, int):
-            if not isinstance(node, list) or part >= len(node):
-                raise ConfigError(f"{dotted}: {where} is not an existing list item")
-            node = node[part]
-        else:
-            if not isinstance(node, dict):
-                raise ConfigError(f"{dotted}: {where} is inside a value that is not a mapping")
-            if node.get(part) is None:
-                node[part] = [] if isinstance(nxt, int) else {}
-            node = node[part]
-    last = parts[-1]
-    if isinstance(last, int):
-        if not isinstance(node, list) or last >= len(node):
-            raise ConfigError(f"{dotted}: not an existing list item")
-        node[last] = value
-    else:
-        if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: the parent is not a mapping")
-        node[last] = value
-
-
-def parse_set(assignment: str) -> tuple[str, Any]:
-    """`key=value` from the command line; the value is parsed as YAML (numbers, lists, booleans)."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set {shown(assignment)}: expected KEY=VALUE")
-    key, text = assignment.split("=", 1)
-    try:
-        value = yaml_load(text)
-    except DuplicateKeyError as exc:
-        raise ConfigError(f"--set {key.strip()}: {exc.problem}") from None
-    except yaml.YAMLError:
-        value = text
-    return key.strip(), value
-
-
+# ------------------------------------------------------------------ sweeps
 def sweep_points(raw: dict[str, Any]) -> list[dict[str, Any]]:
     """The grid of the `sweep` section as a list of {dotted key: value} (one empty point if none)."""
     sweep = raw.get("sweep") or {}
@@ -198,110 +159,14 @@ def sweep_points(raw: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(sweep[k] for k in keys))]
 
 
-def apply_point(raw: dict[str, Any], point: Mapping[str, Any]) -> dict[str, Any]:
-    config = copy.deepcopy(raw)
-    config.pop("sweep", None)
-    for key, value in point.items():
-        set_dotted(config, key, value)
-    return config
-
-
-# ------------------------------------------------------------------ validation helpers
-def _check_keys(section: Any, allowed: tuple[str, ...], where: str) -> dict[str, Any]:
-    if section is None:
-        return {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(section).__name__}")
-    for key in section:
-        if key not in allowed:
-            raise ConfigError(f"{where}.{_key(key)}: unknown key; expected one of: {', '.join(allowed)}")
-    return section
-
-
-def _key(key: Any) -> str:
-    """A key as an error names it: a very long one is cut."""
-    text = str(key)
-    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
-
-
-def _get(section: dict[str, Any], key: str, where: str, kind: type | tuple[type, ...], default: Any) -> Any:
-    """A non-numeric key (string, flag, mapping), type-checked; numbers go through `_num`."""
-    value = section.get(key, default)
-    if value is None:
-        return default
-    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
-        raise ConfigError(f"{where}.{key}: expected {_kind_name(kind)}, got {shown(value)}")
-    return value
-
-
-# Ranges a number may be asked to lie in; `check_number` names them in its errors.
-POSITIVE = "positive"  # > 0: sizes, bandwidths, rates, scale factors
-NON_NEGATIVE = "non-negative"  # >= 0: times, cache sizes
-FRACTION = "fraction"  # (0, 1]: efficiencies, shares of memory
-UNIT_INTERVAL = "unit-interval"  # [0, 1]
-_RANGES = {POSITIVE: "a positive value", NON_NEGATIVE: ">= 0", FRACTION: "in (0, 1]", UNIT_INTERVAL: "in [0, 1]"}
-
-
-def check_number(value: Any, where: str, bound: str, *, integer: bool = False, minimum: int = 1) -> Any:
-    """`value` as a finite number in range `bound`, else a one-line ConfigError naming `where`.
-
-    Integers are checked against `minimum` instead (counts >= 1, seeds >= 0). NaN and infinity are
-    refused everywhere: a NaN efficiency or delay runs "successfully" and fills the summary with NaN.
-    """
-    if integer:
-        what = f"an integer >= {minimum}"
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{where}: expected {what}, got {shown(value)}{_string_hint(value)}")
-        return value
-    what = "a positive value" if bound == POSITIVE else f"a number {_RANGES[bound]}"
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{where}: expected {_number_kind(bound)}, got {shown(value)}{_string_hint(value)}")
-    try:
-        number = float(value)
-    except OverflowError:  # an integer too large for a float
-        number = math.inf
-    ok = math.isfinite(number) and {
-        POSITIVE: number > 0,
-        NON_NEGATIVE: number >= 0,
-        FRACTION: 0 < number <= 1,
-        UNIT_INTERVAL: 0 <= number <= 1,
-    }[bound]
-    if not ok:
-        raise ConfigError(f"{where}: expected {what}, got {shown(value)}")
-    return number
-
-
-def _number_kind(bound: str) -> str:
-    return "a number > 0" if bound == POSITIVE else f"a number {_RANGES[bound]}"
-
-
-def _string_hint(value: Any) -> str:
-    """Why a number written as a string was refused (the loader already reads bare `5e-2` as a number)."""
-    if isinstance(value, str) and len(value) < 100:
-        try:
-            float(value)
-        except ValueError:
-            return ""
-        return " (a quoted string; write the number without quotes)"
-    return ""
-
-
-def _num(section: dict[str, Any], key: str, where: str, default: Any, bound: str = POSITIVE, *,
-         integer: bool = False, minimum: int = 1) -> Any:
-    """A numeric key of `section` checked with `check_number`, or `default` when absent or null."""
-    value = section.get(key)
-    if value is None:
-        return default
-    return check_number(value, f"{where}.{key}", bound, integer=integer, minimum=minimum)
-
 
 def _time_model(section: Any) -> dict[str, float]:
     """`cluster.time_model`: linear prefill/decode costs; decode steps must take time (> 0)."""
     where = "cluster.time_model"
-    tm = _check_keys(section, TIME_MODEL_KEYS, where)
+    tm = check_keys(section, TIME_MODEL_KEYS, where)
     if tm.get("decode_base_s") is None:
         raise ConfigError(f"{where}.decode_base_s: required, expected a number > 0 (seconds per decode step)")
-    return {key: _num(tm, key, where, 0.0, POSITIVE if key == "decode_base_s" else NON_NEGATIVE)
+    return {key: num(tm, key, where, 0.0, POSITIVE if key == "decode_base_s" else NON_NEGATIVE)
             for key in TIME_MODEL_KEYS}
 
 
@@ -316,14 +181,6 @@ def build_calibration(config: dict[str, Any]) -> Any:
     return with_coefficients(calibration, tm, [m["name"] for m in config["models"]])
 
 
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
-             list: "a list"}
-    if isinstance(kind, tuple):
-        return " or ".join(names.get(k, k.__name__) for k in kind)
-    return names.get(kind, kind.__name__)
-
-
 @dataclass(slots=True)
 class ResolvedPoint:
     """One sweep point turned into simulator inputs (built in the process that simulates it)."""
@@ -336,7 +193,7 @@ class ResolvedPoint:
 
 def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
     """Check every key and type of one (sweep-applied) config; returns it with defaults filled in."""
-    _check_keys(raw, TOP_KEYS, "experiment")
+    check_keys(raw, TOP_KEYS, "experiment")
     out: dict[str, Any] = {}
     name = raw.get("name")
     if not isinstance(name, str) or not name.strip():
@@ -345,35 +202,35 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
     # numpy refuses negative seeds, so a negative one would fail later in a worker with a traceback
     seed = raw.get("seed")
     out["seed"] = 0 if seed is None else check_number(seed, "seed", NON_NEGATIVE, integer=True, minimum=0)
-    out["description"] = _get(raw, "description", "experiment", str, "")
+    out["description"] = get_typed(raw, "description", "experiment", str, "")
     if raw.get("plugins") is not None:  # imported first: systems may name the policies they register
         from tangram_sim.experiments.plugins import validate_plugins
 
         out["plugins"] = validate_plugins(raw["plugins"], base_dir)
 
-    cl = _check_keys(raw.get("cluster"), CLUSTER_KEYS, "cluster")
+    cl = check_keys(raw.get("cluster"), CLUSTER_KEYS, "cluster")
     cluster = {
-        "nodes": _num(cl, "nodes", "cluster", 1, integer=True),
-        "gpus_per_node": _num(cl, "gpus_per_node", "cluster", 1, integer=True),
-        "gpu": _get(cl, "gpu", "cluster", str, "a100-80gb"),
-        "gpu_memory_gib": _num(cl, "gpu_memory_gib", "cluster", None),
-        "gpu_overrides": _get(cl, "gpu_overrides", "cluster", dict, {}),
-        "compute_efficiency": _num(cl, "compute_efficiency", "cluster", 0.5, FRACTION),
-        "memory_efficiency": _num(cl, "memory_efficiency", "cluster", 0.7, FRACTION),
+        "nodes": num(cl, "nodes", "cluster", 1, integer=True),
+        "gpus_per_node": num(cl, "gpus_per_node", "cluster", 1, integer=True),
+        "gpu": get_typed(cl, "gpu", "cluster", str, "a100-80gb"),
+        "gpu_memory_gib": num(cl, "gpu_memory_gib", "cluster", None),
+        "gpu_overrides": get_typed(cl, "gpu_overrides", "cluster", dict, {}),
+        "compute_efficiency": num(cl, "compute_efficiency", "cluster", 0.5, FRACTION),
+        "memory_efficiency": num(cl, "memory_efficiency", "cluster", 0.7, FRACTION),
     }
     if cl.get("decode_admission") is not None:  # only when given: the default leaves configs as they were
-        cluster["decode_admission"] = _get(cl, "decode_admission", "cluster", str, None)
+        cluster["decode_admission"] = get_typed(cl, "decode_admission", "cluster", str, None)
         if cluster["decode_admission"] not in DECODE_ADMISSION:
             raise ConfigError(f"cluster.decode_admission: expected fluid or step, got {shown(cluster['decode_admission'])}")
     if cluster["gpu"] not in GPUS:
         raise ConfigError(f"cluster.gpu: unknown GPU {shown(cluster['gpu'])}; expected one of: {', '.join(GPUS)}")
-    tiers = _check_keys(cl.get("tiers"), TIER_KEYS, "cluster.tiers")
+    tiers = check_keys(cl.get("tiers"), TIER_KEYS, "cluster.tiers")
     cluster["tiers"] = {
-        "host_cache_gib": _num(tiers, "host_cache_gib", "cluster.tiers", 256.0, NON_NEGATIVE),
-        "ssd_gbps": _num(tiers, "ssd_gbps", "cluster.tiers", 6.0),
-        "network_gbps": _num(tiers, "network_gbps", "cluster.tiers", 1.25),
-        "ssd_holds_all": _get(tiers, "ssd_holds_all", "cluster.tiers", bool, True),
-        "unit_overhead_s": _num(tiers, "unit_overhead_s", "cluster.tiers", 0.0, NON_NEGATIVE),
+        "host_cache_gib": num(tiers, "host_cache_gib", "cluster.tiers", 256.0, NON_NEGATIVE),
+        "ssd_gbps": num(tiers, "ssd_gbps", "cluster.tiers", 6.0),
+        "network_gbps": num(tiers, "network_gbps", "cluster.tiers", 1.25),
+        "ssd_holds_all": get_typed(tiers, "ssd_holds_all", "cluster.tiers", bool, True),
+        "unit_overhead_s": num(tiers, "unit_overhead_s", "cluster.tiers", 0.0, NON_NEGATIVE),
     }
     gpu_spec(cluster["gpu"], cluster["gpu_overrides"], cluster["gpu_memory_gib"])  # field checks
     if cl.get("topology") is not None:  # only when given: configs without it keep their hash
@@ -392,7 +249,7 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
         where = f"models.{i}"
         if isinstance(m, str):
             m = {"name": m}
-        m = _check_keys(m, MODEL_KEYS, where)
+        m = check_keys(m, MODEL_KEYS, where)
         mname = m.get("name")
         if not isinstance(mname, str) or not mname:
             raise ConfigError(f"{where}.name: expected a catalog model name or a checkpoint path")
@@ -404,11 +261,11 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
         seen.add(mname)
         entry = {
             "name": mname,
-            "sensitivity": _num(m, "sensitivity", where, 1.0),
-            "tensor_parallel": _num(m, "tensor_parallel", where, 1, integer=True),
+            "sensitivity": num(m, "sensitivity", where, 1.0),
+            "tensor_parallel": num(m, "tensor_parallel", where, 1, integer=True),
         }
         if m.get("derive") is not None:
-            d = _check_keys(m["derive"], ("base", "share", "share_first_layers"), f"{where}.derive")
+            d = check_keys(m["derive"], ("base", "share", "share_first_layers"), f"{where}.derive")
             if not isinstance(d.get("base"), str):
                 raise ConfigError(f"{where}.derive.base: expected the name of another model in models")
             if ("share" in d) == ("share_first_layers" in d):
@@ -443,9 +300,9 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
     names: set[str] = set()
     for i, s in enumerate(systems):
         where = f"systems.{i}"
-        s = _check_keys(s, SYSTEM_KEYS, where)
-        sname = _get(s, "name", where, str, None)
-        preset = _get(s, "preset", where, str, "tangram")
+        s = check_keys(s, SYSTEM_KEYS, where)
+        sname = get_typed(s, "name", where, str, None)
+        preset = get_typed(s, "preset", where, str, "tangram")
         if sname is None:
             sname = preset
         if sname in names:
@@ -453,7 +310,7 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
         names.add(sname)
         if preset not in PRESETS:
             raise ConfigError(f"{where}.preset: unknown preset {shown(preset)}; expected one of: {', '.join(PRESETS)}")
-        overrides = _get(s, "overrides", where, dict, {})
+        overrides = get_typed(s, "overrides", where, dict, {})
         make_system(sname, preset, overrides, where=where)  # type and policy-name checks
         out_systems.append({"name": sname, "preset": preset, "overrides": dict(overrides)})
     out["systems"] = out_systems
@@ -466,7 +323,7 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
 
     out["slo"] = _validate_slo(raw.get("slo"), [m["name"] for m in out_models])
 
-    outputs = _check_keys(raw.get("outputs"), OUTPUT_KEYS, "outputs")
+    outputs = check_keys(raw.get("outputs"), OUTPUT_KEYS, "outputs")
     interval = outputs.get("sample_interval_s", "auto")
     if interval is None:
         interval = "auto"
@@ -476,9 +333,9 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
         except ConfigError:
             raise ConfigError(f"outputs.sample_interval_s: expected auto or a number >= 0, got {shown(interval)}") from None
     out["outputs"] = {
-        "requests": _get(outputs, "requests", "outputs", bool, True),
-        "timeline": _get(outputs, "timeline", "outputs", bool, True),
-        "plots": _get(outputs, "plots", "outputs", bool, True),
+        "requests": get_typed(outputs, "requests", "outputs", bool, True),
+        "timeline": get_typed(outputs, "timeline", "outputs", bool, True),
+        "plots": get_typed(outputs, "plots", "outputs", bool, True),
         "sample_interval_s": interval,
     }
     if raw.get("real") is not None:
@@ -491,9 +348,9 @@ def _validate_slo(section: Any, model_names: list[str]) -> dict[str, Any]:
     per-model ones, each defaulting to the global target, only when given."""
     from tangram_sim.core.slo import DEFAULT_TPOT_S, DEFAULT_TTFT_S
 
-    slo = _check_keys(section, SLO_KEYS, "slo")
-    out: dict[str, Any] = {"ttft_s": _num(slo, "ttft_s", "slo", DEFAULT_TTFT_S),
-                           "tpot_s": _num(slo, "tpot_s", "slo", DEFAULT_TPOT_S)}
+    slo = check_keys(section, SLO_KEYS, "slo")
+    out: dict[str, Any] = {"ttft_s": num(slo, "ttft_s", "slo", DEFAULT_TTFT_S),
+                           "tpot_s": num(slo, "tpot_s", "slo", DEFAULT_TPOT_S)}
     per_model = slo.get("models")
     if per_model is None:
         return out
@@ -502,37 +359,37 @@ def _validate_slo(section: Any, model_names: list[str]) -> dict[str, Any]:
                           f"{shown(per_model)}")
     models: dict[str, dict[str, float]] = {}
     for name, targets in per_model.items():
-        where = f"slo.models.{_key(name)}"
+        where = f"slo.models.{key_text(name)}"
         if name not in model_names:
             raise ConfigError(f"{where}: not a model of this experiment; expected one of: "
-                              f"{', '.join(_key(m) for m in model_names)}")
-        t = _check_keys(targets, SLO_TARGET_KEYS, where)
-        models[name] = {key: _num(t, key, where, out[key]) for key in SLO_TARGET_KEYS}
+                              f"{', '.join(key_text(m) for m in model_names)}")
+        t = check_keys(targets, SLO_TARGET_KEYS, where)
+        models[name] = {key: num(t, key, where, out[key]) for key in SLO_TARGET_KEYS}
     out["models"] = models
     return out
 
 
 def _validate_real(section: Any, base_dir: Path | None) -> dict[str, Any]:
     """The `real:` section (replay and calibration settings); the simulator ignores it."""
-    real = _check_keys(section, REAL_KEYS, "real")
+    real = check_keys(section, REAL_KEYS, "real")
     out: dict[str, Any] = {
-        "scale": _get(real, "scale", "real", str, "tiny"),
-        "time_scale": _num(real, "time_scale", "real", 1.0),
+        "scale": get_typed(real, "scale", "real", str, "tiny"),
+        "time_scale": num(real, "time_scale", "real", 1.0),
     }
     if out["scale"] not in ("tiny", "small", "full"):
         raise ConfigError(f"real.scale: expected tiny, small or full, got {shown(out['scale'])}")
     for key in ("dtype", "checkpoints", "staging"):
         if real.get(key) is not None:
-            out[key] = _get(real, key, "real", str, None)
+            out[key] = get_typed(real, key, "real", str, None)
     for key in ("readers", "threads"):
         if real.get(key) is not None:
-            out[key] = _num(real, key, "real", None, integer=True)
+            out[key] = num(real, key, "real", None, integer=True)
     if real.get("chunk_mb") is not None:
-        out["chunk_mb"] = _num(real, "chunk_mb", "real", None)
+        out["chunk_mb"] = num(real, "chunk_mb", "real", None)
     if real.get("lag_bound_s") is not None:
-        out["lag_bound_s"] = _num(real, "lag_bound_s", "real", None)
+        out["lag_bound_s"] = num(real, "lag_bound_s", "real", None)
     if real.get("processes") is not None:
-        out["processes"] = _get(real, "processes", "real", bool, None)
+        out["processes"] = get_typed(real, "processes", "real", bool, None)
     if out.get("staging", "auto") not in ("auto", "always", "never"):
         raise ConfigError(f"real.staging: expected auto, always or never, got {shown(out['staging'])}")
     if "checkpoints" in out:

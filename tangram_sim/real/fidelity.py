@@ -236,11 +236,12 @@ def format_spread(spread: pd.DataFrame) -> str:
     """`replay_spread`'s table as text: one line per system and metric."""
     n = int(spread["replays"].iloc[0]) if len(spread) else 0
     labels = {c: label for c, label, _u, _k in METRICS}
-    lines = [f"{'system':<16}{'metric':<34}{'simulated':>12}{'replays (min-max)':>26}{'spread':>9}"
+    w = max([16, *(len(str(x)) + 2 for x in spread["system"])])
+    lines = [f"{'system':<{w}}{'metric':<34}{'simulated':>12}{'replays (min-max)':>26}{'spread':>9}"
              f"{'sim vs median':>15}{'within 10%':>12}"]
     for r in spread.itertuples():
         reals = [getattr(r, f"replay_{i + 1}") for i in range(n)]
-        lines.append(f"{r.system:<16}{labels[r.metric]:<34}{r.sim * 1e3:>9.3f} ms"
+        lines.append(f"{r.system:<{w}}{labels[r.metric]:<34}{r.sim * 1e3:>9.3f} ms"
                      f"{f'{min(reals) * 1e3:.3f}-{max(reals) * 1e3:.3f} ms':>26}{'-' if math.isnan(r.spread) else f'{r.spread:.1%}':>9}"
                      f"{_fmt_err(r.sim_err_median, 'rel'):>15}{f'{r.within_10} of {n}':>12}")
     return "\n".join(lines)

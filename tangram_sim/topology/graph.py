@@ -4,14 +4,15 @@ Links (each a fair-share bandwidth, `links.Link`):
 
 - per GPU: `pcie` (host -> GPU: every load ends on it), `pcie_up` (GPU -> host: the first hop when a
   GPU's copy is read over PCIe), and with NVLink `nvlink_out` / `nvlink_in` (each way);
-- per node: `ssd` (local NVMe reads), `nic_in` and `nic_out` (the NIC, full duplex, each way at
-  `cluster.tiers.network_gbps`: a node can receive a model and forward it at once);
+- per node: `ssd` (local NVMe reads), and per NIC (`cluster.topology.nics_per_node` of them, one by
+  default) `nic_in` and `nic_out` (full duplex, each way at `cluster.tiers.network_gbps`: a node can
+  receive a model and forward it at once); a GPU uses NIC `nic_of(gpu)` (local GPU i: NIC i mod n);
 - one `store`: the shared remote checkpoint store, only when it has a limit of its own.
 
 Paths, by source (`SOURCES`): `dram` = the node's pinned host cache -> PCIe; `ssd` = SSD -> PCIe;
-`remote` = [store] -> NIC in -> PCIe; `peer-gpu` (a GPU of the same node) = NVLink out -> NVLink in, or
+`remote` = [store] -> its NIC in -> PCIe; `peer-gpu` (a GPU of the same node) = NVLink out -> NVLink in, or
 without NVLink the peer's PCIe up -> this GPU's PCIe; `remote-gpu` (a GPU of another node, RDMA only) =
-the peer's PCIe up -> its NIC out -> this NIC in -> this PCIe. Bytes stream through a path pipelined, so
+the peer's PCIe up -> the peer's NIC out -> this GPU's NIC in -> this PCIe. Bytes stream through a path pipelined, so
 a transfer runs at the smallest fair share of its links (`core.links`). The first three paths are the
 ones the cluster had before the topology existed, link for link.
 """
@@ -44,14 +45,21 @@ class Topology:
         self.nvlink_out = [Link(f"gpu{g}.nvlink-out", nv) for g in range(n_gpus)] if nv else None
         self.nvlink_in = [Link(f"gpu{g}.nvlink-in", nv) for g in range(n_gpus)] if nv else None
         self.ssd = [Link(f"node{n}.ssd", tiers.ssd_bps) for n in range(nodes)]
-        self.nic_in = [Link(f"node{n}.net", tiers.network_bps) for n in range(nodes)]  # into the node
-        self.nic_out = [Link(f"node{n}.net-out", tiers.network_bps) for n in range(nodes)]  # out of it
+        self.nics = spec.nics_per_node  # NICs per node
+        nics = [f"node{n}.net" + (f"{j}" if self.nics > 1 else "") for n in range(nodes) for j in range(self.nics)]
+        self.nic_in = [Link(name, tiers.network_bps) for name in nics]  # per NIC (node n: n*nics ...): into the node
+        self.nic_out = [Link(f"{name}-out", tiers.network_bps) for name in nics]  # out of it
         # the shared remote store's own limit (None: unlimited, the NICs alone limit reads from it)
         self.store = Link("store", spec.remote_store_bps) if spec.remote_store_bps else None
         self._fixed: dict[tuple[str, int], tuple[Link, ...]] = {}  # (source, gpu) -> path of a host source
 
     def node_of(self, gpu: int) -> int:
         return gpu // self.gpus_per_node
+
+    def nic_of(self, gpu: int) -> int:
+        """The NIC (index into `nic_in` / `nic_out`) that `gpu` reaches other nodes through."""
+        node, local = divmod(gpu, self.gpus_per_node)
+        return node * self.nics + local % self.nics
 
     def path(self, source: str, gpu: int, src_gpu: int = -1) -> tuple[Link, ...]:
         """The links a unit crosses from `source` to `gpu` (`src_gpu`: the GPU holding it, for the GPU
@@ -67,7 +75,8 @@ class Topology:
         elif source == "ssd":
             links = (self.ssd[node], pcie)
         elif source == "remote":
-            links = (self.nic_in[node], pcie) if self.store is None else (self.store, self.nic_in[node], pcie)
+            nic = self.nic_in[self.nic_of(gpu)]
+            links = (nic, pcie) if self.store is None else (self.store, nic, pcie)
         elif source == "peer-gpu":
             if src_gpu < 0 or src_gpu == gpu or src_gpu // self.gpus_per_node != node:
                 raise ValueError(f"gpu {src_gpu} is not a peer of gpu {gpu} in its node")
@@ -80,7 +89,7 @@ class Topology:
                 raise ValueError(f"gpu {src_gpu} is not on another node than gpu {gpu}")
             if not self.spec.rdma:
                 raise ValueError("a GPU of another node is a source only with cluster.topology.rdma")
-            return (self.pcie_up[src_gpu], self.nic_out[src_node], self.nic_in[node], pcie)
+            return (self.pcie_up[src_gpu], self.nic_out[self.nic_of(src_gpu)], self.nic_in[self.nic_of(gpu)], pcie)
         else:
             raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
         self._fixed[(source, gpu)] = links
@@ -95,5 +104,5 @@ class Topology:
         every checkpoint starts there, else the remote store through its NIC (the load estimates')."""
         if self.tiers.ssd_holds_all:
             return self.ssd[node].bps
-        bps = self.nic_in[node].bps
+        bps = self.nic_in[node * self.nics].bps  # one load reads through one NIC (all alike)
         return bps if self.store is None else min(bps, self.store.bps)

@@ -14,7 +14,7 @@ from typing import Any
 
 from tangram_sim.errors import ConfigError, shown
 
-TOPOLOGY_KEYS = ("nvlink_gbps", "rdma", "remote_store_gbps")
+TOPOLOGY_KEYS = ("nvlink_gbps", "rdma", "remote_store_gbps", "nics_per_node")
 
 
 @dataclass(slots=True, frozen=True)
@@ -29,6 +29,10 @@ class TopologySpec:
     # total bandwidth of the shared remote checkpoint store, bytes/s, split fairly by every node reading
     # from it; None: unlimited, each node's NIC (`cluster.tiers.network_gbps`) is the only limit
     remote_store_bps: float | None = None
+    # NICs of each node, each at `cluster.tiers.network_gbps` each way; the node's GPUs are paired with
+    # them in turn (local GPU i with NIC i mod n), as GPU servers pair each GPU with its nearest RDMA NIC.
+    # A GPU's remote reads and cross-node copies cross its own NIC; 1: one NIC that every GPU shares
+    nics_per_node: int = 1
 
 
 def _gbps(section: dict[str, Any], key: str, where: str) -> float | None:
@@ -60,5 +64,10 @@ def topology_from_config(section: Any, where: str = "cluster.topology") -> Topol
         rdma = False
     if not isinstance(rdma, bool):
         raise ConfigError(f"{where}.rdma: expected true or false, got {shown(rdma)}")
+    nics = section.get("nics_per_node", 1)
+    if nics is None:
+        nics = 1
+    if isinstance(nics, bool) or not isinstance(nics, int) or nics < 1:
+        raise ConfigError(f"{where}.nics_per_node: expected an integer >= 1, got {shown(nics)}")
     return TopologySpec(nvlink_bps=_gbps(section, "nvlink_gbps", where), rdma=rdma,
-                        remote_store_bps=_gbps(section, "remote_store_gbps", where))
+                        remote_store_bps=_gbps(section, "remote_store_gbps", where), nics_per_node=nics)
