@@ -230,3 +230,12 @@ def test_replay_spread_measures_replays_against_each_other_and_the_simulation(tm
     assert "mean load time (per cold start)" in text and "2 of 3" in text and "23.8%" in text
     with pytest.raises(TangramError, match="expected two or more"):
         replay_spread(sim_dir, dirs[:1])
+    # the same from the command line: `compare SIM REPLAY --also REPLAY ...` writes spread.csv beside
+    # fidelity.csv and prints the table
+    out = tmp_path / "cmp"
+    assert main(["compare", str(sim_dir), str(dirs[0]), "--also", str(dirs[1]), "--also", str(dirs[2]),
+                 "--out", str(out), "--no-plot"]) == 0
+    written = pd.read_csv(out / "spread.csv")
+    assert len(written) == 4 and set(written["replays"]) == {3}
+    assert main(["compare", str(sim_dir), str(dirs[0]), "--also", str(tmp_path / "nowhere"), "--out",
+                 str(tmp_path / "cmp2"), "--no-plot"]) == 2  # a user error: one line naming the folder

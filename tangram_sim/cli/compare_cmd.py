@@ -1,4 +1,5 @@
-"""`tangram-sim compare SIM_DIR REAL_DIR`: the error of a simulation against a real replay."""
+"""`tangram-sim compare SIM_DIR REAL_DIR [--also REAL_DIR ...]`: the error of a simulation against a real
+replay, and with more replays of the same trace their spread (`spread.csv`)."""
 
 from __future__ import annotations
 
@@ -29,11 +30,20 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--tolerance", type=float, default=None, metavar="FRACTION",
                    help="exit 1 if |error| of mean load time or p50 TTFT exceeds this (e.g. 0.1)")
     p.add_argument("--no-plot", action="store_true", help="write fidelity.csv only")
+    p.add_argument("--also", action="append", default=[], metavar="REAL_DIR",
+                   help="another replay of the same trace (repeatable): spread.csv and a table of how far "
+                        "the replays fall from their median and the simulation from it")
     p.set_defaults(func=_compare)
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from tangram_sim.real.fidelity import compare_runs, format_table, plot_fidelity
+    from tangram_sim.real.fidelity import (
+        compare_runs,
+        format_spread,
+        format_table,
+        plot_fidelity,
+        replay_spread,
+    )
 
     if args.tolerance is not None and not args.tolerance > 0:
         raise ConfigError(f"--tolerance {args.tolerance}: expected a positive fraction, e.g. 0.1")
@@ -42,6 +52,9 @@ def _compare(args: argparse.Namespace) -> int:
 
     sim_dir, real_dir = Path(args.sim_dir), Path(args.real_dir)
     check_kinds(sim_dir, real_dir)
+    also = [Path(d) for d in args.also]
+    for d in also:
+        check_kinds(sim_dir, d)
     out = Path(args.out) if args.out else default_out(sim_dir, real_dir)
     check_out_dir(out)
     check_out(out)
@@ -58,6 +71,12 @@ def _compare(args: argparse.Namespace) -> int:
     print(format_table(fid))
     if not args.no_plot:
         written.append(plot_fidelity(fid, out / "fidelity.png"))
+    if also:
+        spread = replay_spread(sim_dir, [real_dir, *also])
+        spread.to_csv(out / "spread.csv", index=False, float_format="%.6g")
+        written.append(out / "spread.csv")
+        print(f"\n{len(also) + 1} replays (spread: the farthest from their median)")
+        print(format_spread(spread))
     print(f"wrote {', '.join(str(p) for p in written)}")
     worst = fid.worst_headline_error()
     if args.tolerance is not None:
