@@ -236,3 +236,33 @@ def test_stages_spread_over_nodes_when_the_network_bounds_the_load() -> None:
     compute = stage_sums(Calibrated(calibration(spec, 0.2), Roofline(gpu)).prefill_layers_s(spec, 100, 1), (0, 4))
     ready = [0.3 + 4 * 64 * MiB / 1e9] * 2
     assert row.ttft_s == pytest.approx(pipelined_ttft_s(ready, compute, [100 * HIDDEN * 2 / 1e9]), rel=1e-9)
+
+
+def tied(name: str, layers: int, table_mib: int, layer_mib: int) -> ModelSpec:
+    """A model with tied embeddings: a token table (no lm_head tensor), `layers` layers and a final norm."""
+    tensors = (make_tensor(name, "model.embed_tokens.weight", (table_mib * MiB // 2,), "BF16"),
+               *(make_tensor(name, f"model.layers.{i}.mlp.weight", (layer_mib * MiB // 2,), "BF16")
+                 for i in range(layers)),
+               make_tensor(name, "model.norm.weight", (1024,), "BF16"))
+    arch = ArchInfo("qwen2", hidden_size=HIDDEN, num_layers=layers, num_heads=1, num_kv_heads=1, head_dim=64)
+    return ModelSpec(name, "qwen2", tensors, "BF16", arch, "test")
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_a_tied_models_last_stage_loads_the_token_table_too(k: int) -> None:
+    """The head multiplies by the token table: the last stage loads it beside its layers, the request's
+    bytes count it twice (loaded + reused = needed), and the leader, which holds it, does not load it
+    again when it consolidates; the instance then ends with every pin dropped."""
+    spec = tied(f"t{k}", 8, 128, 64)
+    table = 128 * MiB
+    t = trace((0.0, spec.name, 100, 4000), (10.0, spec.name, 100, 10))
+    res = run(spec, t, {"pipeline": "fixed", "pipeline_params": {"k": k}, "granularity": "tensor"}, step_s=2e-3)
+    first = res.requests.iloc[0]
+    assert first.bytes_needed == spec.weight_bytes + table
+    assert first.bytes_loaded == spec.weight_bytes + table and first.bytes_reused == 0
+    merged = next(e for e in res.events if e[2] == "merged")
+    # the leader (stage 0: the table and its layers) loads the other stages' layers and norm, not the table
+    assert int(merged[4].split("=")[1]) == spec.weight_bytes - table - sum(
+        64 * MiB for _ in range(split_layers(layer_blocks(spec).nbytes, k)[1] - 1))
+    assert list(res.requests.outcome) == ["completed", "completed"]
+    assert list(res.requests.cold) == [True, False] and res.requests.iloc[1].bytes_needed == spec.weight_bytes

@@ -106,7 +106,7 @@ def cold_start(worker: GpuWorker, head: Request, gang: Gang | None):
         extra += plan.extra_evicted_bytes
         member.compaction_bytes += plan.moved_bytes
         loads.append(RankLoad(member, missing, moves, plan.moved_bytes))
-    head.bytes_needed = entry.nbytes
+    head.bytes_needed = entry.nbytes if stages is None else sum(stages.rank_bytes)  # a tied table twice
     head.bytes_reused = reused
     head.bytes_loaded = loaded
     head.bytes_moved = moved

@@ -26,8 +26,12 @@ the instance consolidates onto its leader (HydraServe; `policies.pipeline` has t
   released. KV is moved, not recomputed, as HydraServe does. When the leader has no room for the rest
   (a plan cannot be found), the instance stays a pipeline until it ends.
 
-Accounting: a pipelined cold start's `bytes_needed` is the model's bytes, `bytes_loaded + bytes_reused`
-over its stages; the consolidation's loads are the leader's own (they appear in the per-source byte
+A model with tied embeddings (no lm_head tensor: the head multiplies by the token table) has the table's
+units on its first stage (the embeddings) and on its last (the head), as a pipeline-parallel engine
+loads them; the leader, which holds them already, does not load them again when it consolidates.
+
+Accounting: a pipelined cold start's `bytes_needed` is its stages' bytes (the model's, plus the token
+table once more for a tied model), `bytes_loaded + bytes_reused` over its stages; the consolidation's loads are the leader's own (they appear in the per-source byte
 columns, `core.sources`, not in any request's `bytes_loaded`).
 """
 
@@ -41,6 +45,7 @@ from tangram_sim.core.device import RankLoad
 from tangram_sim.core.memory import Ask, acquire, commit
 from tangram_sim.core.records import Gang, Request, Stages
 from tangram_sim.models.layers import layer_blocks, unit_parts
+from tangram_sim.models.spec import is_lm_head, is_lookup_table
 from tangram_sim.policies.packing import Move
 from tangram_sim.policies.pipeline import pipelined_ttft_s, split_layers, stage_sums
 
@@ -72,6 +77,14 @@ def layout(cluster: Cluster, model: str, k: int) -> Layout | None:
         for i, parts in enumerate(unit_parts(entry.spec, entry.units)):
             stage = bisect.bisect_right(starts, parts[-1][1]) - 1 if parts else 0
             members[stage].append(i)
+        tensors = entry.spec.tensors
+        if k > 1 and not any(is_lm_head(t.name) for t in tensors):
+            # tied embeddings: the head, on the last stage, multiplies by the token table, which loads
+            # with the embeddings on the first; the last stage loads the table's units too (as
+            # pipeline-parallel engines do: vLLM's last rank reads embed_tokens for its lm_head)
+            table = [i for i in members[0] if any(is_lookup_table(tensors[t].name) and "position" not in tensors[t].name
+                                                   for t in entry.units[i].tensor_indices)]
+            members[-1] = sorted({*members[-1], *table})
         if all(members):
             units, aligned = entry.rank_units[0], entry.rank_aligned[0]
             found = (starts,
@@ -197,8 +210,11 @@ def merge(leader: GpuWorker, inst: Instance):
     loading = inst.loading
     if loading is not None and not loading.finished:
         yield loading.done
-    units = [u for j in range(1, len(stages.rank_units)) for u in stages.rank_units[j]]
-    aligned_sizes = [a for j in range(1, len(stages.rank_aligned)) for a in stages.rank_aligned[j]]
+    own = set(stages.rank_keys[0])  # a tied model's token table is on the last stage and here already
+    pairs = [(u, a) for j in range(1, len(stages.rank_units))
+             for u, a in zip(stages.rank_units[j], stages.rank_aligned[j]) if u[0] not in own]
+    units = [u for u, _a in pairs]
+    aligned_sizes = [a for _u, a in pairs]
     arena = leader.arena
     found = arena.lookup_many([u[0] for u in units])
     missing = [u for u, r in zip(units, found) if r is None]
