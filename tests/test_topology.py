@@ -47,6 +47,10 @@ def test_the_section_reaches_the_cluster_through_an_experiment() -> None:
     raw["cluster"]["topology"] = {"rdma": 1}
     with pytest.raises(ConfigError, match=r"^cluster\.topology\.rdma: expected true or false"):
         validate(raw, None)
+    raw["cluster"]["topology"] = {"nics_per_node": 10**12}  # no more NICs than GPUs: one line, no list of 10^12
+    with pytest.raises(ConfigError, match=r"^cluster\.topology\.nics_per_node: expected an integer from 1 to "
+                       r"gpus_per_node \(\d+\), got 1000000000000$"):
+        validate(raw, None)
     del raw["cluster"]["topology"]
     assert "topology" not in validate(raw, None)["cluster"]  # configs without it keep their hash
     assert build_cluster(validate(raw, None)).topology == TopologySpec()

@@ -38,7 +38,7 @@ Schema (defaults in brackets):
         nvlink_gbps: number [none]         #   NVLink per GPU each way; none: peers copy over PCIe
         rdma: bool [false]                 #   NICs reach GPU memory: another node's GPU can be a source
         remote_store_gbps: number [none]   #   the shared remote store's limit; none: the NICs' alone
-        nics_per_node: int [1]             #   NICs per node at network_gbps each; local GPU i uses NIC i mod n
+        nics_per_node: int [1]             #   NICs per node (<= gpus_per_node) at network_gbps each; local GPU i uses NIC i mod n
     models:                                # at least one
       - name: catalog name, or a config.json / .safetensors / checkpoint folder path
         sensitivity: number [1]
@@ -234,7 +234,10 @@ def validate(raw: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
     }
     gpu_spec(cluster["gpu"], cluster["gpu_overrides"], cluster["gpu_memory_gib"])  # field checks
     if cl.get("topology") is not None:  # only when given: configs without it keep their hash
-        topology_from_config(cl["topology"])  # checks every key
+        spec = topology_from_config(cl["topology"])  # checks every key
+        if spec.nics_per_node > cluster["gpus_per_node"]:  # more would carry nothing (and cost memory)
+            raise ConfigError(f"cluster.topology.nics_per_node: expected an integer from 1 to gpus_per_node "
+                              f"({cluster['gpus_per_node']}), got {spec.nics_per_node}")
         cluster["topology"] = dict(cl["topology"])
     if cl.get("time_model") is not None:  # only when given: configs without it keep their hash
         cluster["time_model"] = _time_model(cl["time_model"])

@@ -45,7 +45,7 @@ class Topology:
         self.nvlink_out = [Link(f"gpu{g}.nvlink-out", nv) for g in range(n_gpus)] if nv else None
         self.nvlink_in = [Link(f"gpu{g}.nvlink-in", nv) for g in range(n_gpus)] if nv else None
         self.ssd = [Link(f"node{n}.ssd", tiers.ssd_bps) for n in range(nodes)]
-        self.nics = spec.nics_per_node  # NICs per node
+        self.nics = min(spec.nics_per_node, gpus_per_node)  # NICs per node (one more than GPUs carries nothing)
         nics = [f"node{n}.net" + (f"{j}" if self.nics > 1 else "") for n in range(nodes) for j in range(self.nics)]
         self.nic_in = [Link(name, tiers.network_bps) for name in nics]  # per NIC (node n: n*nics ...): into the node
         self.nic_out = [Link(f"{name}-out", tiers.network_bps) for name in nics]  # out of it
