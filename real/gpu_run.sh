@@ -9,7 +9,8 @@
 #
 # (--validate-set and --validate-arg apply to both validations; the execute-while-load one's report is
 # appended to validate.md, its log to validate.log, its files are in results.tar.gz under validate-ewl/.)
-# (--validate-arg passes ARG on to validate.py, e.g. `--validate-arg --calibration=real/h200/calibration.yaml`.)
+# (--validate-arg passes ARG on to validate.py, e.g. `--validate-arg --calibration=real/h200/calibration.yaml`,
+# or `--validate-arg --repeat=2`: the trace replayed twice with one calibration, the replays' spread reported.)
 #
 # Work happens in a scratch folder (checkpoints are tens of GB); OUT receives at most eight files:
 # the two reports (check.md, validate.md), their JSON, the console logs, and results.tar.gz holding
