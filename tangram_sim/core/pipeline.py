@@ -171,24 +171,42 @@ def propose(cluster: Cluster, req: Request, leader: GpuWorker) -> Gang | None:
 
 def _predict(cluster: Cluster, req: Request, group: tuple[GpuWorker, ...], found: Layout, compute: list[float],
              token_bytes: int) -> tuple[float, tuple[float, ...]]:
-    """The chain rule's TTFT of `req` on stages `group` (module docstring), and each hop's time per token."""
-    entry = cluster.entries[req.model]
+    """The chain rule's TTFT of `req` on stages `group` (module docstring), and each hop's time per token.
+
+    A stage is ready once its missing units have arrived from where the node holds each (`core.sources`:
+    its DRAM cache, else its SSD, else the remote store), one transfer per source in parallel as the
+    modelled device runs them, all through the stage's PCIe link; the stages of one node share its SSD,
+    those behind one NIC share it, and all k share the remote store's limit."""
     topology = cluster.topology
     k = len(group)
     starts, keys, units, _aligned, _nbytes = found
     per_node: dict[int, int] = {}
+    per_nic: dict[int, int] = {}
     for w in group:
         per_node[w.node.node_id] = per_node.get(w.node.node_id, 0) + 1
+        nic = topology.nic_of(w.gpu_id)
+        per_nic[nic] = per_nic.get(nic, 0) + 1
+    pcie = cluster.pcie_bps
     ready = []
     for j, w in enumerate(group):
-        missing = sum(n for (_key, n), r in zip(units[j], w.arena.lookup_many(keys[j])) if r is None)
-        if w.node.holds(entry, req.model):
-            bps = cluster.pcie_bps
-        else:
-            bps = min(cluster.pcie_bps, topology.storage_bps(w.node.node_id) / per_node[w.node.node_id])
-            if topology.store is not None:
-                bps = min(bps, topology.store.bps / k)
-        ready.append(cluster.engine_overhead_s + missing / bps)
+        node = w.node
+        cache, on_ssd, ssd_holds_all = node.cache, node.on_ssd, node.tiers.ssd_holds_all
+        dram = ssd = remote = 0
+        for (key, n), r in zip(units[j], w.arena.lookup_many(keys[j])):
+            if r is not None:
+                continue
+            if key in cache:
+                dram += n
+            elif ssd_holds_all or key in on_ssd:
+                ssd += n
+            else:
+                remote += n
+        remote_bps = topology.nic_in[topology.nic_of(w.gpu_id)].bps / per_nic[topology.nic_of(w.gpu_id)]
+        if topology.store is not None:
+            remote_bps = min(remote_bps, topology.store.bps / k)
+        seconds = max(dram / pcie, ssd / min(pcie, topology.ssd[node.node_id].bps / per_node[node.node_id]),
+                      remote / min(pcie, remote_bps), (dram + ssd + remote) / pcie)
+        ready.append(cluster.engine_overhead_s + seconds)
     hop_per_token = tuple(token_bytes / _link_bps(cluster, group[j].gpu_id, group[j + 1].gpu_id)
                           for j in range(k - 1))
     hops = [h * req.input_tokens for h in hop_per_token]
