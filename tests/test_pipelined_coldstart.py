@@ -212,12 +212,27 @@ def test_a_real_device_refuses_pipelines() -> None:
                       recorder=Recorder(False, 1.0, True), engine_overhead_s=0.0, pcie_bps=gpu.pcie_bps)
 
 
-def test_the_real_executor_refuses_pipelines() -> None:
+def test_the_real_executor_refuses_pipelines_it_cannot_run() -> None:
+    """A real stage loads, then computes (not layer by layer), and its engine needs whole layers."""
     pytest.importorskip("torch")
+    from tangram_sim.real.pipelined import check_stage_units
     from tangram_sim.real.setup import check_replayable
 
-    with pytest.raises(ConfigError, match="pipeline slo is not yet supported by the real executor"):
-        check_replayable(make_system("s", "tangram", {"pipeline": "slo"}))
+    check_replayable(make_system("s", "tangram", {"pipeline": "slo"}))
+    with pytest.raises(ConfigError, match=r"systems \(s\): the real executor runs a pipelined cold start's stages"):
+        check_replayable(make_system("s", "tangram", {"pipeline": "slo", "execute_while_load": True}))
+    qwen = get_model("qwen2.5-3b")
+    # group granularity without a divisor groups within a block (hydraserve's); the Tangram store's merge
+    # (a divisor) joins blocks
+    for granularity, divisor, ok in (("tensor", 0, True), ("group", 0, True), ("group", 4, False)):
+        system = make_system("s", "tangram", {"pipeline": "slo", "granularity": granularity,
+                                              "min_unit_bytes": 2**30, "unit_divisor": divisor})
+        entry = build_entries({"q": (qwen, 1.0, 1)}, system, ARENA_ALIGNMENT)["q"]
+        if ok:
+            check_stage_units("q", entry, "s")
+        else:
+            with pytest.raises(ConfigError, match=r"needs reuse units within one layer, but unit 0 of model q holds"):
+                check_stage_units("q", entry, "s")
 
 
 def test_stages_spread_over_nodes_when_the_network_bounds_the_load() -> None:

@@ -16,7 +16,9 @@ retention). A device then does the work those decisions stand for and returns wh
   result once it has happened (no generator frame per step: the simulator runs millions of them);
 - `kv_grown` / `kv_freed`: bind or drop the memory behind a request's KV bytes;
 - `prefetch_source` / `prefetch_unit`: whether a unit may be prefetched, and the load of one
-  prefetched unit, cancellable at any time (`core.prefetch`).
+  prefetched unit, cancellable at any time (`core.prefetch`);
+- `load_units` / `consolidate`: a pipelined instance's leader loading the other stages' units, and
+  serving alone once it has them (`core.pipeline`).
 
 `start_instance` is a generator to be driven with `yield from` by the worker's SimPy process,
 so the same process runs under the simulator's clock (`simpy.Environment`) and under the replay's wall
@@ -131,6 +133,7 @@ class Device(Protocol):
     # (`core.multicast`); a device without these attributes reads every unit from its own node's tiers
     reads_gpu_copies: bool
     joins_multicast: bool
+    runs_pipelines: bool  # a cold start may run as stages on several GPUs (`core.pipeline`)
     binds_memory: bool  # False: the books are all there is (the modelled device); the worker then skips
     # the calls below that only bind or read memory (kv_grown, kv_freed, pool_reserved, end_instance,
     # sampled), which are the simulator's most frequent calls
@@ -153,6 +156,19 @@ class Device(Protocol):
                wake: simpy.Event | None) -> tuple[simpy.Event, Callable[[], tuple[float, float]]]:
         """Advance the batch by at most `horizon` tokens, stopping early when `wake` fires (if the device
         can stop): (event, () -> (seconds, tokens each running request advanced))."""
+        ...
+
+    def load_units(self, load: RankLoad) -> simpy.Event:
+        """Load units booked as loading outside a cold start (a pipelined instance's leader loading the
+        other stages' units, `core.pipeline.merge`); the event fires when they are in place. Only a device
+        that `runs_pipelines` is asked."""
+        ...
+
+    def consolidate(self, inst: Instance, move_s: float) -> tuple[simpy.Event, Callable[[], float]] | None:
+        """A pipelined instance consolidates onto this leader, every unit resident here: what the device does
+        before the instance serves from it alone, as (event, seconds it took), or None when nothing. `move_s`:
+        the move of the running requests' KV of the other stages that the lifecycle charges (the modelled
+        device waits that long; a real one keeps a pipeline's KV on its leader and rebuilds its engine)."""
         ...
 
     def kv_grown(self, inst: Instance, req: Request, keys: Sequence[Key], nbytes: int) -> None:

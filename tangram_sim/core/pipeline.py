@@ -268,8 +268,11 @@ def consolidate(leader: GpuWorker, inst: Instance):
     env = c.env
     kv = sum(r.kv_bytes for r in inst.running)
     move_s = max((kv * share / bps for share, bps in zip(stages.kv_share[1:], stages.leader_bps[1:])), default=0.0)
-    if move_s > 0:
-        yield env.timeout(move_s)
+    step = leader.device.consolidate(inst, move_s)  # the KV move (modelled), or what a real device does
+    if step is not None:
+        done, seconds = step
+        yield done
+        move_s = seconds()
         leader.busy_s += move_s
     now = env.now
     for rank, worker in enumerate(inst.group):

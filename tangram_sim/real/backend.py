@@ -55,7 +55,7 @@ from tangram_sim.real.loader import (
     open_checkpoint,
 )
 
-__all__ = ["BackendSpec", "DeviceBackend", "model_layouts", "sync"]
+__all__ = ["BackendSpec", "DeviceBackend", "model_layouts", "pack", "sync", "unpack"]
 
 
 @dataclass(slots=True)
@@ -96,6 +96,20 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work: every measured duration (and benchmark) ends here."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def pack(x: torch.Tensor) -> tuple[bytes, tuple[int, ...], str]:
+    """Hidden states as plain bytes, to pass between device processes (a pipeline's activations): no
+    tensor crosses the pipe, so neither process's torch sharing strategy is involved."""
+    host = x.detach().contiguous().cpu()
+    return host.view(torch.uint8).numpy().tobytes(), tuple(host.shape), str(host.dtype).removeprefix("torch.")
+
+
+def unpack(packed: tuple[bytes, tuple[int, ...], str], device: torch.device) -> torch.Tensor:
+    """`pack`'s tensor, on `device`."""
+    data, shape, dtype = packed
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return flat.view(getattr(torch, dtype)).view(shape).to(device)
 
 
 def model_layouts(spec: BackendSpec, ckpt: Checkpoint) -> list[UnitLayout]:
@@ -139,6 +153,11 @@ class DeviceBackend:
         self.kv: dict[int, list[int]] = {}  # rid -> its KV block offsets, in token order
         self.seqs: dict[int, _Seq] = {}  # rid -> its running sequence (after prefill)
         self.tokens: dict[int, list[int]] = {}  # rid -> every token it generated (first one first)
+        # model -> the GPU whose buffer holds its KV, for a pipeline stage after the first (`real.pipelined`:
+        # the lifecycle books a pipelined instance's KV on its leader; this stage reads and writes its
+        # layers there); absent: this buffer
+        self.kv_home: dict[str, int] = {}
+        self._stages: dict[str, tuple[int, int] | None] = {}  # model -> its engine's layer blocks (a stage)
 
     # ------------------------------------------------------------ bindings
     def apply(self, ops: Sequence[tuple]) -> None:
@@ -151,29 +170,40 @@ class DeviceBackend:
                 self.kv.setdefault(rid, []).extend(offsets)
                 seq = self.seqs.get(rid)
                 if seq is not None:
-                    m = self.models[model]
-                    seq.cache.blocks += [self.dev.tensor(off, m.dtype, m.block_shape) for off in offsets]
+                    seq.cache.blocks += self._blocks(model, offsets)
             elif kind == "free":
                 self.kv.pop(op[1], None)
                 self.seqs.pop(op[1], None)
             elif kind == "end":
                 self.engines.pop(op[1], None)
+                self.kv_home.pop(op[1], None)
+                self._stages.pop(op[1], None)
+            elif kind == "next":  # a pipeline's first stage: the token its last stage generated
+                _, rid, token = op
+                self.seqs[rid].tokens.append(token)
+                self.tokens.setdefault(rid, []).append(token)
             else:
                 raise AssertionError(f"unknown binding {kind!r}")
 
     # ------------------------------------------------------------ device work
     def start(self, ops: Sequence[tuple], model: str, offsets: dict[Key, int], missing: Sequence[Key],
               moves: Sequence[tuple[int, int, int]], verify: bool, layered: bool = False,
-              copies: Sequence[tuple[int, Key, int]] = ()) -> Measured:
+              copies: Sequence[tuple[int, Key, int]] = (), stage: tuple[int, int, int] | None = None) -> Measured:
         """A cold start's device part: compaction copies, copies of units from other arenas (`copies`:
         (GPU, key, offset there)), reads of `missing`, engine build (then the checksums when `verify`).
         Value: (move_s, read_s, engine_s, read bytes, read GB/s, copy_s, copied bytes). `layered`: see
-        `_start_layered`."""
+        `_start_layered`. `offsets` place the units the engine computes with: all of the model's, or, for
+        a pipeline stage (`stage`: its layer blocks [b0, b1) and the GPU holding its KV, -1 for this
+        one), that stage's (`real.pipelined`)."""
         self.apply(ops)
         self._settle()
         m = self.models[model]
+        self._stages[model] = None if stage is None else (stage[0], stage[1])
+        if stage is not None and stage[2] >= 0:
+            self.kv_home[model] = stage[2]
         ranges = [(gpu, src, offsets[key], m.by_key[key].nbytes) for gpu, key, src in copies]
         if layered:
+            assert stage is None, "a pipeline stage starts serially (real.pipelined)"
             return self._start_layered(m, model, offsets, missing, moves, verify, ranges)
         segments = [seg for key in missing for seg in self._segments(m, key, offsets[key])]
         t0 = time.perf_counter()
@@ -185,7 +215,7 @@ class DeviceBackend:
         read = self.loader.load(self.dev.buffer, segments) if segments else None
         sync(self.device)
         t2 = time.perf_counter()
-        self.engines[model] = build_engine(m.config, self._views(m, offsets), self.device)
+        self.engines[model] = build_engine(m.config, self._views(m, offsets), self.device, self._stages[model])
         sync(self.device)
         t3 = time.perf_counter()
         if verify:
@@ -236,24 +266,25 @@ class DeviceBackend:
         return Measured(None, t0, time.perf_counter() - t0)
 
     def prefill(self, ops: Sequence[tuple], model: str, batch: Sequence[tuple[int, list[int]]],
-                layered: bool = False) -> Measured:
+                layered: bool = False, hidden: tuple | None = None) -> Measured:
         """One packed forward pass over the prompts of `batch` ((rid, prompt token ids)); the first
         token of each becomes its sequence's next input. Value: the prompt lengths; with `layered` (the
         first prefill of a layered start) each layer block waits for its bytes, and the value is
         (lengths, per block: perf_counter when it began computing, when it was done, when its bytes were
         in; when the last read completed), the pass ending once every unit has landed (a serial engine
-        serves a whole model)."""
+        serves a whole model). A pipeline stage's pass: `_stage_pass`."""
         self.apply(ops)
-        m = self.models[model]
         engine = self.engines[model]
         seqs = []
         for rid, prompt in batch:
             cache = PagedKv(self.block_tokens)
-            cache.blocks = [self.dev.tensor(off, m.dtype, m.block_shape) for off in self.kv[rid]]
+            cache.blocks = self._blocks(model, self.kv[rid])
             seq = self.seqs[rid] = _Seq(list(prompt), cache)
             seqs.append(seq)
         device = self.device
         t0 = time.perf_counter()
+        if self._stages.get(model) is not None:
+            return self._stage_pass(engine, seqs, hidden, t0, prefill=True)
         lengths = [len(s.tokens) for s in seqs]
         width = max(lengths)
         tokens = torch.tensor([s.tokens + [0] * (width - len(s.tokens)) for s in seqs], dtype=torch.long,
@@ -294,13 +325,15 @@ class DeviceBackend:
             return Measured((lengths, starts, finishes, list(landing.stamps), landing.end), t0, seconds)
         return Measured(lengths, t0, seconds)
 
-    def decode(self, ops: Sequence[tuple], model: str, rids: Sequence[int]) -> Measured:
-        """One batched decode step of `rids`."""
+    def decode(self, ops: Sequence[tuple], model: str, rids: Sequence[int], hidden: tuple | None = None) -> Measured:
+        """One batched decode step of `rids` (a pipeline stage's: `_stage_pass`)."""
         self.apply(ops)
         engine = self.engines[model]
         seqs = [self.seqs[r] for r in rids]
         device = self.device
         t0 = time.perf_counter()
+        if self._stages.get(model) is not None:
+            return self._stage_pass(engine, seqs, hidden, t0, prefill=False)
         tokens = torch.tensor([[s.tokens[-1]] for s in seqs], dtype=torch.long, device=device)
         positions = torch.tensor([[s.length] for s in seqs], dtype=torch.long, device=device)
         with torch.inference_mode():
@@ -313,6 +346,65 @@ class DeviceBackend:
             seq.tokens.append(token)
             self.tokens[rid].append(token)
         return Measured(None, t0, seconds)
+
+    def _stage_pass(self, engine: CausalLM, seqs: list[_Seq], hidden: tuple | None, t0: float,
+                    prefill: bool) -> Measured:
+        """A pipeline stage's part of a prefill (each sequence's prompt) or of a decode step (one token
+        each): from the embeddings (the first stage) or the previous stage's `hidden` states (`pack`ed),
+        through its layers; value: its hidden states, packed for the next stage, or, from the last stage,
+        the new tokens, which go to the first one (an `apply` op "next": the first stage keeps the
+        sequences' tokens and the replay's record of them). The unpacking and packing are timed in it:
+        they are the stage's side of the hop."""
+        device = self.device
+        x = None if hidden is None else unpack(hidden, device)
+        if prefill:
+            lengths = [len(s.tokens) for s in seqs]
+            width = max(lengths)
+            tokens = torch.tensor([s.tokens + [0] * (width - len(s.tokens)) for s in seqs], dtype=torch.long,
+                                  device=device)
+            positions = torch.arange(width, device=device).expand(len(seqs), width)
+        else:
+            lengths = None
+            tokens = torch.tensor([[s.tokens[-1]] for s in seqs], dtype=torch.long, device=device)
+            positions = torch.tensor([[s.length] for s in seqs], dtype=torch.long, device=device)
+        with torch.inference_mode():
+            out = engine(tokens, positions, [s.cache for s in seqs], lengths=lengths, hidden=x)
+        value = greedy(out) if engine.has_head else pack(out)
+        sync(device)
+        seconds = time.perf_counter() - t0
+        for i, seq in enumerate(seqs):
+            seq.length = lengths[i] if prefill else seq.length + 1
+        return Measured(value, t0, seconds)
+
+    def load_units(self, ops: Sequence[tuple], model: str, offsets: dict[Key, int],
+                   moves: Sequence[tuple[int, int, int]]) -> Measured:
+        """Units of a running instance's model read into their regions after compaction copies (a
+        pipelined instance's leader loading the other stages' units before it consolidates). Value:
+        (move_s, read_s, read bytes)."""
+        self.apply(ops)
+        m = self.models[model]
+        segments = [seg for key, off in offsets.items() for seg in self._segments(m, key, off)]
+        t0 = time.perf_counter()
+        for src, dst, n in moves:
+            self.dev.copy_move(Move(None, src, dst, n))
+        sync(self.device)
+        t1 = time.perf_counter()
+        if segments:
+            self.loader.load(self.dev.buffer, segments)
+        sync(self.device)
+        t2 = time.perf_counter()
+        return Measured((t1 - t0, t2 - t1, sum(s.nbytes for s in segments)), t0, t2 - t0)
+
+    def rebuild(self, ops: Sequence[tuple], model: str, offsets: dict[Key, int]) -> Measured:
+        """A pipelined instance consolidated onto this leader: its engine over every unit's view (its KV,
+        the other stages' layers included, is in this buffer's blocks already). Value: None."""
+        self.apply(ops)
+        m = self.models[model]
+        t0 = time.perf_counter()
+        self._stages[model] = None
+        self.engines[model] = build_engine(m.config, self._views(m, offsets), self.device)
+        sync(self.device)
+        return Measured(None, t0, time.perf_counter() - t0)
 
     def warm_up(self, alignment: int) -> int:
         """Load, build, prefill and decode each model once with the commands above (page cache, kernels,
@@ -350,17 +442,27 @@ class DeviceBackend:
     def _views(self, m: _Model, offsets: dict[Key, int]) -> dict[str, torch.Tensor]:
         spec = m.ckpt.spec
         views = {}
-        for key, lay in m.by_key.items():
-            for s in lay.slots:
+        for key, off in offsets.items():
+            for s in m.by_key[key].slots:
                 t = spec.tensors[s.index]
-                views[t.name] = self.dev.tensor(offsets[key] + s.rel, torch_dtype(t.dtype), t.shape)
+                views[t.name] = self.dev.tensor(off + s.rel, torch_dtype(t.dtype), t.shape)
         return views
 
+    def _blocks(self, model: str, offsets: Sequence[int]) -> list[torch.Tensor]:
+        """KV block views at `offsets` of the buffer that holds the model's KV (`kv_home`)."""
+        m = self.models[model]
+        home = self.kv_home.get(model, -1)
+        if home < 0:
+            return [self.dev.tensor(off, m.dtype, m.block_shape) for off in offsets]
+        buf = self.peers[home]
+        n = m.dtype.itemsize * torch.Size(m.block_shape).numel()
+        return [buf[off : off + n].view(m.dtype).view(m.block_shape) for off in offsets]
+
     def _verify(self, m: _Model, offsets: dict[Key, int]) -> None:
-        """Every tensor of the model in the arena equals its bytes in its file (blake2b), or ModelError."""
-        for key, lay in m.by_key.items():
-            for s in lay.slots:
-                on_device = device_digest(self.dev.bytes_at(offsets[key] + s.rel, s.nbytes))
+        """Every tensor of the model's units at `offsets` equals its bytes in its file (blake2b), or ModelError."""
+        for key, off in offsets.items():
+            for s in m.by_key[key].slots:
+                on_device = device_digest(self.dev.bytes_at(off + s.rel, s.nbytes))
                 in_file = file_digest(s.path, s.start, s.nbytes)
                 if on_device != in_file:
                     raise ModelError(f"{s.path}: tensor {s.name!r} on {self.device} differs from the file "

@@ -44,6 +44,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import simpy
 import torch
@@ -56,6 +57,7 @@ from tangram_sim.core.startup import StartupPlan, resolve_startup
 from tangram_sim.core.storage import Node
 from tangram_sim.core.worker import Instance
 from tangram_sim.policies.kv import kv_block_bytes
+from tangram_sim.real import pipelined
 from tangram_sim.real.backend import BackendSpec, model_layouts
 from tangram_sim.real.link import DeviceLink
 from tangram_sim.real.loader import Checkpoint
@@ -91,6 +93,7 @@ class RealDevice:
     binds_memory = True  # KV bytes become block views, samples read the device's memory counters
     overlaps_load = True  # its backend can load layer by layer under a first prefill (execute_while_load)
     reads_gpu_copies = True  # a unit may be copied from another arena's buffer (`real.peers`)
+    runs_pipelines = True  # a cold start may run as stages on several devices (`real.pipelined`)
 
     def __init__(self, env: WallClockEnvironment, gpu_id: int, spec: BackendSpec, ckpts: dict[str, Checkpoint],
                  prompts: dict[int, list[int]], *, process: bool = False, verify: bool = False,
@@ -127,7 +130,7 @@ class RealDevice:
         self.memory: list[tuple] = []  # MEMORY_COLUMNS rows
         self.steps: list[tuple] = []  # STEP_COLUMNS rows
         self.layers: list[tuple] = []  # LAYER_COLUMNS rows
-        self._frames: dict[int, tuple[float, float]] = {}  # id(LayerProgress) -> its start's (submitted, t0)
+        self._frames: dict[int, Any] = {}  # id(LayerProgress) -> its start's (submitted, t0), for its first prefill
         self.prefetches_submitted = 0  # prefetch reads handed to the thread (counted on the clock's thread)
         self.prefetches_finished = 0  # of those, done or skipped (counted on the device's thread)
         self._left: dict | None = None  # what the backend held at the end (`close`)
@@ -139,6 +142,8 @@ class RealDevice:
 
     # ------------------------------------------------------------ cold start
     def start_instance(self, inst: Instance, head: Request, loads: Sequence[RankLoad], landed: Landed) -> Work:
+        if inst.stages is not None:
+            return (yield from pipelined.start(self, inst, head, loads, landed))
         if len(loads) != 1:
             raise AssertionError("the real device runs one-GPU instances only")
         load = loads[0]
@@ -281,15 +286,21 @@ class RealDevice:
             new = [free.pop() for _ in range(nbytes // block)]
         self.kv.setdefault(req.rid, []).extend(new)
         self._ops.append(("kv", req.rid, inst.model, new))
+        if inst.stages is not None:
+            pipelined.forward_kv(self, inst, self._ops[-1])
 
     def kv_freed(self, inst: Instance, req: Request) -> None:
         offsets = self.kv.pop(req.rid, [])
         self._ops.append(("free", req.rid))
+        if inst.stages is not None:
+            pipelined.forward_kv(self, inst, self._ops[-1])
         if inst.pool is not None and offsets:
             self.pool_free[inst.model] += offsets
 
     # ------------------------------------------------------------ forward passes
     def prefill(self, inst: Instance, batch: Sequence[Request]) -> tuple[simpy.Event, Callable[[], float]]:
+        if inst.stages is not None:
+            return pipelined.prefill(self, inst, batch)
         loading = inst.loading
         layered = loading is not None and not loading.consumed
         if layered:
@@ -356,6 +367,8 @@ class RealDevice:
                wake: object) -> tuple[simpy.Event, Callable[[], tuple[float, float]]]:
         if horizon < 1:  # a request is at a KV growth point or done: nothing to run
             return self.env.timeout(0.0), lambda: (0.0, 0.0)
+        if inst.stages is not None:
+            return pipelined.decode(self, inst, running, kv_tokens)
         args = (self._take_ops(), inst.model, [r.rid for r in running])
         n = len(running)
         submitted = self.env.now
@@ -368,6 +381,13 @@ class RealDevice:
             return m.seconds, 1.0
 
         return done, finish
+
+    # ------------------------------------------------------------ pipelines
+    def load_units(self, load: RankLoad) -> simpy.Event:
+        return pipelined.load_units(self, load)
+
+    def consolidate(self, inst: Instance, move_s: float) -> tuple[simpy.Event, Callable[[], float]]:
+        return pipelined.consolidate(self, inst)
 
     # ------------------------------------------------------------ the rest
     def end_instance(self, inst: Instance) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 from tangram_sim.errors import ModelError
 from tangram_sim.models.spec import ModelSpec
 
-__all__ = ["SUPPORTED_FAMILIES", "CausalLM", "EngineConfig", "PagedKv", "build_engine", "greedy"]
+__all__ = ["SUPPORTED_FAMILIES", "CausalLM", "EngineConfig", "PagedKv", "build_engine", "greedy", "stage_blocks", "stage_tensors"]
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "phi3")
 
@@ -368,6 +368,10 @@ class CausalLM(nn.Module):
         if not c.tied:
             self.lm_head = nn.Linear(c.hidden, c.vocab, bias=False)
         self.inv_freq: torch.Tensor | None = None  # rotary frequencies, set when bound to real weights
+        self.stage = (0, c.layers)  # decoder layers it computes (a pipeline stage: a range of them)
+        self.embeds = True  # it embeds the tokens (the first stage, or the whole model)
+        self.has_head = True  # it computes the final norm and the head (the last stage, or the whole model)
+        self.dtype = torch.float32  # of its activations and KV: its weights' (set by build_engine)
 
     def forward(
         self,
@@ -377,6 +381,7 @@ class CausalLM(nn.Module):
         last_only: bool = True,
         lengths: Sequence[int] | None = None,
         gate: Callable[[int], None] | None = None,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens, positions: [B, S] (int64); caches: one PagedKv per row, already large enough.
 
@@ -393,6 +398,12 @@ class CausalLM(nn.Module):
         `models.layers.layer_blocks` - 0 the embeddings, 1 + i decoder layer i, L + 1 the final norm and
         head - and with L + 2 once the logits are computed; it may block until block j's weights have
         landed (`real.landing`), and it is where the layers' spans are measured.
+
+        A pipeline stage (`build_engine(stage=...)`) computes its decoder layers only: the first stage
+        embeds `tokens`, a later one starts from `hidden`, what the previous stage returned; a stage
+        before the last returns its hidden states ([B, S, D], or [N, D] packed) instead of logits (the
+        last stage may be the head alone, the first the embeddings alone).
+        Every stage gets the same tokens, positions and lengths, so each packs the rows alike.
         """
         assert self.inv_freq is not None, "bind the weights with build_engine first"
         c = self.config
@@ -403,22 +414,32 @@ class CausalLM(nn.Module):
             raise ValueError(f"lengths {list(lengths)} for {B} rows of {S} tokens, expected 1 .. {S} each")
         starts = [int(p) for p in positions[:, 0].tolist()]
         rows = [S] * B if lengths is None else [int(n) for n in lengths]
-        dtype = self.model.embed_tokens.weight.dtype
+        dtype = self.dtype
         kv = _KvBatch(c, caches, starts, rows, S, tokens.device, dtype)
         packed = kv.valid is not None  # ragged: every layer but attention runs on the real tokens only
         if packed:
             tokens, positions = (t.reshape(-1).index_select(0, kv.valid) for t in (tokens, positions))
+        lo, hi = self.stage
         if gate is not None:
             gate(0)
-        x = self.model.embed_tokens(tokens)  # x: [B, S, D], or [N, D] packed
+        if self.embeds:
+            x = self.model.embed_tokens(tokens)  # x: [B, S, D], or [N, D] packed
+        elif hidden is None or hidden.shape[:-1] != tokens.shape:
+            raise ValueError(f"stage of layers [{lo}, {hi}): hidden states {None if hidden is None else tuple(hidden.shape)}"
+                             f" for tokens {tuple(tokens.shape)}, expected the previous stage's output")
+        else:
+            x = hidden.to(dtype)
         freqs = positions.float()[..., None] * self.inv_freq  # [.., hd/2]
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(-2)  # [.., 1, hd]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for i, layer in enumerate(self.model.layers):
+        for i in range(lo, hi):
+            layer = self.model.layers[i]
             if gate is not None:
                 gate(1 + i)
             x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, i, kv)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if not self.has_head:
+            return x  # a stage before the last: its hidden states go to the next one
         if packed:
             if last_only:  # each row's last real token
                 ends = torch.tensor(rows, device=x.device).cumsum(0) - 1
@@ -441,24 +462,71 @@ class CausalLM(nn.Module):
         return logits
 
 
+def stage_blocks(config: EngineConfig, blocks: tuple[int, int]) -> tuple[tuple[int, int], bool, bool]:
+    """A pipeline stage of layer blocks [b0, b1) (`models.layers.layer_blocks`: 0 the embeddings, 1 + i
+    decoder layer i, L + 1 the final norm and head) as (its decoder layers [lo, hi), whether it embeds
+    the tokens, whether it computes the head)."""
+    b0, b1 = blocks
+    n = config.layers + 2
+    if not 0 <= b0 < b1 <= n:
+        raise ValueError(f"stage blocks [{b0}, {b1}) of a model of {n} blocks")
+    return (max(0, b0 - 1), min(config.layers, b1 - 1)), b0 == 0, b1 == n
+
+
+def stage_tensors(config: EngineConfig, names: Sequence[str], blocks: tuple[int, int]) -> list[str]:
+    """Of the model's tensor `names`, those a pipeline stage of layer blocks `blocks` binds: its decoder
+    layers', the embeddings on the first stage, the final norm and the head on the last (a tied model's
+    token table there too: its head multiplies by it)."""
+    (lo, hi), embeds, head = stage_blocks(config, blocks)
+    out = []
+    for name in names:
+        if name.startswith("model.layers."):
+            keep = lo <= int(name.split(".")[2]) < hi
+        elif name.startswith("model.embed_tokens."):
+            keep = embeds or (head and config.tied)
+        else:  # model.norm, lm_head
+            keep = head
+        if keep:
+            out.append(name)
+    return out
+
+
 def build_engine(
-    config: EngineConfig, weights: Mapping[str, torch.Tensor], device: str | torch.device
+    config: EngineConfig, weights: Mapping[str, torch.Tensor], device: str | torch.device,
+    stage: tuple[int, int] | None = None,
 ) -> CausalLM:
     """Build on the meta device, then bind every parameter to its arena view (no copies).
 
-    `weights` must hold exactly the model's tensors by HF name; a missing or extra name, or a wrong
-    shape, is a ModelError naming it.
+    `weights` must hold exactly the model's tensors by HF name (with `stage`, layer blocks [b0, b1) of a
+    pipeline, `stage_blocks`: exactly that stage's, `stage_tensors`); a missing or extra name, or a wrong
+    shape, is a ModelError naming it. The other parameters of a stage stay on the meta device, never
+    computed.
     """
     with torch.device("meta"):
         model = CausalLM(config)
     model.requires_grad_(False)
+    if stage is not None:
+        model.stage, model.embeds, model.has_head = stage_blocks(config, stage)
     try:
-        model.load_state_dict(dict(weights), strict=True, assign=True)
+        if stage is None:
+            model.load_state_dict(dict(weights), strict=True, assign=True)
+        else:
+            want = set(stage_tensors(config, list(model.state_dict()), stage))
+            got = set(weights)
+            if want != got:
+                odd = sorted(got - want) or sorted(want - got)
+                raise RuntimeError(f"stage of blocks [{stage[0]}, {stage[1]}) "
+                                   f"{'does not compute' if got - want else 'lacks'} {odd[0]}")
+            model.load_state_dict(dict(weights), strict=False, assign=True)
     except RuntimeError as exc:
         first = " ".join(str(exc).split())[:300]
         raise ModelError(
             f"cannot bind the weights to the engine ({first}), expected HF Llama tensor names"
         ) from None
+    ref = weights.get("model.embed_tokens.weight")
+    if ref is None:
+        ref = next((w for n, w in weights.items() if n.startswith("model.layers.")), None)
+    model.dtype = ref.dtype if ref is not None else torch.float32
     dev = torch.device(device)
     half = config.head_dim // 2
     model.inv_freq = 1.0 / (

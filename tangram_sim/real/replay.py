@@ -34,6 +34,7 @@ from tangram_sim.real.device import LAYER_COLUMNS, LOAD_COLUMNS, MEMORY_COLUMNS,
 from tangram_sim.real.link import core_sets
 from tangram_sim.real.loader import DEFAULT_CHUNK_BYTES, Checkpoint
 from tangram_sim.real.peers import connect
+from tangram_sim.real.pipelined import check_stage_units
 from tangram_sim.real.setup import (
     ReplaySetup,
     check_replayable,
@@ -159,7 +160,11 @@ def replay_trace(
     # loader's reader threads need the host's cores and its kernels run on the card
     pin = separate and all(d.type == "cpu" for d in devs)
     cores = core_sets(len(devs), threads) if pin else [()] * len(devs)
-    copies = system.source != "tiers" and len(devs) > 1  # units may be copied between arenas (`real.peers`)
+    if system.pipeline != "none":
+        for name, entry in entries.items():
+            check_stage_units(name, entry, system.name)
+    # units may be copied between arenas (`real.peers`), a pipeline's later stages use its leader's KV blocks
+    copies = (system.source != "tiers" or system.pipeline != "none") and len(devs) > 1
     specs = [BackendSpec(str(dev), capacity, ARENA_ALIGNMENT, {m: str(c.path) for m, c in ckpts.items()},
                          system.granularity, system.min_unit_bytes, system.unit_divisor, system.kv_block_tokens,
                          loader, threads if separate else None, cores[i], shared=copies and separate)

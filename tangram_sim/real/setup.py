@@ -312,9 +312,9 @@ def prepare_replay(
 def check_replayable(system: SystemSpec) -> None:
     """A ConfigError for what the real executor does not run: its runtime stage is its engine build, done
     on the critical path before the first compute, so it cannot be skipped, overlapped or restored; a
-    multicast stream needs receivers that forward blocks as they arrive; a pipelined cold start needs an
-    engine that passes activations between devices. (Units copied from other GPUs' arenas, the source
-    policies, it runs: `real.peers`.)"""
+    multicast stream needs receivers that forward blocks as they arrive; a pipelined cold start's stages
+    load, then compute (not layer by layer). (Units copied from other GPUs' arenas, the source policies, it
+    runs: `real.peers`; pipelined cold starts: `real.pipelined`.)"""
     runtime = dict(system.startup_plan().stages)["runtime"]
     if runtime.mode != "serial":
         raise ConfigError(f"systems ({system.name}).startup.runtime: the real executor builds its engine (the "
@@ -323,10 +323,10 @@ def check_replayable(system: SystemSpec) -> None:
         raise ConfigError(f"systems ({system.name}): multicast {system.multicast} is not yet supported by the real "
                           "executor (a unit is read from the files or copied from one other arena); simulate it, "
                           "or set multicast none")
-    if system.pipeline != "none":
-        raise ConfigError(f"systems ({system.name}): pipeline {system.pipeline} is not yet supported by the real "
-                          "executor (an instance runs on one device or a tensor-parallel group); simulate it, or "
-                          "set pipeline none")
+    if system.pipeline != "none" and system.execute_while_load:
+        raise ConfigError(f"systems ({system.name}): the real executor runs a pipelined cold start's stages each "
+                          "loading, then computing (`real.pipelined`), not layer by layer; set "
+                          "execute_while_load false or pipeline none")
 
 
 def check_fits(ckpts: dict[str, Checkpoint], capacity: int, block_tokens: int, hint: str) -> None:

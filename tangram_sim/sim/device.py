@@ -192,6 +192,13 @@ class ModelledDevice:
 
         return self.env.process(run())
 
+    def consolidate(self, inst: Instance, move_s: float) -> tuple[simpy.Event, Callable[[], float]] | None:
+        """A pipelined instance consolidates onto this leader: its running requests' KV of the other stages
+        moves here, `move_s` (nothing to wait for when there is none)."""
+        if move_s <= 0:
+            return None
+        return self.env.timeout(move_s), lambda: move_s
+
     def _stream(self, progress: LayerProgress, spec: ModelSpec, units: tuple[ReuseUnit, ...],
                 rank_keys: tuple[tuple[Key, ...], ...], loads: Sequence[RankLoad], landed: Landed,
                 copy_s: float) -> Work:
