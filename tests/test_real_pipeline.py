@@ -127,6 +127,8 @@ def test_a_pipelined_replay_generates_the_one_device_tokens(ckpts: dict, process
     assert kinds["prefill-pipelined"] >= 2 and kinds["consolidate"] == 2 and kinds["merge-load"] == 2
     assert (pipe.steps["seconds"] > 0).all()
     assert (r["ttft_s"] > 0).all() and (r["load_s"][r["cold"]] > 0).all()
+    # the last stage's engine build is startup, as a serial start's (no modelled stage before the weights)
+    assert (r["startup_s"][r["cold"]] > 0).all()
 
 
 def test_a_pipeline_whose_leader_has_no_room_serves_to_the_end(ckpts: dict) -> None:

@@ -43,7 +43,7 @@ from tangram_sim.policies.packing import Move
 from tangram_sim.real import peers
 from tangram_sim.real.checkpoints import torch_dtype
 from tangram_sim.real.device_arena import DeviceArena
-from tangram_sim.real.engine import CausalLM, EngineConfig, PagedKv, build_engine, greedy
+from tangram_sim.real.engine import CausalLM, EngineConfig, PagedKv, build_engine, complete, greedy
 from tangram_sim.real.landing import Landing, landing_steps
 from tangram_sim.real.loader import (
     Checkpoint,
@@ -376,33 +376,36 @@ class DeviceBackend:
             seq.length = lengths[i] if prefill else seq.length + 1
         return Measured(value, t0, seconds)
 
-    def load_units(self, ops: Sequence[tuple], model: str, offsets: dict[Key, int],
-                   moves: Sequence[tuple[int, int, int]]) -> Measured:
-        """Units of a running instance's model read into their regions after compaction copies (a
-        pipelined instance's leader loading the other stages' units before it consolidates). Value:
-        (move_s, read_s, read bytes)."""
+    def load_units(self, ops: Sequence[tuple], reads: Sequence[tuple[str, Key, int]],
+                   moves: Sequence[tuple[int, int, int]], copies: Sequence[tuple[int, int, int, int]]) -> Measured:
+        """Units booked outside a cold start (a pipelined instance's leader loading the other stages'
+        units before it consolidates): the plan's compaction copies, the copies from other arenas
+        ((GPU, offset there, offset here, bytes)), then the reads of `reads` ((model, key, offset)) from
+        their files. Value: (move_s, read_s, copy_s, read bytes, copied bytes)."""
         self.apply(ops)
-        m = self.models[model]
-        segments = [seg for key, off in offsets.items() for seg in self._segments(m, key, off)]
+        segments = [seg for model, key, off in reads for seg in self._segments(self.models[model], key, off)]
         t0 = time.perf_counter()
         for src, dst, n in moves:
             self.dev.copy_move(Move(None, src, dst, n))
         sync(self.device)
+        copy_s, copied = peers.copy_units(self.dev.buffer, self.peers, copies, sync) if copies else (0.0, 0)
         t1 = time.perf_counter()
         if segments:
             self.loader.load(self.dev.buffer, segments)
         sync(self.device)
         t2 = time.perf_counter()
-        return Measured((t1 - t0, t2 - t1, sum(s.nbytes for s in segments)), t0, t2 - t0)
+        value = (t1 - t0 - copy_s, t2 - t1, copy_s, sum(s.nbytes for s in segments), copied)
+        return Measured(value, t0, t2 - t0)
 
     def rebuild(self, ops: Sequence[tuple], model: str, offsets: dict[Key, int]) -> Measured:
-        """A pipelined instance consolidated onto this leader: its engine over every unit's view (its KV,
-        the other stages' layers included, is in this buffer's blocks already). Value: None."""
+        """A pipelined instance consolidated onto this leader: its stage engine made the whole model's, every
+        parameter bound to its unit's view (`real.engine.complete`: no module built again; its KV, the
+        other stages' layers included, is in this buffer's blocks already). Value: None."""
         self.apply(ops)
         m = self.models[model]
         t0 = time.perf_counter()
         self._stages[model] = None
-        self.engines[model] = build_engine(m.config, self._views(m, offsets), self.device)
+        complete(self.engines[model], self._views(m, offsets))
         sync(self.device)
         return Measured(None, t0, time.perf_counter() - t0)
 

@@ -30,7 +30,10 @@ from torch import nn
 from tangram_sim.errors import ModelError
 from tangram_sim.models.spec import ModelSpec
 
-__all__ = ["SUPPORTED_FAMILIES", "CausalLM", "EngineConfig", "PagedKv", "build_engine", "greedy", "stage_blocks", "stage_tensors"]
+__all__ = [
+    "SUPPORTED_FAMILIES", "CausalLM", "EngineConfig", "PagedKv", "build_engine", "complete", "greedy", "stage_blocks",
+    "stage_tensors",
+]
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "phi3")
 
@@ -534,6 +537,19 @@ def build_engine(
     )
     model.eval()
     return model
+
+
+def complete(model: CausalLM, weights: Mapping[str, torch.Tensor]) -> None:
+    """A pipeline stage's engine made the whole model's (its instance consolidated): every parameter bound
+    to `weights` (all of the model's, as `build_engine` takes them), the modules built with the stage
+    reused; a ModelError as `build_engine`'s."""
+    try:
+        model.load_state_dict(dict(weights), strict=True, assign=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise ModelError(f"cannot bind the weights to the engine ({first}), expected HF Llama tensor names") from None
+    model.stage = (0, model.config.layers)
+    model.embeds = model.has_head = True
 
 
 def greedy(logits: torch.Tensor) -> list[int]:

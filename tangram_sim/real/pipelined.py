@@ -6,10 +6,11 @@ leader has the rest and the instance consolidates); the leader's `RealDevice` ca
 stages' devices:
 
 - Start: each stage's device runs its own `start` (its copies and reads of the stage's units, then an
-  engine over that stage's decoder layers, `real.engine.build_engine(stage=...)`) on its own thread, all
+  engine over that stage's layer blocks, `real.engine.build_engine(stage=...)`) on its own thread, all
   at once; the start returns a `core.device.LayerProgress` at once, as the modelled device's does, and
-  each stage's layers are booked landed (`landed`) and ready when its start is done (its loads-table row
-  is its own device's).
+  each stage's units are booked landed (`landed`) when its start is done (its loads-table row is its own
+  device's). The load (`load_s`) ends when the last stage's units were in place; that stage's engine
+  build after it is the request's `startup_s`, as a serial start's engine build is.
 - Serving: a prefill or decode step runs stage by stage: the leader's backend embeds and runs its layers,
   its hidden states go to the next stage's backend as bytes (`real.backend.pack`), and so on; the last
   stage's greedy tokens go back to the first, which keeps the sequences' tokens. Every stage's part is
@@ -26,8 +27,9 @@ stages' devices:
   therefore moves no KV here; the modelled device charges the move a real pipeline-parallel engine makes
   (its stages keep their layers' KV on their own GPUs).
 - Consolidation: the leader's background load of the other stages' units (`load_units`, on its thread,
-  between the pipeline's steps), then, at the lifecycle's consolidation, the leader's engine rebuilt over
-  every unit (`rebuild`, measured; steps of kind `consolidate`); the followers drop their stage's engine
+  between the pipeline's steps, each unit from where the source policy says), then, at the lifecycle's
+  consolidation, the leader's stage engine completed over every unit (`rebuild`: the parameters bound,
+  no module built again; measured, steps of kind `consolidate`); the followers drop their stage's engine
   and sequences with their next command.
 
 Units must not straddle a stage boundary (a stage's engine needs whole layers): a replay with a pipeline
@@ -39,7 +41,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import simpy
 
@@ -93,7 +95,8 @@ def start(dev: RealDevice, inst: Instance, head: Request, loads: Sequence[RankLo
     stages = inst.stages
     assert stages is not None
     bounds = [*stages.starts, n_blocks]
-    left = [len(loads)]
+    left = [len(loads)]  # stages still starting
+    last = [submitted, 0.0]  # when the last stage's units were in place, and its engine build after that
 
     def launch(j: int, load: RankLoad, blocks: tuple[int, int]) -> None:
         device: RealDevice = load.worker.device
@@ -125,11 +128,15 @@ def start(dev: RealDevice, inst: Instance, head: Request, loads: Sequence[RankLo
                                  load.moved_bytes, move_s, read_s, engine_s, m.seconds, gbps, env.wall_at(m.t0),
                                  len(sourced.copied), copied, copy_s))
             landed(load, load.missing)
+            loaded = env.now - engine_s / env.factor  # its units were in place before its engine was built
             for b in range(bounds[j], bounds[j + 1]):
-                progress.ready[b] = env.now
+                progress.ready[b] = loaded
             left[0] -= 1
-            if not left[0]:
-                progress.finish(env.now)
+            if loaded >= last[0]:
+                last[:] = [loaded, engine_s / env.factor]
+            if not left[0]:  # the load ends with the last stage's units; its engine build is startup
+                head.startup_s += last[1]
+                progress.finish(last[0])
 
         env.run_on(device.thread, work).callbacks.append(started)
 
@@ -243,28 +250,19 @@ def forward_kv(dev: RealDevice, inst: Instance, op: tuple) -> None:
 
 
 def load_units(dev: RealDevice, load: RankLoad) -> simpy.Event:
-    """`load_units` of the leader: the other stages' units read into the regions booked for them (after
-    the plan's compaction copies), on the leader's thread between the pipeline's steps."""
+    """`load_units` of the leader: the other stages' units into the regions booked for them (after the
+    plan's compaction copies), each from where the source policy says (`real.peers.split`, which counts
+    the bytes per source, as for a cold start), on the leader's thread between the pipeline's steps."""
     env = dev.env
-    by_model: dict[str, dict[Any, int]] = {}
-    for key, _ in load.missing:
-        by_model.setdefault(dev.unit_model[key], {})[key] = dev.arena.lookup(key).offset
+    arena = dev.arena
+    sourced = split(dev, load)
+    reads = [(dev.unit_model[key], key, arena.lookup(key).offset) for key, _ in sourced.reads]
+    copies = [(gpu, src, arena.lookup(key).offset, n)
+              for (gpu, key, src), (_, n) in zip(sourced.copies, sourced.copied)]
     moves = [(m.src, m.dst, m.nbytes) for m in load.moves]
-    ops = dev._take_ops()
+    args = (dev._take_ops(), reads, moves, copies)
     submitted = env.now
-
-    def work() -> Measured:
-        parts = list(by_model.items()) or [("", {})]
-        first: Measured | None = None
-        total = 0.0
-        for i, (model, offsets) in enumerate(parts):
-            m = dev.link.call("load_units", ops if i == 0 else (), model, offsets, moves if i == 0 else ())
-            first = first or m
-            total = m.t0 + m.seconds - first.t0
-        assert first is not None
-        return Measured(None, first.t0, total)
-
-    done = env.run_on(dev.thread, work)
+    done = env.run_on(dev.thread, lambda: sourced.run(lambda: dev.link.call("load_units", *args)))
 
     def record(event: simpy.Event) -> None:
         if event.ok:
