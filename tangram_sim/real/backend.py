@@ -42,8 +42,8 @@ from tangram_sim.policies.kv import kv_block_bytes
 from tangram_sim.policies.packing import Move
 from tangram_sim.real import peers
 from tangram_sim.real.checkpoints import torch_dtype
-from tangram_sim.real.device_arena import DeviceArena
-from tangram_sim.real.engine import CausalLM, EngineConfig, PagedKv, build_engine, complete, greedy
+from tangram_sim.real.device_arena import DeviceArena, sync
+from tangram_sim.real.engine import CausalLM, EngineConfig, PagedKv, build_engine, greedy
 from tangram_sim.real.landing import Landing, landing_steps
 from tangram_sim.real.loader import (
     Checkpoint,
@@ -54,6 +54,7 @@ from tangram_sim.real.loader import (
     file_digest,
     open_checkpoint,
 )
+from tangram_sim.real.stage_backend import StageCommands, pack, unpack
 
 __all__ = ["BackendSpec", "DeviceBackend", "model_layouts", "pack", "sync", "unpack"]
 
@@ -92,32 +93,12 @@ class _Seq:
     length: int = 0  # tokens whose K/V are in the cache
 
 
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work: every measured duration (and benchmark) ends here."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def pack(x: torch.Tensor) -> tuple[bytes, tuple[int, ...], str]:
-    """Hidden states as plain bytes, to pass between device processes (a pipeline's activations): no
-    tensor crosses the pipe, so neither process's torch sharing strategy is involved."""
-    host = x.detach().contiguous().cpu()
-    return host.view(torch.uint8).numpy().tobytes(), tuple(host.shape), str(host.dtype).removeprefix("torch.")
-
-
-def unpack(packed: tuple[bytes, tuple[int, ...], str], device: torch.device) -> torch.Tensor:
-    """`pack`'s tensor, on `device`."""
-    data, shape, dtype = packed
-    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return flat.view(getattr(torch, dtype)).view(shape).to(device)
-
-
 def model_layouts(spec: BackendSpec, ckpt: Checkpoint) -> list[UnitLayout]:
     """The units of a checkpoint as the system cuts them (the lifecycle's and the backend's alike)."""
     return ckpt.layouts(spec.granularity, spec.min_unit_bytes, spec.unit_divisor)
 
 
-class DeviceBackend:
+class DeviceBackend(StageCommands):
     """One arena's buffer and everything computed on it (see module docstring)."""
 
     def __init__(self, spec: BackendSpec, notify: Callable[[tuple], None] | None = None) -> None:
@@ -347,68 +328,6 @@ class DeviceBackend:
             self.tokens[rid].append(token)
         return Measured(None, t0, seconds)
 
-    def _stage_pass(self, engine: CausalLM, seqs: list[_Seq], hidden: tuple | None, t0: float,
-                    prefill: bool) -> Measured:
-        """A pipeline stage's part of a prefill (each sequence's prompt) or of a decode step (one token
-        each): from the embeddings (the first stage) or the previous stage's `hidden` states (`pack`ed),
-        through its layers; value: its hidden states, packed for the next stage, or, from the last stage,
-        the new tokens, which go to the first one (an `apply` op "next": the first stage keeps the
-        sequences' tokens and the replay's record of them). The unpacking and packing are timed in it:
-        they are the stage's side of the hop."""
-        device = self.device
-        x = None if hidden is None else unpack(hidden, device)
-        if prefill:
-            lengths = [len(s.tokens) for s in seqs]
-            width = max(lengths)
-            tokens = torch.tensor([s.tokens + [0] * (width - len(s.tokens)) for s in seqs], dtype=torch.long,
-                                  device=device)
-            positions = torch.arange(width, device=device).expand(len(seqs), width)
-        else:
-            lengths = None
-            tokens = torch.tensor([[s.tokens[-1]] for s in seqs], dtype=torch.long, device=device)
-            positions = torch.tensor([[s.length] for s in seqs], dtype=torch.long, device=device)
-        with torch.inference_mode():
-            out = engine(tokens, positions, [s.cache for s in seqs], lengths=lengths, hidden=x)
-        value = greedy(out) if engine.has_head else pack(out)
-        sync(device)
-        seconds = time.perf_counter() - t0
-        for i, seq in enumerate(seqs):
-            seq.length = lengths[i] if prefill else seq.length + 1
-        return Measured(value, t0, seconds)
-
-    def load_units(self, ops: Sequence[tuple], reads: Sequence[tuple[str, Key, int]],
-                   moves: Sequence[tuple[int, int, int]], copies: Sequence[tuple[int, int, int, int]]) -> Measured:
-        """Units booked outside a cold start (a pipelined instance's leader loading the other stages'
-        units before it consolidates): the plan's compaction copies, the copies from other arenas
-        ((GPU, offset there, offset here, bytes)), then the reads of `reads` ((model, key, offset)) from
-        their files. Value: (move_s, read_s, copy_s, read bytes, copied bytes)."""
-        self.apply(ops)
-        segments = [seg for model, key, off in reads for seg in self._segments(self.models[model], key, off)]
-        t0 = time.perf_counter()
-        for src, dst, n in moves:
-            self.dev.copy_move(Move(None, src, dst, n))
-        sync(self.device)
-        copy_s, copied = peers.copy_units(self.dev.buffer, self.peers, copies, sync) if copies else (0.0, 0)
-        t1 = time.perf_counter()
-        if segments:
-            self.loader.load(self.dev.buffer, segments)
-        sync(self.device)
-        t2 = time.perf_counter()
-        value = (t1 - t0 - copy_s, t2 - t1, copy_s, sum(s.nbytes for s in segments), copied)
-        return Measured(value, t0, t2 - t0)
-
-    def rebuild(self, ops: Sequence[tuple], model: str, offsets: dict[Key, int]) -> Measured:
-        """A pipelined instance consolidated onto this leader: its stage engine made the whole model's, every
-        parameter bound to its unit's view (`real.engine.complete`: no module built again; its KV, the
-        other stages' layers included, is in this buffer's blocks already). Value: None."""
-        self.apply(ops)
-        m = self.models[model]
-        t0 = time.perf_counter()
-        self._stages[model] = None
-        complete(self.engines[model], self._views(m, offsets))
-        sync(self.device)
-        return Measured(None, t0, time.perf_counter() - t0)
-
     def warm_up(self, alignment: int) -> int:
         """Load, build, prefill and decode each model once with the commands above (page cache, kernels,
         threads), so a replay measures steady-state costs; the arena is empty before and after (its
@@ -450,16 +369,6 @@ class DeviceBackend:
                 t = spec.tensors[s.index]
                 views[t.name] = self.dev.tensor(off + s.rel, torch_dtype(t.dtype), t.shape)
         return views
-
-    def _blocks(self, model: str, offsets: Sequence[int]) -> list[torch.Tensor]:
-        """KV block views at `offsets` of the buffer that holds the model's KV (`kv_home`)."""
-        m = self.models[model]
-        home = self.kv_home.get(model, -1)
-        if home < 0:
-            return [self.dev.tensor(off, m.dtype, m.block_shape) for off in offsets]
-        buf = self.peers[home]
-        n = m.dtype.itemsize * torch.Size(m.block_shape).numel()
-        return [buf[off : off + n].view(m.dtype).view(m.block_shape) for off in offsets]
 
     def _verify(self, m: _Model, offsets: dict[Key, int]) -> None:
         """Every tensor of the model's units at `offsets` equals its bytes in its file (blake2b), or ModelError."""

@@ -18,7 +18,7 @@ from tangram_sim.errors import ConfigError
 from tangram_sim.policies.kv import KvPlan, execute_kv_plan
 from tangram_sim.policies.packing import Move, PackingPlan, execute_plan
 
-__all__ = ["MIN_ALIGNMENT", "DeviceArena"]
+__all__ = ["MIN_ALIGNMENT", "DeviceArena", "sync"]
 
 MIN_ALIGNMENT = 256  # every dtype's view is aligned, and CUDA copies of whole units stay coalesced
 MOVE_CHUNK_BYTES = 64 * 2**20  # bound on the scratch buffer an overlapping move needs
@@ -120,3 +120,9 @@ class DeviceArena:
         self.arena.check_invariants()
         if self.buffer.numel() != self.arena.capacity:
             raise AssertionError("device buffer and arena capacity disagree")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work: every measured duration (and benchmark) ends here."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
