@@ -103,14 +103,18 @@ REAL_STAGED = {"startup": {"context": {"mode": "serial", "s": 0.01}, "kv_init": 
                            "graph_capture": {"mode": "restore", "restore_s": 0.005}}}
 
 
+PIPELINED = {"pipeline": "fixed", "pipeline_params": {"k": 2}, "granularity": "tensor"}
+
+
 @pytest.mark.parametrize("overrides", [{"execute_while_load": True}, REAL_STAGED,
-                                       {"execute_while_load": True, **REAL_STAGED}])
+                                       {"execute_while_load": True, **REAL_STAGED}, PIPELINED])
 def test_the_real_device_decides_and_accounts_as_the_modelled_one(tmp_path_factory: pytest.TempPathFactory,
                                                                   overrides: dict) -> None:
     """Execute-while-load and the startup stages over the real device (torch on the CPU, two arenas):
     arrivals far enough apart that timing cannot change a decision, so the replay routes, starts, reuses,
     evicts and loads exactly as the simulator; what the real device measures per layer obeys the
-    modelled recurrence (`pipeline`), and the stages it does not perform take their stated times."""
+    modelled recurrence (`pipeline`), and the stages it does not perform take their stated times; a
+    pipelined cold start (two stages, `real.pipelined`) loads each stage's units on its own arena."""
     pytest.importorskip("torch")
     pytest.importorskip("safetensors")
     from tangram_sim.real.checkpoints import make_checkpoints
@@ -145,7 +149,14 @@ def test_the_real_device_decides_and_accounts_as_the_modelled_one(tmp_path_facto
                 np.testing.assert_allclose(f, g["finish_s"], rtol=0, atol=1e-9)
             assert (cold["overlap_s"] >= 0).all() and (cold["first_layer_s"] > 0).all()
         else:
-            assert real.layers.empty and (r["overlap_s"] == 0).all()
+            assert real.layers.empty
+        if "pipeline" in overrides:  # every cold start on both arenas, each loading its stage's units
+            assert len(real.loads) == 2 * len(cold) and set(real.loads["gpu"]) == {0, 1}
+            by_rid = real.loads.groupby("rid")["loaded_bytes"].sum()
+            assert by_rid.to_dict() == cold.set_index("rid")["bytes_loaded"].to_dict()
+            assert (real.steps["kind"] == "prefill-pipelined").sum() == len(cold)
+        elif not system.execute_while_load:
+            assert (r["overlap_s"] == 0).all()
         if "startup" in overrides:  # the context's 10 ms, then (the lane) 20 ms from the load's start at least
             assert (cold["startup_s"] >= 0.01 - 1e-9).all()
             assert (cold["startup_s"] + cold["load_s"].fillna(0) >= 0.03 - 1e-9).all()
