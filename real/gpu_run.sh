@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Every hardware check in one go: the executor check (gpu_check.py), then the simulator's validation
 # against a real replay (validate.py), then the same validation of execute-while-load (validate.py
-# --ewl: ServerlessLLM without and with it, the cold-start TTFT reduction predicted vs measured).
+# --ewl: ServerlessLLM without and with it, the cold-start TTFT reduction predicted vs measured), and,
+# with --pipeline, that of pipelined cold starts (experiments/replay-cpu-pipeline.yaml: HydraServe
+# without and with two stages, on the arenas the validation carves out of the card).
 # Run from the repository root on a GPU machine:
 #
-#     real/gpu_run.sh --device cuda:0 --out OUT [--check-gb 4] [--skip-check] [--skip-ewl]
+#     real/gpu_run.sh --device cuda:0 --out OUT [--check-gb 4] [--skip-check] [--skip-ewl] [--pipeline]
 #                     [--validate-set KEY=VALUE ...] [--validate-arg ARG ...]
 #
 # (--validate-set and --validate-arg apply to both validations; the execute-while-load one's report is
-# appended to validate.md, its log to validate.log, its files are in results.tar.gz under validate-ewl/.)
+# appended to validate.md, its log to validate.log, its files are in results.tar.gz under validate-ewl/;
+# likewise the pipelined one's, under validate-pipeline/.)
 # (--validate-arg passes ARG on to validate.py, e.g. `--validate-arg --calibration=real/h200/calibration.yaml`,
 # or `--validate-arg --repeat=2`: the trace replayed twice with one calibration, the replays' spread reported.)
 #
@@ -26,7 +29,9 @@ CHECK_GB=4
 CHECK_TIMEOUT=240
 VALIDATE_TIMEOUT=420
 EWL_TIMEOUT=360
+PIPELINE_TIMEOUT=360
 SKIP_EWL=0
+PIPELINE=0
 VALIDATE_SETS=()
 SKIP_CHECK=0
 while [ $# -gt 0 ]; do
@@ -38,6 +43,8 @@ while [ $# -gt 0 ]; do
         --validate-timeout) VALIDATE_TIMEOUT=$2; shift 2 ;;
         --ewl-timeout) EWL_TIMEOUT=$2; shift 2 ;;
         --skip-ewl) SKIP_EWL=1; shift ;;
+        --pipeline) PIPELINE=1; shift ;;
+        --pipeline-timeout) PIPELINE_TIMEOUT=$2; shift 2 ;;
         --validate-set) VALIDATE_SETS+=(--set "$2"); shift 2 ;;
         --validate-arg) VALIDATE_SETS+=("$2"); shift 2 ;;
         --skip-check) SKIP_CHECK=1; shift ;;
@@ -77,6 +84,14 @@ if [ "$SKIP_EWL" -eq 0 ]; then
     ewl_rc=${PIPESTATUS[0]}
 fi
 
+pipeline_rc=0
+if [ "$PIPELINE" -eq 1 ]; then
+    timeout "$PIPELINE_TIMEOUT" "$PY" real/validate.py --device "$DEVICE" --out "$WORK/validate-pipeline" \
+        --experiment experiments/replay-cpu-pipeline.yaml --skip-bench "${VALIDATE_SETS[@]}" 2>&1 \
+        | tee -a "$OUT/validate.log"
+    pipeline_rc=${PIPESTATUS[0]}
+fi
+
 cp "$WORK/check/gpu_check.md" "$OUT/check.md" 2>/dev/null
 cp "$WORK/check/gpu_check.json" "$OUT/check.json" 2>/dev/null
 cp "$WORK/validate/validate.md" "$OUT/validate.md" 2>/dev/null
@@ -85,9 +100,14 @@ if [ -f "$WORK/validate-ewl/validate.md" ]; then
     { echo; echo "---"; echo; echo "Execute-while-load validation (validate.py --ewl):"; echo;
       cat "$WORK/validate-ewl/validate.md"; } >>"$OUT/validate.md"
 fi
+if [ -f "$WORK/validate-pipeline/validate.md" ]; then
+    { echo; echo "---"; echo; echo "Pipelined cold starts (validate.py --experiment experiments/replay-cpu-pipeline.yaml):";
+      echo; cat "$WORK/validate-pipeline/validate.md"; } >>"$OUT/validate.md"
+fi
 # Everything small (no checkpoints): a single archive, so OUT stays within a handful of files.
 tar -czf "$OUT/results.tar.gz" -C "$WORK" --exclude='checkpoints' --exclude='bench-checkpoint' \
     --exclude='*.safetensors' . 2>/dev/null
-echo "gpu_check exit $check_rc, validate exit $validate_rc, validate --ewl exit $ewl_rc" | tee -a "$OUT/machine.txt"
+echo "gpu_check exit $check_rc, validate exit $validate_rc, validate --ewl exit $ewl_rc," \
+    "pipeline validation exit $pipeline_rc" | tee -a "$OUT/machine.txt"
 rm -rf "$WORK"
-[ "$check_rc" -eq 0 ] && [ "$validate_rc" -eq 0 ] && [ "$ewl_rc" -eq 0 ]
+[ "$check_rc" -eq 0 ] && [ "$validate_rc" -eq 0 ] && [ "$ewl_rc" -eq 0 ] && [ "$pipeline_rc" -eq 0 ]

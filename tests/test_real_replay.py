@@ -295,14 +295,21 @@ def test_checkpoints_are_reused_by_a_second_replay(replayed: Path, tmp_path: Pat
 
 
 # ------------------------------------------------------------------ the GPU-machine kit, dry run
+def tar_members(out: Path, *names: str) -> list[bytes]:
+    """The contents of members of OUT/results.tar.gz."""
+    with tarfile.open(out / "results.tar.gz") as tar:
+        return [tar.extractfile(name).read() for name in names]
+
+
 def test_gpu_run_reuses_a_calibration_and_keeps_out_small(tmp_path: Path) -> None:
     """`real/gpu_run.sh --skip-check` with a calibration measured earlier: no calibrate or bench
-    step (in both validations, with and without `--ewl`), the calibration copied beside the results, and OUT holds a handful of files (no checkpoints).
+    step (in the validations, with and without `--ewl`, and `--pipeline`'s), the calibration copied beside the
+    results, and OUT holds a handful of files (no checkpoints).
     That calibration is another card's for other models: simulating with it says so (`--calibration-partial`)."""
     cal = ROOT / "real" / "h200-2026-11-27" / "calibration.yaml"
     out = tmp_path / "out"
     proc = subprocess.run(
-        ["bash", "real/gpu_run.sh", "--device", "cpu", "--out", str(out), "--skip-check",
+        ["bash", "real/gpu_run.sh", "--device", "cpu", "--out", str(out), "--skip-check", "--pipeline",
          "--validate-set", "trace.n_requests=20", "--validate-set", "real.scale=tiny",
          "--validate-set", "cluster.gpu_memory_gib=0.00125", "--validate-set", "real.time_scale=16",
          "--validate-arg", f"--calibration={cal}", "--validate-arg", "--skip-bench",
@@ -326,6 +333,12 @@ def test_gpu_run_reuses_a_calibration_and_keeps_out_small(tmp_path: Path) -> Non
     # the execute-while-load validation ran too: its report appended, its files in the archive
     assert "./validate-ewl/validate.json" in names and "./validate-ewl/replay/layers.parquet" in names
     assert "## Execute-while-load" in (out / "validate.md").read_text()
+    # and, asked for, the pipelined one (HydraServe without and with two stages on two arenas)
+    assert "./validate-pipeline/validate.json" in names and "./validate-pipeline/replay/loads.parquet" in names
+    piped = json.loads(next(m for m in tar_members(out, "./validate-pipeline/validate.json")))
+    assert piped["experiment"] == "experiments/replay-cpu-pipeline.yaml" and all(s["ok"] for s in piped["steps"].values())
+    assert "Pipelined cold starts" in (out / "validate.md").read_text()
+    assert "pipeline validation exit 0" in (out / "machine.txt").read_text()
 
 
 def test_validate_repeat_reports_the_replays_spread(tmp_path: Path) -> None:
