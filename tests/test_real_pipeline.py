@@ -144,3 +144,23 @@ def test_a_pipeline_whose_leader_has_no_room_serves_to_the_end(ckpts: dict) -> N
     assert pipe.tokens == flat.tokens and len(pipe.tokens[0]) == 20
     kinds = pipe.steps["kind"].value_counts()
     assert kinds["decode-pipelined"] == 19 and "consolidate" not in kinds and "decode" not in kinds
+
+
+def test_a_leader_copies_the_other_stages_units_from_their_arena(ckpts: dict) -> None:
+    """With a source policy that reads GPU copies (`gpu-first`), the leader's load before consolidation
+    copies the other stage's units from the follower's arena, which holds them (counted per source, as the
+    simulator counts them), and the checksums of `verify` hold; the tokens are the one-device replay's."""
+    t = trace([(0.0, "llama-3-8b", 20, 4), (0.1, "qwen2.5-3b", 12, 6), (0.4, "llama-3-8b", 9, 5)])
+    flat = _replay(ckpts, t, {"source": "gpu-first"})
+    system = make_system("s", "tangram", {"granularity": "tensor", "keep_alive_s": 0.05, "source": "gpu-first",
+                                          **PIPE})
+    pipe = replay_trace(ckpts, t, system, devices=["cpu", "cpu"], capacity=4 * 2**20, threads=1, verify=True)
+    assert pipe.tokens == flat.tokens
+    r = pipe.requests
+    stages = r.loc[[0, 1], "bytes_loaded"].sum()  # two pipelined cold starts read every stage's units
+    assert pipe.summary["bytes_from_ssd"] == stages
+    # their consolidations: the follower's units (less a tied table the leader holds), copied
+    loads = pipe.loads.merge(r[["rid", "gpu"]].rename(columns={"gpu": "leader"}), on="rid")
+    followers = loads.loc[loads["gpu"] != loads["leader"], "loaded_bytes"].sum()
+    tied = stages - ckpts["llama-3-8b"].spec.weight_bytes - ckpts["qwen2.5-3b"].spec.weight_bytes
+    assert pipe.summary["bytes_from_peer_gpu"] == followers - tied > 0
