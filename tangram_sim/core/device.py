@@ -65,7 +65,7 @@ class LayerProgress:
     landed; read by the instance's first prefill (`pipeline`) and by the worker's cold start
     (`core.coldstart`). Layers are the model's `models.layers.layer_blocks`, in compute order."""
 
-    __slots__ = ("ready", "done", "finished", "load_start", "load_end", "consumed", "head", "on_loaded")
+    __slots__ = ("ready", "done", "finished", "load_start", "load_end", "consumed", "head", "on_loaded", "pending")
 
     def __init__(self, env: simpy.Environment, ready: list[float], load_start: float) -> None:
         self.ready = ready  # per layer: when it was resident on every rank (final once `finished`)
@@ -76,6 +76,9 @@ class LayerProgress:
         self.consumed = False  # the first prefill has taken it: later ones find every layer resident
         self.head: Request | None = None  # the request that started the instance (gets `overlap_s`)
         self.on_loaded: Callable[[LayerProgress], None] | None = None  # the worker's hook, before `done`
+        # per layer: landings still to come before it is whole (0: landed); None: not tracked (a device
+        # that tracks it lets a pass compute the landed layers before the load ends, `core.handoff`)
+        self.pending: list[int] | None = None
 
     def finish(self, now: float) -> None:
         """Every unit has landed at `now`: `ready` is final."""

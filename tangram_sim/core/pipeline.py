@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from tangram_sim.core.router import Cluster
     from tangram_sim.core.worker import GpuWorker, Instance
 
-__all__ = ["consolidate", "hop_s", "merge", "propose"]
+__all__ = ["consolidate", "hop_s", "link_bps", "merge", "propose"]
 
 ACTIVATION_BYTES = 2  # bytes per hidden value crossing a stage boundary (bf16 activations)
 
@@ -96,7 +96,7 @@ def layout(cluster: Cluster, model: str, k: int) -> Layout | None:
     return found
 
 
-def _link_bps(cluster: Cluster, src: int, dst: int) -> float:
+def link_bps(cluster: Cluster, src: int, dst: int) -> float:
     """Rate alone of a GPU-to-GPU transfer: a peer link inside a node, else the GPUs' NICs (with RDMA,
     the whole remote-GPU path)."""
     topology = cluster.topology
@@ -162,7 +162,7 @@ def propose(cluster: Cluster, req: Request, leader: GpuWorker) -> Gang | None:
         starts=starts, rank_keys=keys, rank_units=units, rank_aligned=aligned, rank_bytes=nbytes,
         hop_s_per_token=hop_per_token,
         kv_share=tuple((bounds[j + 1] - bounds[j]) / n_layers for j in range(k)),
-        leader_bps=tuple(_link_bps(cluster, w.gpu_id, leader.gpu_id) if j else 0.0 for j, w in enumerate(group)),
+        leader_bps=tuple(link_bps(cluster, w.gpu_id, leader.gpu_id) if j else 0.0 for j, w in enumerate(group)),
         merged=cluster.env.event(),
     )
     cluster.recorder.log(cluster.env.now, leader.gpu_id, "pipelined", req.rid, f"k={k}")
@@ -207,7 +207,7 @@ def _predict(cluster: Cluster, req: Request, group: tuple[GpuWorker, ...], found
         seconds = max(dram / pcie, ssd / min(pcie, topology.ssd[node.node_id].bps / per_node[node.node_id]),
                       remote / min(pcie, remote_bps), (dram + ssd + remote) / pcie)
         ready.append(cluster.engine_overhead_s + seconds)
-    hop_per_token = tuple(token_bytes / _link_bps(cluster, group[j].gpu_id, group[j + 1].gpu_id)
+    hop_per_token = tuple(token_bytes / link_bps(cluster, group[j].gpu_id, group[j + 1].gpu_id)
                           for j in range(k - 1))
     hops = [h * req.input_tokens for h in hop_per_token]
     return pipelined_ttft_s(ready, stage_sums(compute, starts), hops), hop_per_token

@@ -323,6 +323,9 @@ def check_replayable(system: SystemSpec) -> None:
         raise ConfigError(f"systems ({system.name}): multicast {system.multicast} is not yet supported by the real "
                           "executor (a unit is read from the files or copied from one other arena); simulate it, "
                           "or set multicast none")
+    if system.handoff != "none":
+        raise ConfigError(f"systems ({system.name}): handoff {system.handoff} is not supported by the real executor "
+                          "(a pass computes on one device); simulate it, or set handoff none")
     if system.pipeline != "none" and system.execute_while_load:
         raise ConfigError(f"systems ({system.name}): the real executor runs a pipelined cold start's stages each "
                           "loading, then computing (`real.pipelined`), not layer by layer; set "

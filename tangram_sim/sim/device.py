@@ -44,6 +44,7 @@ from tangram_sim.errors import ConfigError
 from tangram_sim.models.layers import layer_blocks, unit_parts
 from tangram_sim.models.spec import ModelSpec
 from tangram_sim.models.units import ReuseUnit
+from tangram_sim.sim import handoff
 from tangram_sim.sim.timemodel import TimeModel
 from tangram_sim.topology import Topology
 
@@ -85,6 +86,9 @@ class ModelledDevice:
         # a layered start's reads share their device with its compute (`Calibration.layered_load_bps`):
         # they also cross this link (None: at a serial start's rate)
         self.landing = Link(f"gpu{gpu_id}.landing", layered_load_bps) if layered_load_bps else None
+        # seconds this GPU computed for another instance (the source of a live handoff, `core.handoff`),
+        # added to its own next prefill or decode
+        self.borrowed_s = 0.0
 
     def start_instance(self, inst: Instance, head: Request, loads: Sequence[RankLoad], landed: Landed) -> Work:
         env = self.env
@@ -131,6 +135,8 @@ class ModelledDevice:
         entry = inst.entry
         n_layers = len(layer_blocks(entry.spec))
         progress = LayerProgress(self.env, [t_load] * n_layers, t_load)
+        if inst.group[0].cluster.system.handoff != "none":  # passes compute the landed layers (core.handoff)
+            progress.pending = [1] * n_layers  # nothing has landed before the copies are done
         self.env.process(self._stream(progress, entry.spec, entry.units, inst.rank_keys, loads, landed, copy_s))
         return progress
 
@@ -208,6 +214,9 @@ class ModelledDevice:
         ready = progress.ready
         for i in range(len(ready)):  # a layer of reused units only is ready once the copies are done
             ready[i] = env.now
+        pending = progress.pending
+        if pending is not None:  # from here, the marks of each layer still to come
+            pending[:] = [0] * len(pending)
         parts = unit_parts(spec, units)
         transfers = []
         for rank, load in enumerate(loads):
@@ -226,6 +235,8 @@ class ModelledDevice:
                     for fraction, layer in parts[position[key]]:
                         marks.append(offset + fraction * nbytes)
                         what.append((layer, None))
+                        if pending is not None:
+                            pending[layer] += 1
                     offset += nbytes
                     marks.append(float(offset))
                     what.append((-1, (key, nbytes)))
@@ -234,8 +245,11 @@ class ModelledDevice:
                     layer, unit = what[i]
                     if unit is not None:
                         landed(load, (unit,))
-                    elif env.now > ready[layer]:
+                        return
+                    if env.now > ready[layer]:
                         ready[layer] = env.now
+                    if pending is not None:
+                        pending[layer] -= 1
 
                 if device.landing is not None:
                     links = (*links, device.landing)
@@ -304,13 +318,22 @@ class ModelledDevice:
         copy = _PrefetchCopy(self, nbytes)
         return copy.done, copy.cancel
 
+    def take_borrowed(self) -> float:
+        """The seconds computed for another instance since the last pass (`core.handoff`), now paid."""
+        debt, self.borrowed_s = self.borrowed_s, 0.0
+        return debt
+
     def prefill(self, inst: Instance, batch: Sequence[Request]) -> tuple[simpy.Event, Callable[[], float]]:
         loading = inst.loading
+        if loading is not None and loading.pending is not None and not loading.finished:
+            return handoff.prefill(self, inst, batch, loading)  # its layers still land (live handoff)
         if loading is not None and not loading.consumed:
             return self._prefill_while_loading(inst, batch, loading)
         dt = self.time_model.prefill_s(inst.entry.spec, sum(r.input_tokens for r in batch), inst.tp)
         if inst.stages is not None:
             dt += hop_s(inst.stages, sum(r.input_tokens for r in batch))
+        if inst.group[0].cluster.system.handoff != "none":  # it may be a source: it pays its borrowed seconds
+            return handoff.owing_prefill(self, dt)
         return self.env.timeout(dt), lambda: dt
 
     def _prefill_while_loading(self, inst: Instance, batch: Sequence[Request], loading: LayerProgress
@@ -347,11 +370,16 @@ class ModelledDevice:
     def decode(self, inst: Instance, running: Sequence[Request], horizon: float, kv_tokens: float,
                wake: simpy.Event | None) -> tuple[simpy.Event, Callable[[], tuple[float, float]]]:
         env = self.env
+        loading = inst.loading
+        if loading is not None and loading.pending is not None and not loading.finished:
+            return handoff.decode(self, inst, running, horizon, kv_tokens, loading)  # live handoff
         step = self.time_model.decode_step_s(inst.entry.spec, len(running), kv_tokens, inst.tp)
         if inst.stages is not None:
             step += hop_s(inst.stages, len(running))
         start = env.now
         dt = horizon * step
+        if inst.group[0].cluster.system.handoff != "none":
+            return handoff.owing_decode(self, horizon, step, dt, wake)
         if dt > 0 and start + dt == start:  # e.g. a bandwidth of 1e-300 pushed time to 1e300 s
             raise ConfigError(f"simulated time reached {start:.3g} s, where a decode step of {dt:.3g} s no "
                               "longer advances the clock; expected rates, bandwidths and sizes of realistic scale")

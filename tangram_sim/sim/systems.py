@@ -35,6 +35,7 @@ import math
 from dataclasses import replace
 from typing import Any
 
+from tangram_sim.core.handoff import HANDOFF
 from tangram_sim.core.startup import resolve_startup, runtime_from_engine_overhead
 from tangram_sim.errors import ConfigError, shown
 from tangram_sim.specs.system import MiB, SystemSpec, system_field_names
@@ -124,6 +125,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         granularity="model", retention="none", packing="first-fit", kv="static", scheduler="sllm-storage-aware",
         source="gpu-first", multicast="chain",
     ),
+    # BlitzScale with its live scaling (the artifact's impl_live_pro): while a new instance's layers land,
+    # the running instance it loads from computes the layers it lacks (core.handoff), so it serves at once.
+    "blitzscale-live": dict(
+        granularity="model", retention="none", packing="first-fit", kv="static", scheduler="sllm-storage-aware",
+        source="gpu-first", multicast="chain", execute_while_load=True, handoff="live",
+    ),
     # HydraServe (NSDI'26; first as ParaServe; docs/published-systems.md): ServerlessLLM's platform whose
     # cold start runs as the fewest pipeline stages (up to 4 GPUs) predicted to meet a 2 s TTFT, each
     # stage's GPU fetching only its layers with its runtime starting beside the fetch, then consolidating
@@ -172,6 +179,7 @@ _FIELD_TYPES = {
     "multicast_block_bytes": int,
     "pipeline": str,
     "pipeline_params": dict,
+    "handoff": str,
 }
 
 
@@ -248,6 +256,11 @@ def _validate(spec: SystemSpec, where: str) -> None:
         raise ConfigError(f"{where}.kv: {KV.unknown(spec.kv)}")
     if spec.multicast not in MULTICAST:
         raise ConfigError(f"{where}.multicast: expected one of {', '.join(MULTICAST)}, got {shown(spec.multicast)}")
+    if spec.handoff not in HANDOFF:
+        raise ConfigError(f"{where}.handoff: expected one of {', '.join(HANDOFF)}, got {shown(spec.handoff)}")
+    if spec.handoff != "none" and (not spec.execute_while_load or spec.pipeline != "none"):
+        raise ConfigError(f"{where}.overrides.handoff: live handoff serves a cold start while its layers land, "
+                          "so it needs execute_while_load true and pipeline none")
     if spec.granularity not in ("model", "tensor", "group"):
         raise ConfigError(f"{where}.granularity: expected model, tensor or group, got {shown(spec.granularity)}")
     plan = resolve_startup(spec.startup, spec.engine_overhead_s, f"{where}.overrides.startup")

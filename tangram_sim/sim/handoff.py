@@ -1,0 +1,177 @@
+"""The modelled device's passes under live layer handoff (`core.handoff`): a prefill or decode step of an
+instance whose layers are still landing computes the landed layers here, in order, and hands the rest
+to the source at the first layer that has not landed.
+
+- A prefill walks the layers at the time model's per-layer split (`TimeModel.prefill_layers_s`): each
+  landed layer takes its compute here; at the first one not landed, if a source is up, one hop of the
+  batch's tokens and the remaining layers' compute on the source end the pass (the source is charged
+  that compute, `ModelledDevice.borrowed_s`). With no source a pass waits for its layers: the first
+  prefill as execute-while-load alone (`core.device.pipeline`), a later one until the load has ended.
+  The first prefill's spans (here and on the source) give the head's `overlap_s`.
+- A decode step while the layers land is one step at a time: the step's time from the time model, split
+  by the landed layers' share of the dense FLOPs (`core.handoff.shares`), plus one hop of the batch's
+  tokens when the source computes part of it; with no source it waits for the load, then steps.
+- Every other pass of a system with live handoff (any GPU may be a source) ends later by the seconds
+  its GPU computed for a new instance before or during it (`owing_prefill`, `owing_decode`); a decode
+  batch advances by the time it had less those seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import simpy
+
+from tangram_sim.core.device import LayerProgress, Work
+from tangram_sim.core.handoff import landed_prefix, shares, source
+from tangram_sim.core.records import Request
+from tangram_sim.core.worker import Instance
+from tangram_sim.models.layers import layer_blocks
+
+if TYPE_CHECKING:
+    from tangram_sim.sim.device import ModelledDevice
+
+__all__ = ["decode", "owing_decode", "owing_prefill", "prefill"]
+
+
+def prefill(dev: ModelledDevice, inst: Instance, batch: Sequence[Request], loading: LayerProgress
+            ) -> tuple[simpy.Event, Callable[[], float]]:
+    """A prefill of `inst` while its layers land (module docstring)."""
+    env = dev.env
+    first = not loading.consumed
+    worker = inst.group[0]
+    if first and source(worker, inst) is None:
+        return dev._prefill_while_loading(inst, batch, loading)  # nothing to hand to: the chain rule
+    loading.consumed = True
+    start = env.now
+    tokens = sum(r.input_tokens for r in batch)
+    compute = dev.time_model.prefill_layers_s(inst.entry.spec, tokens, inst.tp)
+    debt = dev.take_borrowed()
+    done = env.event()
+    took = [0.0]
+    starts: list[float] = []
+    finishes: list[float] = []
+
+    def run() -> Work:
+        if debt:
+            yield env.timeout(debt)
+        pending = loading.pending
+        i = 0
+        while i < len(compute):
+            if loading.finished or pending is None or not pending[i]:
+                starts.append(env.now)
+                yield env.timeout(compute[i])
+                finishes.append(env.now)
+                i += 1
+                continue
+            found = source(worker, inst)
+            if found is None:  # the source ended: wait for the load, then compute here
+                yield loading.done
+                continue
+            src, hop_per_token = found
+            remote = sum(compute[i:])
+            starts.append(env.now)
+            yield env.timeout(hop_per_token * tokens + remote)
+            finishes.append(env.now)
+            src.device.borrowed_s += remote
+            break
+        took[0] = env.now - start
+        if first:
+            if loading.finished:
+                loading.computed(starts, finishes)
+            else:
+                loading.done.callbacks.append(lambda _e: loading.computed(starts, finishes))
+        done.succeed()
+
+    env.process(run())
+    return done, lambda: took[0]
+
+
+def decode(dev: ModelledDevice, inst: Instance, running: Sequence[Request], horizon: float, kv_tokens: float,
+           loading: LayerProgress) -> tuple[simpy.Event, Callable[[], tuple[float, float]]]:
+    """One decode step of `inst` while its layers land (module docstring)."""
+    env = dev.env
+    start = env.now
+    if horizon <= 0:  # at a KV growth point or done: nothing to run
+        return env.timeout(0.0), lambda: (0.0, 0.0)
+    advance = min(1.0, horizon)
+    n = len(running)
+    step = dev.time_model.decode_step_s(inst.entry.spec, n, kv_tokens, inst.tp) * advance
+    debt = dev.take_borrowed()
+    local = landed_prefix(loading)
+    layers = len(loading.ready)
+    found = source(inst.group[0], inst) if local < layers else None
+    if local < layers and found is None:
+
+        def wait() -> Work:
+            if debt:
+                yield env.timeout(debt)
+            yield loading.done
+            yield env.timeout(step)
+
+        done = env.process(wait())
+    else:
+        dt = debt + step
+        if found is not None:
+            src, hop_per_token = found
+            remote = step * (1.0 - shares(layer_blocks(inst.entry.spec).flops_per_token, local))
+            dt += hop_per_token * n
+            src.device.borrowed_s += remote
+        done = env.timeout(dt)
+    return done, lambda: (env.now - start, advance)
+
+
+class _Owing:
+    """A pass of `dt` seconds on a GPU that may lend its compute: its end, later by every second borrowed
+    before it ends (`ModelledDevice.borrowed_s`)."""
+
+    __slots__ = ("dev", "done", "paid", "open")
+
+    def __init__(self, dev: ModelledDevice, dt: float) -> None:
+        self.dev = dev
+        self.done = dev.env.event()  # the pass's end
+        self.paid = dev.take_borrowed()  # seconds borrowed so far (owed from before: paid first)
+        self.open = True  # the pass is still under way: later borrowings are its own
+        dev.env.timeout(self.paid + dt).callbacks.append(self._check)
+
+    def _check(self, _event: object = None) -> None:
+        if not self.open:
+            return  # the pass ended (woken): what is borrowed now is the next pass's
+        debt = self.dev.take_borrowed()
+        if debt > 0:
+            self.paid += debt
+            self.dev.env.timeout(debt).callbacks.append(self._check)
+        else:
+            self.open = False
+            self.done.succeed()
+
+
+def owing_prefill(dev: ModelledDevice, dt: float) -> tuple[simpy.Event, Callable[[], float]]:
+    """A prefill of `dt` seconds that pays the GPU's borrowed seconds (module docstring)."""
+    pass_ = _Owing(dev, dt)
+    return pass_.done, lambda: dt + pass_.paid
+
+
+def owing_decode(dev: ModelledDevice, horizon: float, step: float, dt: float, wake: simpy.Event | None
+                 ) -> tuple[simpy.Event, Callable[[], tuple[float, float]]]:
+    """A fluid decode of `horizon` tokens at `step` seconds each (`dt` in all) that pays the GPU's borrowed
+    seconds; a wake-up stops it at once, and the batch has advanced by its time less those seconds."""
+    env = dev.env
+    start = env.now
+    pass_ = _Owing(dev, dt)
+    done = pass_.done if wake is None else wake | pass_.done
+
+    first = pass_.paid  # owed from before: paid before the batch runs
+
+    def advanced() -> tuple[float, float]:
+        pass_.open = False
+        elapsed = env.now - start
+        ran = min(dt, max(0.0, elapsed - first))
+        # woken before every borrowed second was paid: the rest is owed by the next pass
+        unpaid = (pass_.paid + dt - elapsed) - (dt - ran)
+        if unpaid > 0:
+            dev.borrowed_s += unpaid
+        return elapsed, (min(horizon, ran / step) if step > 0 else horizon)
+
+    return done, advanced
