@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 for exp in experiments/*.yaml; do
   name=$(basename "$exp" .yaml)
-  case "$name" in replay-cpu|replay-cpu-plus|replay-cpu-peers|tune-space|tune-space-scaleout) continue ;; esac
+  case "$name" in replay-cpu*|tune-space|tune-space-scaleout) continue ;; esac
   echo "== $name"
   tangram-sim run "$exp" --out "results/$name" --jobs "${JOBS:-2}" --quiet "$@"
 done

@@ -1,6 +1,6 @@
-"""Live layer handoff (`core.handoff`, `blitzscale-live`): closed forms of the time to first token of a
-cold start that a running instance serves while its layers land, what the source pays, and the cases
-without a source."""
+"""Live layer handoff (`core.handoff`: `eager` as BlitzScale and the preset `blitzscale-live`, and
+`costed`): closed forms of the time to first token of a cold start that a running instance serves while
+its layers land, what the source pays, and the cases without a source."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def stack(layer_mib: list[int]) -> ModelSpec:
 
 
 def run(spec: ModelSpec, rows: list[tuple[float, int]], preset: str, prefill_s: float, gpus: int = 2,
-        overrides: dict | None = None) -> pd.DataFrame:
+        overrides: dict | None = None, tp: int = 1) -> pd.DataFrame:
     """Requests (arrival, output tokens) of `spec` on `gpus` GPUs of one node; one request per instance
     (max_batch 1), so a request that comes while the model runs starts a second instance, from that one."""
     cal = Calibration(device="test", models={"m": ModelCoefficients(prefill_s, 0.0, STEP)})
@@ -46,49 +46,91 @@ def run(spec: ModelSpec, rows: list[tuple[float, int]], preset: str, prefill_s: 
                           topology=TopologySpec())
     system = make_system("s", preset, {"engine_overhead_s": STARTUP, "max_batch": 1, "keep_alive_s": 30.0,
                                        **(overrides or {})})
-    return simulate({"m": ModelChoice(spec)}, t, cluster, system, calibration=cal).requests
+    return simulate({"m": ModelChoice(spec, tensor_parallel=tp)}, t, cluster, system, calibration=cal).requests
 
 
 EWL = {"execute_while_load": True}  # blitzscale with execute-while-load alone: the baseline of the handoff
+COSTED = {"handoff": "costed"}
 
 
-@pytest.mark.parametrize("layer_mib,prefill_s", [(256, 0.16), (64, 0.4), (512, 0.02)])
-def test_a_cold_start_with_a_source_serves_at_once(layer_mib: int, prefill_s: float) -> None:
-    """The second instance's first prefill begins before any of its layers has landed, so the source
-    computes all of them: TTFT = startup + one hop of the prompt + L c, where execute-while-load alone
-    gives startup + max(l + L c, L l + c) (l: a layer's load from the source GPU, c: a layer's compute)."""
+def expected_ttft(n: int, l_: float, c: float) -> tuple[float, bool]:
+    """The second instance's TTFT by the closed forms, and whether it hands off at once: its first prefill
+    begins before any layer has landed; the source (running one request, none queued) computes all of
+    them (startup + one hop of the prompt + L c) when the waiting that saves the request exceeds what it
+    adds to the source's, L c; else it waits for the first layer (execute-while-load's startup +
+    max(l + L c, L l + c) if it never hands off)."""
+    waited = STARTUP + max(l_ + n * c, n * l_ + c)
+    handed = STARTUP + TOKENS * HIDDEN * 2 / BW + n * c
+    hands = waited - handed > n * c
+    return (handed if hands else waited), hands
+
+
+@pytest.mark.parametrize("layer_mib,prefill_s,hands", [(512, 0.02, True), (2048, 0.05, True), (256, 0.16, False),
+                                                      (64, 0.4, False)])
+def test_a_cold_start_with_a_source_hands_off_when_it_is_worth_it(layer_mib: int, prefill_s: float,
+                                                                   hands: bool) -> None:
+    """The closed forms of `expected_ttft`, and what the source pays: its decode ends later by the layers
+    it computed (the prefill's L c when handed off), plus at most the new instance's decode steps before
+    its last layer landed."""
     n = 8
     spec = stack([layer_mib] * n)
-    rows = [(0.0, 4000), (1.0, 50)]  # the first still decodes (4 s) when the second comes
-    live = run(spec, rows, "blitzscale-live", prefill_s)
+    rows = [(0.0, 8000), (3.0, 50)]  # the first decodes from < 3 s to 8 s when the second comes
+    live = run(spec, rows, "blitzscale-live", prefill_s, overrides=COSTED)
     ewl = run(spec, rows, "blitzscale", prefill_s, overrides=EWL)
     l_, c = layer_mib * MiB / BW, prefill_s / n
-    hop = TOKENS * HIDDEN * 2 / BW
+    ttft, handed = expected_ttft(n, l_, c)
+    assert handed == hands
     assert live.loc[1, "gpu"] == 1 and live.loc[1, "cold"]
     assert live.loc[1, "load_s"] == pytest.approx(n * l_, rel=1e-9)  # the load itself is unchanged
-    assert live.loc[1, "ttft_s"] == pytest.approx(STARTUP + hop + n * c, rel=1e-9)
+    if hands:
+        assert live.loc[1, "ttft_s"] == pytest.approx(ttft, rel=1e-9)
+    else:  # it waits for the first layer; at a later one the rest may be worth handing off
+        assert ttft - (n - 1) * c <= live.loc[1, "ttft_s"] <= ttft + 1e-9
     assert ewl.loc[1, "ttft_s"] == pytest.approx(STARTUP + max(l_ + n * c, n * l_ + c), rel=1e-9)
     # the first request had no source (nothing ran): its cold start is execute-while-load's
     assert live.loc[0, "ttft_s"] == pytest.approx(ewl.loc[0, "ttft_s"], rel=1e-12)
-    # the source pays: its decode ends later by the layers it computed, the prefill's L c at least, plus
-    # at most the new instance's decode steps before its last layer landed
     delay = live.loc[0, "e2e_s"] - ewl.loc[0, "e2e_s"]
-    landed = 1.0 + STARTUP + n * l_  # the second instance's last layer
-    assert n * c - 1e-9 <= delay <= n * c + max(0.0, landed - (1.0 + live.loc[1, "ttft_s"])) + 1e-9
-    # every token of the new instance came: the decode steps before its load ended handed part of each
-    # step to the source (one hop each), the later ones ran on its own GPU
-    assert live.loc[1, "e2e_s"] >= live.loc[1, "ttft_s"] + 49 * STEP - 1e-9
+    landed = 3.0 + STARTUP + n * l_  # the second instance's last layer
+    paid = n * c if hands else 0.0
+    assert paid - 1e-9 <= delay <= n * c + max(0.0, landed - (3.0 + live.loc[1, "ttft_s"])) + 1e-9
+    assert live.loc[1, "e2e_s"] >= live.loc[1, "ttft_s"] + 49 * STEP - 1e-9  # every token came
 
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(1, 512), min_size=1, max_size=12), st.floats(0.001, 1.0))
 def test_the_first_prefill_with_a_source_follows_its_closed_form(layer_mib: list[int], prefill_s: float) -> None:
-    """Any layer sizes: nothing has landed when the first prefill begins, so TTFT = startup + hop + the
-    whole prefill (its layers' computes sum to it), whatever the load."""
+    """Any layer sizes: nothing has landed when the first prefill begins; `costed` hands it off whole when
+    that saves more than the prefill costs the source (one request there) and never ends it later than the
+    chain rule over the load would; `eager` always hands it off whole."""
     spec = stack(layer_mib)
-    live = run(spec, [(0.0, 8000), (3.0, 5)], "blitzscale-live", prefill_s)  # the first decodes from < 2 s
-    assert live.loc[1, "gpu"] == 1 and live.loc[1, "cold"]
-    assert live.loc[1, "ttft_s"] == pytest.approx(STARTUP + TOKENS * HIDDEN * 2 / BW + prefill_s, rel=1e-9)
+    rows = [(0.0, 8000), (3.0, 5)]  # the first decodes from < 2 s
+    costed = run(spec, rows, "blitzscale-live", prefill_s, overrides=COSTED)
+    eager = run(spec, rows, "blitzscale-live", prefill_s)
+    ewl = run(spec, rows, "blitzscale", prefill_s, overrides=EWL)
+    assert costed.loc[1, "gpu"] == eager.loc[1, "gpu"] == 1 and costed.loc[1, "cold"]
+    handed = STARTUP + TOKENS * HIDDEN * 2 / BW + prefill_s
+    waited = ewl.loc[1, "ttft_s"]
+    if waited - handed > prefill_s:
+        assert costed.loc[1, "ttft_s"] == pytest.approx(handed, rel=1e-9)
+    assert costed.loc[1, "ttft_s"] <= waited + 1e-9
+    # eager (BlitzScale's rule) hands the whole first prefill off, whatever waiting would have cost
+    assert eager.loc[1, "ttft_s"] == pytest.approx(handed, rel=1e-9)
+
+
+def test_a_tensor_parallel_instance_hands_off_to_a_group_of_its_degree() -> None:
+    """Two GPUs an instance: the second group's first prefill is computed by the first group (the hop
+    between the leaders), so it comes before its layers could have landed; the first group pays."""
+    spec = stack([512] * 8)
+    rows = [(0.0, 4000), (1.0, 50)]
+    live = run(spec, rows, "blitzscale-live", 0.02, gpus=4, tp=2)
+    ewl = run(spec, rows, "blitzscale", 0.02, gpus=4, overrides=EWL, tp=2)
+    assert live.loc[1, "gpu"] == ewl.loc[1, "gpu"] == 2 and live.loc[1, "cold"]
+    half_load = 8 * 512 * MiB / 2 / BW  # each GPU of the group loads its half of every layer
+    assert ewl.loc[1, "ttft_s"] > STARTUP + half_load  # waits for the last layer
+    # the whole prefill on the first group (the calibration's 0.02 s at any degree), after one hop
+    assert live.loc[1, "ttft_s"] == pytest.approx(STARTUP + TOKENS * HIDDEN * 2 / BW + 0.02, rel=1e-9)
+    assert live.loc[1, "ttft_s"] < ewl.loc[1, "ttft_s"]
+    assert live.loc[0, "e2e_s"] > ewl.loc[0, "e2e_s"]
 
 
 def test_without_a_running_instance_there_is_no_handoff() -> None:
@@ -102,11 +144,11 @@ def test_without_a_running_instance_there_is_no_handoff() -> None:
 
 
 def test_live_handoff_needs_execute_while_load_and_no_pipeline() -> None:
-    with pytest.raises(ConfigError, match=r"systems.overrides.handoff: live handoff .* needs execute_while_load"):
-        make_system("s", "blitzscale", {"handoff": "live"})
+    with pytest.raises(ConfigError, match=r"systems.overrides.handoff: a live handoff .* needs execute_while_load"):
+        make_system("s", "blitzscale", {"handoff": "costed"})
     with pytest.raises(ConfigError, match=r"needs execute_while_load true and pipeline none"):
         make_system("s", "blitzscale-live", {"pipeline": "fixed"})
-    with pytest.raises(ConfigError, match=r"systems.handoff: expected one of none, live, got 'zigzag'"):
+    with pytest.raises(ConfigError, match=r"systems.handoff: expected one of none, eager, costed, got 'zigzag'"):
         make_system("s", "blitzscale-live", {"handoff": "zigzag"})
 
 
@@ -114,5 +156,5 @@ def test_the_real_executor_refuses_live_handoff() -> None:
     pytest.importorskip("torch")
     from tangram_sim.real.setup import check_replayable
 
-    with pytest.raises(ConfigError, match=r"systems \(s\): handoff live is not supported by the real executor"):
+    with pytest.raises(ConfigError, match=r"systems \(s\): handoff eager is not supported by the real executor"):
         check_replayable(make_system("s", "blitzscale-live", {"multicast": "none"}))

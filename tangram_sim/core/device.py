@@ -65,7 +65,8 @@ class LayerProgress:
     landed; read by the instance's first prefill (`pipeline`) and by the worker's cold start
     (`core.coldstart`). Layers are the model's `models.layers.layer_blocks`, in compute order."""
 
-    __slots__ = ("ready", "done", "finished", "load_start", "load_end", "consumed", "head", "on_loaded", "pending")
+    __slots__ = ("ready", "done", "finished", "load_start", "load_end", "consumed", "head", "on_loaded", "pending",
+                 "waiters")
 
     def __init__(self, env: simpy.Environment, ready: list[float], load_start: float) -> None:
         self.ready = ready  # per layer: when it was resident on every rank (final once `finished`)
@@ -79,6 +80,13 @@ class LayerProgress:
         # per layer: landings still to come before it is whole (0: landed); None: not tracked (a device
         # that tracks it lets a pass compute the landed layers before the load ends, `core.handoff`)
         self.pending: list[int] | None = None
+        self.waiters: dict[int, simpy.Event] = {}  # layer -> an event its landing triggers (`landed`)
+
+    def landed(self, layer: int) -> None:
+        """`layer` has landed (a device that tracks `pending` calls this): wake whoever waits for it."""
+        event = self.waiters.pop(layer, None)
+        if event is not None:
+            event.succeed()
 
     def finish(self, now: float) -> None:
         """Every unit has landed at `now`: `ready` is final."""

@@ -217,6 +217,14 @@ class ModelledDevice:
         pending = progress.pending
         if pending is not None:  # from here, the marks of each layer still to come
             pending[:] = [0] * len(pending)
+            for loads_of_rank, load in zip(rank_keys, loads):  # count them before any transfer starts
+                position = {key: i for i, key in enumerate(loads_of_rank)}
+                for key, _ in load.missing:
+                    for _fraction, layer in unit_parts(spec, units)[position[key]]:
+                        pending[layer] += 1
+            for layer, left in enumerate(pending):
+                if not left:
+                    progress.landed(layer)  # reused units only: in place with the copies
         parts = unit_parts(spec, units)
         transfers = []
         for rank, load in enumerate(loads):
@@ -235,8 +243,6 @@ class ModelledDevice:
                     for fraction, layer in parts[position[key]]:
                         marks.append(offset + fraction * nbytes)
                         what.append((layer, None))
-                        if pending is not None:
-                            pending[layer] += 1
                     offset += nbytes
                     marks.append(float(offset))
                     what.append((-1, (key, nbytes)))
@@ -250,6 +256,8 @@ class ModelledDevice:
                         ready[layer] = env.now
                     if pending is not None:
                         pending[layer] -= 1
+                        if not pending[layer]:
+                            progress.landed(layer)
 
                 if device.landing is not None:
                     links = (*links, device.landing)
@@ -258,6 +266,8 @@ class ModelledDevice:
             transfers.extend(started)
         if transfers:
             yield env.all_of(transfers)
+        for layer in list(progress.waiters):
+            progress.landed(layer)
         progress.finish(env.now)
 
     def _tiers(self, load: RankLoad) -> list[tuple[tuple[Link, ...], list[tuple[Key, int]], Joined | None]]:

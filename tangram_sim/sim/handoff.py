@@ -3,14 +3,19 @@ instance whose layers are still landing computes the landed layers here, in orde
 to the source at the first layer that has not landed.
 
 - A prefill walks the layers at the time model's per-layer split (`TimeModel.prefill_layers_s`): each
-  landed layer takes its compute here; at the first one not landed, if a source is up, one hop of the
-  batch's tokens and the remaining layers' compute on the source end the pass (the source is charged
-  that compute, `ModelledDevice.borrowed_s`). With no source a pass waits for its layers: the first
-  prefill as execute-while-load alone (`core.device.pipeline`), a later one until the load has ended.
-  The first prefill's spans (here and on the source) give the head's `overlap_s`.
-- A decode step while the layers land is one step at a time: the step's time from the time model, split
-  by the landed layers' share of the dense FLOPs (`core.handoff.shares`), plus one hop of the batch's
-  tokens when the source computes part of it; with no source it waits for the load, then steps.
+  landed layer takes its compute here; at the first one not landed, if a source is up and would finish
+  the pass sooner than the layers could land here (one hop of the batch's tokens and the remaining
+  layers' compute, against the chain rule over the earliest landings the rest of the load allows,
+  `_landing_bound`) and the system's rule says so (`worth`: always with `eager`; with `costed` when the
+  waiting it saves the pass's requests exceeds what it adds to the source's running and queued
+  requests), the source ends the pass (and is charged that compute, `ModelledDevice.borrowed_s`); else
+  the pass waits for that layer and goes on. Without a source the first prefill runs as execute-while-load alone
+  (`core.device.pipeline`). The first prefill's spans (here and on the source) give the head's
+  `overlap_s`.
+- A decode step while the layers land is one step at a time: the step's time from the time model, plus
+  one hop of the batch's tokens when the source computes part of it (the layers not landed, by their
+  share of the dense FLOPs, `core.handoff.shares`, at what they add to the source's own step); with no
+  source, or when handing off is not `worth` it, it waits for the load, then steps.
 - Every other pass of a system with live handoff (any GPU may be a source) ends later by the seconds
   its GPU computed for a new instance before or during it (`owing_prefill`, `owing_decode`); a decode
   batch advances by the time it had less those seconds.
@@ -23,16 +28,50 @@ from typing import TYPE_CHECKING
 
 import simpy
 
-from tangram_sim.core.device import LayerProgress, Work
-from tangram_sim.core.handoff import landed_prefix, shares, source
+from tangram_sim.core.device import LayerProgress, Work, pipeline
+from tangram_sim.core.handoff import landed_prefix, marginal_decode_s, shares, source
+from tangram_sim.core.pipeline import link_bps
 from tangram_sim.core.records import Request
 from tangram_sim.core.worker import Instance
 from tangram_sim.models.layers import layer_blocks
 
 if TYPE_CHECKING:
+    from tangram_sim.core.worker import GpuWorker
     from tangram_sim.sim.device import ModelledDevice
 
 __all__ = ["decode", "owing_decode", "owing_prefill", "prefill"]
+
+
+def _wait_layer(dev: ModelledDevice, loading: LayerProgress, layer: int) -> simpy.Event:
+    """An event when `layer` has landed."""
+    event = loading.waiters.get(layer)
+    if event is None:
+        event = loading.waiters[layer] = dev.env.event()
+    return event
+
+
+def _landing_bound(dev: ModelledDevice, inst: Instance, src: GpuWorker, first: int) -> list[float]:
+    """Per layer from `first`: the earliest it could land, its bytes (this GPU's share) still to come at the
+    faster of this GPU's PCIe link and the source's path to it, none of them here yet (a bound: the load's
+    own path is no faster)."""
+    nbytes = layer_blocks(inst.entry.spec).nbytes
+    rate = max(dev.pcie_bps, link_bps(src.cluster, src.gpu_id, inst.group[0].gpu_id))
+    now, out, total = dev.env.now, [], 0.0
+    for b in nbytes[first:]:
+        total += b / inst.tp
+        out.append(now + total / rate)
+    return out
+
+
+def worth(src: GpuWorker, saved: float, remote: float) -> bool:
+    """Hand off, by the system's rule (`core.handoff`): always (`eager`), or when the request-seconds of
+    waiting it saves the pass's requests (`saved`) exceed those it adds to the source's (its running and
+    queued requests wait `remote` seconds longer: `costed`)."""
+    if src.cluster.system.handoff == "eager":
+        return True
+    own = src.instance
+    waiting = (len(own.running) if own is not None else 0) + src.queued
+    return saved > 0 and saved > remote * waiting
 
 
 def prefill(dev: ModelledDevice, inst: Instance, batch: Sequence[Request], loading: LayerProgress
@@ -66,16 +105,18 @@ def prefill(dev: ModelledDevice, inst: Instance, batch: Sequence[Request], loadi
                 i += 1
                 continue
             found = source(worker, inst)
-            if found is None:  # the source ended: wait for the load, then compute here
-                yield loading.done
-                continue
-            src, hop_per_token = found
-            remote = sum(compute[i:])
-            starts.append(env.now)
-            yield env.timeout(hop_per_token * tokens + remote)
-            finishes.append(env.now)
-            src.device.borrowed_s += remote
-            break
+            if found is not None:
+                src, hop_per_token = found
+                remote = sum(compute[i:])
+                handed = env.now + hop_per_token * tokens + remote
+                _, waited = pipeline(_landing_bound(dev, inst, src, i), compute[i:], env.now)
+                if worth(src, (waited[-1] - handed) * len(batch), remote):
+                    starts.append(env.now)
+                    yield env.timeout(handed - env.now)
+                    finishes.append(env.now)
+                    src.device.borrowed_s += remote
+                    break
+            yield _wait_layer(dev, loading, i)  # no source, or waiting is faster: compute it here
         took[0] = env.now - start
         if first:
             if loading.finished:
@@ -102,6 +143,13 @@ def decode(dev: ModelledDevice, inst: Instance, running: Sequence[Request], hori
     local = landed_prefix(loading)
     layers = len(loading.ready)
     found = source(inst.group[0], inst) if local < layers else None
+    if found is not None:
+        src, hop_per_token = found
+        saved = (_landing_bound(dev, inst, src, local)[-1] - env.now - hop_per_token * n) * n
+        remote = (1.0 - shares(layer_blocks(inst.entry.spec).flops_per_token, local)) * advance \
+            * marginal_decode_s(dev.time_model, src, inst, n, kv_tokens)
+        if not worth(src, saved, remote):
+            found = None
     if local < layers and found is None:
 
         def wait() -> Work:
@@ -114,8 +162,6 @@ def decode(dev: ModelledDevice, inst: Instance, running: Sequence[Request], hori
     else:
         dt = debt + step
         if found is not None:
-            src, hop_per_token = found
-            remote = step * (1.0 - shares(layer_blocks(inst.entry.spec).flops_per_token, local))
             dt += hop_per_token * n
             src.device.borrowed_s += remote
         done = env.timeout(dt)

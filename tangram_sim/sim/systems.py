@@ -129,7 +129,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the running instance it loads from computes the layers it lacks (core.handoff), so it serves at once.
     "blitzscale-live": dict(
         granularity="model", retention="none", packing="first-fit", kv="static", scheduler="sllm-storage-aware",
-        source="gpu-first", multicast="chain", execute_while_load=True, handoff="live",
+        source="gpu-first", multicast="chain", execute_while_load=True, handoff="eager",
     ),
     # HydraServe (NSDI'26; first as ParaServe; docs/published-systems.md): ServerlessLLM's platform whose
     # cold start runs as the fewest pipeline stages (up to 4 GPUs) predicted to meet a 2 s TTFT, each
@@ -259,7 +259,7 @@ def _validate(spec: SystemSpec, where: str) -> None:
     if spec.handoff not in HANDOFF:
         raise ConfigError(f"{where}.handoff: expected one of {', '.join(HANDOFF)}, got {shown(spec.handoff)}")
     if spec.handoff != "none" and (not spec.execute_while_load or spec.pipeline != "none"):
-        raise ConfigError(f"{where}.overrides.handoff: live handoff serves a cold start while its layers land, "
+        raise ConfigError(f"{where}.overrides.handoff: a live handoff serves a cold start while its layers land, "
                           "so it needs execute_while_load true and pipeline none")
     if spec.granularity not in ("model", "tensor", "group"):
         raise ConfigError(f"{where}.granularity: expected model, tensor or group, got {shown(spec.granularity)}")

@@ -63,8 +63,9 @@ class SystemSpec:
     pipeline_params: dict[str, Any] = field(default_factory=dict)  # extra pipeline policy parameters (k, ttft_s)
     execute_while_load: bool = False  # the first prefill computes layer i once layer i has landed (and
     # layer i-1 is done) instead of after the whole load (the modelled and the real device alike)
-    # live layer handoff (core.handoff, BlitzScale's live autoscaling): none | live; with live, while a
-    # cold start's weights land, a running instance of the model computes the layers not landed yet
+    # live layer handoff (core.handoff, BlitzScale's live autoscaling): none | eager | costed; while a cold
+    # start's weights land, a running instance of the model computes the layers not landed yet (eager:
+    # always, as BlitzScale; costed: when that saves more waiting than it adds to the source's requests)
     handoff: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
