@@ -159,3 +159,23 @@ def test_the_hydraserve_figures_in_the_readme_follow_from_the_committed_run() ->
         assert (round(rows.cold_start_speedup.min(), 2), round(rows.cold_start_speedup.max(), 2)) == (lo, hi)
         assert (round(rows.ttft_slo_gain.min(), 2), round(rows.ttft_slo_gain.max(), 2)) == (slo_lo, slo_hi)
     assert (table.cold_start_speedup > 1).all() and (table.ttft_slo_gain > 1).all()
+
+
+def test_the_blitzscale_live_figures_in_the_readme_follow_from_the_committed_run() -> None:
+    """results/README.md's live-scaling section: the eager handoff against execute-while-load alone (p99
+    lower at code 1x, 81-175% higher at code 4x), the costed rule equal to execute-while-load everywhere,
+    and the best tail against serverlessllm (-46%)."""
+    run = RESULTS / "blitzscale-azure-live"
+    if not (run / "summary.csv").exists():
+        pytest.skip("blitzscale-azure-live: no committed summary")
+    s = pd.read_csv(run / "summary.csv")
+    s["trace"] = s["trace.path"].str.extract(r"_(code|conv)\.csv")[0]
+    p99 = s.pivot_table(index=["trace", "trace.rate_scale", "models"], columns="system", values="p99_ttft_s")
+    assert len(p99) == 12
+    assert (p99["blitzscale-costed"] == p99["blitzscale-ewl"]).all()
+    change = p99["blitzscale-live"] / p99["blitzscale-ewl"] - 1
+    assert (change.loc["code", 1.0] < 0).all()
+    code4 = change.loc["code", 4.0]
+    assert (round(100 * code4.min()), round(100 * code4.max())) == (81, 175)
+    vs_sllm = p99["blitzscale-live"] / p99["serverlessllm"] - 1
+    assert (round(100 * vs_sllm.min()), round(100 * vs_sllm.max())) == (-46, 112)

@@ -119,7 +119,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # BlitzScale (OSDI'25): parameters read over the GPU network from GPUs that hold the model (running
     # instances) before any host tier, cold starts of one model chained (each forwards what it has received),
-    # ServerlessLLM's host caching behind them. Its live layer handoff is not modelled
+    # ServerlessLLM's host caching behind them: its "fast scaling"; with its live scaling, `blitzscale-live`
     # (docs/published-systems.md).
     "blitzscale": dict(
         granularity="model", retention="none", packing="first-fit", kv="static", scheduler="sllm-storage-aware",
