@@ -89,6 +89,7 @@ class ModelledDevice:
         # seconds this GPU computed for another instance (the source of a live handoff, `core.handoff`),
         # added to its own next prefill or decode
         self.borrowed_s = 0.0
+        self.lends: bool | None = None  # the system has a live handoff (known at the first instance)
 
     def start_instance(self, inst: Instance, head: Request, loads: Sequence[RankLoad], landed: Landed) -> Work:
         env = self.env
@@ -135,7 +136,7 @@ class ModelledDevice:
         entry = inst.entry
         n_layers = len(layer_blocks(entry.spec))
         progress = LayerProgress(self.env, [t_load] * n_layers, t_load)
-        if inst.group[0].cluster.system.handoff != "none":  # passes compute the landed layers (core.handoff)
+        if self._lends(inst):  # passes compute the landed layers (core.handoff)
             progress.pending = [1] * n_layers  # nothing has landed before the copies are done
         self.env.process(self._stream(progress, entry.spec, entry.units, inst.rank_keys, loads, landed, copy_s))
         return progress
@@ -328,6 +329,13 @@ class ModelledDevice:
         copy = _PrefetchCopy(self, nbytes)
         return copy.done, copy.cancel
 
+    def _lends(self, inst: Instance) -> bool:
+        """The system hands layers off (`core.handoff`): read once, the system is the run's."""
+        lends = self.lends
+        if lends is None:
+            lends = self.lends = inst.group[0].cluster.system.handoff != "none"
+        return lends
+
     def take_borrowed(self) -> float:
         """The seconds computed for another instance since the last pass (`core.handoff`), now paid."""
         debt, self.borrowed_s = self.borrowed_s, 0.0
@@ -342,7 +350,7 @@ class ModelledDevice:
         dt = self.time_model.prefill_s(inst.entry.spec, sum(r.input_tokens for r in batch), inst.tp)
         if inst.stages is not None:
             dt += hop_s(inst.stages, sum(r.input_tokens for r in batch))
-        if inst.group[0].cluster.system.handoff != "none":  # it may be a source: it pays its borrowed seconds
+        if self.lends or (self.lends is None and self._lends(inst)):  # it may be a source: it pays its debts
             return handoff.owing_prefill(self, dt)
         return self.env.timeout(dt), lambda: dt
 
@@ -388,7 +396,7 @@ class ModelledDevice:
             step += hop_s(inst.stages, len(running))
         start = env.now
         dt = horizon * step
-        if inst.group[0].cluster.system.handoff != "none":
+        if self.lends or (self.lends is None and self._lends(inst)):
             return handoff.owing_decode(self, horizon, step, dt, wake)
         if dt > 0 and start + dt == start:  # e.g. a bandwidth of 1e-300 pushed time to 1e300 s
             raise ConfigError(f"simulated time reached {start:.3g} s, where a decode step of {dt:.3g} s no "
