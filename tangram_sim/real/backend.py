@@ -187,15 +187,7 @@ class DeviceBackend(StageCommands):
             assert stage is None, "a pipeline stage starts serially (real.pipelined)"
             return self._start_layered(m, model, offsets, missing, moves, verify, ranges)
         segments = [seg for key in missing for seg in self._segments(m, key, offsets[key])]
-        t0 = time.perf_counter()
-        for src, dst, n in moves:
-            self.dev.copy_move(Move(None, src, dst, n))
-        sync(self.device)
-        copy_s, copied = peers.copy_units(self.dev.buffer, self.peers, ranges, sync) if ranges else (0.0, 0)
-        t1 = time.perf_counter()
-        read = self.loader.load(self.dev.buffer, segments) if segments else None
-        sync(self.device)
-        t2 = time.perf_counter()
+        t0, t1, t2, copy_s, copied, read = self._place(moves, ranges, segments)
         self.engines[model] = build_engine(m.config, self._views(m, offsets), self.device, self._stages[model])
         sync(self.device)
         t3 = time.perf_counter()
@@ -204,6 +196,21 @@ class DeviceBackend(StageCommands):
         value = (t1 - t0 - copy_s, t2 - t1, t3 - t2, sum(s.nbytes for s in segments), read.gbps if read else 0.0,
                  copy_s, copied)
         return Measured(value, t0, t3 - t0)
+
+    def _place(self, moves: Sequence[tuple[int, int, int]], ranges: Sequence[tuple[int, int, int, int]],
+               segments: Sequence[Segment]) -> tuple[float, float, float, float, int, Any]:
+        """Compaction copies, copies from other arenas (`real.peers.copy_units` ranges), then the reads of
+        `segments`, each synchronised: (t0, t1 after the copies, t2 after the reads, copy_s, copied bytes,
+        the loader's result or None)."""
+        t0 = time.perf_counter()
+        for src, dst, n in moves:
+            self.dev.copy_move(Move(None, src, dst, n))
+        sync(self.device)
+        copy_s, copied = peers.copy_units(self.dev.buffer, self.peers, ranges, sync) if ranges else (0.0, 0)
+        t1 = time.perf_counter()
+        read = self.loader.load(self.dev.buffer, segments) if segments else None
+        sync(self.device)
+        return t0, t1, time.perf_counter(), copy_s, copied, read
 
     def _start_layered(self, m: _Model, model: str, offsets: dict[Key, int], missing: Sequence[Key],
                        moves: Sequence[tuple[int, int, int]], verify: bool,

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tangram_sim.arena import Key
 from tangram_sim.core.clock import Measured
-from tangram_sim.policies.packing import Move
-from tangram_sim.real import peers
 from tangram_sim.real.device_arena import DeviceArena, sync
 from tangram_sim.real.engine import CausalLM, complete, greedy
 
@@ -62,6 +60,8 @@ class StageCommands:
     def _views(self, m: _Model, offsets: dict[Key, int]) -> dict[str, torch.Tensor]: ...  # noqa: D102
     @staticmethod
     def _segments(m: _Model, key: Key, offset: int) -> list[Segment]: ...  # noqa: D102
+    def _place(self, moves: Sequence[tuple[int, int, int]], ranges: Sequence[tuple[int, int, int, int]],
+               segments: Sequence[Segment]) -> tuple[float, float, float, float, int, Any]: ...  # noqa: D102
 
     def _stage_pass(self, engine: CausalLM, seqs: list[_Seq], hidden: tuple | None, t0: float,
                     prefill: bool) -> Measured:
@@ -100,16 +100,7 @@ class StageCommands:
         their files. Value: (move_s, read_s, copy_s, read bytes, copied bytes)."""
         self.apply(ops)
         segments = [seg for model, key, off in reads for seg in self._segments(self.models[model], key, off)]
-        t0 = time.perf_counter()
-        for src, dst, n in moves:
-            self.dev.copy_move(Move(None, src, dst, n))
-        sync(self.device)
-        copy_s, copied = peers.copy_units(self.dev.buffer, self.peers, copies, sync) if copies else (0.0, 0)
-        t1 = time.perf_counter()
-        if segments:
-            self.loader.load(self.dev.buffer, segments)
-        sync(self.device)
-        t2 = time.perf_counter()
+        t0, t1, t2, copy_s, copied, _ = self._place(moves, copies, segments)
         value = (t1 - t0 - copy_s, t2 - t1, copy_s, sum(s.nbytes for s in segments), copied)
         return Measured(value, t0, t2 - t0)
 
