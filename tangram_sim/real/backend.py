@@ -54,9 +54,9 @@ from tangram_sim.real.loader import (
     file_digest,
     open_checkpoint,
 )
-from tangram_sim.real.stage_backend import StageCommands, pack, unpack
+from tangram_sim.real.stage_backend import StageCommands
 
-__all__ = ["BackendSpec", "DeviceBackend", "model_layouts", "pack", "sync", "unpack"]
+__all__ = ["BackendSpec", "DeviceBackend", "model_layouts", "sync"]
 
 
 @dataclass(slots=True)

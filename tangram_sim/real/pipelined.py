@@ -12,7 +12,7 @@ stages' devices:
   device's). The load (`load_s`) ends when the last stage's units were in place; that stage's engine
   build after it is the request's `startup_s`, as a serial start's engine build is.
 - Serving: a prefill or decode step runs stage by stage: the leader's backend embeds and runs its layers,
-  its hidden states go to the next stage's backend as bytes (`real.backend.pack`), and so on; the last
+  its hidden states go to the next stage's backend as bytes (`real.stage_backend.pack`), and so on; the last
   stage's greedy tokens go back to the first, which keeps the sequences' tokens. Every stage's part is
   queued on its device's thread when the lifecycle decides the step (so holds of `real.peers` and the
   parts of steps stay in the clock's decision order on every thread, and no two threads wait for each

@@ -216,16 +216,8 @@ class ModelledDevice:
         for i in range(len(ready)):  # a layer of reused units only is ready once the copies are done
             ready[i] = env.now
         pending = progress.pending
-        if pending is not None:  # from here, the marks of each layer still to come
+        if pending is not None:  # from here, the marks of each layer still to come (counted as they are made)
             pending[:] = [0] * len(pending)
-            for loads_of_rank, load in zip(rank_keys, loads):  # count them before any transfer starts
-                position = {key: i for i, key in enumerate(loads_of_rank)}
-                for key, _ in load.missing:
-                    for _fraction, layer in unit_parts(spec, units)[position[key]]:
-                        pending[layer] += 1
-            for layer, left in enumerate(pending):
-                if not left:
-                    progress.landed(layer)  # reused units only: in place with the copies
         parts = unit_parts(spec, units)
         transfers = []
         for rank, load in enumerate(loads):
@@ -244,6 +236,8 @@ class ModelledDevice:
                     for fraction, layer in parts[position[key]]:
                         marks.append(offset + fraction * nbytes)
                         what.append((layer, None))
+                        if pending is not None:
+                            pending[layer] += 1
                     offset += nbytes
                     marks.append(float(offset))
                     what.append((-1, (key, nbytes)))
@@ -265,6 +259,10 @@ class ModelledDevice:
                 started.append(device._transfer(offset, links, joined, marks, on_mark))
             device._streaming(load, sources, started)
             transfers.extend(started)
+        if pending is not None:  # no mark fires before this process waits: a layer with none is in place
+            for layer, left in enumerate(pending):
+                if not left:
+                    progress.landed(layer)
         if transfers:
             yield env.all_of(transfers)
         for layer in list(progress.waiters):
@@ -396,11 +394,11 @@ class ModelledDevice:
             step += hop_s(inst.stages, len(running))
         start = env.now
         dt = horizon * step
-        if self.lends or (self.lends is None and self._lends(inst)):
-            return handoff.owing_decode(self, horizon, step, dt, wake)
         if dt > 0 and start + dt == start:  # e.g. a bandwidth of 1e-300 pushed time to 1e300 s
             raise ConfigError(f"simulated time reached {start:.3g} s, where a decode step of {dt:.3g} s no "
                               "longer advances the clock; expected rates, bandwidths and sizes of realistic scale")
+        if self.lends or (self.lends is None and self._lends(inst)):
+            return handoff.owing_decode(self, horizon, step, dt, wake)
         if wake is None:
             done = env.timeout(dt)
         elif not self.whole_steps or step <= 0:
