@@ -36,14 +36,14 @@ def stack(layer_mib: list[int]) -> ModelSpec:
 
 
 def run(spec: ModelSpec, rows: list[tuple[float, int]], preset: str, prefill_s: float, gpus: int = 2,
-        overrides: dict | None = None, tp: int = 1) -> pd.DataFrame:
+        overrides: dict | None = None, tp: int = 1, tiers: TierSpec | None = None) -> pd.DataFrame:
     """Requests (arrival, output tokens) of `spec` on `gpus` GPUs of one node; one request per instance
     (max_batch 1), so a request that comes while the model runs starts a second instance, from that one."""
     cal = Calibration(device="test", models={"m": ModelCoefficients(prefill_s, 0.0, STEP)})
     t = pd.DataFrame([(a, "m", TOKENS, o) for a, o in rows],
                      columns=["arrival_s", "model", "input_tokens", "output_tokens"])
-    cluster = ClusterSpec(1, gpus, gpu_spec("a100-80gb", {"pcie_bps": BW}), TierSpec(ssd_bps=BW, unit_overhead_s=0.0),
-                          topology=TopologySpec())
+    cluster = ClusterSpec(1, gpus, gpu_spec("a100-80gb", {"pcie_bps": BW}),
+                          tiers or TierSpec(ssd_bps=BW, unit_overhead_s=0.0), topology=TopologySpec())
     system = make_system("s", preset, {"engine_overhead_s": STARTUP, "max_batch": 1, "keep_alive_s": 30.0,
                                        **(overrides or {})})
     return simulate({"m": ModelChoice(spec, tensor_parallel=tp)}, t, cluster, system, calibration=cal).requests
@@ -115,6 +115,29 @@ def test_the_first_prefill_with_a_source_follows_its_closed_form(layer_mib: list
     assert costed.loc[1, "ttft_s"] <= waited + 1e-9
     # eager (BlitzScale's rule) hands the whole first prefill off, whatever waiting would have cost
     assert eager.loc[1, "ttft_s"] == pytest.approx(handed, rel=1e-9)
+
+
+def test_costed_expects_the_rest_of_a_slow_load_at_the_rate_it_has_kept() -> None:
+    """A load from an SSD 4x slower than PCIe and no host cache: at the first layer nothing has landed, and
+    the rest is expected at PCIe's rate, at which waiting pays (c = 50 ms a layer: saving 8 l + c - 8 c
+    does not exceed the 8 c it costs the source); once layer 0 has landed at a quarter of that rate, the
+    other seven are expected at that rate too, and handing them off pays (7 l' + c - 7 c > 7 c): the
+    source ends the pass, one hop after layer 0's compute, and pays 7 c."""
+    n, c = 8, 0.05
+    spec = stack([512] * n)
+    slow = TierSpec(host_cache_bytes=0, ssd_bps=BW / 4, unit_overhead_s=0.0)
+    rows = [(0.0, 8000), (3.0, 50)]
+    kw = {"tiers": slow, "prefill_s": n * c}
+    costed = run(spec, rows, "blitzscale-live", overrides={"source": "tiers", **COSTED}, **kw)
+    ewl = run(spec, rows, "blitzscale", overrides={"source": "tiers", **EWL}, **kw)
+    l_slow = 512 * MiB / (BW / 4)
+    assert costed.loc[1, "load_s"] == pytest.approx(n * l_slow, rel=1e-9)  # the load is the same
+    assert ewl.loc[1, "ttft_s"] == pytest.approx(STARTUP + n * l_slow + c, rel=1e-9)
+    # the handoff: layer 0 lands, is computed here, the hop, the source's seven layers
+    handed = ewl.loc[1, "ttft_s"] - (n - 1) * l_slow - c + c + TOKENS * HIDDEN * 2 / BW + (n - 1) * c
+    assert costed.loc[1, "ttft_s"] == pytest.approx(handed, rel=1e-6)
+    assert costed.loc[1, "ttft_s"] < ewl.loc[1, "ttft_s"] - 1.0
+    assert costed.loc[0, "e2e_s"] - ewl.loc[0, "e2e_s"] >= (n - 1) * c - 1e-9  # the source paid
 
 
 def test_a_tensor_parallel_instance_hands_off_to_a_group_of_its_degree() -> None:

@@ -150,5 +150,5 @@ def test_when_names_a_policy_of_the_parameters_field(spec: dict, message: str | 
 
 def test_when_is_only_for_a_policys_parameters() -> None:
     exp = load_experiment(ROOT / "experiments/quickstart.yaml")
-    with pytest.raises(ConfigError, match=r"params.keep_alive_s.when: only for a policy's parameter"):
+    with pytest.raises(ConfigError, match=r"params.keep_alive_s.when: a policy name only for a policy's parameter"):
         parse_space({"params": {"keep_alive_s": {"low": 1, "high": 9, "when": "fixed"}}}, exp)

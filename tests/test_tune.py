@@ -235,6 +235,21 @@ def test_failed_trials_are_recorded_and_counted(files: tuple[Path, Path], tmp_pa
         ({"source": {"choices": ["nearest"]}}, "params.source.choices: unknown source policy 'nearest'"),
         ({"pipeline_params.k": {"low": 2, "high": 4, "when": "pipelined"}},
          "params.pipeline_params.k.when: expected a pipeline policy: fixed, none, slo; got 'pipelined'"),
+        ({"handoff": {"choices": ["eager"], "when": {"execute_while_lod": True}}},
+         "params.handoff.when.execute_while_lod: not a system field; expected one of: "),
+        ({"handoff": {"choices": ["eager"], "when": {"pipeline": "pipelined"}}},
+         "params.handoff.when.pipeline: unknown pipeline policy 'pipelined'"),
+        ({"handoff": {"choices": ["eager"], "when": {"handoff": "eager"}}},
+         "params.handoff.when.handoff: a key cannot be conditioned on itself"),
+        ({"handoff": {"choices": ["eager"], "when": {"execute_while_load": []}}},
+         "params.handoff.when.execute_while_load: expected a value or a non-empty list of values"),
+        ({"handoff": {"choices": ["eager"]}}, "params.handoff.choices: a live handoff serves a cold start"),
+        ({"handoff": {"choices": ["eager"], "when": {"execute_while_load": True}},
+          "execute_while_load": {"choices": [True, False], "when": {"handoff": "none"}}},
+         "params.execute_while_load.when: the conditions form a cycle (execute_while_load -> handoff -> "
+         "execute_while_load)"),
+        ({"cluster.gpu_memory_gib": {"choices": [40, 80], "when": {"handoff": "none"}}},
+         "params.cluster.gpu_memory_gib.when: not for a cluster key"),
         ({}, "params: expected a mapping of at least one"),
     ],
 )
@@ -326,6 +341,57 @@ def test_the_scaleout_space_searches_sources_multicast_and_pipelines(tmp_path: P
     space = parse_space({"base": "serverlessllm", "params": {"multicast": {"choices": "all", "exclude": ["none"]}}},
                         exp)
     assert space.params[0].choices == ("chain", "binomial")
+
+
+def test_handoff_is_searched_only_where_execute_while_load_is_on_and_no_pipeline(tmp_path: Path) -> None:
+    """A cross-field `when`: trials that draw a handoff simulate it only beside execute-while-load and no
+    pipeline (the combination the system accepts); elsewhere they keep the base's `none`."""
+    from tangram_sim.core.handoff import HANDOFF
+    from tangram_sim.sim.systems import make_system
+    from tangram_sim.tune.space_file import load_space
+
+    exp = load_experiment(_write(tmp_path / "exp.yaml", SCALEOUT))
+    space = load_space(ROOT / "experiments/tune-space-scaleout.yaml", exp)
+    handoff = next(p for p in space.params if p.key == "handoff")
+    assert set(handoff.choices) == set(HANDOFF) and handoff.conditions() == {
+        "execute_while_load": (True,), "pipeline": ("none",)}
+    base = space.base_values(exp.config())
+    assert base is not None and base["handoff"] == "none"
+    simulated = {}
+    for ewl in (False, True):
+        for pipeline in ("none", "fixed", "slo"):
+            values = {**base, "execute_while_load": ewl, "pipeline": pipeline, "handoff": "eager"}
+            entry = space.system_entry(values)
+            spec = make_system(entry["name"], entry["preset"], entry["overrides"])  # always a valid system
+            simulated[ewl, pipeline] = spec.handoff
+    assert simulated == {(True, "none"): "eager", **{k: "none" for k in simulated if k != (True, "none")}}
+    # a condition on a field the space does not search reads the base system: tangram-plus computes while
+    # it loads, so the handoff alone is simulated in every trial
+    lone = parse_space({"base": "tangram-plus", "params": {"handoff": {"choices": "all", "when": {
+        "execute_while_load": True}}}}, exp)
+    assert lone.applies(lone.params[0], {"handoff": "costed"})
+    assert lone.system_entry({"handoff": "costed"})["overrides"] == {"handoff": "costed"}
+    lone = parse_space({"base": "tangram", "params": {"handoff": {"choices": ["none"], "when": {
+        "execute_while_load": [True]}}}}, exp)
+    assert not lone.applies(lone.params[0], {"handoff": "none"})  # tangram does not compute while loading
+    # the written space keeps the condition (trials.csv's space.yaml beside the results)
+    assert handoff.to_dict()["when"] == {"execute_while_load": [True], "pipeline": ["none"]}
+    # a tune: trials.csv shows the handoff only where it was simulated; best-systems.yaml's entries are valid
+    space_file = _write(tmp_path / "space.yaml", {"base": "tangram-plus", "params": {
+        "execute_while_load": {"choices": [False, True]},
+        "handoff": {"choices": ["eager", "costed"], "when": {"execute_while_load": True}}}})
+    out = tmp_path / "o"
+    assert main(["tune", str(tmp_path / "exp.yaml"), "--space", str(space_file), "--objective", "p99_ttft_s",
+                 "--objective", "gpu_seconds_per_request", "--trials", "6", "--seed", "1", "--out", str(out),
+                 "--quiet"]) == 0
+    trials = pd.read_csv(out / "trials.csv", keep_default_na=False)
+    assert len(trials) == 6 and set(trials["execute_while_load"].astype(str)) == {"False", "True"}
+    for _, row in trials.iterrows():
+        assert (row["handoff"] in ("eager", "costed")) if str(row["execute_while_load"]) == "True" \
+            else row["handoff"] == "", row.to_dict()
+    for system in yaml.safe_load((out / "best-systems.yaml").read_text()):
+        make_system(system["name"], system["preset"], system["overrides"])
+        assert ("handoff" in system["overrides"]) == system["overrides"]["execute_while_load"]
 
 
 def test_a_tune_over_sources_and_multicast_simulates_what_it_samples(tmp_path: Path) -> None:

@@ -5,8 +5,8 @@ to the source at the first layer that has not landed.
 - A prefill walks the layers at the time model's per-layer split (`TimeModel.prefill_layers_s`): each
   landed layer takes its compute here; at the first one not landed, if a source is up and would finish
   the pass sooner than the layers could land here (one hop of the batch's tokens and the remaining
-  layers' compute, against the chain rule over the earliest landings the rest of the load allows,
-  `_landing_bound`) and the system's rule says so (`worth`: always with `eager`; with `costed` when the
+  layers' compute, against the chain rule over the landings expected at the rate the load has kept so
+  far, `_landings`) and the system's rule says so (`worth`: always with `eager`; with `costed` when the
   waiting it saves the pass's requests exceeds what it adds to the source's running and queued
   requests), the source ends the pass (and is charged that compute, `ModelledDevice.borrowed_s`); else
   the pass waits for that layer and goes on. Without a source the first prefill runs as execute-while-load alone
@@ -50,15 +50,24 @@ def _wait_layer(dev: ModelledDevice, loading: LayerProgress, layer: int) -> simp
     return event
 
 
-def _landing_bound(dev: ModelledDevice, inst: Instance, src: GpuWorker, first: int) -> list[float]:
-    """Per layer from `first`: the earliest it could land, its bytes (this GPU's share) still to come at the
-    faster of this GPU's PCIe link and the source's path to it, none of them here yet (a bound: the load's
-    own path is no faster)."""
+def _landings(dev: ModelledDevice, inst: Instance, src: GpuWorker, loading: LayerProgress, first: int
+              ) -> list[float]:
+    """Per layer from `first`: when it should land, this GPU's share of the bytes still to come at the rate
+    the load has kept so far (the layers landed since it began, as the device sees them), no faster than
+    the faster of this GPU's PCIe link and the source's path to it; at that rate alone before a layer has
+    landed. Layers already here take no time."""
     nbytes = layer_blocks(inst.entry.spec).nbytes
+    pending = loading.pending
     rate = max(dev.pcie_bps, link_bps(src.cluster, src.gpu_id, inst.group[0].gpu_id))
+    elapsed = dev.env.now - loading.load_start
+    if pending is not None and elapsed > 0:
+        landed = sum(b for b, p in zip(nbytes, pending) if not p) / inst.tp
+        if landed > 0:
+            rate = min(rate, landed / elapsed)
     now, out, total = dev.env.now, [], 0.0
-    for b in nbytes[first:]:
-        total += b / inst.tp
+    for i in range(first, len(nbytes)):
+        if pending is None or pending[i]:
+            total += nbytes[i] / inst.tp
         out.append(now + total / rate)
     return out
 
@@ -109,7 +118,7 @@ def prefill(dev: ModelledDevice, inst: Instance, batch: Sequence[Request], loadi
                 src, hop_per_token = found
                 remote = sum(compute[i:])
                 handed = env.now + hop_per_token * tokens + remote
-                _, waited = pipeline(_landing_bound(dev, inst, src, i), compute[i:], env.now)
+                _, waited = pipeline(_landings(dev, inst, src, loading, i), compute[i:], env.now)
                 if worth(src, (waited[-1] - handed) * len(batch), remote):
                     starts.append(env.now)
                     yield env.timeout(handed - env.now)
@@ -145,7 +154,7 @@ def decode(dev: ModelledDevice, inst: Instance, running: Sequence[Request], hori
     found = source(inst.group[0], inst) if local < layers else None
     if found is not None:
         src, hop_per_token = found
-        saved = (_landing_bound(dev, inst, src, local)[-1] - env.now - hop_per_token * n) * n
+        saved = (_landings(dev, inst, src, loading, local)[-1] - env.now - hop_per_token * n) * n
         remote = (1.0 - shares(layer_blocks(inst.entry.spec).flops_per_token, local)) * advance \
             * marginal_decode_s(dev.time_model, src, inst, n, kv_tokens)
         if not worth(src, saved, remote):

@@ -29,9 +29,11 @@ class Param:
     log: bool = False
     step: float | None = None
     digits: int | None = None  # floats: significant digits of the value simulated
-    # FIELD_params.NAME only: the policy of FIELD that takes it; a trial of another policy leaves it out
-    # (the sampler still draws it, so every trial has the same distributions)
-    when: str | None = None
+    # when a trial simulates this key; otherwise the base system's value stands (the sampler still draws it,
+    # so every trial has the same distributions). A policy name, for FIELD_params.NAME only: the policy of
+    # FIELD that takes it; or {FIELD: (VALUE, ...)}: each named system field (searched, else the base's) takes
+    # one of its values (`handoff` only where `execute_while_load` is true and `pipeline` none)
+    when: str | Mapping[str, tuple[Any, ...]] | None = None
 
     @property
     def on_cluster(self) -> bool:
@@ -77,11 +79,23 @@ class Param:
 
     @property
     def policy_field(self) -> str | None:
-        """The policy field a conditional parameter depends on (`keep_alive` for keep_alive_params.*)."""
-        return self.key.split(".", 1)[0].removesuffix("_params") if self.when else None
+        """The policy field a policy's parameter depends on (`keep_alive` for keep_alive_params.*)."""
+        return self.key.split(".", 1)[0].removesuffix("_params") if isinstance(self.when, str) else None
+
+    def conditions(self) -> dict[str, tuple[Any, ...]]:
+        """`when` as {system field: the values under which a trial simulates this key}; {} = always."""
+        if self.when is None:
+            return {}
+        if isinstance(self.when, str):
+            return {self.policy_field: (self.when,)}
+        return {field: tuple(values) for field, values in self.when.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"when": self.when} if self.when else {}
+        out: dict[str, Any] = {}
+        if isinstance(self.when, str):
+            out["when"] = self.when
+        elif self.when:
+            out["when"] = {field: list(values) for field, values in self.when.items()}
         if self.kind == "categorical":
             return {"choices": list(self.choices), **out}
         out.update({"low": self.low, "high": self.high, "type": self.kind})
@@ -126,13 +140,17 @@ class Space:
         return {"name": name or self.system, "preset": self.preset, "overrides": overrides}
 
     def applies(self, param: Param, values: Mapping[str, Any]) -> bool:
-        """Whether a trial with these values simulates `param` (a conditional one: its policy is chosen)."""
-        if param.when is None:
-            return True
-        field = param.policy_field
-        if field in values:
-            return values[field] == param.when
-        return self._base_policy(field) == param.when
+        """Whether a trial with these values simulates `param`: each field its `when` names takes one of the
+        values given there, as the trial simulates it (searched and simulated, else the base system's).
+        The space file refuses cycles of conditions."""
+        return all(holds(self._simulated(field, values), allowed)
+                   for field, allowed in param.conditions().items())
+
+    def _simulated(self, field: str, values: Mapping[str, Any]) -> Any:
+        searched = next((p for p in self.params if p.key == field), None)
+        if searched is not None and field in values and self.applies(searched, values):
+            return values[field]
+        return self._base_policy(field)
 
     def _base_policy(self, field: str) -> Any:
         from tangram_sim.sim.systems import PRESETS, SystemSpec
@@ -161,7 +179,7 @@ class Space:
                 value: Any = config
                 for part in p.key.split("."):
                     value = value.get(part) if isinstance(value, Mapping) else None
-            elif p.when is not None and getattr(spec, p.policy_field) != p.when:
+            elif not all(holds(getattr(spec, f), allowed) for f, allowed in p.conditions().items()):
                 value = p.choices[0] if p.kind == "categorical" else p.low  # not simulated: any value
             elif rest:
                 value = (getattr(spec, head, None) or {}).get(rest)
@@ -175,6 +193,11 @@ class Space:
     def to_dict(self) -> dict[str, Any]:
         return {"base": self.base, "system": self.system, "overrides": dict(self.base_overrides),
                 "params": {p.key: p.to_dict() for p in self.params}}
+
+
+def holds(value: Any, allowed: tuple[Any, ...]) -> bool:
+    """Whether `value` is one of `allowed` (a boolean is not the number 1 or 0 here)."""
+    return any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed)
 
 
 # ------------------------------------------------------------------ run-time facts
@@ -208,9 +231,12 @@ def policy_registries() -> dict[str, Any]:
 
 def named_fields() -> dict[str, tuple[str, ...]]:
     """The names each field with a fixed set of names can take, for `choices: all`: the policy registries'
-    names, and fields whose names are not a registry (`multicast`: none, chain, binomial)."""
+    names, and fields whose names are not a registry (`multicast`: none, chain, binomial; `handoff`: none,
+    eager, costed)."""
+    from tangram_sim.core.handoff import HANDOFF
     from tangram_sim.topology.multicast import MULTICAST
 
     names = {field: tuple(registry.names()) for field, registry in policy_registries().items()}
     names.setdefault("multicast", tuple(MULTICAST))
+    names.setdefault("handoff", tuple(HANDOFF))
     return names

@@ -8,7 +8,8 @@
       retention: {choices: [tangram, lru, lfu, gdsf]}
       scheduler: {choices: all, exclude: [random]}     # all: every registered name, now (names
                                                        # excluded but not registered are ignored);
-                                                       # multicast: all is none, chain, binomial
+                                                       # multicast: all is none, chain, binomial;
+                                                       # handoff: none, eager, costed
       keep_alive_s: {low: 5, high: 120, log: true}     # float fields: rounded to `digits` [3] significant digits
       unit_divisor: {choices: [0, 20, 40, 80]}
       max_batch: {low: 8, high: 64, step: 8}           # int fields: integers
@@ -17,6 +18,10 @@
       keep_alive_params.range_s: {low: 60, high: 960, log: true, when: histogram}
                                # when: a policy parameter searched beside its policy field; trials
                                # of another policy leave it out (the sampler still draws it)
+      handoff: {choices: all, when: {execute_while_load: true, pipeline: none}}
+                               # when {FIELD: VALUE or [VALUES]}: a key simulated only where each
+                               # system field named (searched, else the base's) takes one of them;
+                               # elsewhere the base's value stands
 
 The system fields and the policy names come from `SystemSpec` and the policy registries at run time (with
 the experiment's `plugins` imported), so fields and policies added later can be searched without a
@@ -106,6 +111,7 @@ def parse_space(data: Any, experiment: Any, path: Path | None = None) -> Space:
         if key in fixed:
             raise ConfigError(f"params.{key}: also fixed in overrides; search it or fix it, not both")
         parsed.append(_parse_param(key, spec, fields, preset, base_overrides, experiment))
+    _check_conditions(parsed)
     return Space(base=base, preset=preset, base_overrides=base_overrides, system=name, params=tuple(parsed),
                  path=path)
 
@@ -130,15 +136,10 @@ def _parse_param(key: str, spec: Any, fields: dict[str, Any], preset: str, base_
     for k in spec:
         if k not in PARAM_KEYS:
             raise ConfigError(f"{where}.{k}: unknown key; expected one of: {', '.join(PARAM_KEYS)}")
-    when = spec.get("when")
-    if when is not None:
-        field = key.split(".", 1)[0].removesuffix("_params")
-        registry = policy_registries().get(field) if target == "params" else None
-        if registry is None:
-            raise ConfigError(f"{where}.when: only for a policy's parameter (FIELD_params.NAME)")
-        if not isinstance(when, str) or when not in registry:
-            raise ConfigError(f"{where}.when: expected a {field} policy: {', '.join(registry.names())}; "
-                              f"got {when!r}")
+    when = _parse_when(key, spec.get("when"), where, target, fields, preset, base_overrides)
+    # every value is checked as a trial that simulates it would run: under the first value of each condition
+    conditioned = {field: values[0] for field, values in
+                   Param(key, "categorical", when=when).conditions().items()}
 
     def check(value: Any, at: str) -> None:
         if target == "cluster":
@@ -147,13 +148,11 @@ def _parse_param(key: str, spec: Any, fields: dict[str, Any], preset: str, base_
             except ConfigError as exc:
                 raise ConfigError(f"{where}.{at}: {value!r}: {exc}") from None
         else:
-            overrides = dict(base_overrides)
+            overrides = {**base_overrides, **conditioned}
             if target == "params":
                 field, name = key.split(".", 1)
                 overrides[field] = {**(overrides.get(field) or {}), name: value}
                 policy = field.removesuffix("_params")
-                if when is not None:  # checked with the policy that takes it
-                    overrides[policy] = when
                 try:
                     _check_system(preset, overrides, f"{where}.{at}")
                 except ConfigError as exc:  # a parameter of another policy than the base system's
@@ -208,6 +207,60 @@ def _parse_param(key: str, spec: Any, fields: dict[str, Any], preset: str, base_
         check(value, at)
     return Param(key, kind, low=low, high=high, log=log, step=step, digits=digits if kind == "float" else None,
                  when=when)
+
+
+def _parse_when(key: str, when: Any, where: str, target: str, fields: dict[str, Any], preset: str,
+                base_overrides: dict[str, Any]) -> str | dict[str, tuple[Any, ...]] | None:
+    """`when` as Param takes it: a policy name (FIELD_params.NAME), or {system field: (values, ...)}."""
+    if when is None:
+        return None
+    if isinstance(when, str):
+        field = key.split(".", 1)[0].removesuffix("_params")
+        registry = policy_registries().get(field) if target == "params" else None
+        if registry is None:
+            raise ConfigError(f"{where}.when: a policy name only for a policy's parameter (FIELD_params.NAME); "
+                              "elsewhere {FIELD: VALUE or [VALUES]}")
+        if when not in registry:
+            raise ConfigError(f"{where}.when: expected a {field} policy: {', '.join(registry.names())}; "
+                              f"got {when!r}")
+        return when
+    if target == "cluster":
+        raise ConfigError(f"{where}.when: not for a cluster key (every trial simulates it)")
+    if not isinstance(when, dict) or not when:
+        raise ConfigError(f"{where}.when: expected a policy name or {{FIELD: VALUE or [VALUES]}}, got {when!r}")
+    parsed: dict[str, tuple[Any, ...]] = {}
+    for field, values in when.items():
+        at = f"{where}.when.{field}"
+        if field not in fields or _is_dict(fields[field]):
+            names = [f for f in fields if not _is_dict(fields[f])]
+            raise ConfigError(f"{at}: not a system field; expected one of: {', '.join(names)}")
+        if field == key:
+            raise ConfigError(f"{at}: a key cannot be conditioned on itself")
+        values = values if isinstance(values, list) else [values]
+        if not values or not all(v is None or isinstance(v, str | int | float | bool) for v in values):
+            raise ConfigError(f"{at}: expected a value or a non-empty list of values, got {when[field]!r}")
+        parsed[field] = tuple(values)
+    first = {field: values[0] for field, values in parsed.items()}
+    for field, values in parsed.items():  # each value beside the others' first ones, as a trial combines them
+        for value in values:
+            _check_system(preset, {**base_overrides, **first, field: value}, f"{where}.when.{field}")
+    return parsed
+
+
+def _check_conditions(params: list[Param]) -> None:
+    """Refuse a cycle of conditions (a `when` that, through others, names its own key)."""
+    searched = {p.key: p for p in params}
+
+    def visit(key: str, path: tuple[str, ...]) -> None:
+        for field in searched[key].conditions():
+            if field in path:
+                cycle = " -> ".join((*path[path.index(field):], field))
+                raise ConfigError(f"params.{path[0]}.when: the conditions form a cycle ({cycle})")
+            if field in searched:
+                visit(field, (*path, field))
+
+    for p in params:
+        visit(p.key, (p.key,))
 
 
 def _is_dict(kind: Any) -> bool:
