@@ -19,7 +19,8 @@ from tangram_sim.models.catalog import llama_config  # noqa: E402
 from tangram_sim.real.backend import BackendSpec, DeviceBackend  # noqa: E402
 from tangram_sim.real.checkpoints import make_checkpoints  # noqa: E402
 from tangram_sim.real.device_arena import DeviceArena  # noqa: E402
-from tangram_sim.real.engine import CausalLM, EngineConfig, PagedKv  # noqa: E402
+from tangram_sim.real.engine import CausalLM, EngineConfig  # noqa: E402
+from tangram_sim.real.kvcache import PagedKv  # noqa: E402
 from tangram_sim.real.loader import open_checkpoint  # noqa: E402
 from tangram_sim.real.session import run_requests, system_for  # noqa: E402
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from tangram_sim.errors import ModelError  # noqa: E402
 from tangram_sim.real.checkpoints import make_checkpoints  # noqa: E402
-from tangram_sim.real.engine import EngineConfig, PagedKv, build_engine, stage_tensors  # noqa: E402
+from tangram_sim.real.engine import EngineConfig, build_engine, stage_tensors  # noqa: E402
+from tangram_sim.real.kvcache import PagedKv  # noqa: E402
 from tangram_sim.real.loader import open_checkpoint  # noqa: E402
 from tangram_sim.real.replay import replay_trace  # noqa: E402
 from tangram_sim.sim.systems import make_system  # noqa: E402

@@ -40,7 +40,7 @@ _EXPORTS = {
     "open_checkpoint": "loader",
     "CausalLM": "engine",
     "EngineConfig": "engine",
-    "PagedKv": "engine",
+    "PagedKv": "kvcache",
     "build_engine": "engine",
     "MemoryReading": "memory",
     "read_memory": "memory",

@@ -43,7 +43,8 @@ from tangram_sim.policies.packing import Move
 from tangram_sim.real import peers
 from tangram_sim.real.checkpoints import torch_dtype
 from tangram_sim.real.device_arena import DeviceArena, sync
-from tangram_sim.real.engine import CausalLM, EngineConfig, PagedKv, build_engine, greedy
+from tangram_sim.real.engine import CausalLM, EngineConfig, build_engine, greedy
+from tangram_sim.real.kvcache import PagedKv
 from tangram_sim.real.landing import Landing, landing_steps
 from tangram_sim.real.loader import (
     Checkpoint,
