@@ -4,28 +4,37 @@ The canonical table has exactly the columns `arrival_s` (float64 seconds, non-de
 at 0), `model` (str, or all None until a mapping assigns models), `input_tokens` and `output_tokens`
 (int64 >= 1), indexed 0..n-1.
 
-Parsing is vectorised (pandas' C parser with inferred dtypes). Only when something fails to parse is
-the file revisited, line by line, to name the exact line, column and text; clean files pay nothing for
-good messages. With `skip_bad_rows=True` bad rows are dropped and counted in
+Parsing is vectorised (pandas' C parser with inferred dtypes, `traces.delimited`). Only when something
+fails to parse is the file revisited, line by line, to name the exact line, column and text; clean files
+pay nothing for good messages. With `skip_bad_rows=True` bad rows are dropped and counted in
 `df.attrs["skipped_rows"]` instead (never dropped silently). Blank lines are ignored.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import re
-import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from tangram_sim.errors import TraceError
-from tangram_sim.traces.linecheck import check_line_lengths
+from tangram_sim.traces.delimited import (
+    Col,
+    check_file,
+    first_line,
+    float_col,
+    int_col,
+    label_col,
+    parse_float,
+    parse_int,
+    parse_label,
+    parse_timestamp,
+    read_delimited,
+    short,
+    split,
+)
 
 COLUMNS = ("arrival_s", "model", "input_tokens", "output_tokens")
 FORMATS = ("azure-llm", "azure-functions", "azure-functions-2021", "servegen", "burstgpt", "table")
@@ -57,14 +66,14 @@ def validate_trace(df: pd.DataFrame, source: str, *, require_model: bool = False
     if len(df) == 0:
         raise TraceError(f"{source}: the trace holds no requests")
     checks: list[tuple[str, str, np.ndarray, np.ndarray]] = []
-    arrival, bad = _parse_float(df["arrival_s"], None)
+    arrival, bad = parse_float(df["arrival_s"], None)
     checks.append(("arrival_s", "a finite number of seconds", arrival, bad))
     for name in ("input_tokens", "output_tokens"):
-        values, bad = _parse_int(df[name], 1)
+        values, bad = parse_int(df[name], 1)
         checks.append((name, "integer >= 1", values, bad))
     model: np.ndarray | None = None
     if "model" in df.columns and not df["model"].isna().all():
-        model, bad = _parse_label(df["model"])
+        model, bad = parse_label(df["model"])
         checks.append(("model", "a non-empty model name", model, bad))
     elif require_model:
         raise TraceError(f"{source}: column 'model' is missing or empty; expected a model name per request")
@@ -74,7 +83,7 @@ def validate_trace(df: pd.DataFrame, source: str, *, require_model: bool = False
     if any_bad.any():
         row = int(np.argmax(any_bad))
         name, what, _, _ = next(c for c in checks if c[3][row])
-        value = _short(df[name].iloc[row])
+        value = short(df[name].iloc[row])
         raise TraceError(f"{source}: row {row + 1}: column '{name}': expected {what}, got '{value}'")
     return _canonical(arrival, model, checks[1][2], checks[2][2])
 
@@ -131,283 +140,6 @@ def _finish(df: pd.DataFrame, path: Path, fmt: str, skipped: int, **extra: objec
 
 
 # --------------------------------------------------------------------------------------------------
-# Column parsers: each maps a Series (numbers or text) to (values, bad mask) without raising.
-
-
-def _parse_int(s: pd.Series, minimum: int) -> tuple[np.ndarray, np.ndarray]:
-    if s.dtype == np.int64:
-        values = s.to_numpy(dtype=np.int64)
-        return values, values < minimum
-    if pd.api.types.is_bool_dtype(s.dtype):
-        return np.full(len(s), minimum, dtype=np.int64), np.ones(len(s), dtype=bool)
-    numbers = s if pd.api.types.is_numeric_dtype(s.dtype) else pd.to_numeric(s, errors="coerce")
-    f = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
-    with np.errstate(invalid="ignore"):
-        ok = np.isfinite(f) & (f == np.floor(f)) & (f >= minimum) & (f < 2.0**62)
-    return np.where(ok, f, minimum).astype(np.int64), ~ok
-
-
-def _parse_float(s: pd.Series, minimum: float | None) -> tuple[np.ndarray, np.ndarray]:
-    if pd.api.types.is_bool_dtype(s.dtype):
-        return np.zeros(len(s)), np.ones(len(s), dtype=bool)
-    numbers = s if pd.api.types.is_numeric_dtype(s.dtype) else pd.to_numeric(s, errors="coerce")
-    f = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
-    ok = np.isfinite(f)
-    if minimum is not None:
-        with np.errstate(invalid="ignore"):
-            ok &= f >= minimum
-    return np.where(ok, f, 0.0), ~ok
-
-
-def _parse_timestamp(s: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """ISO timestamps with any number of fractional digits, with or without a UTC offset -> ns."""
-    if not (pd.api.types.is_string_dtype(s.dtype) or s.dtype == object):
-        return np.zeros(len(s), dtype=np.int64), np.ones(len(s), dtype=bool)
-    ts = pd.to_datetime(s, format="ISO8601", utc=True, errors="coerce")
-    bad = ts.isna().to_numpy()
-    ns = ts.dt.tz_localize(None).to_numpy(dtype="datetime64[ns]").view(np.int64)
-    return np.where(bad, 0, ns), bad
-
-
-def _parse_label(s: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    text = s.astype("str").str.strip()
-    values = text.to_numpy(dtype=object, na_value="")
-    bad = s.isna().to_numpy() | (text.str.len().to_numpy(dtype=np.float64, na_value=0) == 0)
-    return values, bad
-
-
-@dataclass(frozen=True)
-class _Col:
-    """One column a reader needs: where it is, what it must hold and how to parse it."""
-
-    name: str
-    expect: str
-    parse: Callable[[pd.Series], tuple[np.ndarray, np.ndarray]]
-
-
-def _int_col(name: str, minimum: int = 1) -> _Col:
-    return _Col(name, f"integer >= {minimum}", lambda s: _parse_int(s, minimum))
-
-
-def _float_col(name: str, minimum: float | None = 0.0) -> _Col:
-    what = "a number" if minimum is None else f"a number >= {minimum:g}"
-    return _Col(name, what, lambda s: _parse_float(s, minimum))
-
-
-def _label_col(name: str) -> _Col:
-    return _Col(name, "non-empty text", _parse_label)
-
-
-# --------------------------------------------------------------------------------------------------
-# Delimited text files
-
-
-def _check_file(path: _PathLike) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise TraceError(f"{p}: file not found")
-    if not p.is_file():
-        raise TraceError(f"{p}: not a file")
-    return p
-
-
-def _first_line(path: Path) -> str:
-    """The first non-blank line, for header checks and format detection (empty file -> TraceError).
-    A file with a line too long for a trace is refused first (`linecheck`)."""
-    check_line_lengths(path)
-    try:
-        with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
-            for line in islice(f, 1000):
-                if line.strip():
-                    return line.rstrip("\r\n")
-    except OSError as exc:
-        raise TraceError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    raise TraceError(f"{path}:1: empty file; expected a trace header or data rows")
-
-
-def _split(line: str, sep: str) -> list[str]:
-    if sep == ",":
-        return line.split(",") if '"' not in line else next(csv.reader([line]), [])
-    return line.split()
-
-
-def _short(value: object, limit: int = 40) -> str:
-    text = "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _raw_field(path: Path, line_no: int, pos: int, sep: str) -> str:
-    """The original text of one field, re-read from the file for an error message."""
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        line = next(islice(f, line_no - 1, None), "")
-    fields = _split(line.rstrip("\r\n"), sep)
-    return _short(fields[pos].strip() if pos < len(fields) else "")
-
-
-@dataclass
-class _Raw:
-    """Rows of a delimited file as read, before values are checked."""
-
-    frame: pd.DataFrame  # columns are field positions
-    lines: np.ndarray  # file line number of each row
-    structural: list[tuple[int, str]]  # (line, message) of rows that could not be split into fields
-
-
-def _read_fast(path: Path, nfields: int, sep: str, skip: int) -> _Raw | None:
-    """pandas' C parser; None when the file has rows it cannot take (wrong field count, bad bytes).
-
-    Dtypes are inferred (several times faster than forcing text); text parsers accept numbers.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", pd.errors.DtypeWarning)  # mixed columns are parsed below
-            frame = pd.read_csv(
-                path,
-                sep=sep,
-                header=None,
-                skiprows=skip,
-                skip_blank_lines=False,
-                encoding="utf-8",
-            )
-    except pd.errors.EmptyDataError:
-        frame = pd.DataFrame({pos: pd.Series([], dtype=object) for pos in range(nfields)})
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError):
-        return None
-    if frame.shape[1] != nfields:
-        return None
-    blank = frame.isna().all(axis=1).to_numpy()
-    lines = np.arange(len(frame)) + skip + 1
-    if blank.any():
-        frame, lines = frame.loc[~blank].reset_index(drop=True), lines[~blank]
-    return _Raw(frame, lines, [])
-
-
-def _read_slow(path: Path, nfields: int, sep: str, skip: int, names: Sequence[str]) -> _Raw:
-    """Find the lines with the wrong number of fields or bad bytes, then parse the rest with pandas."""
-    data = path.read_bytes()
-    undecodable: dict[int, str] = {}  # line number -> message
-    try:
-        lines: list[str | None] = list(data.decode("utf-8").split("\n"))
-    except UnicodeDecodeError:
-        lines = []
-        for line_no, raw in enumerate(data.split(b"\n"), start=1):
-            try:
-                lines.append(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                lines.append(None)
-                undecodable[line_no] = f"not UTF-8 text (byte {raw[exc.start]:#04x})"
-    if data.endswith(b"\n"):
-        lines.pop()
-    good: list[str] = []
-    line_numbers: list[int] = []
-    structural: list[tuple[int, str]] = []
-    what = "comma-separated" if sep == "," else "whitespace-separated"
-    for line_no, text in enumerate(lines[skip:], start=skip + 1):
-        if text is None:
-            structural.append((line_no, undecodable[line_no]))
-            continue
-        if sep == "," and text.count('"') % 2:  # pandas would read on past the line and fail
-            structural.append((line_no, "unbalanced double quote"))
-            continue
-        if sep == ",":
-            count = text.count(",") + 1 if '"' not in text else len(_split(text, sep))
-        else:
-            count = len(text.split())
-        if count == nfields:
-            good.append(text)
-            line_numbers.append(line_no)
-        elif text.strip():
-            structural.append((line_no, f"expected {nfields} {what} fields ({','.join(names)}), got {count}"))
-    if good:
-        frame = pd.read_csv(
-            io.StringIO("\n".join(good)),
-            sep=sep,
-            header=None,
-            names=list(range(nfields)),
-            skip_blank_lines=False,
-        )
-    else:
-        frame = pd.DataFrame({pos: pd.Series([], dtype="str") for pos in range(nfields)})
-    return _Raw(frame, np.asarray(line_numbers, dtype=np.int64), structural)
-
-
-def _read_delimited(
-    path: Path,
-    cols: Sequence[_Col],
-    *,
-    sep: str,
-    header: bool,
-    skip_bad_rows: bool,
-    row_check: Callable[[dict[str, np.ndarray]], dict[str, tuple[np.ndarray, str]]] | None = None,
-) -> tuple[dict[str, np.ndarray], int]:
-    """Read the needed columns of a delimited file, check every value, and drop or report bad rows.
-
-    Returns the parsed column arrays (bad rows removed) and the number of rows skipped.
-    `row_check` may flag further bad values that need several columns or outside knowledge (model ids).
-    """
-    first = _first_line(path)
-    skip = _header_line(path) if header else 0
-    if header:
-        names = [h.strip() for h in _split(first, sep)]
-        for c in cols:
-            if c.name not in names:
-                raise TraceError(
-                    f"{path}:{skip}: missing column '{c.name}'; expected a header with "
-                    f"{','.join(c.name for c in cols)}, got '{_short(first, 80)}'"
-                )
-        pos_of = {c.name: names.index(c.name) for c in cols}
-    else:
-        names = [c.name for c in cols]
-        pos_of = {c.name: i for i, c in enumerate(cols)}
-    raw = _read_fast(path, len(names), sep, skip)
-    if raw is None:
-        raw = _read_slow(path, len(names), sep, skip, names)
-
-    n = len(raw.frame)
-    values: dict[str, np.ndarray] = {}
-    bads: list[tuple[_Col, np.ndarray, str]] = []
-    any_bad = np.zeros(n, dtype=bool)
-    for c in cols:
-        v, bad = c.parse(raw.frame[pos_of[c.name]])
-        values[c.name] = v
-        bads.append((c, bad, c.expect))
-        any_bad |= bad
-    if row_check is not None and n:
-        for name, (bad, expect) in row_check(values).items():
-            bad = bad & ~any_bad
-            bads.append((next(c for c in cols if c.name == name), bad, expect))
-            any_bad |= bad
-
-    if not skip_bad_rows:
-        first_value = int(raw.lines[np.argmax(any_bad)]) if any_bad.any() else None
-        first_struct = raw.structural[0] if raw.structural else None
-        if first_struct is not None and (first_value is None or first_struct[0] < first_value):
-            raise TraceError(f"{path}:{first_struct[0]}: {first_struct[1]}")
-        if first_value is not None:
-            row = int(np.argmax(any_bad))
-            c, _, expect = next(b for b in bads if b[1][row])
-            got = _raw_field(path, first_value, pos_of[c.name], sep)
-            raise TraceError(f"{path}:{first_value}: column '{c.name}': expected {expect}, got '{got}'")
-    skipped = int(any_bad.sum()) + len(raw.structural)
-    if n - int(any_bad.sum()) == 0:
-        detail = f" ({skipped} bad rows skipped)" if skipped else ""
-        raise TraceError(f"{path}:{skip + 1}: no requests in the file{detail}")
-    if any_bad.any():
-        keep = ~any_bad
-        values = {k: v[keep] for k, v in values.items()}
-    return values, skipped
-
-
-def _header_line(path: Path) -> int:
-    """1-based line number of the header (the first non-blank line)."""
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        for i, line in enumerate(islice(f, 1000), start=1):
-            if line.strip():
-                return i
-    return 1
-
-
-# --------------------------------------------------------------------------------------------------
 # Format readers
 
 
@@ -417,13 +149,13 @@ def read_azure_llm(path: _PathLike, *, skip_bad_rows: bool = False) -> pd.DataFr
     Timestamps may have 0-9 fractional digits and an optional UTC offset (the 2024 week-long files mix
     forms); offsets are honoured and naive times are taken as UTC, so mixed files order correctly.
     """
-    p = _check_file(path)
+    p = check_file(path)
     cols = [
-        _Col("TIMESTAMP", _TIMESTAMP_EXAMPLE, _parse_timestamp),
-        _int_col("ContextTokens"),
-        _int_col("GeneratedTokens"),
+        Col("TIMESTAMP", _TIMESTAMP_EXAMPLE, parse_timestamp),
+        int_col("ContextTokens"),
+        int_col("GeneratedTokens"),
     ]
-    v, skipped = _read_delimited(p, cols, sep=",", header=True, skip_bad_rows=skip_bad_rows)
+    v, skipped = read_delimited(p, cols, sep=",", header=True, skip_bad_rows=skip_bad_rows)
     ns = v["TIMESTAMP"]
     arrival = (ns - ns.min()) / 1e9
     df = _canonical(arrival, None, v["ContextTokens"], v["GeneratedTokens"])
@@ -443,12 +175,12 @@ def read_servegen(
     output_tokens`. `model_ids` names the models: a list (id i -> model_ids[i]) or a dict; an id it
     does not name is a bad row. Without it the model column holds the ids as text.
     """
-    p = _check_file(path)
+    p = check_file(path)
     cols = [
-        _float_col("timestamp_s"),
-        _int_col("model_id", 0),
-        _int_col("input_tokens"),
-        _int_col("output_tokens"),
+        float_col("timestamp_s"),
+        int_col("model_id", 0),
+        int_col("input_tokens"),
+        int_col("output_tokens"),
     ]
     lookup: dict[int, str] | None = None
     if model_ids is not None:
@@ -471,7 +203,7 @@ def read_servegen(
         def row_check(v: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, str]]:
             return {"model_id": (~np.isin(v["model_id"], known), expect)}
 
-    v, skipped = _read_delimited(
+    v, skipped = read_delimited(
         p, cols, sep=r"\s+", header=False, skip_bad_rows=skip_bad_rows, row_check=row_check
     )
     ids = v["model_id"]
@@ -487,14 +219,14 @@ def read_burstgpt(path: _PathLike, *, skip_bad_rows: bool = False) -> pd.DataFra
     The model column keeps BurstGPT's service names (ChatGPT, GPT-4) as labels to be mapped onto
     an experiment's models. Failed requests (0 response tokens) are bad rows: skip them explicitly.
     """
-    p = _check_file(path)
+    p = check_file(path)
     cols = [
-        _float_col("Timestamp"),
-        _label_col("Model"),
-        _int_col("Request tokens"),
-        _int_col("Response tokens"),
+        float_col("Timestamp"),
+        label_col("Model"),
+        int_col("Request tokens"),
+        int_col("Response tokens"),
     ]
-    v, skipped = _read_delimited(p, cols, sep=",", header=True, skip_bad_rows=skip_bad_rows)
+    v, skipped = read_delimited(p, cols, sep=",", header=True, skip_bad_rows=skip_bad_rows)
     df = _canonical(v["Timestamp"], v["Model"], v["Request tokens"], v["Response tokens"])
     return _finish(df, p, "burstgpt", skipped, models_are_labels=True)
 
@@ -504,32 +236,32 @@ def read_table(path: _PathLike, *, skip_bad_rows: bool = False) -> pd.DataFrame:
 
     `model` is optional (a None column until mapped); the other canonical columns are required.
     """
-    p = _check_file(path)
-    needed = [_float_col("arrival_s"), _int_col("input_tokens"), _int_col("output_tokens")]
+    p = check_file(path)
+    needed = [float_col("arrival_s"), int_col("input_tokens"), int_col("output_tokens")]
     if p.suffix.lower() in (".parquet", ".pq"):
         return _read_parquet_table(p, needed, skip_bad_rows)
-    first = _first_line(p)
-    has_model = "model" in [h.strip() for h in _split(first, ",")]
-    cols = needed + ([_label_col("model")] if has_model else [])
-    v, skipped = _read_delimited(p, cols, sep=",", header=True, skip_bad_rows=skip_bad_rows)
+    first = first_line(p)
+    has_model = "model" in [h.strip() for h in split(first, ",")]
+    cols = needed + ([label_col("model")] if has_model else [])
+    v, skipped = read_delimited(p, cols, sep=",", header=True, skip_bad_rows=skip_bad_rows)
     df = _canonical(v["arrival_s"], v.get("model"), v["input_tokens"], v["output_tokens"])
     return _finish(df, p, "table", skipped)
 
 
-def _read_parquet_table(p: Path, needed: list[_Col], skip_bad_rows: bool) -> pd.DataFrame:
+def _read_parquet_table(p: Path, needed: list[Col], skip_bad_rows: bool) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
     try:
         schema_names = pq.read_schema(p).names
     except Exception as exc:  # pyarrow raises several types for a corrupt or non-Parquet file
-        raise TraceError(f"{p}: not a readable Parquet file ({_short(exc, 80)})") from None
+        raise TraceError(f"{p}: not a readable Parquet file ({short(exc, 80)})") from None
     for c in needed:
         if c.name not in schema_names:
             raise TraceError(
                 f"{p}: missing column '{c.name}'; expected columns {', '.join(COLUMNS)}, "
                 f"got {', '.join(schema_names)}"
             )
-    cols = needed + ([_label_col("model")] if "model" in schema_names else [])
+    cols = needed + ([label_col("model")] if "model" in schema_names else [])
     frame = pd.read_parquet(p, columns=[c.name for c in cols])
     if len(frame) == 0:
         raise TraceError(f"{p}: no requests in the file")
@@ -543,7 +275,7 @@ def _read_parquet_table(p: Path, needed: list[_Col], skip_bad_rows: bool) -> pd.
     if any_bad.any() and not skip_bad_rows:
         row = int(np.argmax(any_bad))
         c, _ = next(b for b in bads if b[1][row])
-        got = _short(frame[c.name].iloc[row])
+        got = short(frame[c.name].iloc[row])
         raise TraceError(f"{p}: row {row + 1}: column '{c.name}': expected {c.expect}, got '{got}'")
     skipped = int(any_bad.sum())
     if skipped == len(frame):
@@ -587,7 +319,7 @@ def _select_functions(
         present = set(labels.tolist())
         for name in function_models:
             if name not in present:
-                raise TraceError(f"function_models: function '{_short(name)}' is not in {path}")
+                raise TraceError(f"function_models: function '{short(name)}' is not in {path}")
         order = order[np.isin(labels[order], list(function_models))]
         out_labels = np.array([function_models.get(x, x) for x in labels.tolist()], dtype=object)
     if top_functions is not None:
@@ -623,11 +355,11 @@ def read_azure_functions(
     or fixed. `attrs["start_offset_s"]` is the first request's time since the start of minute 1
     (arrival_s counts from that request).
     """
-    p = _check_file(path)
+    p = check_file(path)
     if spread not in SPREADS:
         raise TraceError(f"spread: expected one of {', '.join(SPREADS)}, got '{spread}'")
     rng = np.random.default_rng(0) if rng is None else rng
-    header = [h.strip() for h in _split(_first_line(p), ",")]
+    header = [h.strip() for h in split(first_line(p), ",")]
     minute_names = [h for h in header if h.isdigit()]
     if minutes is not None:
         lo, hi = minutes
@@ -636,8 +368,8 @@ def read_azure_functions(
         minute_names = [h for h in minute_names if lo <= int(h) <= hi]
     if not minute_names and "HashFunction" in header:
         raise TraceError(f"{p}:1: no per-minute count columns ('1'..'1440') in the header")
-    cols = [_label_col("HashFunction")] + [_int_col(m, 0) for m in minute_names]
-    v, skipped = _read_delimited(p, cols, sep=",", header=True, skip_bad_rows=skip_bad_rows)
+    cols = [label_col("HashFunction")] + [int_col(m, 0) for m in minute_names]
+    v, skipped = read_delimited(p, cols, sep=",", header=True, skip_bad_rows=skip_bad_rows)
     labels = v["HashFunction"]
     counts = np.column_stack([v[m] for m in minute_names])
     order, out_labels = _select_functions(labels, counts.sum(axis=1), top_functions, function_models, p)
@@ -692,10 +424,10 @@ def read_azure_functions_2021(
     The arrival is the invocation start, `end_timestamp - duration` (seconds). Functions become model
     labels as in the 2019 reader; token lengths are drawn from `token_table` or fixed.
     """
-    p = _check_file(path)
+    p = check_file(path)
     rng = np.random.default_rng(0) if rng is None else rng
-    cols = [_label_col("func"), _float_col("end_timestamp", None), _float_col("duration")]
-    v, skipped = _read_delimited(p, cols, sep=",", header=True, skip_bad_rows=skip_bad_rows)
+    cols = [label_col("func"), float_col("end_timestamp", None), float_col("duration")]
+    v, skipped = read_delimited(p, cols, sep=",", header=True, skip_bad_rows=skip_bad_rows)
     uniq, inverse, counts = np.unique(v["func"].astype(str), return_inverse=True, return_counts=True)
     order, out_labels = _select_functions(uniq, counts, top_functions, function_models, p)
     keep = np.isin(inverse, order)
@@ -723,11 +455,11 @@ _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 def detect_format(path: _PathLike) -> str:
     """Guess the format from the extension and the first line (header names or 4 numbers)."""
-    p = _check_file(path)
+    p = check_file(path)
     if p.suffix.lower() in (".parquet", ".pq"):
         return "table"
-    first = _first_line(p)
-    names = {h.strip() for h in _split(first, ",")}
+    first = first_line(p)
+    names = {h.strip() for h in split(first, ",")}
     if {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} <= names:
         return "azure-llm"
     if "HashFunction" in names and "1" in names:
@@ -742,7 +474,7 @@ def detect_format(path: _PathLike) -> str:
     if len(fields) == 4 and all(_NUMBER.match(x) for x in fields):
         return "servegen"
     raise TraceError(
-        f"{p}:1: cannot tell the trace format from '{_short(first, 60)}'; expected an Azure LLM, "
+        f"{p}:1: cannot tell the trace format from '{short(first, 60)}'; expected an Azure LLM, "
         "Azure Functions, BurstGPT or canonical CSV header, or 4 numbers per line (servegen)"
     )
 
@@ -751,7 +483,7 @@ def read_trace(
     path: _PathLike, format: str = "auto", *, skip_bad_rows: bool = False, **options: object
 ) -> pd.DataFrame:
     """Read any supported format (`auto` detects it); `options` go to the format's reader."""
-    p = _check_file(path)
+    p = check_file(path)
     fmt = detect_format(p) if format == "auto" else format
     readers: dict[str, Callable[..., pd.DataFrame]] = {
         "azure-llm": read_azure_llm,
