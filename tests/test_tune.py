@@ -412,6 +412,38 @@ def test_a_tune_over_sources_and_multicast_simulates_what_it_samples(tmp_path: P
         assert (peers > 0) if row["source"] == "gpu-first" else (peers == 0), (row["trial"], row["source"], peers)
 
 
+def test_every_point_of_the_scaleout_space_is_a_valid_system(tmp_path: Path) -> None:
+    """Whatever a sampler draws inside the scale-out space (every choice, both ends of every range), the
+    trial system is one `make_system` accepts: the `when` conditions keep the handoff beside
+    execute-while-load and no pipeline, and a pipeline's parameters with their own policy."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from tangram_sim.sim.systems import make_system
+    from tangram_sim.tune.space_file import load_space
+
+    exp = load_experiment(_write(tmp_path / "exp.yaml", SCALEOUT))
+    space = load_space(ROOT / "experiments/tune-space-scaleout.yaml", exp)
+
+    def draw(p):  # noqa: ANN001, ANN202
+        if p.kind == "categorical":
+            return st.sampled_from(p.choices)
+        if p.kind == "int":
+            return st.integers(int(p.low), int(p.high))
+        return st.floats(p.low, p.high)
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.fixed_dictionaries({p.key: draw(p) for p in space.params}))
+    def check(sampled: dict) -> None:
+        values = space.values(sampled)
+        entry = space.system_entry(values)
+        spec = make_system(entry["name"], entry["preset"], entry["overrides"])
+        assert (spec.handoff != "none") == (values["handoff"] != "none" and values["execute_while_load"]
+                                            and values["pipeline"] == "none")
+
+    check()
+
+
 def _write(path: Path, raw: dict) -> Path:
     path.write_text(yaml.safe_dump(raw))
     return path
