@@ -140,6 +140,24 @@ def test_costed_expects_the_rest_of_a_slow_load_at_the_rate_it_has_kept() -> Non
     assert costed.loc[0, "e2e_s"] - ewl.loc[0, "e2e_s"] >= (n - 1) * c - 1e-9  # the source paid
 
 
+def test_handoffs_of_a_burst_spread_over_equally_busy_sources() -> None:
+    """Two running instances, each with one request (as busy as each other); two cold starts come 50 ms
+    apart. The first hands its prefill to the lowest GPU; the second, to the other source, since the first
+    still has that prefill ahead of it: each source's request ends later by about one prefill (with the
+    lowest GPU as the tie-break alone, GPU 0 paid both and GPU 1 nothing)."""
+    n, prefill_s = 8, 0.4
+    spec = stack([512] * n)
+    rows = [(0.0, 8000), (0.01, 8000), (3.0, 50), (3.05, 50)]
+    live = run(spec, rows, "blitzscale-live", prefill_s, gpus=4)
+    ewl = run(spec, rows, "blitzscale", prefill_s, gpus=4, overrides=EWL)
+    assert live["gpu"].tolist() == [0, 1, 2, 3] and live["cold"].all()
+    # the first two had no source: each was the other's only candidate, still in its startup stages
+    assert live.loc[[0, 1], "ttft_s"].tolist() == pytest.approx(ewl.loc[[0, 1], "ttft_s"].tolist(), rel=1e-12)
+    delay = live["e2e_s"] - ewl["e2e_s"]
+    for src in (0, 1):  # each paid one whole prefill (plus what the new instances' decode steps borrowed)
+        assert prefill_s - 1e-9 <= delay[src] < 1.5 * prefill_s, delay.tolist()
+
+
 def test_a_tensor_parallel_instance_hands_off_to_a_group_of_its_degree() -> None:
     """Two GPUs an instance: the second group's first prefill is computed by the first group (the hop
     between the leaders), so it comes before its layers could have landed; the first group pays."""

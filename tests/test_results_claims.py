@@ -163,8 +163,8 @@ def test_the_hydraserve_figures_in_the_readme_follow_from_the_committed_run() ->
 
 def test_the_blitzscale_live_figures_in_the_readme_follow_from_the_committed_run() -> None:
     """results/README.md's live-scaling section: the eager handoff against execute-while-load alone (p99
-    lower at code 1x, 81-175% higher at code 4x), the costed rule apart from execute-while-load at 4 of 12
-    points (-23% to +17%, lower on average), and the best tail against serverlessllm (-46%)."""
+    lower at code 1x, 41-131% higher at code 4x), the costed rule apart from execute-while-load at 2 of 12
+    points (both at most 2% worse), and the best tail against serverlessllm (-46%)."""
     run = RESULTS / "blitzscale-azure-live"
     if not (run / "summary.csv").exists():
         pytest.skip("blitzscale-azure-live: no committed summary")
@@ -173,12 +173,12 @@ def test_the_blitzscale_live_figures_in_the_readme_follow_from_the_committed_run
     p99 = s.pivot_table(index=["trace", "trace.rate_scale", "models"], columns="system", values="p99_ttft_s")
     assert len(p99) == 12
     costed = p99["blitzscale-costed"] / p99["blitzscale-ewl"] - 1
-    assert (costed != 0).sum() == 4 and round(100 * costed.min()) == -23 and round(100 * costed.max()) == 17
+    assert (costed != 0).sum() == 2 and costed.min() == 0 and round(100 * costed.max(), 1) == 2.0
     means = s.groupby("system")[["p99_ttft_s", "mean_ttft_s"]].mean()
-    assert (means.loc["blitzscale-costed"] < means.loc["blitzscale-ewl"]).all()
+    assert (means.loc["blitzscale-costed"] / means.loc["blitzscale-ewl"] - 1).abs().max() < 0.01
     change = p99["blitzscale-live"] / p99["blitzscale-ewl"] - 1
     assert (change.loc["code", 1.0] < 0).all()
     code4 = change.loc["code", 4.0]
-    assert (round(100 * code4.min()), round(100 * code4.max())) == (81, 175)
+    assert (round(100 * code4.min()), round(100 * code4.max())) == (41, 131)
     vs_sllm = p99["blitzscale-live"] / p99["serverlessllm"] - 1
-    assert (round(100 * vs_sllm.min()), round(100 * vs_sllm.max())) == (-46, 112)
+    assert (round(100 * vs_sllm.min()), round(100 * vs_sllm.max())) == (-46, 78)

@@ -18,7 +18,10 @@ The source is chosen at every pass: a GPU that leads an instance of the model on
 tensor-parallel group of the same degree, or one GPU; not a pipeline), its weights all landed, reachable
 over the GPU network from the new instance's leader (in the node, or across nodes with RDMA:
 `TopologySpec.rdma`); the least busy first (requests running and queued there: the work spreads over
-the instances up), then the fastest link, then the lowest GPU; the hop is timed between the leaders.
+the instances up), then the one with the fewest seconds of handed-off work still ahead of it (busy
+instances all run a full batch; without this, 16 of the 22 choices of one burst went to the lowest GPU
+of the node), then the fastest link, then the lowest GPU; the hop is timed between the leaders. An
+instance still in its startup stages, or whose own layers still land, is no source.
 Without one, a pass waits for its layers as execute-while-load alone does. The source pays for the work:
 the seconds it computes for the new instance delay its own passes (the one under way, or the next; its
 GPU time, `busy_s`, includes them), so an overloaded source slows down, as BlitzScale's does. A
@@ -34,7 +37,7 @@ are run one after the other).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from tangram_sim.core.pipeline import ACTIVATION_BYTES, link_bps
@@ -49,9 +52,11 @@ __all__ = ["HANDOFF", "landed_prefix", "marginal_decode_s", "shares", "source"]
 HANDOFF = ("none", "eager", "costed")  # the values of `SystemSpec.handoff`
 
 
-def source(worker: GpuWorker, inst: Instance) -> tuple[GpuWorker, float] | None:
+def source(worker: GpuWorker, inst: Instance, owed: Callable[[GpuWorker], float] = lambda _w: 0.0
+           ) -> tuple[GpuWorker, float] | None:
     """The GPU whose running instance of `inst`'s model computes the layers `inst` lacks, and one token's
-    activations' time to it (see the module docstring); None when there is none."""
+    activations' time to it (see the module docstring); None when there is none. `owed`: the seconds of
+    work a GPU has taken from new instances still ahead of it (the device's books)."""
     cluster = worker.cluster
     arch = inst.entry.spec.arch
     if arch is None or not arch.hidden_size:
@@ -61,13 +66,15 @@ def source(worker: GpuWorker, inst: Instance) -> tuple[GpuWorker, float] | None:
     best: tuple[float, int, GpuWorker] | None = None
     for w in cluster.warm_workers.get(inst.model, ()):
         other = w.instance
+        # serving with every layer landed: an instance still in its startup stages has no `loading` yet (a
+        # system with a handoff executes while loading, so every instance it started has one)
         if (w is worker or other is None or other.model != inst.model or len(other.group) != len(inst.group)
-                or other.stages is not None or (other.loading is not None and not other.loading.finished)):
+                or other.stages is not None or other.loading is None or not other.loading.finished):
             continue
         if topology.node_of(w.gpu_id) != node and not topology.spec.rdma:
             continue
         bps = link_bps(cluster, w.gpu_id, worker.gpu_id)
-        rank = (len(other.running) + w.queued, -bps, w.gpu_id)
+        rank = (len(other.running) + w.queued, owed(w), -bps, w.gpu_id)
         if best is None or rank < best[0]:
             best = (rank, bps, w)
     if best is None:

@@ -85,6 +85,7 @@ class ModelledDevice(Streams):
         # seconds this GPU computed for another instance (the source of a live handoff, `core.handoff`),
         # added to its own next prefill or decode
         self.borrowed_s = 0.0
+        self.lent_until = 0.0  # when the work it has taken from new instances ends, run back to back
         self.lends: bool | None = None  # the system has a live handoff (known at the first instance)
 
     def start_instance(self, inst: Instance, head: Request, loads: Sequence[RankLoad], landed: Landed) -> Work:

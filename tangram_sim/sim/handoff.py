@@ -42,6 +42,21 @@ if TYPE_CHECKING:
 __all__ = ["decode", "owing_decode", "owing_prefill", "prefill"]
 
 
+def _source(worker: GpuWorker, inst: Instance) -> tuple[GpuWorker, float] | None:
+    """`core.handoff.source`, the work a source has taken still ahead of it read from its modelled device
+    (`ModelledDevice.lent_until`)."""
+    now = worker.cluster.env.now
+    return source(worker, inst, lambda w: max(0.0, w.device.lent_until - now))
+
+
+def _lend(src: GpuWorker, seconds: float, now: float) -> None:
+    """`src` computes `seconds` of a new instance's work from `now`: its own passes pay them
+    (`borrowed_s`), and they are ahead of it until `lent_until` (run back to back)."""
+    dev = src.device
+    dev.borrowed_s += seconds
+    dev.lent_until = max(dev.lent_until, now) + seconds
+
+
 def _wait_layer(dev: ModelledDevice, loading: LayerProgress, layer: int) -> simpy.Event:
     """An event when `layer` has landed."""
     event = loading.waiters.get(layer)
@@ -89,7 +104,7 @@ def prefill(dev: ModelledDevice, inst: Instance, batch: Sequence[Request], loadi
     env = dev.env
     first = not loading.consumed
     worker = inst.group[0]
-    if first and source(worker, inst) is None:
+    if first and _source(worker, inst) is None:
         return dev._prefill_while_loading(inst, batch, loading)  # nothing to hand to: the chain rule
     loading.consumed = True
     start = env.now
@@ -113,17 +128,19 @@ def prefill(dev: ModelledDevice, inst: Instance, batch: Sequence[Request], loadi
                 finishes.append(env.now)
                 i += 1
                 continue
-            found = source(worker, inst)
+            found = _source(worker, inst)
             if found is not None:
                 src, hop_per_token = found
                 remote = sum(compute[i:])
                 handed = env.now + hop_per_token * tokens + remote
                 _, waited = pipeline(_landings(dev, inst, src, loading, i), compute[i:], env.now)
                 if worth(src, (waited[-1] - handed) * len(batch), remote):
+                    # the source owes the work from now (as a decode step's): its pass under way pays it,
+                    # and a handoff decided meanwhile sees it busy (`core.handoff.source`)
+                    _lend(src, remote, env.now)
                     starts.append(env.now)
                     yield env.timeout(handed - env.now)
                     finishes.append(env.now)
-                    src.device.borrowed_s += remote
                     break
             yield _wait_layer(dev, loading, i)  # no source, or waiting is faster: compute it here
         took[0] = env.now - start
@@ -151,7 +168,7 @@ def decode(dev: ModelledDevice, inst: Instance, running: Sequence[Request], hori
     debt = dev.take_borrowed()
     local = landed_prefix(loading)
     layers = len(loading.ready)
-    found = source(inst.group[0], inst) if local < layers else None
+    found = _source(inst.group[0], inst) if local < layers else None
     if found is not None:
         src, hop_per_token = found
         saved = (_landings(dev, inst, src, loading, local)[-1] - env.now - hop_per_token * n) * n
@@ -172,7 +189,7 @@ def decode(dev: ModelledDevice, inst: Instance, running: Sequence[Request], hori
         dt = debt + step
         if found is not None:
             dt += hop_per_token * n
-            src.device.borrowed_s += remote
+            _lend(src, remote, env.now)
         done = env.timeout(dt)
     return done, lambda: (env.now - start, advance)
 
