@@ -345,6 +345,28 @@ def test_gpu_run_reuses_a_calibration_and_keeps_out_small(tmp_path: Path) -> Non
     assert "pipeline validation exit 0" in (out / "machine.txt").read_text()
 
 
+def test_gpu_run_runs_the_pipelined_validation_alone(tmp_path: Path) -> None:
+    """`--skip-check --skip-validate --skip-ewl --pipeline`: the pipelined cold starts' validation and nothing
+    else (what fits a short slot on a GPU machine), its report in validate.md, its files in the archive."""
+    cal = ROOT / "real" / "h200-2026-11-27" / "calibration.yaml"
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", "real/gpu_run.sh", "--device", "cpu", "--out", str(out), "--skip-check", "--skip-validate",
+         "--skip-ewl", "--pipeline", "--validate-set", "trace.n_requests=20", "--validate-set", "real.scale=tiny",
+         "--validate-set", "cluster.gpu_memory_gib=0.00125", "--validate-arg", f"--calibration={cal}",
+         "--validate-arg", "--calibration-partial"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["machine.txt", "results.tar.gz", "validate.log", "validate.md"]
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = tar.getnames()
+    assert "./validate-pipeline/validate.json" in names
+    assert not any(n.startswith(("./validate/", "./validate-ewl/", "./check/")) for n in names), names
+    assert "Pipelined cold starts" in (out / "validate.md").read_text()
+    assert "validate exit 0, validate --ewl exit 0, pipeline validation exit 0" in (out / "machine.txt").read_text()
+
+
 def test_validate_repeat_reports_the_replays_spread(tmp_path: Path) -> None:
     """`real/validate.sh --repeat 2 --ewl`: the trace replayed twice with one calibration, each replay
     beside the one simulation in `spread.csv` (two systems x four figures) and in validate.md, with the
