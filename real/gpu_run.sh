@@ -9,8 +9,8 @@
 #     real/gpu_run.sh --device cuda:0 --out OUT [--check-gb 4] [--skip-check] [--skip-validate] [--skip-ewl]
 #                     [--pipeline] [--validate-set KEY=VALUE ...] [--validate-arg ARG ...]
 #
-# (--skip-check --skip-validate --skip-ewl --pipeline runs the pipelined validation alone: about six minutes
-# on an H200-class card, where all of them together do not fit a fifteen-minute slot.)
+# (--skip-check --skip-validate --skip-ewl --pipeline runs the pipelined validation alone, within its
+# --pipeline-timeout: all of them together do not fit a fifteen-minute slot of a GPU machine.)
 # (--validate-set and --validate-arg apply to both validations; the execute-while-load one's report is
 # appended to validate.md, its log to validate.log, its files are in results.tar.gz under validate-ewl/;
 # likewise the pipelined one's, under validate-pipeline/.)
