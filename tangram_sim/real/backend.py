@@ -204,14 +204,19 @@ class DeviceBackend(StageCommands):
         `segments`, each synchronised: (t0, t1 after the copies, t2 after the reads, copy_s, copied bytes,
         the loader's result or None)."""
         t0 = time.perf_counter()
-        for src, dst, n in moves:
-            self.dev.copy_move(Move(None, src, dst, n))
-        sync(self.device)
-        copy_s, copied = peers.copy_units(self.dev.buffer, self.peers, ranges, sync) if ranges else (0.0, 0)
+        copy_s, copied = self._copy_in(moves, ranges)
         t1 = time.perf_counter()
         read = self.loader.load(self.dev.buffer, segments) if segments else None
         sync(self.device)
         return t0, t1, time.perf_counter(), copy_s, copied, read
+
+    def _copy_in(self, moves: Sequence[tuple[int, int, int]], ranges: Sequence[tuple[int, int, int, int]]
+                 ) -> tuple[float, int]:
+        """The compaction copies (synchronised), then the copies from other arenas: (copy_s, copied bytes)."""
+        for src, dst, n in moves:
+            self.dev.copy_move(Move(None, src, dst, n))
+        sync(self.device)
+        return peers.copy_units(self.dev.buffer, self.peers, ranges, sync) if ranges else (0.0, 0)
 
     def _start_layered(self, m: _Model, model: str, offsets: dict[Key, int], missing: Sequence[Key],
                        moves: Sequence[tuple[int, int, int]], verify: bool,
@@ -226,10 +231,7 @@ class DeviceBackend(StageCommands):
         self.engines[model] = build_engine(m.config, self._views(m, offsets), self.device)
         sync(self.device)
         t1 = time.perf_counter()
-        for src, dst, n in moves:
-            self.dev.copy_move(Move(None, src, dst, n))
-        sync(self.device)
-        copy_s, copied = peers.copy_units(self.dev.buffer, self.peers, ranges, sync) if ranges else (0.0, 0)
+        copy_s, copied = self._copy_in(moves, ranges)
         t2 = time.perf_counter()
         blocks = layer_blocks(m.ckpt.spec)
         steps = landing_steps(blocks, [m.by_key[k] for k in missing], [offsets[k] for k in missing])

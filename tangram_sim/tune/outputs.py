@@ -1,11 +1,11 @@
 """What a tune writes from its study: trials.csv, front.csv, front.png and best-systems.yaml.
 
-Every table is ordered by trial index (the order trials were sampled in) and holds only what the
-simulations decided: parameters as simulated (blank where a key's `when` did not hold), objectives, state
-and error; never times, so the same seed and number of trials give the same bytes. Trials cut short and run again are not listed (tune.json
-counts them). The front is the set of completed trials that no other completed trial dominates (with one
-objective: the best value); front.csv and best-systems.yaml list each distinct set of objective values
-once, by the first trial that reached it (`ties`: the later ones).
+Every table is ordered by trial index (the order trials were sampled in) and holds only what the simulations
+decided: parameters as simulated (blank where a key's `when` did not hold), objectives, state and error;
+never times, so the same seed and number of trials give the same bytes. Trials cut short and run again are
+not listed (tune.json counts them). The front is the set of completed trials that no other completed trial
+dominates (with one objective: the best value); front.csv and best-systems.yaml list each distinct set of
+objective values once, by the first trial that reached it (`ties`: the later ones).
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ def trials_table(study: Any, space: Space, objectives: Sequence[Objective]) -> p
         values = space.values(t.params)
         # a key the trial did not simulate (its `when` does not hold) is left blank: the sampler drew it only
         # to keep every trial's distributions the same
-        row.update({key: value if space.applies(p, values) else None
-                    for p, (key, value) in zip(space.params, values.items(), strict=True)})
+        row.update({p.key: values[p.key] if space.applies(p, values) else None for p in space.params})
         for i, o in enumerate(objectives):
             row[o.column] = float(t.values[i]) if complete else math.nan
         row["error"] = t.user_attrs.get("error", "")
